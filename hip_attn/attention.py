@@ -1,0 +1,234 @@
+"""Public entry points: :func:`hip_attention`, :func:`estimate_mask` and the decode state.
+
+Dispatch: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``, run the Triton kernels;
+otherwise the PyTorch reference runs (slow, exact, said once in the log).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from hip_attn.config import HiPConfig
+from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+from hip_attn.reference import estimate_mask_reference, hip_attention_reference
+from hip_attn.validation import check_config, check_qkv, check_scale
+
+logger = logging.getLogger("hip_attn")
+
+#: Keys per tile in the attention kernel.
+BLOCK_N = 64
+#: Rows of a decode tile when query heads of a group are packed together.
+MAX_PACKED_ROWS = 64
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _warn_reference(device_type: str) -> None:
+    logger.warning(
+        "hip_attn: running the PyTorch reference on %s (slow). The Triton kernels need CUDA "
+        "tensors, or TRITON_INTERPRET=1 to interpret them on the CPU.",
+        device_type,
+    )
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through the Triton kernels (else the reference)."""
+    ok = _triton_importable() and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    if not ok:
+        _warn_reference(device.type)
+    return ok
+
+
+class HiPDecodeState:
+    """The selection one attention layer reuses between decode steps.
+
+    Pass the same object to every :func:`hip_attention` call of one layer. Calls with at most
+    ``block_size_q`` queries (decode) re-estimate the selection on their first call and then
+    every ``refresh_interval`` calls, reusing it in between; a longer call (a prefill chunk)
+    always estimates afresh and clears the state.
+
+    Attributes:
+        indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
+        steps_since_refresh: decode calls served by ``indices`` so far.
+        refreshes: how many times the selection was estimated for decode.
+    """
+
+    def __init__(self) -> None:
+        self.indices: torch.Tensor | None = None
+        self.steps_since_refresh = 0
+        self.refreshes = 0
+
+    def reset(self) -> None:
+        self.indices = None
+        self.steps_since_refresh = 0
+
+    def __repr__(self) -> str:
+        shape = None if self.indices is None else tuple(self.indices.shape)
+        return (
+            f"HiPDecodeState(indices={shape}, steps_since_refresh={self.steps_since_refresh}, "
+            f"refreshes={self.refreshes})"
+        )
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Exact causal attention through SDPA, queries at the last ``Tq`` key positions."""
+    tq, tk = q.shape[2], k.shape[2]
+    mask = None
+    if tq != tk and tq > 1:
+        qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
+        mask = torch.arange(tk, device=q.device)[None, :] <= qpos
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=tq == tk and tq > 1, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def _selection_heads(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> int:
+    return k.shape[1] if config.head_sharing == "kv_group" else q.shape[1]
+
+
+def _estimate(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
+    if not uses_triton(q.device):
+        return estimate_mask_reference(q, k, config)[0]
+    from hip_attn.triton_kernels.mask import estimate_mask_triton
+
+    geo = query_blocks(q.shape[2], k.shape[2], config, q.device)
+    indices, _ = estimate_mask_triton(
+        pool_queries(q, config),
+        block_representatives(k, config),
+        geo.n_candidates,
+        config,
+        _selection_heads(q, k, config),
+    )
+    return indices
+
+
+def estimate_mask(
+    q: torch.Tensor, k: torch.Tensor, config: HiPConfig | None = None
+) -> torch.Tensor:
+    """The key blocks each query block attends besides its sinks and window.
+
+    Args:
+        q: queries ``[B, Hq, Tq, D]`` at absolute positions ``Tk - Tq .. Tk - 1``.
+        k: keys ``[B, Hkv, Tk, D]``.
+        config: the HiP configuration (defaults to ``HiPConfig()``).
+
+    Returns:
+        int32 ``[B, H_sel, ceil(Tq / block_size_q), k // block_size_k]``: key block indices
+        (block ``b`` holds keys ``[b * block_size_k, (b + 1) * block_size_k)``), ascending per
+        row, ``-1`` padding where fewer blocks were candidates. ``H_sel`` is ``Hkv`` with
+        ``head_sharing="kv_group"`` and ``Hq`` with ``"head"``.
+    """
+    config = check_config(config)
+    check_qkv(q, k)
+    return _estimate(q, k, config)
+
+
+def _decode_splits(programs: int, tiles: int, device: torch.device) -> int:
+    """Key-range splits so a decode launch fills the GPU: about two programs per SM."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles // 2, -(-2 * sms // programs)))
+
+
+def _sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    config: HiPConfig,
+    scale: float,
+) -> torch.Tensor:
+    if not uses_triton(q.device):
+        return hip_attention_reference(q, k, v, config, scale=scale, indices=indices)
+    from hip_attn.triton_kernels.attention import sparse_attention_triton
+
+    b, hq, tq, _ = q.shape
+    geo = query_blocks(tq, k.shape[2], config, q.device)
+    heads, splits = 1, 1
+    if tq <= config.block_size_q:  # decode: pack the group's heads, split the key range
+        per_sel = hq // indices.shape[1]
+        if per_sel * tq <= MAX_PACKED_ROWS:
+            heads = per_sel
+        tiles = -(-(config.sink_tokens + config.k + config.window + tq) // BLOCK_N)
+        splits = _decode_splits(b * hq // heads, tiles, q.device)
+    return sparse_attention_triton(
+        q, k, v, indices, geo.window_start, config, scale,
+        num_splits=splits, heads_per_program=heads, block_n=BLOCK_N,
+    )
+
+
+def hip_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: HiPConfig | None = None,
+    *,
+    scale: float | None = None,
+    state: HiPDecodeState | None = None,
+) -> torch.Tensor:
+    """Causal attention over sinks + the hierarchically selected key blocks + a window.
+
+    Args:
+        q: queries ``[B, Hq, Tq, D]`` (float16, bfloat16 or float32); query ``i`` sits at
+            absolute position ``Tk - Tq + i``.
+        k, v: keys and values ``[B, Hkv, Tk, D]``, ``Hq % Hkv == 0`` (GQA without repeating).
+        config: the HiP configuration (defaults to ``HiPConfig()``).
+        scale: softmax scale, ``D ** -0.5`` by default.
+        state: a :class:`HiPDecodeState` to reuse the selection across decode steps of one
+            layer; without it every call estimates its own selection.
+
+    Returns:
+        ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys
+        this is exact dense attention.
+    """
+    config = check_config(config)
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    if state is not None and not isinstance(state, HiPDecodeState):
+        raise TypeError(f"state must be a HiPDecodeState or None, got {type(state).__name__}")
+    if k.shape[2] <= config.effective_dense_threshold:
+        return dense_attention(q, k, v, scale)
+    if state is None:
+        indices = _estimate(q, k, config)
+    elif q.shape[2] > config.block_size_q:
+        state.reset()
+        indices = _estimate(q, k, config)
+    else:
+        indices = _decode_indices(q, k, config, state)
+    return _sparse(q, k, v, indices, config, scale)
+
+
+def _decode_indices(
+    q: torch.Tensor, k: torch.Tensor, config: HiPConfig, state: HiPDecodeState
+) -> torch.Tensor:
+    expected = (q.shape[0], _selection_heads(q, k, config), 1, config.blocks_per_query_block)
+    if state.indices is not None and tuple(state.indices.shape) != expected:
+        raise ValueError(
+            f"state holds a selection of shape {tuple(state.indices.shape)} but this call needs "
+            f"{expected}; use one HiPDecodeState per layer and sequence batch"
+        )
+    if state.indices is None or state.steps_since_refresh >= config.refresh_interval:
+        state.indices = _estimate(q, k, config)
+        state.steps_since_refresh = 0
+        state.refreshes += 1
+    state.steps_since_refresh += 1
+    return state.indices

@@ -1,0 +1,133 @@
+"""`HiPConfig`: every knob of HiP attention, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+HeadSharing = Literal["kv_group", "head"]
+Representative = Literal["center", "mean"]
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclass(frozen=True)
+class HiPConfig:
+    """Configuration of hierarchical top-k attention pruning (see DESIGN.md section 3).
+
+    Attributes:
+        k: key tokens selected per query block (the budget); a positive multiple of
+            ``block_size_k``.
+        block_size_q: queries sharing one selection (power of two, >= 16).
+        block_size_k: tokens per key block, the granularity of selection (power of two).
+        query_pool_stride: consecutive query rows mean-pooled before scoring (power of two,
+            dividing ``block_size_q``).
+        sink_tokens: first tokens always attended (a multiple of ``block_size_k``).
+        window: most recent tokens always attended (>= ``block_size_q``).
+        head_sharing: ``"kv_group"`` selects once per KV head (score = max over its query
+            heads); ``"head"`` selects once per query head.
+        representative: key standing for a block in the search: ``"center"`` (its middle
+            token's key) or ``"mean"`` (the mean of its keys).
+        beam: search width; levels before the last keep ``beam * G`` nodes.
+        refresh_interval: decode steps between re-estimations of the selection
+            (<= ``window``, so tokens added since the last refresh sit in the window).
+        dense_threshold: at or below this many keys, exact dense attention runs instead.
+            ``None`` derives it as ``sink_tokens + k + window``; ``0`` always runs sparse.
+        dense_layers: layer indices that stay dense (used by the model patches).
+    """
+
+    k: int = 512
+    block_size_q: int = 64
+    block_size_k: int = 8
+    query_pool_stride: int = 2
+    sink_tokens: int = 64
+    window: int = 256
+    head_sharing: HeadSharing = "kv_group"
+    representative: Representative = "center"
+    beam: int = 1
+    refresh_interval: int = 8
+    dense_threshold: int | None = None
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        ints = ("k", "block_size_q", "block_size_k", "query_pool_stride", "sink_tokens",
+                "window", "beam", "refresh_interval")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"HiPConfig.{name} must be an int, got {type(value).__name__}")
+        if not _is_pow2(self.block_size_k):
+            raise ValueError(f"HiPConfig.block_size_k must be a power of two, got {self.block_size_k}")
+        if not _is_pow2(self.block_size_q) or self.block_size_q < 16:
+            raise ValueError(
+                f"HiPConfig.block_size_q must be a power of two >= 16, got {self.block_size_q}"
+            )
+        if not _is_pow2(self.query_pool_stride) or self.query_pool_stride > self.block_size_q:
+            raise ValueError(
+                "HiPConfig.query_pool_stride must be a power of two <= block_size_q, "
+                f"got {self.query_pool_stride}"
+            )
+        if self.k <= 0 or self.k % self.block_size_k:
+            raise ValueError(
+                f"HiPConfig.k must be a positive multiple of block_size_k={self.block_size_k}, "
+                f"got {self.k}"
+            )
+        if self.sink_tokens < 0 or self.sink_tokens % self.block_size_k:
+            raise ValueError(
+                "HiPConfig.sink_tokens must be a non-negative multiple of "
+                f"block_size_k={self.block_size_k}, got {self.sink_tokens}"
+            )
+        if self.window < self.block_size_q:
+            raise ValueError(
+                f"HiPConfig.window must be >= block_size_q={self.block_size_q} so every query "
+                f"sees its own block, got {self.window}"
+            )
+        if self.beam < 1:
+            raise ValueError(f"HiPConfig.beam must be >= 1, got {self.beam}")
+        if not 1 <= self.refresh_interval <= self.window:
+            raise ValueError(
+                f"HiPConfig.refresh_interval must be in [1, window={self.window}], "
+                f"got {self.refresh_interval}"
+            )
+        if self.head_sharing not in ("kv_group", "head"):
+            raise ValueError(
+                f"HiPConfig.head_sharing must be 'kv_group' or 'head', got {self.head_sharing!r}"
+            )
+        if self.representative not in ("center", "mean"):
+            raise ValueError(
+                "HiPConfig.representative must be 'center' or 'mean', "
+                f"got {self.representative!r}"
+            )
+        if self.dense_threshold is not None and (
+            not isinstance(self.dense_threshold, int) or self.dense_threshold < 0
+        ):
+            raise ValueError(
+                f"HiPConfig.dense_threshold must be None or an int >= 0, got {self.dense_threshold!r}"
+            )
+        layers = tuple(self.dense_layers)
+        if any(not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(
+                f"HiPConfig.dense_layers must hold non-negative ints, got {self.dense_layers!r}"
+            )
+        object.__setattr__(self, "dense_layers", layers)
+
+    @property
+    def blocks_per_query_block(self) -> int:
+        """G: the number of key blocks each query block selects (``k // block_size_k``)."""
+        return self.k // self.block_size_k
+
+    @property
+    def effective_dense_threshold(self) -> int:
+        """Key count at or below which attention runs dense."""
+        if self.dense_threshold is not None:
+            return self.dense_threshold
+        return self.sink_tokens + self.k + self.window
+
+    def replace(self, **changes: Any) -> HiPConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+# The Triton kernels run on CPU tensors through the interpreter; it must be chosen before any
+# kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def rand_qkv():
+    """Fresh random ``q, k, v`` in SDPA layout; a new seed per call site through ``seed``."""
+
+    def make(b, hq, hkv, tq, tk, d, *, dtype=torch.float32, device="cpu", seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(b, hq, tq, d, generator=gen)
+        k = torch.randn(b, hkv, tk, d, generator=gen)
+        v = torch.randn(b, hkv, tk, d, generator=gen)
+        return (x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+    return make

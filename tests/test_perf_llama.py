@@ -1,0 +1,191 @@
+"""Llama-3.1-8B on one H100 SXM, bf16, batch 1, 250 output tokens: every mode derived by hand
+from the formulas in docs/roofline.md, written out without calling the estimator's helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hip_attn.config import HiPConfig
+from hip_attn.perf import OffloadConfig, Scenario, estimate, get_gpu, get_model, max_context
+from hip_attn.perf.estimator import hip_prefill_counts
+
+# ---- the model, by hand ---------------------------------------------------------------------
+L, H, HQ, HKV, D, INTER, VOCAB = 32, 4096, 32, 8, 128, 14336, 128256
+Q = H * HQ * D  # 16,777,216
+KV_PROJ = H * HKV * D  # 4,194,304 each for k and v
+O = HQ * D * H
+MLP = 3 * H * INTER  # gate, up, down
+P_MM = L * (Q + 2 * KV_PROJ + O + MLP)
+LM_HEAD = VOCAB * H
+NORMS = (2 * L + 1) * H
+WEIGHTS = 2 * (P_MM + 2 * LM_HEAD + NORMS)  # untied embedding stored beside the LM head
+KV_TOKEN = 2 * L * HKV * D * 2  # 131,072 bytes
+REP_TOKEN = L * HKV * D * 2 / 8  # one key per 8-token block: 8,192 bytes
+
+# ---- the GPU ----------------------------------------------------------------------------------
+PEAK, BW, HBM, PCIE = 989e12, 3350e9, 80 * 2**30, 64e9
+FREE = HBM - WEIGHTS
+
+# Activation traffic of one token through the stack, bf16: every matmul reads its input row and
+# writes its output row; attention reads q and writes o; the LM head reads one row, writes logits.
+ACT_TOKEN = 2 * L * ((H + (HQ + 2 * HKV) * D) + (HQ * D + H) + (H + 2 * INTER) + (INTER + H))
+ACT_ATTN = 2 * L * 2 * HQ * D
+ACT_LM = 2 * (H + VOCAB)
+
+CTX, OUT = 32768, 250
+MEAN = CTX + (OUT - 1) / 2  # decode is timed at the mean KV length over the 250 steps
+
+
+@pytest.fixture(scope="module")
+def sc() -> Scenario:
+    return Scenario(get_model("llama-3.1-8b"), get_gpu("h100-sxm"), output_tokens=OUT)
+
+
+def test_model_totals(sc: Scenario) -> None:
+    assert P_MM == 6_979_321_856
+    assert sc.matmul_params_per_gpu == P_MM
+    assert sc.model.total_params == 8_030_261_248
+    assert sc.weight_bytes == WEIGHTS
+    assert sc.kv_bytes_per_token == KV_TOKEN == 131_072
+
+
+def test_dense(sc: Scenario) -> None:
+    est = estimate(sc, "dense", CTX)
+    assert est.kv_bytes == CTX * KV_TOKEN
+    assert est.max_concurrency == math.floor(FREE / ((CTX + OUT) * KV_TOKEN)) == 16
+    assert est.max_context == math.floor(FREE / KV_TOKEN) - OUT == 532_577
+    assert est.fits
+
+    flops = 2 * P_MM * CTX + L * 2 * CTX**2 * HQ * D + 2 * LM_HEAD
+    assert est.prefill.flops == flops
+    assert est.prefill.bound == "compute"
+    assert est.prefill.time_s == pytest.approx(flops / PEAK, rel=1e-12)
+
+    step_bytes = 2 * (P_MM + LM_HEAD) + MEAN * KV_TOKEN + ACT_TOKEN + ACT_ATTN + ACT_LM
+    assert est.decode.hbm_bytes == pytest.approx(step_bytes, rel=1e-12)
+    assert est.decode.bound == "memory"
+    assert est.decode.time_s == pytest.approx(step_bytes / BW, rel=1e-12)
+    assert est.decode_ms_per_token == pytest.approx(1e3 * step_bytes / BW, rel=1e-12)  # 5.77
+    assert est.decode_tokens_per_s == pytest.approx(BW / step_bytes, rel=1e-12)
+    assert est.decode_total_s == pytest.approx(OUT * step_bytes / BW, rel=1e-12)
+    assert est.context_switch_s == pytest.approx(CTX * KV_TOKEN / PCIE, rel=1e-12)
+
+
+def test_hip_prefill_counts_by_hand() -> None:
+    """k=512, bq=64, bk=8, sinks 64, window 256 at 32K: 512 query blocks.
+
+    Blocks 0..12 (ends 64..832 <= dense threshold 832) are dense. Every later block starts at
+    s = 64 i >= 832, has N = (s - 320) / 8 = 8 i - 40 >= 64 candidate blocks, selects 512
+    tokens and its row j sees 64 + 512 + (j + 257) keys. The search runs when N > 64 (i >= 14)
+    with ceil(log2((i - 5) / 8)) levels: 8 blocks x 1, 16 x 2, 32 x 3, 64 x 4, 128 x 5, 250 x 6.
+    """
+    c = hip_prefill_counts(CTX, HiPConfig())
+    dense_visits = 832 * 833 // 2
+    sparse_block_visits = 64 * 833 + 63 * 64 // 2
+    assert c.key_visits == dense_visits + 499 * sparse_block_visits == 27_955_200
+    levels = 8 * 1 + 16 * 2 + 32 * 3 + 64 * 4 + 128 * 5 + 250 * 6
+    assert levels == 2532
+    assert c.rep_reads == 2 * 64 * levels
+    assert c.search_dots == 32 * 2 * 64 * levels  # 32 pooled rows per block (stride 2)
+    assert c.key_reads == 64 * (13 * 14 // 2) + 499 * (64 + 512 + 320)
+    assert c.selected_tokens == 499 * 512
+
+
+def test_hip(sc: Scenario) -> None:
+    est = estimate(sc, "hip", CTX)
+    # Memory: the full KV stays in HBM (center representatives are read in place).
+    assert est.gpu_bytes_per_request == (CTX + OUT) * KV_TOKEN
+    assert est.max_concurrency == 16
+
+    visits, dots = 27_955_200, 32 * 2 * 64 * 2532
+    flops = 2 * P_MM * CTX + 2 * LM_HEAD + L * HQ * (4 * D * visits + 2 * D * dots)
+    assert est.prefill.flops == flops
+    assert est.prefill.bound == "compute"
+    assert est.prefill.time_s == pytest.approx(flops / PEAK, rel=1e-12)
+    # Attention is 38% of dense prefill FLOPs at 32K and 3.7% with HiP: 1.56x overall.
+    dense_flops = 2 * P_MM * CTX + L * 2 * CTX**2 * HQ * D + 2 * LM_HEAD
+    speedup = estimate(sc, "dense", CTX).prefill.time_s / est.prefill.time_s
+    assert speedup == pytest.approx(dense_flops / flops, rel=1e-12)
+    assert speedup == pytest.approx(1.556, abs=1e-3)
+
+    # Decode at the mean context: sinks + k + window = 832 keys; N = (32892.5 - 320) // 8 = 4071
+    # candidate blocks, ceil(log2(4071 / 64)) = 6 levels, 2 * 64 * 6 = 768 representatives per
+    # KV head, read once every 8 steps.
+    reps_per_step = 768 / 8
+    step_bytes = (
+        2 * (P_MM + LM_HEAD)
+        + 832 * KV_TOKEN
+        + L * HKV * D * 2 * reps_per_step
+        + ACT_TOKEN
+        + ACT_ATTN
+        + ACT_LM
+    )
+    assert est.decode.hbm_bytes == pytest.approx(step_bytes, rel=1e-12)
+    assert est.decode.time_s == pytest.approx(step_bytes / BW, rel=1e-12)
+    assert est.decode.bound == "memory"
+    assert est.context_switch_s == pytest.approx(CTX * KV_TOKEN / PCIE, rel=1e-12)
+
+
+def test_hip_offload(sc: Scenario) -> None:
+    est = estimate(sc, "hip+offload", CTX)
+    resident = (64 + 256 + 16384) * KV_TOKEN  # sinks + window + block cache
+    gpu_per_request = resident + (CTX + OUT) * REP_TOKEN
+    assert est.gpu_bytes_per_request == gpu_per_request
+    assert est.host_bytes_per_request == (CTX + OUT) * KV_TOKEN
+    by_hbm = math.floor(FREE / gpu_per_request)
+    by_host = math.floor(512e9 / ((CTX + OUT) * KV_TOKEN))
+    assert (by_hbm, by_host) == (28, 118)
+    assert est.max_concurrency == 28
+    assert est.max_context == min(math.floor(512e9 / KV_TOKEN), (FREE - resident) // REP_TOKEN) - OUT
+    assert est.max_context == 3_906_000  # bounded by host RAM
+    assert max_context(sc, "dense") == 532_577
+
+    # Prefill: same FLOPs as hip; the KV also goes to host once (4.3 GB at 64 GB/s, hidden).
+    hip = estimate(sc, "hip", CTX)
+    assert est.prefill.flops == hip.prefill.flops
+    assert est.prefill.host_bytes == max(CTX * KV_TOKEN, 0.1 * 499 * 512 * KV_TOKEN)
+    assert est.prefill.time_s == hip.prefill.time_s
+
+    # Decode: HBM traffic as hip; 10% of the 512 selected tokens' KV crosses PCIe per step.
+    assert est.decode.hbm_bytes == hip.decode.hbm_bytes
+    assert est.decode.host_bytes == pytest.approx(0.1 * 512 * KV_TOKEN, rel=1e-12)
+    assert est.decode.time_s == hip.decode.time_s
+    # Switching moves only the GPU-resident part.
+    switch = (resident + CTX * REP_TOKEN) / PCIE
+    assert est.context_switch_s == pytest.approx(switch, rel=1e-12)
+
+
+def test_offload_becomes_host_link_bound() -> None:
+    sc = Scenario(
+        get_model("llama-3.1-8b"),
+        get_gpu("h100-sxm"),
+        batch=64,
+        offload=OffloadConfig(miss_rate=1.0),
+    )
+    est = estimate(sc, "hip+offload", 131072)
+    host = 64 * 512 * KV_TOKEN
+    assert est.decode.host_bytes == host
+    assert est.decode.bound == "host-link"
+    assert est.decode.time_s == pytest.approx(host / PCIE, rel=1e-12)
+
+
+def test_tensor_parallel_two() -> None:
+    sc = Scenario(get_model("llama-3.1-8b"), get_gpu("h100-sxm"), tp=2, output_tokens=OUT)
+    assert sc.matmul_params_per_gpu == P_MM // 2
+    assert sc.kv_bytes_per_token_per_gpu == KV_TOKEN // 2
+    est = estimate(sc, "dense", CTX)
+    # Two ring all-reduces of one hidden row (bf16) per layer; each GPU sends 2 (tp-1)/tp of it.
+    link_bytes = L * 2 * 2 * (1 / 2) * H * 2
+    assert est.decode.gpu_link_bytes == pytest.approx(link_bytes, rel=1e-12)
+    step_bytes = P_MM + LM_HEAD + MEAN * KV_TOKEN / 2 + (ACT_TOKEN + ACT_ATTN) / 2 + ACT_LM / 2
+    # (activations: half the heads/MLP columns, the hidden rows in and out stay whole)
+    assert est.decode.memory_s == pytest.approx(step_bytes / BW, rel=2e-3)
+    assert est.decode.time_s == pytest.approx(est.decode.memory_s + link_bytes / 450e9, rel=1e-12)
+    assert est.max_concurrency == math.floor((HBM - WEIGHTS / 2) / ((CTX + OUT) * KV_TOKEN / 2))
+
+
+def test_hip_short_context_is_dense(sc: Scenario) -> None:
+    for ctx in (100, 512, 832):
+        assert estimate(sc, "hip", ctx).prefill.flops == estimate(sc, "dense", ctx).prefill.flops

@@ -1,0 +1,133 @@
+"""Properties of the PyTorch reference, the specification every kernel is held to."""
+
+import math
+
+import pytest
+import torch
+
+from hip_attn import HiPConfig
+from hip_attn.geometry import first_candidate_block, query_blocks
+from hip_attn.reference import (
+    attended_keys,
+    dense_attention_reference,
+    estimate_mask_reference,
+    hip_attention_reference,
+)
+
+CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
+
+
+def test_geometry_parts_are_disjoint_and_cover_the_causal_prefix():
+    for tq, tk in [(700, 700), (1, 701), (37, 1003), (5, 90)]:
+        geo = query_blocks(tq, tk, CFG)
+        for j in range(geo.start.numel()):
+            n = int(geo.n_candidates[j])
+            first = first_candidate_block(CFG)
+            every = torch.arange(first, first + n, dtype=torch.int32)
+            keys = attended_keys(int(geo.end[j]), int(geo.window_start[j]), every, CFG)
+            assert torch.equal(keys.sort().values, torch.arange(int(geo.end[j])))
+
+
+@pytest.mark.parametrize("sharing", ["kv_group", "head"])
+@pytest.mark.parametrize("tq,tk", [(700, 700), (3, 900), (100, 611)])
+def test_indices_sorted_distinct_inside_candidate_region(rand_qkv, sharing, tq, tk):
+    q, k, _ = rand_qkv(1, 4, 2, tq, tk, 32, seed=tq)
+    cfg = CFG.replace(head_sharing=sharing)
+    idx, _ = estimate_mask_reference(q, k, cfg)
+    geo = query_blocks(tq, tk, cfg)
+    first = first_candidate_block(cfg)
+    assert idx.shape == (1, 2 if sharing == "kv_group" else 4, geo.start.numel(), 8)
+    for j in range(idx.shape[2]):
+        n = int(geo.n_candidates[j])
+        for row in idx[0, :, j]:
+            chosen = row[row >= 0]
+            assert chosen.numel() == min(n, 8)
+            assert torch.all(row[chosen.numel():] == -1)
+            assert torch.all(chosen[1:] > chosen[:-1])
+            if chosen.numel():
+                assert chosen.min() >= first and chosen.max() < first + n
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3])
+def test_search_respects_dot_product_bound(rand_qkv, beam):
+    q, k, _ = rand_qkv(1, 2, 1, 64, 2000, 32, seed=beam)
+    cfg = CFG.replace(beam=beam)
+    _, stats = estimate_mask_reference(q, k, cfg)
+    g = cfg.blocks_per_query_block
+    n = stats.n_candidates.double()
+    bound = 2 * beam * g * torch.ceil(torch.log2(n / g))
+    searched = n > g
+    assert searched.any()
+    assert torch.all(stats.scored[searched] <= bound[searched])
+    assert torch.all(stats.scored[~searched] == 0)
+
+
+def test_search_work_grows_logarithmically(rand_qkv):
+    """Doubling the context adds one level (2G scores), not N more scores."""
+    work = []
+    for tk in (4096, 8192, 16384):
+        q, k, _ = rand_qkv(1, 1, 1, 1, tk, 32, seed=tk)
+        _, stats = estimate_mask_reference(q, k, CFG)
+        work.append(int(stats.scored[0, 0, 0]))
+    assert work[-1] * 8 < int(stats.n_candidates[0, 0, 0])  # 16K: ~2000 blocks, ~128 scores
+    assert work[1] - work[0] <= 16 and work[2] - work[1] <= 16
+
+
+def test_budget_covering_context_equals_dense(rand_qkv):
+    q, k, v = rand_qkv(2, 4, 2, 300, 300, 32, seed=1)
+    out = hip_attention_reference(q, k, v, CFG.replace(k=512))
+    torch.testing.assert_close(out, dense_attention_reference(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def test_empty_candidate_region_is_exact_dense(rand_qkv):
+    q, k, v = rand_qkv(1, 2, 2, 1, 80, 32, seed=2)  # s - window < sink: no candidates
+    out = hip_attention_reference(q, k, v, CFG)
+    torch.testing.assert_close(out, dense_attention_reference(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def test_small_budget_differs_from_dense(rand_qkv):
+    q, k, v = rand_qkv(1, 2, 2, 600, 600, 32, seed=3)
+    out = hip_attention_reference(q, k, v, CFG)
+    assert (out - dense_attention_reference(q, k, v)).abs().max() > 1e-2
+
+
+def test_batch_split_does_not_change_results(rand_qkv):
+    q, k, v = rand_qkv(3, 4, 2, 400, 400, 32, seed=4)
+    whole = hip_attention_reference(q, k, v, CFG)
+    parts = torch.cat([hip_attention_reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], CFG)
+                       for i in range(3)])
+    torch.testing.assert_close(whole, parts, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_search_finds_a_planted_span(seed):
+    """An 8-block span of keys aligned with the queries, far back in a 2K context, is found;
+    a wider beam finds all of it."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, 32, 32, generator=gen)
+    k = torch.randn(1, 1, 2048, 32, generator=gen)
+    direction = torch.randn(32, generator=gen)
+    q[0, 0] = direction + 0.5 * q[0, 0]
+    span = set(range(100, 108))  # tokens 800..863, far outside the window
+    for blk in span:
+        k[0, 0, blk * 8 : blk * 8 + 8] = 1.5 * direction + 0.3 * k[0, 0, blk * 8 : blk * 8 + 8]
+    cfg = CFG.replace(k=128)
+    for representative in ("center", "mean"):
+        found = {}
+        for beam in (1, 4):
+            idx, _ = estimate_mask_reference(
+                q, k, cfg.replace(beam=beam, representative=representative)
+            )
+            found[beam] = len(span & set(idx[0, 0, 0].tolist()))
+        assert found[1] >= 6
+        assert found[4] == 8
+
+
+def test_levels_match_log_of_candidates(rand_qkv):
+    q, k, _ = rand_qkv(1, 1, 1, 1, 4096, 32, seed=6)
+    _, stats = estimate_mask_reference(q, k, CFG)
+    n = int(stats.n_candidates[0, 0, 0])
+    levels = math.ceil(math.log2(math.ceil(n / 8)))
+    # beam 1: each level scores the two halves of each of the G kept nodes
+    assert int(stats.scored[0, 0, 0]) <= 2 * 8 * levels
+    assert int(stats.scored[0, 0, 0]) >= 8 * levels

@@ -1,0 +1,7 @@
+"""Triton kernels of hip_attn (installed as ``hip_attn.triton_kernels``).
+
+* :mod:`.mask`: hierarchical mask estimation (the tree search);
+* :mod:`.attention`: block-sparse flash attention for prefill and decode (flash-decoding splits).
+
+Each kernel's readable specification is in :mod:`hip_attn.reference`.
+"""

@@ -1,0 +1,190 @@
+"""Block-sparse flash attention over sinks + selected key blocks + causal window.
+
+Reference: :func:`hip_attn.reference.hip_attention_reference`.
+
+One kernel serves prefill and decode. A program owns one query block of one or more query
+heads (rows of the tile are ``(head, query)`` pairs, so with ``head_sharing="kv_group"`` a decode
+step reads each selected key once for the whole GQA group) and walks a virtual list of key tiles:
+the sink tiles, then the selected blocks gathered ``BLOCK_N`` tokens at a time, then the window
+tiles. With ``num_splits > 1`` (flash-decoding) the tile list is cut into contiguous ranges, one
+program each, whose unnormalized partial outputs are merged with their log-sum-exp. Keys are
+never repeated per query head and no score matrix larger than ``BLOCK_M x BLOCK_N`` exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hip_attn.config import HiPConfig
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    Q, stride_q_b, stride_q_h, stride_q_t,
+    K, stride_k_b, stride_k_h, stride_k_t,
+    V, stride_v_b, stride_v_h, stride_v_t,
+    SEL, stride_s_b, stride_s_h, stride_s_q,  # int32 [B, H_sel, n_query_blocks, G], -1 padded
+    NSEL,  # int32 [B, H_sel, n_query_blocks] contiguous: valid selected blocks (listed first)
+    WSTART,  # int64 [n_query_blocks]: window start of each query block
+    O, stride_o_s, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, B, Hq, Tq, D]
+    M_OUT, L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, when SPLIT
+    tq, tk, h_prog, h_sel, rows_per_head, q_per_kv, sel_div, sink, qk_scale, num_splits,
+    HEADS: tl.constexpr,  # query heads per program
+    BLOCK_Q: tl.constexpr,  # block_size_q
+    BLOCK_M: tl.constexpr,  # rows of the tile: >= HEADS * rows_per_head
+    BLOCK_N: tl.constexpr,  # keys per tile
+    BK: tl.constexpr,  # block_size_k
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    SPLIT: tl.constexpr,  # write unnormalized partials and their (max, sum)
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // h_prog
+    head0 = (bh % h_prog) * HEADS
+    kv_head = head0 // q_per_kv
+    sel_head = head0 // sel_div
+
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    cols = tl.arange(0, BLOCK_N)
+    head = head0 + rows // rows_per_head
+    t = qb * BLOCK_Q + rows % rows_per_head  # query row within q
+    n_rows = tl.minimum(BLOCK_Q, tq - qb * BLOCK_Q)
+    row_ok = (rows < HEADS * rows_per_head) & (rows % rows_per_head < n_rows)
+    dim_ok = dims < D
+    qpos = tk - tq + t
+    end = tk - tq + qb * BLOCK_Q + n_rows
+
+    q = tl.load(
+        Q + b * stride_q_b + head[:, None] * stride_q_h + t[:, None] * stride_q_t + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    k_base = K + b * stride_k_b + kv_head * stride_k_h
+    v_base = V + b * stride_v_b + kv_head * stride_v_h
+    sel = SEL + b * stride_s_b + sel_head * stride_s_h + qb * stride_s_q
+
+    n_sink = tl.minimum(sink, end)
+    n_sel = tl.load(NSEL + (b * h_sel + sel_head) * tl.num_programs(0) + qb) * BK
+    win = tl.load(WSTART + qb).to(tl.int32)
+    sink_tiles = tl.cdiv(n_sink, BLOCK_N)
+    sel_tiles = tl.cdiv(n_sel, BLOCK_N)
+    n_tiles = sink_tiles + sel_tiles + tl.cdiv(tl.maximum(end - win, 0), BLOCK_N)
+    per_split = tl.cdiv(n_tiles, num_splits)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for tile in range(split * per_split, tl.minimum((split + 1) * per_split, n_tiles)):
+        if tile < sink_tiles:
+            kpos = tile * BLOCK_N + cols
+            k_ok = kpos < n_sink
+        elif tile < sink_tiles + sel_tiles:
+            j = (tile - sink_tiles) * BLOCK_N + cols
+            k_ok = j < n_sel
+            kpos = tl.load(sel + j // BK, mask=k_ok, other=0) * BK + j % BK
+        else:
+            kpos = win + (tile - sink_tiles - sel_tiles) * BLOCK_N + cols
+            k_ok = kpos < end
+        kv_mask = k_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + kpos[:, None] * stride_k_t + dims[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.where(k_ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + kpos[:, None] * stride_v_t + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out = O + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
+    if SPLIT:
+        tl.store(out[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+        n_b = tl.num_programs(1) // h_prog
+        stat = ((split * n_b + b) * h_prog * HEADS + head) * tq + t
+        tl.store(M_OUT + stat, m_i, mask=row_ok)
+        tl.store(L_OUT + stat, l_i, mask=row_ok)
+    else:
+        tl.store(
+            out[:, None] + dims[None, :],
+            (acc / l_i[:, None]).to(O.dtype.element_ty),
+            mask=row_ok[:, None] & dim_ok[None, :],
+        )
+
+
+def sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    window_start: torch.Tensor,
+    config: HiPConfig,
+    scale: float,
+    *,
+    num_splits: int = 1,
+    heads_per_program: int = 1,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Launch the kernel. ``indices``: ``[B, H_sel, n_query_blocks, G]`` selection,
+    ``window_start``: ``[n_query_blocks]`` from :func:`hip_attn.geometry.query_blocks`.
+
+    ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
+    needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
+    key tiles into that many ranges merged afterwards (flash-decoding)."""
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    h_sel = indices.shape[1]
+    n_qb = indices.shape[2]
+    bq = config.block_size_q
+    rows_per_head = bq if heads_per_program == 1 else tq
+    block_m = max(16, triton.next_power_of_2(heads_per_program * rows_per_head))
+    n_sel = (indices >= 0).sum(dim=-1, dtype=torch.int32).contiguous()
+    split = num_splits > 1
+    if split:
+        out = torch.empty((num_splits, b, hq, tq, d), dtype=torch.float32, device=q.device)
+        m = torch.empty((num_splits, b, hq, tq), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        o_strides = out.stride()[:4]
+    else:
+        out = torch.empty_like(q)
+        m = l = out  # unused
+        o_strides = (0, *out.stride()[:3])
+    _sparse_attention_kernel[(n_qb, b * hq // heads_per_program, num_splits)](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2),
+        indices, indices.stride(0), indices.stride(1), indices.stride(2),
+        n_sel, window_start,
+        out, *o_strides,
+        m, l,
+        tq, tk, hq // heads_per_program, h_sel, rows_per_head, hq // hkv, hq // h_sel,
+        config.sink_tokens, scale * _LOG2E, num_splits,
+        HEADS=heads_per_program,
+        BLOCK_Q=bq,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BK=config.block_size_k,
+        D=d,
+        D_PAD=max(16, triton.next_power_of_2(d)),
+        SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if not split:
+        return out
+    return merge_partials(out, m, l).to(q.dtype)
+
+
+def merge_partials(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Combine split partials: ``acc`` ``[S, ..., D]`` unnormalized outputs, ``m`` ``[S, ...]``
+    their running maxima in log2 units (``-inf`` for a split that saw no key), ``l`` their sums."""
+    weight = torch.exp2(m - m.amax(dim=0, keepdim=True))
+    return (weight[..., None] * acc).sum(dim=0) / (weight * l).sum(dim=0)[..., None]
