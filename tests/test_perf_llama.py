@@ -13,11 +13,11 @@ from hip_attn.perf.estimator import hip_prefill_counts
 
 # ---- the model, by hand ---------------------------------------------------------------------
 L, H, HQ, HKV, D, INTER, VOCAB = 32, 4096, 32, 8, 128, 14336, 128256
-Q = H * HQ * D  # 16,777,216
+Q_PROJ = H * HQ * D  # 16,777,216
 KV_PROJ = H * HKV * D  # 4,194,304 each for k and v
-O = HQ * D * H
+O_PROJ = HQ * D * H
 MLP = 3 * H * INTER  # gate, up, down
-P_MM = L * (Q + 2 * KV_PROJ + O + MLP)
+P_MM = L * (Q_PROJ + 2 * KV_PROJ + O_PROJ + MLP)
 LM_HEAD = VOCAB * H
 NORMS = (2 * L + 1) * H
 WEIGHTS = 2 * (P_MM + 2 * LM_HEAD + NORMS)  # untied embedding stored beside the LM head
@@ -138,7 +138,9 @@ def test_hip_offload(sc: Scenario) -> None:
     by_host = math.floor(512e9 / ((CTX + OUT) * KV_TOKEN))
     assert (by_hbm, by_host) == (28, 118)
     assert est.max_concurrency == 28
-    assert est.max_context == min(math.floor(512e9 / KV_TOKEN), (FREE - resident) // REP_TOKEN) - OUT
+    assert (
+        est.max_context == min(math.floor(512e9 / KV_TOKEN), (FREE - resident) // REP_TOKEN) - OUT
+    )
     assert est.max_context == 3_906_000  # bounded by host RAM
     assert max_context(sc, "dense") == 532_577
 

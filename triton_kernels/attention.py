@@ -13,6 +13,8 @@ never repeated per query head and no score matrix larger than ``BLOCK_M x BLOCK_
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,7 @@ import triton.language as tl
 from hip_attn.config import HiPConfig
 
 _LOG2E = 1.4426950408889634
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -42,6 +45,7 @@ def _sparse_attention_kernel(
     D_PAD: tl.constexpr,
     SPLIT: tl.constexpr,  # write unnormalized partials and their (max, sum)
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+    DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the input dtype but for the interpreter)
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -66,7 +70,7 @@ def _sparse_attention_kernel(
         Q + b * stride_q_b + head[:, None] * stride_q_h + t[:, None] * stride_q_t + dims[None, :],
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
-    )
+    ).to(DOT_DTYPE)
     k_base = K + b * stride_k_b + kv_head * stride_k_h
     v_base = V + b * stride_v_b + kv_head * stride_v_h
     sel = SEL + b * stride_s_b + sel_head * stride_s_h + qb * stride_s_q
@@ -95,6 +99,7 @@ def _sparse_attention_kernel(
             k_ok = kpos < end
         kv_mask = k_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_base + kpos[:, None] * stride_k_t + dims[None, :], mask=kv_mask, other=0.0)
+        k = k.to(DOT_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(k_ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -103,7 +108,8 @@ def _sparse_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + kpos[:, None] * stride_v_t + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        v = v.to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
     out = O + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
@@ -133,13 +139,15 @@ def sparse_attention_triton(
     num_splits: int = 1,
     heads_per_program: int = 1,
     block_n: int = 64,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. ``indices``: ``[B, H_sel, n_query_blocks, G]`` selection,
     ``window_start``: ``[n_query_blocks]`` from :func:`hip_attn.geometry.query_blocks`.
 
     ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
     needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
-    key tiles into that many ranges merged afterwards (flash-decoding)."""
+    key tiles into that many ranges merged afterwards (flash-decoding). The result is written
+    into ``out`` when given (shape and dtype of ``q``)."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     h_sel = indices.shape[1]
@@ -148,23 +156,27 @@ def sparse_attention_triton(
     rows_per_head = bq if heads_per_program == 1 else tq
     block_m = max(16, triton.next_power_of_2(heads_per_program * rows_per_head))
     n_sel = (indices >= 0).sum(dim=-1, dtype=torch.int32).contiguous()
+    dot_dtype = q.dtype
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        dot_dtype = torch.float32  # the interpreter's bf16 tl.dot returns garbage (Triton 3.9)
     split = num_splits > 1
+    final = torch.empty_like(q) if out is None else out
     if split:
-        out = torch.empty((num_splits, b, hq, tq, d), dtype=torch.float32, device=q.device)
+        dest = torch.empty((num_splits, b, hq, tq, d), dtype=torch.float32, device=q.device)
         m = torch.empty((num_splits, b, hq, tq), dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
-        o_strides = out.stride()[:4]
+        o_strides = dest.stride()[:4]
     else:
-        out = torch.empty_like(q)
-        m = l = out  # unused
-        o_strides = (0, *out.stride()[:3])
+        dest = final
+        m = l = final  # unused without splits
+        o_strides = (0, *final.stride()[:3])
     _sparse_attention_kernel[(n_qb, b * hq // heads_per_program, num_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2),
         indices, indices.stride(0), indices.stride(1), indices.stride(2),
         n_sel, window_start,
-        out, *o_strides,
+        dest, *o_strides,
         m, l,
         tq, tk, hq // heads_per_program, h_sel, rows_per_head, hq // hkv, hq // h_sel,
         config.sink_tokens, scale * _LOG2E, num_splits,
@@ -176,11 +188,12 @@ def sparse_attention_triton(
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         SPLIT=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        DOT_DTYPE=_TL_DTYPES[dot_dtype],
     )
-    if not split:
-        return out
-    return merge_partials(out, m, l).to(q.dtype)
+    if split:
+        final.copy_(merge_partials(dest, m, l))
+    return final
 
 
 def merge_partials(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ in TFLOP/s. Printed sizes are decimal (1 GB = 1e9 bytes)."""
 EPILOG = """\
 examples:
   hip-attn roofline --model yi-34b --gpu a100-80g --context 4k,50000
-      Fu's running example: 0.93 s prefill at 4K, 8.4 s for 250 tokens at 4K, 9.8 s at 50K.
+      Fu's running example: 0.93 s prefill at 4K; 250 tokens decode in 8.45 s at 4K, 9.83 s at 50K.
   hip-attn roofline --model llama-3.1-8b --gpu h100-sxm --context 4k,128k,1m \\
           --compare dense,hip,hip+offload
       the three attention modes side by side.

@@ -198,7 +198,7 @@ def override_gpu(gpu: GPUSpec, values: Mapping[str, Any]) -> GPUSpec:
             raise ValueError(f"unknown GPU field {key!r}; valid fields: {valid}")
     if not changes:
         return gpu
-    if "name" not in changes:
+    if "name" not in changes and gpu.name in GPU_PRESETS:
         changes["name"] = f"{gpu.name} (custom)"
     return replace(gpu, note=f"{gpu.note}; overridden: {', '.join(sorted(changes))}", **changes)
 

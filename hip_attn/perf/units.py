@@ -26,7 +26,9 @@ _SIZE_SUFFIX = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_NUMBER_UNIT = re.compile(
+    r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE
+)
 
 
 def parse_tokens(text: str) -> int:
