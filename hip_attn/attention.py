@@ -95,7 +95,12 @@ def dense_attention(
         qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
         mask = torch.arange(tk, device=q.device)[None, :] <= qpos
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=tq == tk and tq > 1, scale=scale,
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=tq == tk and tq > 1,
+        scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
 
@@ -171,8 +176,16 @@ def _sparse(
         tiles = -(-(config.sink_tokens + config.k + config.window + tq) // BLOCK_N)
         splits = _decode_splits(b * hq // heads, tiles, q.device)
     return sparse_attention_triton(
-        q, k, v, indices, geo.window_start, config, scale,
-        num_splits=splits, heads_per_program=heads, block_n=BLOCK_N,
+        q,
+        k,
+        v,
+        indices,
+        geo.window_start,
+        config,
+        scale,
+        num_splits=splits,
+        heads_per_program=heads,
+        block_n=BLOCK_N,
     )
 
 

@@ -52,14 +52,24 @@ class HiPConfig:
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        ints = ("k", "block_size_q", "block_size_k", "query_pool_stride", "sink_tokens",
-                "window", "beam", "refresh_interval")
+        ints = (
+            "k",
+            "block_size_q",
+            "block_size_k",
+            "query_pool_stride",
+            "sink_tokens",
+            "window",
+            "beam",
+            "refresh_interval",
+        )
         for name in ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"HiPConfig.{name} must be an int, got {type(value).__name__}")
         if not _is_pow2(self.block_size_k):
-            raise ValueError(f"HiPConfig.block_size_k must be a power of two, got {self.block_size_k}")
+            raise ValueError(
+                f"HiPConfig.block_size_k must be a power of two, got {self.block_size_k}"
+            )
         if not _is_pow2(self.block_size_q) or self.block_size_q < 16:
             raise ValueError(
                 f"HiPConfig.block_size_q must be a power of two >= 16, got {self.block_size_q}"
@@ -97,14 +107,14 @@ class HiPConfig:
             )
         if self.representative not in ("center", "mean"):
             raise ValueError(
-                "HiPConfig.representative must be 'center' or 'mean', "
-                f"got {self.representative!r}"
+                f"HiPConfig.representative must be 'center' or 'mean', got {self.representative!r}"
             )
         if self.dense_threshold is not None and (
             not isinstance(self.dense_threshold, int) or self.dense_threshold < 0
         ):
             raise ValueError(
-                f"HiPConfig.dense_threshold must be None or an int >= 0, got {self.dense_threshold!r}"
+                "HiPConfig.dense_threshold must be None or an int >= 0, "
+                f"got {self.dense_threshold!r}"
             )
         layers = tuple(self.dense_layers)
         if any(not isinstance(i, int) or i < 0 for i in layers):

@@ -8,7 +8,8 @@ Query block ``j`` covers query rows ``[j * bq, min((j + 1) * bq, Tq))``, i.e. ab
   only the sinks up to itself);
 * candidates: the key blocks fully inside ``[sink_tokens, s - window)``, i.e. blocks
   ``first_candidate .. first_candidate + n_candidates - 1``;
-* window: keys ``[window_start, e)`` with ``window_start = max(sink_tokens, bk * floor((s - window) / bk))``.
+* window: keys ``[window_start, e)`` with
+  ``window_start = max(sink_tokens, bk * floor((s - window) / bk))``.
 
 The window start is rounded down to a block boundary so that the partial key block straddling
 ``s - window`` belongs to the window: sinks, candidates and window are then disjoint *and* cover
@@ -42,7 +43,9 @@ def first_candidate_block(config: HiPConfig) -> int:
     return config.sink_tokens // config.block_size_k
 
 
-def query_blocks(tq: int, tk: int, config: HiPConfig, device: torch.device | str = "cpu") -> QueryBlocks:
+def query_blocks(
+    tq: int, tk: int, config: HiPConfig, device: torch.device | str = "cpu"
+) -> QueryBlocks:
     """The geometry of every query block for ``tq`` queries ending at key ``tk``."""
     bq, bk = config.block_size_q, config.block_size_k
     rows = torch.arange(num_query_blocks(tq, config), device=device, dtype=torch.int64) * bq

@@ -63,14 +63,17 @@ def check_qkv(q: object, k: object, v: object | None = None) -> None:
         if x.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
         if x.shape[0] != q.shape[0]:
-            raise ValueError(f"{name} must have the batch size of q ({q.shape[0]}), got {x.shape[0]}")
+            raise ValueError(
+                f"{name} must have the batch size of q ({q.shape[0]}), got {x.shape[0]}"
+            )
         if x.shape[-1] != q.shape[-1]:
             raise ValueError(
                 f"{name} must have the head_dim of q ({q.shape[-1]}), got {x.shape[-1]}"
             )
     if v is not None and (v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]):
         raise ValueError(
-            f"v must have the heads and tokens of k {tuple(k.shape[1:3])}, got {tuple(v.shape[1:3])}"
+            f"v must have the heads and tokens of k {tuple(k.shape[1:3])}, "
+            f"got {tuple(v.shape[1:3])}"
         )
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:

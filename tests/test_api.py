@@ -18,8 +18,13 @@ CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64
 
 
 def test_public_names():
-    assert set(hip_attn.__all__) >= {"HiPConfig", "HiPDecodeState", "hip_attention",
-                                     "estimate_mask", "__version__"}
+    assert set(hip_attn.__all__) >= {
+        "HiPConfig",
+        "HiPDecodeState",
+        "hip_attention",
+        "estimate_mask",
+        "__version__",
+    }
 
 
 def test_hip_attention_matches_reference_and_differs_from_dense(rand_qkv):
@@ -41,23 +46,26 @@ def test_estimate_mask_format(rand_qkv):
 def test_scale_argument(rand_qkv):
     q, k, v = rand_qkv(1, 2, 2, 200, 200, 64, seed=3)
     out = hip_attention(q, k, v, CFG, scale=0.3)
-    torch.testing.assert_close(out, hip_attention_reference(q, k, v, CFG, scale=0.3),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, hip_attention_reference(q, k, v, CFG, scale=0.3), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("tq,tk", [(150, 150), (1, 150), (20, 150)])
 def test_dense_fallback_at_or_below_threshold(rand_qkv, tq, tk):
     q, k, v = rand_qkv(1, 4, 2, tq, tk, 64, seed=tq)
     cfg = CFG.replace(dense_threshold=150)
-    torch.testing.assert_close(hip_attention(q, k, v, cfg), dense_attention_reference(q, k, v),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        hip_attention(q, k, v, cfg), dense_attention_reference(q, k, v), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_default_config_is_dense_on_short_inputs(rand_qkv):
     q, k, v = rand_qkv(1, 2, 1, 64, 64, 64, seed=4)
     assert HiPConfig().effective_dense_threshold == 64 + 512 + 256
-    torch.testing.assert_close(hip_attention(q, k, v), dense_attention_reference(q, k, v),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        hip_attention(q, k, v), dense_attention_reference(q, k, v), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_budget_covering_context_equals_dense_through_sparse_path(rand_qkv):
@@ -127,13 +135,18 @@ def _bad_inputs():
     yield "device", (q, k.to("meta"), v), ValueError, "k must be on the device"
     yield "stride", (q, torch.randn(1, 2, 64, 16).transpose(2, 3), v), ValueError, "stride"
     yield "tq>tk", (torch.randn(1, 4, 20, 64), k, v), ValueError, "more tokens"
-    yield "tiny_d", (torch.randn(1, 4, 8, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)), \
-        ValueError, "head_dim must be in"
+    yield (
+        "tiny_d",
+        (torch.randn(1, 4, 8, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)),
+        ValueError,
+        "head_dim must be in",
+    )
     yield "not_tensor", (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"
 
 
-@pytest.mark.parametrize("name,args,exc,match", list(_bad_inputs()), ids=lambda x: x
-                         if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "name,args,exc,match", list(_bad_inputs()), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_bad_inputs_raise_before_any_kernel(name, args, exc, match):
     with pytest.raises(exc, match=match):
         hip_attention(*args, CFG)

@@ -7,7 +7,11 @@ def test_defaults_follow_the_design():
     cfg = HiPConfig()
     assert (cfg.k, cfg.block_size_q, cfg.block_size_k, cfg.query_pool_stride) == (512, 64, 8, 2)
     assert (cfg.sink_tokens, cfg.window, cfg.head_sharing, cfg.representative) == (
-        64, 256, "kv_group", "center")
+        64,
+        256,
+        "kv_group",
+        "center",
+    )
     assert cfg.blocks_per_query_block == 64
     assert cfg.replace(k=1024).blocks_per_query_block == 128
 

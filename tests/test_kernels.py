@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hip_attn.triton_kernels.attention import sparse_attention_triton
+from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 from hip_attn import HiPConfig
 from hip_attn.geometry import block_representatives, pool_queries, query_blocks
@@ -10,8 +12,6 @@ from hip_attn.reference import (
     estimate_mask_reference,
     hip_attention_reference,
 )
-from hip_attn.triton_kernels.attention import sparse_attention_triton
-from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
@@ -28,8 +28,9 @@ def run_mask(q, k, cfg):
 
 def run_attention(q, k, v, idx, cfg, **launch):
     geo = query_blocks(q.shape[2], k.shape[2], cfg, q.device)
-    return sparse_attention_triton(q, k, v, idx, geo.window_start, cfg, q.shape[-1] ** -0.5,
-                                   **launch)
+    return sparse_attention_triton(
+        q, k, v, idx, geo.window_start, cfg, q.shape[-1] ** -0.5, **launch
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,8 +80,9 @@ def test_prefill_attention_matches_reference(rand_qkv, hq, hkv, tq, tk, sharing,
     out = torch.full_like(q, float("nan"))  # poison: the kernel must write every row
     run_attention(q, k, v, idx, cfg, out=out)
     assert not out.isnan().any()
-    torch.testing.assert_close(out.float().cpu(), expected.float().cpu(), atol=TOL[dtype],
-                               rtol=TOL[dtype])
+    torch.testing.assert_close(
+        out.float().cpu(), expected.float().cpu(), atol=TOL[dtype], rtol=TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("tq", [1, 3, 32])
@@ -97,8 +99,9 @@ def test_more_splits_than_tiles_is_still_exact(rand_qkv):
     q, k, v = rand_qkv(1, 2, 2, 1, 300, 64, device=DEVICE, seed=5)
     idx, _ = estimate_mask_reference(q, k, CFG)
     out = run_attention(q, k, v, idx, CFG, num_splits=16)
-    torch.testing.assert_close(out.cpu(), hip_attention_reference(q, k, v, CFG).cpu(),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.cpu(), hip_attention_reference(q, k, v, CFG).cpu(), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("tq,tk", [(200, 200), (1, 333)])
@@ -107,5 +110,6 @@ def test_kernel_with_budget_covering_context_equals_dense(rand_qkv, tq, tk):
     cfg = CFG.replace(k=512)
     idx, _ = run_mask(q, k, cfg)
     out = run_attention(q, k, v, idx, cfg)
-    torch.testing.assert_close(out.cpu(), dense_attention_reference(q, k, v).cpu(),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.cpu(), dense_attention_reference(q, k, v).cpu(), atol=1e-5, rtol=1e-5
+    )

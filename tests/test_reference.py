@@ -42,7 +42,7 @@ def test_indices_sorted_distinct_inside_candidate_region(rand_qkv, sharing, tq, 
         for row in idx[0, :, j]:
             chosen = row[row >= 0]
             assert chosen.numel() == min(n, 8)
-            assert torch.all(row[chosen.numel():] == -1)
+            assert torch.all(row[chosen.numel() :] == -1)
             assert torch.all(chosen[1:] > chosen[:-1])
             if chosen.numel():
                 assert chosen.min() >= first and chosen.max() < first + n
@@ -94,8 +94,9 @@ def test_small_budget_differs_from_dense(rand_qkv):
 def test_batch_split_does_not_change_results(rand_qkv):
     q, k, v = rand_qkv(3, 4, 2, 400, 400, 32, seed=4)
     whole = hip_attention_reference(q, k, v, CFG)
-    parts = torch.cat([hip_attention_reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], CFG)
-                       for i in range(3)])
+    parts = torch.cat(
+        [hip_attention_reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], CFG) for i in range(3)]
+    )
     torch.testing.assert_close(whole, parts, atol=0, rtol=0)
 
 

@@ -27,15 +27,41 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 @triton.jit
 def _sparse_attention_kernel(
-    Q, stride_q_b, stride_q_h, stride_q_t,
-    K, stride_k_b, stride_k_h, stride_k_t,
-    V, stride_v_b, stride_v_h, stride_v_t,
-    SEL, stride_s_b, stride_s_h, stride_s_q,  # int32 [B, H_sel, n_query_blocks, G], -1 padded
+    Q,
+    stride_q_b,
+    stride_q_h,
+    stride_q_t,
+    K,
+    stride_k_b,
+    stride_k_h,
+    stride_k_t,
+    V,
+    stride_v_b,
+    stride_v_h,
+    stride_v_t,
+    SEL,
+    stride_s_b,
+    stride_s_h,
+    stride_s_q,  # int32 [B, H_sel, n_query_blocks, G], -1 padded
     NSEL,  # int32 [B, H_sel, n_query_blocks] contiguous: valid selected blocks (listed first)
     WSTART,  # int64 [n_query_blocks]: window start of each query block
-    O, stride_o_s, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, B, Hq, Tq, D]
-    M_OUT, L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, when SPLIT
-    tq, tk, h_prog, h_sel, rows_per_head, q_per_kv, sel_div, sink, qk_scale, num_splits,
+    OUT,
+    stride_o_s,
+    stride_o_b,
+    stride_o_h,
+    stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, B, Hq, Tq, D]
+    M_OUT,
+    L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, when SPLIT
+    tq,
+    tk,
+    h_prog,
+    h_sel,
+    rows_per_head,
+    q_per_kv,
+    sel_div,
+    sink,
+    qk_scale,
+    num_splits,
     HEADS: tl.constexpr,  # query heads per program
     BLOCK_Q: tl.constexpr,  # block_size_q
     BLOCK_M: tl.constexpr,  # rows of the tile: >= HEADS * rows_per_head
@@ -112,7 +138,7 @@ def _sparse_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
-    out = O + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
+    out = OUT + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
     if SPLIT:
         tl.store(out[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
         n_b = tl.num_programs(1) // h_prog
@@ -122,7 +148,7 @@ def _sparse_attention_kernel(
     else:
         tl.store(
             out[:, None] + dims[None, :],
-            (acc / l_i[:, None]).to(O.dtype.element_ty),
+            (acc / l_i[:, None]).to(OUT.dtype.element_ty),
             mask=row_ok[:, None] & dim_ok[None, :],
         )
 
@@ -163,23 +189,46 @@ def sparse_attention_triton(
     final = torch.empty_like(q) if out is None else out
     if split:
         dest = torch.empty((num_splits, b, hq, tq, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((num_splits, b, hq, tq), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+        row_max = torch.empty((num_splits, b, hq, tq), dtype=torch.float32, device=q.device)
+        row_sum = torch.empty_like(row_max)
         o_strides = dest.stride()[:4]
     else:
         dest = final
-        m = l = final  # unused without splits
+        row_max = row_sum = final  # unused without splits
         o_strides = (0, *final.stride()[:3])
     _sparse_attention_kernel[(n_qb, b * hq // heads_per_program, num_splits)](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2),
-        indices, indices.stride(0), indices.stride(1), indices.stride(2),
-        n_sel, window_start,
-        dest, *o_strides,
-        m, l,
-        tq, tk, hq // heads_per_program, h_sel, rows_per_head, hq // hkv, hq // h_sel,
-        config.sink_tokens, scale * _LOG2E, num_splits,
+        q,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v,
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        indices,
+        indices.stride(0),
+        indices.stride(1),
+        indices.stride(2),
+        n_sel,
+        window_start,
+        dest,
+        *o_strides,
+        row_max,
+        row_sum,
+        tq,
+        tk,
+        hq // heads_per_program,
+        h_sel,
+        rows_per_head,
+        hq // hkv,
+        hq // h_sel,
+        config.sink_tokens,
+        scale * _LOG2E,
+        num_splits,
         HEADS=heads_per_program,
         BLOCK_Q=bq,
         BLOCK_M=block_m,
@@ -192,12 +241,13 @@ def sparse_attention_triton(
         DOT_DTYPE=_TL_DTYPES[dot_dtype],
     )
     if split:
-        final.copy_(merge_partials(dest, m, l))
+        final.copy_(merge_partials(dest, row_max, row_sum))
     return final
 
 
-def merge_partials(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Combine split partials: ``acc`` ``[S, ..., D]`` unnormalized outputs, ``m`` ``[S, ...]``
-    their running maxima in log2 units (``-inf`` for a split that saw no key), ``l`` their sums."""
-    weight = torch.exp2(m - m.amax(dim=0, keepdim=True))
-    return (weight[..., None] * acc).sum(dim=0) / (weight * l).sum(dim=0)[..., None]
+def merge_partials(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
+    """Combine split partials: ``acc`` ``[S, ..., D]`` unnormalized outputs, ``row_max``
+    ``[S, ...]`` their running maxima in log2 units (``-inf`` for a split that saw no key),
+    ``row_sum`` their softmax denominators."""
+    weight = torch.exp2(row_max - row_max.amax(dim=0, keepdim=True))
+    return (weight[..., None] * acc).sum(dim=0) / (weight * row_sum).sum(dim=0)[..., None]

@@ -37,13 +37,26 @@ def _node_bounds(ids, depth, n, width, first):
 
 @triton.jit
 def _hip_mask_kernel(
-    QP, stride_qp_b, stride_qp_h, stride_qp_t,  # pooled queries, fp32 [B, Hq, TP, D]
-    R, stride_r_b, stride_r_h, stride_r_n,  # block representatives, fp32 [B, Hkv, NB, D]
+    QP,
+    stride_qp_b,
+    stride_qp_h,
+    stride_qp_t,  # pooled queries, fp32 [B, Hq, TP, D]
+    R,
+    stride_r_b,
+    stride_r_h,
+    stride_r_n,  # block representatives, fp32 [B, Hkv, NB, D]
     NCAND,  # int64 [n_query_blocks]: candidate blocks N of each query block
     LEVELS,  # int32 [n_query_blocks]: search levels (0: every candidate is selected)
-    OUT, stride_o_b, stride_o_h, stride_o_q,  # int32 [B, H_sel, n_query_blocks, G]
+    OUT,
+    stride_o_b,
+    stride_o_h,
+    stride_o_q,  # int32 [B, H_sel, n_query_blocks, G]
     SCORED,  # int32 [B, H_sel, n_query_blocks]: children scored
-    n_pooled, h_sel, first, beam_width, q_per_kv,
+    n_pooled,
+    h_sel,
+    first,
+    beam_width,
+    q_per_kv,
     HEADS_PER_SEL: tl.constexpr,
     ROWS: tl.constexpr,  # pooled rows per query block
     ROWS_PAD: tl.constexpr,  # ROWS padded for tl.dot (power of two >= 16)
@@ -91,8 +104,11 @@ def _hip_mask_kernel(
             score = tl.full([2 * NODES], float("-inf"), tl.float32)
             for j in range(HEADS_PER_SEL):
                 qp = tl.load(
-                    QP + b * stride_qp_b + (q_head0 + j) * stride_qp_h
-                    + (qb * ROWS + rows)[:, None] * stride_qp_t + dims[None, :],
+                    QP
+                    + b * stride_qp_b
+                    + (q_head0 + j) * stride_qp_h
+                    + (qb * ROWS + rows)[:, None] * stride_qp_t
+                    + dims[None, :],
                     mask=row_ok[:, None] & (dims[None, :] < D),
                     other=0.0,
                 )
@@ -138,19 +154,34 @@ def estimate_mask_triton(
     rows = config.block_size_q // config.query_pool_stride
     levels = torch.tensor(
         [search_levels(int(n), config) for n in n_candidates.tolist()],
-        dtype=torch.int32, device=pooled.device,
+        dtype=torch.int32,
+        device=pooled.device,
     )
     out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=pooled.device)
     scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=pooled.device)
     rep = rep.contiguous()
     pooled = pooled.contiguous()
     _hip_mask_kernel[(n_qb, b * h_sel)](
-        pooled, pooled.stride(0), pooled.stride(1), pooled.stride(2),
-        rep, rep.stride(0), rep.stride(1), rep.stride(2),
-        n_candidates, levels,
-        out, out.stride(0), out.stride(1), out.stride(2),
+        pooled,
+        pooled.stride(0),
+        pooled.stride(1),
+        pooled.stride(2),
+        rep,
+        rep.stride(0),
+        rep.stride(1),
+        rep.stride(2),
+        n_candidates,
+        levels,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         scored,
-        n_pooled, h_sel, first_candidate_block(config), config.beam * g, hq // hkv,
+        n_pooled,
+        h_sel,
+        first_candidate_block(config),
+        config.beam * g,
+        hq // hkv,
         HEADS_PER_SEL=hq // h_sel,
         ROWS=rows,
         ROWS_PAD=max(16, triton.next_power_of_2(rows)),

@@ -77,7 +77,8 @@ def table(sc: Scenario, estimates: Sequence[Estimate]) -> str:
     out = header_lines(sc, modes)
     titles = [title.format(out=sc.output_tokens) for title, _, _ in _COLUMNS]
     for context in dict.fromkeys(e.context for e in estimates):
-        out += ["", f"context {short_tokens(context)} ({context:,} tokens)", _row(titles)]
+        noun = "token" if context == 1 else "tokens"
+        out += ["", f"context {short_tokens(context)} ({context:,} {noun})", _row(titles)]
         for e in (e for e in estimates if e.context == context):
             out.append(
                 _row(

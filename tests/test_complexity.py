@@ -1,0 +1,77 @@
+"""Complexity is part of correctness: no T x T matrix, a logarithmic search, and attention that
+reads only sinks + selected blocks + window."""
+
+import tracemalloc
+
+import torch
+from hip_attn.triton_kernels.attention import sparse_attention_triton
+from hip_attn.triton_kernels.mask import estimate_mask_triton
+from torch.profiler import ProfilerActivity, profile
+
+from hip_attn import HiPConfig, hip_attention
+from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+from hip_attn.reference import attended_keys, estimate_mask_reference, hip_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = HiPConfig(k=64, block_size_q=64, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
+
+
+def test_prefill_never_allocates_a_t_by_t_matrix(rand_qkv):
+    t = 1024
+    q, k, v = rand_qkv(1, 1, 1, t, t, 64, seed=1)
+    square = t * t * 4
+    cfg = CFG
+    hip_attention(q[:, :, :300], k[:, :, :300], v[:, :, :300], cfg)  # warm up the launchers
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tracemalloc.start()  # the interpreter's tiles are numpy arrays
+        hip_attention(q, k, v, cfg)
+        _, numpy_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    torch_largest = max(e.cpu_memory_usage for e in prof.events())
+    assert torch_largest < square / 4  # q itself is t * 64 * 4 bytes
+    assert numpy_peak < square / 4
+
+
+def test_mask_kernel_work_is_logarithmic_in_context(rand_qkv):
+    g = CFG.blocks_per_query_block
+    for tk in (4096, 16384):
+        q, k, _ = rand_qkv(1, 1, 1, 1, tk, 64, device=DEVICE, seed=tk)
+        geo = query_blocks(1, tk, CFG, q.device)
+        _, scored = estimate_mask_triton(
+            pool_queries(q, CFG), block_representatives(k, CFG), geo.n_candidates, CFG, 1
+        )
+        n = int(geo.n_candidates[0])
+        levels = (-(-n // g) - 1).bit_length()
+        assert 0 < int(scored[0, 0, 0]) <= 2 * g * levels
+    assert int(scored[0, 0, 0]) * 8 < n  # 16K: ~2000 candidate blocks, <= 2 * 8 * 8 scores
+
+
+def _poison_unattended(q, k, v, idx, cfg):
+    """Copies of k, v with NaN at every key no query block attends."""
+    geo = query_blocks(q.shape[2], k.shape[2], cfg)
+    used = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool)
+    group = idx.shape[1] // k.shape[1] if idx.shape[1] > k.shape[1] else 1
+    for b in range(k.shape[0]):
+        for hs in range(idx.shape[1]):
+            for j in range(idx.shape[2]):
+                keys = attended_keys(
+                    int(geo.end[j]), int(geo.window_start[j]), idx[b, hs, j].cpu(), cfg
+                )
+                used[b, hs // group, keys] = True
+    mask = used[..., None].to(k.device)
+    return k.masked_fill(~mask, float("nan")), v.masked_fill(~mask, float("nan")), used
+
+
+def test_attention_reads_only_sinks_selected_and_window(rand_qkv):
+    for tq, tk in [(128, 1100), (1, 1500)]:
+        q, k, v = rand_qkv(1, 2, 1, tq, tk, 64, device=DEVICE, seed=tk)
+        idx, _ = estimate_mask_reference(q, k, CFG)
+        expected = hip_attention_reference(q, k, v, CFG, indices=idx)
+        k_bad, v_bad, used = _poison_unattended(q, k, v, idx, CFG)
+        assert used.float().mean() < 0.5  # most of the context is never touched
+        geo = query_blocks(tq, tk, CFG, q.device)
+        for splits in (1, 3):
+            out = sparse_attention_triton(
+                q, k_bad, v_bad, idx, geo.window_start, CFG, 64**-0.5, num_splits=splits
+            )
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
