@@ -13,15 +13,31 @@ from hip_attn.config import HiPConfig
 
 if TYPE_CHECKING:
     from hip_attn.attention import HiPDecodeState, estimate_mask, hip_attention
+    from hip_attn.patches import patch, unpatch
 
-__all__ = ["HiPConfig", "HiPDecodeState", "__version__", "estimate_mask", "hip_attention"]
+__all__ = [
+    "HiPConfig",
+    "HiPDecodeState",
+    "__version__",
+    "estimate_mask",
+    "hip_attention",
+    "patch",
+    "unpatch",
+]
 
-_LAZY = {"HiPDecodeState", "estimate_mask", "hip_attention"}
+# public name -> the module that defines it, imported on first use
+_LAZY = {
+    "HiPDecodeState": "hip_attn.attention",
+    "estimate_mask": "hip_attn.attention",
+    "hip_attention": "hip_attn.attention",
+    "patch": "hip_attn.patches",
+    "unpatch": "hip_attn.patches",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from hip_attn import attention
+        import importlib
 
-        return getattr(attention, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hip_attn' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from hip_attn._version import __version__
 _SUBCOMMANDS: tuple[str, ...] = (
     "hip_attn.check",
     "hip_attn.perf.cli",
+    "hip_attn.bench.cli",
 )
 
 

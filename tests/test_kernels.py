@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from hip_attn.triton_kernels.attention import sparse_attention_triton
-from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 from hip_attn import HiPConfig
 from hip_attn.geometry import block_representatives, pool_queries, query_blocks
@@ -12,6 +10,8 @@ from hip_attn.reference import (
     estimate_mask_reference,
     hip_attention_reference,
 )
+from hip_attn.triton_kernels.attention import sparse_attention_triton
+from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)

@@ -78,9 +78,8 @@ def _hip_mask_kernel(
     ids = slots
     valid = slots < width
     scored = 0
-    if levels == 0:  # N <= G: every candidate is selected
-        lo = first + slots.to(tl.int64)
-        valid = slots < n
+    if levels == 0:  # N <= G: every candidate is selected, already in order
+        blocks = tl.where(slots < n, first + slots, -1)
     else:
         q_head0 = hs * HEADS_PER_SEL
         rep = R + b * stride_r_b + (q_head0 // q_per_kv) * stride_r_h
@@ -127,9 +126,8 @@ def _hip_mask_kernel(
             valid = (slots < keep) & (top > (tl.full([NODES], 1, tl.int64) << 63))
             ids = (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32)
         lo, _ = _node_bounds(ids, levels, n, width, first)
-
-    blocks = tl.sort(tl.where(valid, lo, 1 << 40), descending=False)
-    blocks = tl.where(blocks == 1 << 40, -1, blocks)
+        blocks = tl.sort(tl.where(valid, lo, 1 << 40), descending=False)
+        blocks = tl.where(blocks == 1 << 40, -1, blocks).to(tl.int32)
     tl.store(out + slots, blocks.to(tl.int32), mask=slots < G)
     tl.store(SCORED + bh * tl.num_programs(0) + qb, scored)
 

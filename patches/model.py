@@ -1,0 +1,121 @@
+"""``patch(model)`` / ``unpatch(model)``: switch a Hugging Face causal LM to HiP attention."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from hip_attn.config import HiPConfig
+from hip_attn.patches.attention import ATTN_NAME, LAYER_CACHES, LAYER_CONFIGS, register
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+ModelT = TypeVar("ModelT", bound="PreTrainedModel")
+
+# patched model -> the attention implementation it had; patched module -> its hook handles
+_PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[RemovableHandle, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder: they know their layer and are causal."""
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+    ]
+
+
+def _check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"patch expects a transformers PreTrainedModel, got {name}")
+    config = model.config.get_text_config()
+    if getattr(model.config, "is_encoder_decoder", False) or not getattr(config, "is_causal", True):
+        raise ValueError(f"{name} is not a causal decoder: hip attention is causal only")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{name} uses attention logit softcapping "
+            f"(attn_logit_softcapping={config.attn_logit_softcapping}), which the HiP kernels "
+            "do not implement; set it to None in the config to run without it"
+        )
+    modules = _attention_modules(model)
+    if not modules or any(getattr(m, "is_causal", True) is False for m in modules):
+        raise ValueError(f"{name} has no causal self-attention layers that hip attention can run")
+    if not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{name} does not dispatch attention through transformers' AttentionInterface"
+        )
+    return modules
+
+
+def _remember_cache(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    LAYER_CACHES[module] = kwargs.get("past_key_values")
+
+
+def _forget_cache(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    LAYER_CACHES.pop(module, None)
+
+
+def patch(model: ModelT, config: HiPConfig | None = None, *, dense_layers: Any = None) -> ModelT:
+    """Run ``model``'s attention with HiP; prefill and ``model.generate()`` then use it.
+
+    Args:
+        model: a transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-3, ...).
+        config: the HiP configuration (defaults to ``HiPConfig()``).
+        dense_layers: layer indices to keep dense (overrides ``config.dense_layers``).
+
+    Returns:
+        ``model``, patched in place. Patching again only updates the configuration;
+        :func:`unpatch` restores the attention implementation the model had.
+    """
+    config = HiPConfig() if config is None else config
+    if not isinstance(config, HiPConfig):
+        raise TypeError(f"config must be a HiPConfig or None, got {type(config).__name__}")
+    modules = _check_supported(model)
+    if dense_layers is not None:
+        config = config.replace(dense_layers=tuple(dense_layers))
+    n_layers = max(cast(int, m.layer_idx) for m in modules) + 1
+    if any(i >= n_layers for i in config.dense_layers):
+        raise ValueError(
+            f"dense_layers {config.dense_layers} name layers beyond the model's {n_layers}"
+        )
+    register()
+    if model not in _PREVIOUS:
+        _PREVIOUS[model] = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_NAME)
+        for m in modules:
+            _HOOKS[m] = (
+                m.register_forward_pre_hook(_remember_cache, with_kwargs=True),
+                m.register_forward_hook(_forget_cache, with_kwargs=True),
+            )
+    for m in modules:
+        LAYER_CONFIGS[m] = config
+    return model
+
+
+def unpatch(model: ModelT) -> ModelT:
+    """Undo :func:`patch`: the model's previous attention implementation and no hooks."""
+    previous = _PREVIOUS.pop(model, None)
+    if previous is None:
+        return model
+    model.set_attn_implementation(previous)
+    for m in _attention_modules(model):
+        for hook in _HOOKS.pop(m, ()):
+            hook.remove()
+        LAYER_CONFIGS.pop(m, None)
+        LAYER_CACHES.pop(m, None)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """Whether :func:`patch` is in effect on ``model``."""
+    return model in _PREVIOUS

@@ -1,0 +1,195 @@
+"""hip_attn.patch on tiny random Hugging Face models of every supported family."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hip_attn import HiPConfig  # noqa: E402
+from hip_attn.patches import decode_states, is_patched, patch, unpatch  # noqa: E402
+from hip_attn.patches.attention import LAYER_CONFIGS  # noqa: E402
+from hip_attn.patches.model import _HOOKS  # noqa: E402
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma3": (  # one sliding-window layer (stays SDPA) and one global layer (HiP)
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+}
+# k covers every candidate of these short contexts: HiP must then equal dense attention
+COVERING = HiPConfig(
+    k=512, block_size_q=16, block_size_k=8, sink_tokens=16, window=32, refresh_interval=4,
+    dense_threshold=0,
+)  # fmt: skip
+SPARSE = COVERING.replace(k=32)
+
+
+def make_model(family, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def prompt(length, seed=0, batch=1):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, n, **kwargs):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_covering_budget_matches_dense_and_unpatch_restores(family):
+    model = make_model(family)
+    ids = prompt(64, seed=1)
+    dense_logits = model(ids).logits
+    dense_tokens = greedy(model, ids, 32)
+
+    patch(model, COVERING)
+    assert model.config._attn_implementation == "hip"
+    torch.testing.assert_close(model(ids).logits, dense_logits, atol=1e-4, rtol=1e-4)
+    out = greedy(model, ids, 32, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, dense_tokens)
+    states = decode_states(out.past_key_values)
+    assert states and all(s.refreshes > 0 for s in states.values())  # the sparse path ran
+
+    unpatch(model)
+    assert not is_patched(model)
+    assert torch.equal(model(ids).logits, dense_logits)  # bit for bit
+
+
+@torch.no_grad()
+def test_small_budget_generation_refreshes_every_interval():
+    model = patch(make_model("llama"), SPARSE.replace(block_size_q=64, window=64))
+    ids = prompt(1024, seed=2)
+    out = greedy(model, ids, 12, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 1024 + 12)
+    states = decode_states(out.past_key_values)
+    assert sorted(states) == [(0, None), (1, None)]
+    # 11 decode steps after the prefill token: estimates at steps 0, 4 and 8
+    assert [s.refreshes for s in states.values()] == [3, 3]
+
+
+@torch.no_grad()
+def test_small_budget_differs_from_dense():
+    model = make_model("llama")
+    ids = prompt(200, seed=3)
+    dense = model(ids).logits
+    patch(model, SPARSE)
+    assert (model(ids).logits - dense).abs().max() > 1e-3
+
+
+def _left_padded(seqs):
+    width = max(s.shape[1] for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - s.shape[1] :] = s[0]
+        mask[i, width - s.shape[1] :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_left_padded_batch_equals_sequences_alone(family):
+    model = patch(make_model(family), SPARSE)
+    seqs = [prompt(140, seed=4), prompt(100, seed=5)]
+    ids, mask = _left_padded(seqs)
+    batch = greedy(model, ids, 5, attention_mask=mask)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for i, s in enumerate(seqs):
+        alone = greedy(model, s, 5)
+        assert torch.equal(batch[i, -5:], alone[0, -5:])
+        n = s.shape[1]
+        torch.testing.assert_close(logits[i, -n:], model(s).logits[0], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_right_padded_prefill_equals_sequences_alone():
+    model = patch(make_model("qwen2"), SPARSE)
+    seqs = [prompt(140, seed=6), prompt(100, seed=7)]
+    ids = torch.zeros(2, 140, dtype=torch.long)
+    mask = torch.zeros(2, 140, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : s.shape[1]], mask[i, : s.shape[1]] = s[0], 1
+    logits = model(ids, attention_mask=mask).logits
+    for i, s in enumerate(seqs):
+        n = s.shape[1]
+        torch.testing.assert_close(logits[i, :n], model(s).logits[0], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_dense_layers_stay_dense():
+    model = patch(make_model("llama"), SPARSE, dense_layers=[0])
+    ids = prompt(120, seed=8)
+    out = greedy(model, ids, 3, return_dict_in_generate=True)
+    assert sorted(decode_states(out.past_key_values)) == [(1, None)]  # layer 0 kept no state
+    mixed = model(ids).logits
+    patch(model, SPARSE, dense_layers=[])
+    assert (model(ids).logits - mixed).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_user_cache_gives_same_tokens():
+    model = patch(make_model("llama"), SPARSE)
+    ids = prompt(120, seed=9)
+    own = transformers.DynamicCache(config=model.config)
+    assert torch.equal(greedy(model, ids, 6, past_key_values=own), greedy(model, ids, 6))
+    assert decode_states(own)  # the states lived with the user's cache
+
+
+def test_patch_twice_is_harmless_and_unpatch_without_patch_is_a_no_op():
+    model = make_model("llama")
+    assert unpatch(model) is model and model.config._attn_implementation == "sdpa"
+    patch(model, SPARSE)
+    patch(model, COVERING)
+    patched = [m for m in model.modules() if m in LAYER_CONFIGS]
+    assert len(patched) == 2 and all(LAYER_CONFIGS[m] == COVERING for m in patched)
+    assert all(len(_HOOKS[m]) == 2 for m in patched)  # one pre and one post hook, not four
+    unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m in LAYER_CONFIGS or m in _HOOKS for m in model.modules())
+
+
+def test_unsupported_models_raise_naming_the_class():
+    gemma2 = transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**{**COMMON, "head_dim": 16, "query_pre_attn_scalar": 16})
+    )
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM.*softcapping"):
+        patch(gemma2)
+    bert = transformers.BertModel(
+        transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="BertModel"):
+        patch(bert)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="dense_layers"):
+        patch(make_model("llama"), dense_layers=[5])
