@@ -46,7 +46,6 @@ def _hip_mask_kernel(
     stride_r_h,
     stride_r_n,  # block representatives, fp32 [B, Hkv, NB, D]
     NCAND,  # int64 [n_query_blocks]: candidate blocks N of each query block
-    LEVELS,  # int32 [n_query_blocks]: search levels (0: every candidate is selected)
     OUT,
     stride_o_b,
     stride_o_h,
@@ -70,7 +69,6 @@ def _hip_mask_kernel(
     b = bh // h_sel
     hs = bh % h_sel
     n = tl.load(NCAND + qb).to(tl.int32)
-    levels = tl.load(LEVELS + qb)
     out = OUT + b * stride_o_b + hs * stride_o_h + qb * stride_o_q
     slots = tl.arange(0, NODES)
 
@@ -78,9 +76,14 @@ def _hip_mask_kernel(
     ids = slots
     valid = slots < width
     scored = 0
-    if levels == 0:  # N <= G: every candidate is selected, already in order
+    if n <= G:  # every candidate is selected, already in order
         blocks = tl.where(slots < n, first + slots, -1)
     else:
+        # levels = max(1, ceil(log2(ceil(N / width)))), as hip_attn.geometry.search_levels
+        largest = (n + width - 1) // width
+        levels = 1
+        while (1 << levels) < largest:
+            levels += 1
         q_head0 = hs * HEADS_PER_SEL
         rep = R + b * stride_r_b + (q_head0 // q_per_kv) * stride_r_h
         rows = tl.arange(0, ROWS_PAD)
@@ -143,18 +146,11 @@ def estimate_mask_triton(
     ``[B, Hkv, NB, D]`` representatives, ``n_candidates``: int64 ``[n_query_blocks]``.
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
-    from hip_attn.geometry import search_levels
-
     b, hq, n_pooled, d = pooled.shape
     hkv = rep.shape[1]
     g = config.blocks_per_query_block
     n_qb = n_candidates.numel()
     rows = config.block_size_q // config.query_pool_stride
-    levels = torch.tensor(
-        [search_levels(int(n), config) for n in n_candidates.tolist()],
-        dtype=torch.int32,
-        device=pooled.device,
-    )
     out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=pooled.device)
     scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=pooled.device)
     rep = rep.contiguous()
@@ -169,7 +165,6 @@ def estimate_mask_triton(
         rep.stride(1),
         rep.stride(2),
         n_candidates,
-        levels,
         out,
         out.stride(0),
         out.stride(1),
