@@ -164,7 +164,7 @@ def _sparse(
 ) -> torch.Tensor:
     if not uses_triton(q.device):
         return hip_attention_reference(q, k, v, config, scale=scale, indices=indices)
-    from hip_attn.triton_kernels.attention import sparse_attention_triton
+    from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
 
     b, hq, tq, _ = q.shape
     geo = query_blocks(tq, k.shape[2], config, q.device)
@@ -177,8 +177,8 @@ def _sparse(
         splits = _decode_splits(b * hq // heads, tiles, q.device)
     return sparse_attention_triton(
         q,
-        k,
-        v,
+        KVSegments.full(k, v),
+        k.shape[2],
         indices,
         geo.window_start,
         config,

@@ -73,18 +73,18 @@ def search_levels(n_candidates: int, config: HiPConfig) -> int:
 
 
 def block_representatives(k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-    """``R``: one fp32 key per *full* key block, ``[B, Hkv, Tk // bk, D]``.
+    """``R``: one key per *full* key block, ``[B, Hkv, Tk // bk, D]`` in the dtype of ``k``.
 
-    ``"center"`` takes the key of the block's middle token (index ``bk // 2``), ``"mean"`` the
-    mean of its ``bk`` keys. Only full blocks can be candidates, so a trailing partial block
-    has no representative.
+    ``"center"`` takes the key of the block's middle token (index ``bk // 2``): a strided view of
+    ``k``, nothing is copied. ``"mean"`` is the mean of its ``bk`` keys (summed in fp32). Only
+    full blocks can be candidates, so a trailing partial block has no representative.
     """
     bk = config.block_size_k
     n_blocks = k.shape[-2] // bk
     blocks = k[..., : n_blocks * bk, :].unflatten(-2, (n_blocks, bk))
     if config.representative == "center":
-        return blocks[..., bk // 2, :].float()
-    return blocks.float().mean(dim=-2)
+        return blocks[..., bk // 2, :]
+    return blocks.float().mean(dim=-2).to(k.dtype)
 
 
 def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:

@@ -92,7 +92,7 @@ def estimate_mask_reference(
     rows_per_block = config.block_size_q // config.query_pool_stride
 
     pooled = pool_queries(q, config)  # [B, Hq, TP, D]
-    rep = block_representatives(k, config)  # [B, Hkv, NB, D]
+    rep = block_representatives(k, config).float()  # [B, Hkv, NB, D]
     geo = query_blocks(tq, tk, config)
     first = first_candidate_block(config)
     n_qb = geo.start.numel()

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from hip_attn import HiPConfig, hip_attention
 from hip_attn.geometry import block_representatives, pool_queries, query_blocks
 from hip_attn.reference import attended_keys, estimate_mask_reference, hip_attention_reference
-from hip_attn.triton_kernels.attention import sparse_attention_triton
+from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
 from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +71,8 @@ def test_attention_reads_only_sinks_selected_and_window(rand_qkv):
         assert used.float().mean() < 0.5  # most of the context is never touched
         geo = query_blocks(tq, tk, CFG, q.device)
         for splits in (1, 3):
+            kv = KVSegments.full(k_bad, v_bad)
             out = sparse_attention_triton(
-                q, k_bad, v_bad, idx, geo.window_start, CFG, 64**-0.5, num_splits=splits
+                q, kv, tk, idx, geo.window_start, CFG, 64**-0.5, num_splits=splits
             )
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ from hip_attn.reference import (
     estimate_mask_reference,
     hip_attention_reference,
 )
-from hip_attn.triton_kernels.attention import sparse_attention_triton
+from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
 from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,7 +29,14 @@ def run_mask(q, k, cfg):
 def run_attention(q, k, v, idx, cfg, **launch):
     geo = query_blocks(q.shape[2], k.shape[2], cfg, q.device)
     return sparse_attention_triton(
-        q, k, v, idx, geo.window_start, cfg, q.shape[-1] ** -0.5, **launch
+        q,
+        KVSegments.full(k, v),
+        k.shape[2],
+        idx,
+        geo.window_start,
+        cfg,
+        q.shape[-1] ** -0.5,
+        **launch,
     )
 
 

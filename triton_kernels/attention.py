@@ -14,6 +14,7 @@ never repeated per query head and no score matrix larger than ``BLOCK_M x BLOCK_
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -27,40 +28,21 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 @triton.jit
 def _sparse_attention_kernel(
-    Q,
-    stride_q_b,
-    stride_q_h,
-    stride_q_t,
-    K,
-    stride_k_b,
-    stride_k_h,
-    stride_k_t,
-    V,
-    stride_v_b,
-    stride_v_h,
-    stride_v_t,
-    SEL,
-    stride_s_b,
-    stride_s_h,
-    stride_s_q,  # int32 [B, H_sel, n_query_blocks, G], -1 padded
+    Q, stride_q_b, stride_q_h, stride_q_t,
+    # Keys and values come from three places, each with its own (batch, head, token) strides
+    # shared by K and V: the sinks, the selected blocks and the window. Without offload all
+    # three are the full K/V; with offload they are the GPU sink buffer, the block-cache slots
+    # and the recent-token buffer whose row 0 holds absolute position ``win_offset``.
+    K_SINK, V_SINK, stride_sk_b, stride_sk_h, stride_sk_t,
+    K_SEL, V_SEL, stride_bk_b, stride_bk_h, stride_bk_t,
+    K_WIN, V_WIN, stride_wk_b, stride_wk_h, stride_wk_t,
+    SEL, stride_s_b, stride_s_h, stride_s_q,  # int32 [B, H_sel, n_query_blocks, G], -1 padded
+    SLOT,  # with INDIRECT: int32 like SEL, the block-cache slot holding each selected block
     NSEL,  # int32 [B, H_sel, n_query_blocks] contiguous: valid selected blocks (listed first)
     WSTART,  # int64 [n_query_blocks]: window start of each query block
-    OUT,
-    stride_o_s,
-    stride_o_b,
-    stride_o_h,
-    stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, B, Hq, Tq, D]
-    M_OUT,
-    L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, when SPLIT
-    tq,
-    tk,
-    h_prog,
-    h_sel,
-    rows_per_head,
-    q_per_kv,
-    sel_div,
-    sink,
-    qk_scale,
+    OUT, stride_o_s, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, ...]
+    M_OUT, L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, if SPLIT
+    tq, tk, h_prog, h_sel, rows_per_head, q_per_kv, sel_div, sink, win_offset, qk_scale,
     num_splits,
     HEADS: tl.constexpr,  # query heads per program
     BLOCK_Q: tl.constexpr,  # block_size_q
@@ -69,10 +51,11 @@ def _sparse_attention_kernel(
     BK: tl.constexpr,  # block_size_k
     D: tl.constexpr,
     D_PAD: tl.constexpr,
+    INDIRECT: tl.constexpr,  # selected blocks are read from block-cache slots (offload)
     SPLIT: tl.constexpr,  # write unnormalized partials and their (max, sum)
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the input dtype but for the interpreter)
-):
+):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -97,9 +80,10 @@ def _sparse_attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     ).to(DOT_DTYPE)
-    k_base = K + b * stride_k_b + kv_head * stride_k_h
-    v_base = V + b * stride_v_b + kv_head * stride_v_h
-    sel = SEL + b * stride_s_b + sel_head * stride_s_h + qb * stride_s_q
+    sink_off = b * stride_sk_b + kv_head * stride_sk_h
+    sel_off = b * stride_bk_b + kv_head * stride_bk_h
+    win_off = b * stride_wk_b + kv_head * stride_wk_h
+    sel_row = (b * stride_s_b + sel_head * stride_s_h + qb * stride_s_q).to(tl.int64)
 
     n_sink = tl.minimum(sink, end)
     n_sel = tl.load(NSEL + (b * h_sel + sel_head) * tl.num_programs(0) + qb) * BK
@@ -113,19 +97,32 @@ def _sparse_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for tile in range(split * per_split, tl.minimum((split + 1) * per_split, n_tiles)):
+        # kpos: absolute key positions (for the causal mask); k_ptr/v_ptr: where they live
         if tile < sink_tiles:
             kpos = tile * BLOCK_N + cols
             k_ok = kpos < n_sink
+            offs = sink_off + kpos[:, None] * stride_sk_t + dims[None, :]
+            k_ptr = K_SINK + offs
+            v_ptr = V_SINK + offs
         elif tile < sink_tiles + sel_tiles:
             j = (tile - sink_tiles) * BLOCK_N + cols
             k_ok = j < n_sel
-            kpos = tl.load(sel + j // BK, mask=k_ok, other=0) * BK + j % BK
+            kpos = tl.load(SEL + sel_row + j // BK, mask=k_ok, other=0) * BK + j % BK
+            if INDIRECT:
+                krow = tl.load(SLOT + sel_row + j // BK, mask=k_ok, other=0) * BK + j % BK
+            else:
+                krow = kpos
+            offs = sel_off + krow[:, None] * stride_bk_t + dims[None, :]
+            k_ptr = K_SEL + offs
+            v_ptr = V_SEL + offs
         else:
             kpos = win + (tile - sink_tiles - sel_tiles) * BLOCK_N + cols
             k_ok = kpos < end
+            offs = win_off + (kpos - win_offset)[:, None] * stride_wk_t + dims[None, :]
+            k_ptr = K_WIN + offs
+            v_ptr = V_WIN + offs
         kv_mask = k_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + kpos[:, None] * stride_k_t + dims[None, :], mask=kv_mask, other=0.0)
-        k = k.to(DOT_DTYPE)
+        k = tl.load(k_ptr, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(k_ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -133,8 +130,7 @@ def _sparse_attention_kernel(
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + kpos[:, None] * stride_v_t + dims[None, :], mask=kv_mask, other=0.0)
-        v = v.to(DOT_DTYPE)
+        v = tl.load(v_ptr, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -153,10 +149,48 @@ def _sparse_attention_kernel(
         )
 
 
+@dataclass
+class KVSegments:
+    """Where the kernel reads keys and values, each pair ``[B, Hkv, rows, D]``.
+
+    Without offload every segment is the full K/V (:meth:`full`). With offload the sinks come
+    from a GPU sink buffer, the selected blocks from block-cache slots (``slots``: the slot of
+    each selected block, shaped like the selection), and the window from a buffer of recent
+    tokens whose row 0 is absolute position ``window_offset``.
+    """
+
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sel_k: torch.Tensor
+    sel_v: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    slots: torch.Tensor | None = None
+    window_offset: int = 0
+
+    @classmethod
+    def full(cls, k: torch.Tensor, v: torch.Tensor) -> KVSegments:
+        if k.stride() != v.stride():  # the kernel shares one set of strides per K/V pair
+            k, v = k.contiguous(), v.contiguous()
+        return cls(k, v, k, v, k, v)
+
+    def launch_args(self) -> list[object]:
+        args: list[object] = []
+        for k, v in (
+            (self.sink_k, self.sink_v),
+            (self.sel_k, self.sel_v),
+            (self.win_k, self.win_v),
+        ):
+            if k.stride() != v.stride() or k.stride(-1) != 1:
+                raise ValueError("each K/V segment must share strides and have unit stride on D")
+            args += [k, v, k.stride(0), k.stride(1), k.stride(2)]
+        return args
+
+
 def sparse_attention_triton(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: KVSegments,
+    tk: int,
     indices: torch.Tensor,
     window_start: torch.Tensor,
     config: HiPConfig,
@@ -167,21 +201,26 @@ def sparse_attention_triton(
     block_n: int = 64,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel. ``indices``: ``[B, H_sel, n_query_blocks, G]`` selection,
-    ``window_start``: ``[n_query_blocks]`` from :func:`hip_attn.geometry.query_blocks`.
+    """Launch the kernel for queries ``q`` at positions ``tk - Tq .. tk - 1``.
 
+    ``kv`` says where keys and values live (:meth:`KVSegments.full` for plain K/V),
+    ``indices``: the ``[B, H_sel, n_query_blocks, G]`` selection, ``window_start``:
+    ``[n_query_blocks]`` from :func:`hip_attn.geometry.query_blocks`.
     ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
     needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
     key tiles into that many ranges merged afterwards (flash-decoding). The result is written
     into ``out`` when given (shape and dtype of ``q``)."""
     b, hq, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    hkv = kv.sel_k.shape[1]
     h_sel = indices.shape[1]
     n_qb = indices.shape[2]
     bq = config.block_size_q
     rows_per_head = bq if heads_per_program == 1 else tq
     block_m = max(16, triton.next_power_of_2(heads_per_program * rows_per_head))
     n_sel = (indices >= 0).sum(dim=-1, dtype=torch.int32).contiguous()
+    slots = indices if kv.slots is None else kv.slots
+    if slots.stride() != indices.stride():
+        raise ValueError("kv.slots must have the shape and strides of indices")
     dot_dtype = q.dtype
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         dot_dtype = torch.float32  # the interpreter's bf16 tl.dot returns garbage (Triton 3.9)
@@ -197,38 +236,14 @@ def sparse_attention_triton(
         row_max = row_sum = final  # unused without splits
         o_strides = (0, *final.stride()[:3])
     _sparse_attention_kernel[(n_qb, b * hq // heads_per_program, num_splits)](
-        q,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v,
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        indices,
-        indices.stride(0),
-        indices.stride(1),
-        indices.stride(2),
-        n_sel,
-        window_start,
-        dest,
-        *o_strides,
-        row_max,
-        row_sum,
-        tq,
-        tk,
-        hq // heads_per_program,
-        h_sel,
-        rows_per_head,
-        hq // hkv,
-        hq // h_sel,
-        config.sink_tokens,
-        scale * _LOG2E,
-        num_splits,
+        q, q.stride(0), q.stride(1), q.stride(2),
+        *kv.launch_args(),
+        indices, indices.stride(0), indices.stride(1), indices.stride(2),
+        slots, n_sel, window_start,
+        dest, *o_strides,
+        row_max, row_sum,
+        tq, tk, hq // heads_per_program, h_sel, rows_per_head, hq // hkv, hq // h_sel,
+        config.sink_tokens, kv.window_offset, scale * _LOG2E, num_splits,
         HEADS=heads_per_program,
         BLOCK_Q=bq,
         BLOCK_M=block_m,
@@ -236,10 +251,11 @@ def sparse_attention_triton(
         BK=config.block_size_k,
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
+        INDIRECT=kv.slots is not None,
         SPLIT=split,
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=_TL_DTYPES[dot_dtype],
-    )
+    )  # fmt: skip
     if split:
         final.copy_(merge_partials(dest, row_max, row_sum))
     return final

@@ -44,7 +44,7 @@ def _hip_mask_kernel(
     R,
     stride_r_b,
     stride_r_h,
-    stride_r_n,  # block representatives, fp32 [B, Hkv, NB, D]
+    stride_r_n,  # block representatives [B, Hkv, NB, D], any float dtype
     NCAND,  # int64 [n_query_blocks]: candidate blocks N of each query block
     OUT,
     stride_o_b,
@@ -102,7 +102,7 @@ def _hip_mask_kernel(
                 rep + center[:, None] * stride_r_n + dims[None, :],
                 mask=child_ok[:, None] & (dims[None, :] < D),
                 other=0.0,
-            )
+            ).to(tl.float32)
             score = tl.full([2 * NODES], float("-inf"), tl.float32)
             for j in range(HEADS_PER_SEL):
                 qp = tl.load(
@@ -142,7 +142,7 @@ def estimate_mask_triton(
     config: HiPConfig,
     h_sel: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the search kernel. ``pooled``: fp32 ``[B, Hq, TP, D]`` pooled queries, ``rep``: fp32
+    """Run the search kernel. ``pooled``: fp32 ``[B, Hq, TP, D]`` pooled queries, ``rep``:
     ``[B, Hkv, NB, D]`` representatives, ``n_candidates``: int64 ``[n_query_blocks]``.
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
@@ -153,7 +153,8 @@ def estimate_mask_triton(
     rows = config.block_size_q // config.query_pool_stride
     out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=pooled.device)
     scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=pooled.device)
-    rep = rep.contiguous()
+    if rep.stride(-1) != 1:
+        rep = rep.contiguous()
     pooled = pooled.contiguous()
     _hip_mask_kernel[(n_qb, b * h_sel)](
         pooled,
