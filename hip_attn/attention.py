@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import block_representatives, pool_queries, query_blocks
-from hip_attn.reference import estimate_mask_reference, hip_attention_reference
+from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import check_config, check_qkv, check_scale
 
 logger = logging.getLogger("hip_attn")
@@ -105,24 +105,61 @@ def dense_attention(
     )
 
 
-def _selection_heads(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> int:
-    return k.shape[1] if config.head_sharing == "kv_group" else q.shape[1]
+def _selection_heads(q: torch.Tensor, kv_heads: int, config: HiPConfig) -> int:
+    return kv_heads if config.head_sharing == "kv_group" else q.shape[1]
+
+
+def search_representatives(
+    q: torch.Tensor, rep: torch.Tensor, tk: int, config: HiPConfig
+) -> torch.Tensor:
+    """The selection of ``q`` over ``tk`` keys from their block representatives ``rep``
+    (``[B, Hkv, >= tk // block_size_k, D]``): all the search reads, on or off the GPU."""
+    if not uses_triton(q.device):
+        return search_reference(q, rep, tk, config)[0]
+    from hip_attn.triton_kernels.mask import estimate_mask_triton
+
+    geo = query_blocks(q.shape[2], tk, config, q.device)
+    indices, _ = estimate_mask_triton(
+        pool_queries(q, config),
+        rep,
+        geo.n_candidates,
+        config,
+        _selection_heads(q, rep.shape[1], config),
+    )
+    return indices
 
 
 def _estimate(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-    if not uses_triton(q.device):
-        return estimate_mask_reference(q, k, config)[0]
-    from hip_attn.triton_kernels.mask import estimate_mask_triton
+    return search_representatives(q, block_representatives(k, config), k.shape[2], config)
 
-    geo = query_blocks(q.shape[2], k.shape[2], config, q.device)
-    indices, _ = estimate_mask_triton(
-        pool_queries(q, config),
-        block_representatives(k, config),
-        geo.n_candidates,
-        config,
-        _selection_heads(q, k, config),
-    )
-    return indices
+
+def select_blocks(
+    q: torch.Tensor,
+    rep: torch.Tensor,
+    tk: int,
+    config: HiPConfig,
+    state: HiPDecodeState | None,
+) -> torch.Tensor:
+    """The selection for this call: estimated afresh, or reused from ``state`` between decode
+    refreshes (see :class:`HiPDecodeState`)."""
+    if state is None:
+        return search_representatives(q, rep, tk, config)
+    if q.shape[2] > config.block_size_q:
+        state.reset()
+        return search_representatives(q, rep, tk, config)
+    h_sel = _selection_heads(q, rep.shape[1], config)
+    expected = (q.shape[0], h_sel, 1, config.blocks_per_query_block)
+    if state.indices is not None and tuple(state.indices.shape) != expected:
+        raise ValueError(
+            f"state holds a selection of shape {tuple(state.indices.shape)} but this call needs "
+            f"{expected}; use one HiPDecodeState per layer and sequence batch"
+        )
+    if state.indices is None or state.steps_since_refresh >= config.refresh_interval:
+        state.indices = search_representatives(q, rep, tk, config)
+        state.steps_since_refresh = 0
+        state.refreshes += 1
+    state.steps_since_refresh += 1
+    return state.indices
 
 
 def estimate_mask(
@@ -220,28 +257,5 @@ def hip_attention(
         raise TypeError(f"state must be a HiPDecodeState or None, got {type(state).__name__}")
     if k.shape[2] <= config.effective_dense_threshold:
         return dense_attention(q, k, v, scale)
-    if state is None:
-        indices = _estimate(q, k, config)
-    elif q.shape[2] > config.block_size_q:
-        state.reset()
-        indices = _estimate(q, k, config)
-    else:
-        indices = _decode_indices(q, k, config, state)
+    indices = select_blocks(q, block_representatives(k, config), k.shape[2], config, state)
     return _sparse(q, k, v, indices, config, scale)
-
-
-def _decode_indices(
-    q: torch.Tensor, k: torch.Tensor, config: HiPConfig, state: HiPDecodeState
-) -> torch.Tensor:
-    expected = (q.shape[0], _selection_heads(q, k, config), 1, config.blocks_per_query_block)
-    if state.indices is not None and tuple(state.indices.shape) != expected:
-        raise ValueError(
-            f"state holds a selection of shape {tuple(state.indices.shape)} but this call needs "
-            f"{expected}; use one HiPDecodeState per layer and sequence batch"
-        )
-    if state.indices is None or state.steps_since_refresh >= config.refresh_interval:
-        state.indices = _estimate(q, k, config)
-        state.steps_since_refresh = 0
-        state.refreshes += 1
-    state.steps_since_refresh += 1
-    return state.indices

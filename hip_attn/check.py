@@ -8,12 +8,22 @@ long each took.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
+
+from hip_attn.cli_args import (
+    add_device_arguments,
+    add_hip_arguments,
+    hip_config_from_args,
+    wall_time,
+)
+from hip_attn.config import HiPConfig
+
+# Sparse at every length, so that even short checks exercise the HiP kernels.
+_BASE = HiPConfig(dense_threshold=0)
 
 _EPILOG = """examples:
   hip-attn check                                  # 2K tokens on CPU, 32K on a GPU
-  hip-attn check --tokens 131072 --dtype bfloat16 --k 1024
+  hip-attn check --tokens 131072 --dtype bfloat16 --hip-k 1024
   TRITON_INTERPRET=1 hip-attn check --tokens 1024  # the Triton kernels, interpreted on CPU
 """
 
@@ -36,18 +46,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--heads", type=int, default=8, help="query heads (default: 8)")
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default: 2)")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension (default: 64)")
-    p.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        default=None,
-        help="input dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    add_device_arguments(p)
+    add_hip_arguments(
+        p, title="HiP configuration (defaults: HiPConfig(dense_threshold=0))", defaults=_BASE
     )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--k", type=int, default=512, help="selected key tokens per query block")
-    p.add_argument("--window", type=int, default=256, help="sliding-window tokens")
-    p.add_argument("--sink-tokens", type=int, default=64, help="attention-sink tokens")
-    p.add_argument("--beam", type=int, default=1, help="search beam width")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
     p.set_defaults(func=run)
 
 
@@ -55,19 +57,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hip_attn.attention import dense_attention, estimate_mask, hip_attention, uses_triton
-    from hip_attn.config import HiPConfig
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = args.tokens or (32768 if device.type == "cuda" else 2048)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     try:
-        config = HiPConfig(
-            k=args.k,
-            window=args.window,
-            sink_tokens=args.sink_tokens,
-            beam=args.beam,
-            dense_threshold=0,
-        )
+        config = hip_config_from_args(args, _BASE)
     except (TypeError, ValueError) as err:
         print(f"hip-attn check: error: {err}")
         return 2
@@ -78,24 +73,15 @@ def run(args: argparse.Namespace) -> int:
         torch.randn(s, generator=gen).to(device, dtype) for s in (shape_q, shape_kv, shape_kv)
     )
 
-    def timed(fn: Any) -> tuple[Any, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - start
-
     try:
         backend = "triton" if uses_triton(device) else "PyTorch reference"
         if backend == "triton" and device.type != "cuda":
             backend = "triton (interpreter)"
         print(f"inputs   q {list(shape_q)}  k,v {list(shape_kv)}  {dtype}  on {device}")
         print(f"backend  {backend}")
-        indices, t_mask = timed(lambda: estimate_mask(q, k, config))
-        out, t_hip = timed(lambda: hip_attention(q, k, v, config))
-        ref, t_dense = timed(lambda: dense_attention(q, k, v, args.head_dim**-0.5))
+        indices, t_mask = wall_time(lambda: estimate_mask(q, k, config), device)
+        out, t_hip = wall_time(lambda: hip_attention(q, k, v, config), device)
+        ref, t_dense = wall_time(lambda: dense_attention(q, k, v, args.head_dim**-0.5), device)
     except (TypeError, ValueError) as err:
         print(f"hip-attn check: error: {err}")
         return 2

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
+
+from hip_attn.cli_args import (
+    add_device_arguments,
+    add_hip_arguments,
+    hip_config_from_args,
+    wall_time,
+)
+from hip_attn.config import HiPConfig
+
+# A smaller budget than HiPConfig()'s, for the short prompts of a demo.
+_BASE = HiPConfig(k=256)
 
 _EPILOG = """examples:
   hip-attn demo                                   # random 4-layer Llama, 2K-token prompt on CPU
-  hip-attn demo --tokens 8192 --new-tokens 64 --k 512
+  hip-attn demo --tokens 8192 --new-tokens 64 --hip-k 512
   hip-attn demo --model ./Llama-3.1-8B-Instruct --tokens 32768 --dtype bfloat16
 """
 
@@ -38,17 +48,8 @@ def add_parser(subparsers: Any) -> None:
         help="prompt length in tokens (default: 2048 on CPU, 8192 on CUDA)",
     )
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (32)")
-    p.add_argument("--k", type=int, default=256, help="HiP budget: keys selected per query block")
-    p.add_argument("--window", type=int, default=256, help="HiP sliding window (256)")
-    p.add_argument("--sink-tokens", type=int, default=64, help="HiP attention sinks (64)")
-    p.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        default=None,
-        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)",
-    )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model and prompt")
+    add_device_arguments(p)
+    add_hip_arguments(p, title="HiP configuration (defaults: HiPConfig(k=256))", defaults=_BASE)
     p.set_defaults(func=run)  # fmt: skip
 
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tokens = args.tokens or (8192 if device.type == "cuda" else 2048)
     try:
-        config = hip_attn.HiPConfig(k=args.k, window=args.window, sink_tokens=args.sink_tokens)
+        config = hip_config_from_args(args, _BASE)
     except (TypeError, ValueError) as err:
         print(f"hip-attn demo: error: {err}", file=sys.stderr)
         return 2
@@ -128,22 +129,13 @@ def run(args: argparse.Namespace) -> int:
         f"block_q={config.block_size_q} block_k={config.block_size_k}"
     )
 
-    def timed(fn: Any) -> tuple[Any, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - start
-
     def phases(label: str) -> tuple[Any, Any, float, float]:
         with torch.no_grad():
-            logits, t_prefill = timed(lambda: model(ids).logits[0].float())
-            seq, t_gen = timed(lambda: model.generate(
+            logits, t_prefill = wall_time(lambda: model(ids).logits[0].float(), device)
+            seq, t_gen = wall_time(lambda: model.generate(
                 ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                 do_sample=False, streamer=_Progress(label, args.new_tokens),
-            ))  # fmt: skip
+            ), device)  # fmt: skip
         return logits, seq[0, tokens:], t_prefill, t_gen
 
     print("running dense attention", file=sys.stderr)

@@ -83,8 +83,16 @@ def estimate_mask_reference(
 ) -> tuple[torch.Tensor, SearchStats]:
     """Selected key blocks ``[B, H_sel, n_query_blocks, G]`` (int32, ascending, ``-1`` padded)
     and the work the search did."""
+    return search_reference(q, block_representatives(k, config), k.shape[-2], config)
+
+
+def search_reference(
+    q: torch.Tensor, rep: torch.Tensor, tk: int, config: HiPConfig
+) -> tuple[torch.Tensor, SearchStats]:
+    """:func:`estimate_mask_reference` from the block representatives ``rep``
+    ``[B, Hkv, >= Tk // bk, D]`` of ``tk`` keys: the search reads nothing else."""
     b, hq, tq, _ = q.shape
-    hkv, tk = k.shape[1], k.shape[-2]
+    hkv = rep.shape[1]
     group = hq // hkv
     g = config.blocks_per_query_block
     per_sel = group if config.head_sharing == "kv_group" else 1
@@ -92,7 +100,7 @@ def estimate_mask_reference(
     rows_per_block = config.block_size_q // config.query_pool_stride
 
     pooled = pool_queries(q, config)  # [B, Hq, TP, D]
-    rep = block_representatives(k, config).float()  # [B, Hkv, NB, D]
+    rep = rep.float()
     geo = query_blocks(tq, tk, config)
     first = first_candidate_block(config)
     n_qb = geo.start.numel()

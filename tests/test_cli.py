@@ -18,8 +18,8 @@ def test_version_and_help():
 
 
 def test_check_reports_error_and_keys(capsys):
-    code = main(["check", "--tokens", "300", "--heads", "2", "--kv-heads", "1", "--k", "64",
-                 "--window", "64", "--sink-tokens", "16"])  # fmt: skip
+    code = main(["check", "--tokens", "300", "--heads", "2", "--kv-heads", "1", "--hip-k", "64",
+                 "--window", "64", "--sinks", "16"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     assert "reads" in out and "of 300 keys" in out
@@ -28,13 +28,13 @@ def test_check_reports_error_and_keys(capsys):
 
 
 def test_check_rejects_bad_config(capsys):
-    assert main(["check", "--tokens", "300", "--k", "100"]) == 2
+    assert main(["check", "--tokens", "300", "--hip-k", "100"]) == 2
     assert "HiPConfig.k" in capsys.readouterr().out
 
 
 def test_demo_runs_dense_and_hip(capsys):
-    code = main(["demo", "--tokens", "160", "--new-tokens", "3", "--k", "64", "--window", "64",
-                 "--sink-tokens", "16"])  # fmt: skip
+    code = main(["demo", "--tokens", "160", "--new-tokens", "3", "--hip-k", "64", "--window", "64",
+                 "--sinks", "16"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     assert "prefill top-1 tokens" in out and "KV read" in out

@@ -118,12 +118,15 @@ def test_overrides_and_hf_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_hip_flags_reach_the_estimate(capsys: pytest.CaptureFixture[str]) -> None:
     code = roofline(
         "--mode", "hip", "--hip-k", "1024", "--window", "512", "--sinks", "128",
-        "--refresh-interval", "16", "--block-size-k", "16", "--context", "128k", "--json",
+        "--refresh-interval", "16", "--block-size-k", "16", "--head-sharing", "head",
+        "--representative", "mean", "--dense-threshold", "0", "--context", "128k", "--json",
     )  # fmt: skip
     assert code == 0
     hip = json.loads(capsys.readouterr().out)["settings"]["hip"]
     assert (hip["k"], hip["window"], hip["sink_tokens"]) == (1024, 512, 128)
     assert (hip["refresh_interval"], hip["block_size_k"]) == (16, 16)
+    assert (hip["head_sharing"], hip["representative"]) == ("head", "mean")
+    assert hip["dense_threshold"] == 0
 
 
 def test_help_teaches_units_and_examples(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,9 +7,8 @@ import argparse
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from hip_attn.bench.cases import (
     CPU_DEFAULTS,
@@ -26,11 +25,16 @@ from hip_attn.bench.cases import (
 )
 from hip_attn.bench.environment import CPU_STEM, RESULTS_DIR
 from hip_attn.bench.report import SCHEMA, MixedResults, Record, check_appendable, table
-from hip_attn.config import HiPConfig
+from hip_attn.cli_args import (
+    add_hip_arguments,
+    arg_type,
+    hip_config_from_args,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from hip_attn.perf.hardware import GPU_PRESETS, get_gpu
 from hip_attn.perf.units import parse_token_list
-
-T = TypeVar("T")
 
 DESCRIPTION = """\
 Kernel microbenchmarks: HiP attention against dense attention (torch SDPA, flash backend) and
@@ -93,37 +97,10 @@ case failed, 2 on bad input."""
 )
 
 
-def _arg_type(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = what
-    return convert
-
-
-def _int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise ValueError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"must be positive, got {text}")
+def _at_least_16(text: str) -> int:
+    value = positive_int(text)
+    if value < 16:
+        raise ValueError(f"must be >= 16, got {value}")
     return value
 
 
@@ -141,92 +118,44 @@ def _common_options() -> argparse.ArgumentParser:
     g = common.add_argument_group("workload (defaults: Llama-3.1-8B on a GPU, tiny on the CPU)")
     g.add_argument(
         "--context",
-        type=_arg_type(parse_token_list, "contexts"),
+        type=arg_type(parse_token_list, "contexts"),
         metavar="LIST",
         help="key tokens per case, comma-separated: 8k,32k,128k,1m or plain integers "
         "(k = 1024; defaults below)",
     )
     g.add_argument(
         "--queries",
-        type=_arg_type(_int(1), "queries"),
+        type=arg_type(positive_int, "queries"),
         metavar="N",
         help="query tokens per call, at the last positions (default: decode 1, prefill and "
         "mask the whole context); the floor covers only all-queries and one query",
     )
-    g.add_argument("--batch", type=_arg_type(_int(1), "batch"), metavar="N", help="sequences")
-    g.add_argument("--heads", type=_arg_type(_int(1), "heads"), metavar="N", help="query heads")
+    g.add_argument("--batch", type=arg_type(positive_int, "batch"), metavar="N", help="sequences")
+    g.add_argument("--heads", type=arg_type(positive_int, "heads"), metavar="N", help="query heads")
     g.add_argument(
-        "--kv-heads", type=_arg_type(_int(1), "kv heads"), metavar="N", help="key/value heads"
+        "--kv-heads", type=arg_type(positive_int, "kv heads"), metavar="N", help="key/value heads"
     )
     g.add_argument(
-        "--head-dim", type=_arg_type(_int(16), "head dim"), metavar="D", help="head dimension"
+        "--head-dim", type=arg_type(_at_least_16, "head dim"), metavar="D", help="head dimension"
     )
     g.add_argument("--dtype", choices=DTYPES, help="dtype of q, k, v")
 
-    g = common.add_argument_group("HiP configuration (defaults: HiPConfig() on a GPU)")
-    g.add_argument(
-        "--hip-k",
-        type=_arg_type(_int(1), "k"),
-        metavar="TOKENS",
-        help="key tokens selected per query block",
-    )
-    g.add_argument(
-        "--block-size-q",
-        type=_arg_type(_int(1), "size"),
-        metavar="N",
-        help="queries sharing one selection",
-    )
-    g.add_argument(
-        "--block-size-k", type=_arg_type(_int(1), "size"), metavar="N", help="tokens per key block"
-    )
-    g.add_argument(
-        "--query-pool-stride",
-        type=_arg_type(_int(1), "stride"),
-        metavar="N",
-        help="query rows mean-pooled before scoring",
-    )
-    g.add_argument(
-        "--sinks",
-        type=_arg_type(_int(0), "sinks"),
-        metavar="TOKENS",
-        help="first tokens always attended",
-    )
-    g.add_argument(
-        "--window",
-        type=_arg_type(_int(1), "window"),
-        metavar="TOKENS",
-        help="recent tokens always attended",
-    )
-    g.add_argument(
-        "--head-sharing",
-        choices=("kv_group", "head"),
-        help="one selection per KV head or per query head",
-    )
-    g.add_argument("--representative", choices=("center", "mean"), help="key scored for a block")
-    g.add_argument("--beam", type=_arg_type(_int(1), "beam"), metavar="N", help="search width")
-    g.add_argument(
-        "--refresh-interval",
-        type=_arg_type(_int(1), "steps"),
-        metavar="STEPS",
-        help="decode steps between re-estimations",
-    )
-    g.add_argument(
-        "--dense-threshold",
-        type=_arg_type(_int(0), "tokens"),
-        metavar="TOKENS",
-        help="dense attention at or below this many keys (0: never)",
+    add_hip_arguments(
+        common,
+        title="HiP configuration (defaults: HiPConfig() on a GPU)",
+        defaults=GPU_DEFAULTS.config,
     )
 
     g = common.add_argument_group("methods")
     g.add_argument(
         "--methods",
-        type=_arg_type(_methods, "methods"),
+        type=arg_type(_methods, "methods"),
         metavar="LIST",
         help="comma list of hip, sdpa, flex (default: all three; mask mode: hip)",
     )
     g.add_argument(
         "--flex-kv-block",
-        type=_arg_type(_int(16), "tokens"),
+        type=arg_type(_at_least_16, "tokens"),
         metavar="TOKENS",
         help="key tokens per flex BlockMask block, a power of two and multiple of "
         "block_size_k (default: max(16, block_size_k), flex's smallest tile)",
@@ -245,42 +174,42 @@ def _common_options() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--warmup-ms",
-        type=_arg_type(_positive_float, "ms"),
+        type=arg_type(positive_float, "ms"),
         default=25.0,
         metavar="MS",
         help="CUDA warm-up time per measurement, ms (default 25)",
     )
     g.add_argument(
         "--rep-ms",
-        type=_arg_type(_positive_float, "ms"),
+        type=arg_type(positive_float, "ms"),
         default=200.0,
         metavar="MS",
         help="CUDA timed time per measurement, ms (default 200)",
     )
     g.add_argument(
         "--min-runs",
-        type=_arg_type(_int(1), "runs"),
+        type=arg_type(positive_int, "runs"),
         default=10,
         metavar="N",
         help="fewest timed CUDA runs per measurement (default 10)",
     )
     g.add_argument(
         "--max-runs",
-        type=_arg_type(_int(1), "runs"),
+        type=arg_type(positive_int, "runs"),
         default=1000,
         metavar="N",
         help="most timed CUDA runs per measurement (default 1000)",
     )
     g.add_argument(
         "--cpu-runs",
-        type=_arg_type(_int(1), "runs"),
+        type=arg_type(positive_int, "runs"),
         default=3,
         metavar="N",
         help="timed CPU runs per measurement (default 3)",
     )
     g.add_argument(
         "--cpu-warmup",
-        type=_arg_type(_int(0), "runs"),
+        type=arg_type(non_negative_int, "runs"),
         default=1,
         metavar="N",
         help="untimed CPU runs before them (default 1)",
@@ -351,26 +280,6 @@ class _InputError(ValueError):
     """Bad input found after parsing; one line, exit status 2."""
 
 
-def _config(args: argparse.Namespace, base: HiPConfig) -> HiPConfig:
-    changes = {
-        "k": args.hip_k,
-        "block_size_q": args.block_size_q,
-        "block_size_k": args.block_size_k,
-        "query_pool_stride": args.query_pool_stride,
-        "sink_tokens": args.sinks,
-        "window": args.window,
-        "head_sharing": args.head_sharing,
-        "representative": args.representative,
-        "beam": args.beam,
-        "refresh_interval": args.refresh_interval,
-        "dense_threshold": args.dense_threshold,
-    }
-    try:
-        return base.replace(**{k: v for k, v in changes.items() if v is not None})
-    except (TypeError, ValueError) as exc:
-        raise _InputError(str(exc)) from None
-
-
 def build_cases(args: argparse.Namespace, device_type: str) -> list[BenchCase]:
     """The cases of parsed ``bench`` arguments for a device kind (``"cuda"`` or ``"cpu"``).
 
@@ -389,7 +298,7 @@ def build_cases(args: argparse.Namespace, device_type: str) -> list[BenchCase]:
         )
     except ValueError as exc:
         raise _InputError(str(exc)) from None
-    config = _config(args, d.config)
+    config = hip_config_from_args(args, d.config)
     contexts = args.context or parse_token_list(d.contexts[mode])
     cases = []
     for context in contexts:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from hip_attn.config import HiPConfig
+from hip_attn.cli_args import (
+    add_hip_arguments,
+    arg_type,
+    hip_config_from_args,
+    positive_float,
+    positive_int,
+)
 from hip_attn.perf.estimator import (
     DTYPE_BYTES,
     MODES,
@@ -37,8 +42,6 @@ from hip_attn.perf.units import (
     parse_tokens,
     short_tokens,
 )
-
-T = TypeVar("T")
 
 DESCRIPTION = """\
 Peak-performance model of long-context inference (after Fu 2024, "Challenges in Deploying
@@ -74,51 +77,8 @@ preset and the flags override it. Exit status: 0 on success, 2 on bad input (one
 message), 1 when the plot cannot be drawn."""
 
 
-def _arg_type(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
-    """Wrap ``parse`` so its ValueError becomes a one-line argparse error."""
-
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = what
-    return convert
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"must be a positive number, got {text}")
-    return value
-
-
 def _efficiency(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value > 1:
         raise ValueError(f"efficiency is a fraction of peak in (0, 1], got {text}")
     return value
@@ -159,14 +119,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument(
         "--model",
-        type=_arg_type(get_model, "model"),
+        type=arg_type(get_model, "model"),
         default=get_model("llama-3.1-8b"),
         metavar="NAME",
         help=f"model preset (default llama-3.1-8b); one of: {', '.join(MODEL_PRESETS)}",
     )
     g.add_argument(
         "--config",
-        type=_arg_type(load_hf_config, "config"),
+        type=arg_type(load_hf_config, "config"),
         metavar="PATH",
         help="a Hugging Face config.json to use instead of --model (layers, hidden size, heads, "
         "KV heads, head dim, intermediate size, vocab, tied embeddings)",
@@ -175,7 +135,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = parser.add_argument_group("GPU (numbers are per GPU)")
     g.add_argument(
         "--gpu",
-        type=_arg_type(get_gpu, "gpu"),
+        type=arg_type(get_gpu, "gpu"),
         default=get_gpu("h100-sxm"),
         metavar="NAME",
         help=f"GPU preset (default h100-sxm); one of: {', '.join(GPU_PRESETS)}",
@@ -187,31 +147,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--flops",
-        type=_arg_type(_positive_float, "flops"),
+        type=arg_type(positive_float, "flops"),
         metavar="TFLOPS",
         help="peak dense matmul throughput in TFLOP/s (e.g. 989)",
     )
     g.add_argument(
         "--hbm-bandwidth",
-        type=_arg_type(_positive_float, "bandwidth"),
+        type=arg_type(positive_float, "bandwidth"),
         metavar="GB/S",
         help="HBM bandwidth in GB/s (e.g. 3350)",
     )
     g.add_argument(
         "--hbm",
-        type=_arg_type(parse_size, "size"),
+        type=arg_type(parse_size, "size"),
         metavar="SIZE",
         help="HBM capacity: 80GiB, 141GB, or a plain number of GB",
     )
     g.add_argument(
         "--host-link",
-        type=_arg_type(_positive_float, "bandwidth"),
+        type=arg_type(positive_float, "bandwidth"),
         metavar="GB/S",
         help="host<->GPU bandwidth per direction in GB/s (PCIe Gen5 x16: 64)",
     )
     g.add_argument(
         "--gpu-link",
-        type=_arg_type(_positive_float, "bandwidth"),
+        type=arg_type(positive_float, "bandwidth"),
         metavar="GB/S",
         help="GPU<->GPU bandwidth per direction in GB/s for --tp (NVLink4: 450)",
     )
@@ -223,7 +183,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ):
         g.add_argument(
             f"--{name}-efficiency",
-            type=_arg_type(_efficiency, "efficiency"),
+            type=arg_type(_efficiency, "efficiency"),
             default=1.0,
             metavar="F",
             help=f"fraction {what} reached, in (0, 1] (default 1.0 = peak)",
@@ -232,7 +192,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = parser.add_argument_group("workload")
     g.add_argument(
         "--context",
-        type=_arg_type(parse_token_list, "contexts"),
+        type=arg_type(parse_token_list, "contexts"),
         default=parse_token_list("4k,32k,128k"),
         metavar="LIST",
         help="prompt lengths in tokens, comma-separated: 4k,32k,128k,1m or 50000 "
@@ -240,14 +200,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--batch",
-        type=_arg_type(_positive_int, "batch"),
+        type=arg_type(positive_int, "batch"),
         default=1,
         metavar="N",
         help="requests prefilled and decoded together (default 1)",
     )
     g.add_argument(
         "--output-tokens",
-        type=_arg_type(_positive_int, "tokens"),
+        type=arg_type(positive_int, "tokens"),
         default=250,
         metavar="N",
         help="tokens generated per request (default 250)",
@@ -266,7 +226,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--tp",
-        type=_arg_type(_positive_int, "tp"),
+        type=arg_type(positive_int, "tp"),
         default=1,
         metavar="N",
         help="tensor-parallel degree: GPUs per model replica (default 1)",
@@ -281,69 +241,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--compare",
-        type=_arg_type(_modes, "modes"),
+        type=arg_type(_modes, "modes"),
         metavar="LIST",
         help="several modes in one table, e.g. dense,hip,hip+offload (replaces --mode)",
     )
 
-    defaults = HiPConfig()
-    g = parser.add_argument_group("HiP (hip and hip+offload; defaults from HiPConfig)")
-    g.add_argument(
-        "--hip-k",
-        type=_arg_type(_positive_int, "k"),
-        metavar="TOKENS",
-        help=f"key tokens selected per query block (default {defaults.k})",
-    )
-    g.add_argument(
-        "--block-size-q",
-        type=_arg_type(_positive_int, "size"),
-        metavar="N",
-        help=f"queries sharing one selection (default {defaults.block_size_q})",
-    )
-    g.add_argument(
-        "--block-size-k",
-        type=_arg_type(_positive_int, "size"),
-        metavar="N",
-        help=f"tokens per key block (default {defaults.block_size_k})",
-    )
-    g.add_argument(
-        "--window",
-        type=_arg_type(_positive_int, "window"),
-        metavar="TOKENS",
-        help=f"recent tokens always attended (default {defaults.window})",
-    )
-    g.add_argument(
-        "--sinks",
-        type=_arg_type(_non_negative_int, "sinks"),
-        metavar="TOKENS",
-        help=f"first tokens always attended (default {defaults.sink_tokens})",
-    )
-    g.add_argument(
-        "--refresh-interval",
-        type=_arg_type(_positive_int, "steps"),
-        metavar="STEPS",
-        help="decode steps between searches; the search cost is spread over them "
-        f"(default {defaults.refresh_interval})",
-    )
-    g.add_argument(
-        "--beam",
-        type=_arg_type(_positive_int, "beam"),
-        metavar="N",
-        help=f"search width multiplier (default {defaults.beam})",
-    )
-    g.add_argument(
-        "--query-pool-stride",
-        type=_arg_type(_positive_int, "stride"),
-        metavar="N",
-        help="query rows mean-pooled before scoring in prefill "
-        f"(default {defaults.query_pool_stride})",
-    )
+    add_hip_arguments(parser, title="HiP (hip and hip+offload; defaults from HiPConfig)")
 
     offload = OffloadConfig()
     g = parser.add_argument_group("offload (hip+offload)")
     g.add_argument(
         "--host-ram",
-        type=_arg_type(parse_size, "size"),
+        type=arg_type(parse_size, "size"),
         metavar="SIZE",
         default=offload.host_ram,
         help="pinned host memory for KV caches: 512GB, 1TiB, or GB "
@@ -351,7 +260,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--block-cache",
-        type=_arg_type(parse_tokens, "tokens"),
+        type=arg_type(parse_tokens, "tokens"),
         metavar="TOKENS",
         default=offload.block_cache_tokens,
         help="GPU block cache per request in tokens, >= k (default "
@@ -359,7 +268,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--miss-rate",
-        type=_arg_type(_rate, "rate"),
+        type=arg_type(_rate, "rate"),
         metavar="F",
         default=offload.miss_rate,
         help="fraction of the selected KV fetched from host per decode step "
@@ -405,23 +314,6 @@ def _gpu(args: argparse.Namespace) -> GPUSpec:
     )
 
 
-def _hip(args: argparse.Namespace) -> HiPConfig:
-    changes = {
-        "k": args.hip_k,
-        "block_size_q": args.block_size_q,
-        "block_size_k": args.block_size_k,
-        "window": args.window,
-        "sink_tokens": args.sinks,
-        "refresh_interval": args.refresh_interval,
-        "beam": args.beam,
-        "query_pool_stride": args.query_pool_stride,
-    }
-    try:
-        return HiPConfig(**{k: v for k, v in changes.items() if v is not None})
-    except (TypeError, ValueError) as exc:
-        raise _InputError(str(exc)) from None
-
-
 def build_scenario(args: argparse.Namespace) -> Scenario:
     """The :class:`Scenario` described by parsed ``roofline`` arguments.
 
@@ -443,7 +335,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         batch=args.batch,
         output_tokens=args.output_tokens,
         tp=args.tp,
-        hip=_hip(args),
+        hip=hip_config_from_args(args),
         offload=OffloadConfig(args.host_ram, args.block_cache, args.miss_rate),
     )
 
