@@ -133,7 +133,7 @@ def select(
             block_representatives(k, cfg),
             geo.n_candidates,
             cfg,
-            _selection_heads(q, k, cfg),
+            _selection_heads(q, k.shape[1], cfg),
         )
     from hip_attn.reference import estimate_mask_reference
 
@@ -262,7 +262,7 @@ def run_case(
 
             pooled, rep = pool_queries(q, cfg), block_representatives(k, cfg)
             n_cand = query_blocks(case.queries, case.context, cfg, device).n_candidates
-            h_sel = _selection_heads(q, k, cfg)
+            h_sel = _selection_heads(q, k.shape[1], cfg)
             timed(
                 "hip_mask_kernel",
                 lambda: estimate_mask_triton(pooled, rep, n_cand, cfg, h_sel),
