@@ -1,0 +1,95 @@
+"""Moving key blocks from host memory into the GPU block cache.
+
+On CUDA the ``csrc/`` kernel reads pinned host memory through its device address and writes the
+slots directly; it is compiled on first use with ``torch.utils.cpp_extension`` (cached by
+torch). If it cannot be built or the tensors are on the CPU, a PyTorch path gathers the blocks
+on the host into pinned staging memory and copies them with one non-blocking copy on a side
+stream. Both produce identical slot contents.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from importlib import resources
+from typing import Any
+
+import torch
+
+from hip_attn.offload.block_cache import BlockCache
+from hip_attn.offload.host import HostKV
+
+logger = logging.getLogger("hip_attn")
+
+
+@functools.cache
+def cuda_extension() -> Any | None:
+    """The compiled gather extension, or ``None`` (said once in the log) when it can't build."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        src = resources.files("hip_attn.csrc")
+        sources = [str(src / "block_gather.cpp"), str(src / "block_gather_kernel.cu")]
+        return load(name="hip_attn_block_gather", sources=sources,
+                    extra_cuda_cflags=["-O3"], verbose=False)  # fmt: skip
+    except Exception as err:  # no compiler, no CUDA toolkit, ...: fall back, once, loudly
+        logger.warning("hip_attn: CUDA block gather unavailable (%s); using the PyTorch "
+                       "gather through pinned staging memory", err)  # fmt: skip
+        return None
+
+
+def gather_torch(
+    host: HostKV, cache: BlockCache, rows: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Host gather into pinned staging memory, one non-blocking copy, scatter into slots."""
+    k, v = host.gather(rows.cpu(), blocks.cpu())
+    k_slots, v_slots = cache.slot_views()
+    device = k_slots.device
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+        torch.cuda.current_stream(device).wait_stream(side)
+    k_slots[rows, slots] = k
+    v_slots[rows, slots] = v
+
+
+def gather_cuda(
+    ext: Any,
+    host: HostKV,
+    cache: BlockCache,
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """The ``csrc/`` kernel: blocks read from pinned host memory straight into the slots."""
+    device = cache.k.device
+    k_ptrs = torch.tensor([c.data_ptr() for c in host.k_chunks], dtype=torch.int64, device=device)
+    v_ptrs = torch.tensor([c.data_ptr() for c in host.v_chunks], dtype=torch.int64, device=device)
+    elem = cache.k.element_size()
+    block_bytes = host.block_size * host.head_dim * elem
+    ext.gather_blocks(
+        k_ptrs, v_ptrs, rows.long().contiguous(), blocks.long().contiguous(),
+        slots.long().contiguous(), cache.k, cache.v, host.chunk_blocks,
+        host.chunk_tokens * host.head_dim * elem, block_bytes,
+        torch.cuda.current_stream(device).cuda_stream,
+    )  # fmt: skip
+
+
+def make_gather(host: HostKV, cache: BlockCache, method: str = "auto") -> Any:
+    """A ``gather(rows, blocks, slots)`` for :meth:`BlockCache.ensure`.
+
+    ``method``: ``"cuda"`` (the csrc kernel; an error if it can't run), ``"torch"`` or
+    ``"auto"`` (the kernel when the cache is on CUDA, the host is pinned and it builds)."""
+    if method not in ("auto", "cuda", "torch"):
+        raise ValueError(f"gather method must be 'auto', 'cuda' or 'torch', got {method!r}")
+    usable = cache.k.is_cuda and host.pin and (host.block_size * host.head_dim
+                                                * cache.k.element_size()) % 16 == 0  # fmt: skip
+    ext = cuda_extension() if method != "torch" and usable else None
+    if method == "cuda" and ext is None:
+        raise RuntimeError("the CUDA block gather needs CUDA, pinned host KV and a build")
+    if ext is not None:
+        return functools.partial(gather_cuda, ext, host, cache)
+    return functools.partial(gather_torch, host, cache)

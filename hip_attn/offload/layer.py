@@ -1,0 +1,225 @@
+"""One attention layer's KV cache offloaded to host memory (DESIGN.md section 4).
+
+The host holds all of K and V. The device holds only what HiP reads: the block
+representatives ``R`` (all the search reads, so the selection is exactly the on-GPU one), the
+sink tokens, the recent tokens the window needs, and a fixed-size cache of key blocks. Each
+:meth:`OffloadedKV.attend` selects from ``R``, brings the missing blocks into the cache and runs
+the sparse attention kernel through the slot table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hip_attn.attention import HiPDecodeState, select_blocks, uses_triton
+from hip_attn.config import HiPConfig
+from hip_attn.geometry import block_representatives, query_blocks
+from hip_attn.offload.block_cache import BlockCache
+from hip_attn.offload.gather import make_gather
+from hip_attn.offload.host import HostKV
+from hip_attn.reference import hip_attention_reference
+from hip_attn.validation import check_config, check_scale
+
+
+class OffloadedKV:
+    """The KV cache of one layer with the full K/V in host memory.
+
+    Args:
+        config: the HiP configuration.
+        batch, kv_heads, head_dim, dtype: the layout of the keys and values.
+        device: where attention runs (``cuda``; on the CPU everything stays in host memory and
+            the same code runs).
+        cache_blocks: block-cache slots per (batch, KV head) row; it must hold the blocks one
+            call selects (``k // block_size_k`` per query block, times the query heads of a
+            group with ``head_sharing="head"``).
+        max_chunk: the most queries one :meth:`attend` call will have (the recent-token buffer
+            keeps ``window + max_chunk`` tokens on the device).
+        gather: ``"auto"``, ``"cuda"`` or ``"torch"`` (see :func:`make_gather`).
+    """
+
+    def __init__(
+        self,
+        config: HiPConfig,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        cache_blocks: int = 2048,
+        max_chunk: int = 4096,
+        host_chunk_tokens: int = 1 << 16,
+        gather: str = "auto",
+    ) -> None:
+        self.config = check_config(config)
+        self.device = torch.device(device)
+        self.batch, self.kv_heads, self.head_dim, self.dtype = batch, kv_heads, head_dim, dtype
+        if max_chunk < 1 or max_chunk % config.block_size_q:
+            raise ValueError(
+                f"max_chunk must be a positive multiple of block_size_q={config.block_size_q} "
+                f"(chunks then split into the same query blocks as one call), got {max_chunk}"
+            )
+        self.max_chunk = max_chunk
+        bk = config.block_size_k
+        self.host = HostKV(batch, kv_heads, head_dim, dtype, bk, host_chunk_tokens,
+                           pin=self.device.type == "cuda")  # fmt: skip
+        self.cache = BlockCache(batch, kv_heads, cache_blocks, bk, head_dim, dtype, self.device)
+        self._gather = make_gather(self.host, self.cache, gather)
+        shape = (batch, kv_heads, config.sink_tokens, head_dim)
+        self.sink_k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.sink_v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # recent tokens [recent_start, length): the window of any call of <= max_chunk queries
+        self._recent_capacity = -(-(config.window + max_chunk) // bk) * bk + 2 * bk
+        shape = (batch, kv_heads, self._recent_capacity, head_dim)
+        self.recent_k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.recent_v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.recent_start = 0
+        self.rep = torch.zeros((batch, kv_heads, 0, head_dim), dtype=dtype, device=self.device)
+        self.length = 0
+
+    # -- appending -----------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append keys and values ``[B, Hkv, n, D]`` (``n <= max_chunk``)."""
+        n = k.shape[2]
+        expected = (self.batch, self.kv_heads, n, self.head_dim)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"k and v must be {expected}, got {tuple(k.shape)}, {tuple(v.shape)}")
+        if n > self.max_chunk:
+            raise ValueError(f"append takes at most max_chunk={self.max_chunk} tokens, got {n}")
+        k = k.to(self.device, self.dtype)
+        v = v.to(self.device, self.dtype)
+        old = self.length
+        self.host.append(k, v)
+        if old < self.config.sink_tokens:
+            take = min(n, self.config.sink_tokens - old)
+            self.sink_k[:, :, old : old + take] = k[:, :, :take]
+            self.sink_v[:, :, old : old + take] = v[:, :, :take]
+        self._push_recent(k, v)
+        self.length += n
+        self._extend_representatives(old)
+
+    def _push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        bk, n = self.config.block_size_k, k.shape[2]
+        # the first query of the coming call sits at self.length: its window starts at or after
+        keep = max(0, (self.length - self.config.window) // bk * bk)
+        keep = min(keep, self.length // bk * bk)  # the open block is needed for R as well
+        held = self.length - self.recent_start
+        if held + n > self._recent_capacity:  # drop what no window can need any more
+            drop = keep - self.recent_start
+            self.recent_k[:, :, : held - drop] = self.recent_k[:, :, drop:held].clone()
+            self.recent_v[:, :, : held - drop] = self.recent_v[:, :, drop:held].clone()
+            self.recent_start, held = keep, held - drop
+        self.recent_k[:, :, held : held + n] = k
+        self.recent_v[:, :, held : held + n] = v
+
+    def _extend_representatives(self, old_length: int) -> None:
+        bk = self.config.block_size_k
+        first, last = old_length // bk, self.length // bk
+        if last == first:
+            return
+        if last > self.rep.shape[2]:  # grow by doubling: R is 1/block_size_k of the keys
+            grown = torch.zeros((self.batch, self.kv_heads, max(last, 2 * self.rep.shape[2]),
+                                 self.head_dim), dtype=self.dtype, device=self.device)  # fmt: skip
+            grown[:, :, : self.rep.shape[2]] = self.rep
+            self.rep = grown
+        lo = first * bk - self.recent_start
+        keys = self.recent_k[:, :, lo : lo + (last - first) * bk]
+        self.rep[:, :, first:last] = block_representatives(keys, self.config)
+
+    # -- attention -----------------------------------------------------------------------
+    def attend(
+        self,
+        q: torch.Tensor,
+        *,
+        scale: float | None = None,
+        state: HiPDecodeState | None = None,
+    ) -> torch.Tensor:
+        """HiP attention of queries ``[B, Hq, Tq, D]`` at the last ``Tq`` appended positions;
+        the same result as :func:`hip_attn.hip_attention` on the full K/V with
+        ``dense_threshold=0``."""
+        b, hq, tq, d = q.shape
+        if b != self.batch or d != self.head_dim or hq % self.kv_heads:
+            raise ValueError(
+                f"q must be [{self.batch}, a multiple of {self.kv_heads}, Tq, {self.head_dim}], "
+                f"got {tuple(q.shape)}"
+            )
+        if not 0 < tq <= min(self.length, self.max_chunk):
+            raise ValueError(
+                f"q has {tq} queries; 1 to min(appended tokens, max_chunk) = "
+                f"{min(self.length, self.max_chunk)} are allowed"
+            )
+        scale = check_scale(scale, d)
+        q = q.to(self.device)
+        tk, config = self.length, self.config
+        rep = self.rep[:, :, : tk // config.block_size_k]
+        indices = select_blocks(q, rep, tk, config, state)
+        if not uses_triton(self.device):
+            k, v = self.host.read()
+            return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
+                                           scale=scale, indices=indices)  # fmt: skip
+        return self._sparse(q, indices, scale)
+
+    def _sparse(self, q: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+        from hip_attn.attention import BLOCK_N
+        from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+
+        config, tk = self.config, self.length
+        b, hq, tq, _ = q.shape
+        h_sel = indices.shape[1]
+        # the (batch, KV head) row of every selection entry
+        kv_of_sel = torch.arange(h_sel, device=q.device) * self.kv_heads // h_sel
+        rows = (torch.arange(b, device=q.device)[:, None] * self.kv_heads + kv_of_sel)[
+            :, :, None, None
+        ]
+        needed = torch.zeros((self.cache.rows, tk // config.block_size_k + 1), dtype=torch.bool,
+                             device=q.device)  # fmt: skip
+        valid = indices >= 0
+        needed[rows.expand_as(indices)[valid], indices[valid].long()] = True
+        self.cache.ensure(needed, self._gather)
+        kv = KVSegments(
+            self.sink_k, self.sink_v, self.cache.k, self.cache.v, self.recent_k, self.recent_v,
+            slots=self.cache.slots_of(indices, rows), window_offset=self.recent_start,
+        )  # fmt: skip
+        geo = query_blocks(tq, tk, config, q.device)
+        return sparse_attention_triton(q, kv, tk, indices, geo.window_start, config, scale,
+                                       block_n=BLOCK_N)  # fmt: skip
+
+    def prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+    ) -> torch.Tensor:
+        """Append ``k, v`` and attend ``q`` (same length) in chunks of ``max_chunk`` tokens, so
+        the device holds one chunk's activations plus the caches whatever the length."""
+        out = torch.empty_like(q)
+        for start in range(0, q.shape[2], self.max_chunk):
+            end = min(start + self.max_chunk, q.shape[2])
+            self.append(k[:, :, start:end], v[:, :, start:end])
+            out[:, :, start:end] = self.attend(q[:, :, start:end], scale=scale)
+        return out
+
+    # -- accounting ----------------------------------------------------------------------
+    @property
+    def device_bytes(self) -> int:
+        """Bytes this layer holds on its device: R, sinks, recent tokens and the block cache."""
+        tensors = (self.rep, self.sink_k, self.sink_v, self.recent_k, self.recent_v)
+        return sum(t.numel() * t.element_size() for t in tensors) + self.cache.nbytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host.nbytes
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, misses, bytes moved host -> device, bytes held on each side."""
+        s = self.cache.stats
+        return {
+            "tokens": self.length,
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_rate": s.hit_rate,
+            "evictions": s.evictions,
+            "bytes_moved": s.bytes_moved,
+            "bytes_moved_last_step": s.last_step_bytes,
+            "device_bytes": self.device_bytes,
+            "host_bytes": self.host_bytes,
+        }

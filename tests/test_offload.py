@@ -1,0 +1,145 @@
+"""KV offload: the offloaded cache gives the on-GPU results with only R, sinks, the window and a
+bounded block cache on the device."""
+
+import pytest
+import torch
+
+from hip_attn import HiPConfig, HiPDecodeState, hip_attention
+from hip_attn.offload import BlockCache, HostKV, OffloadedKV
+from hip_attn.offload.gather import gather_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
+                refresh_interval=4, dense_threshold=0)  # fmt: skip
+
+
+def qkv(b, hq, hkv, t, d=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv)]
+
+
+def offloaded(cfg, b, hkv, **kw):
+    kw = {"cache_blocks": 64, "max_chunk": 128, "host_chunk_tokens": 256, **kw}
+    return OffloadedKV(cfg, b, hkv, 64, torch.float32, DEVICE, **kw)
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,sharing,steps", [(2, 2, "kv_group", 64), (4, 2, "kv_group", 12), (4, 2, "head", 12)]
+)
+def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps):
+    cfg = CFG.replace(head_sharing=sharing)
+    t0 = 520
+    q, k, v = qkv(1, hq, hkv, t0 + steps, seed=steps)
+    off = offloaded(cfg, 1, hkv)
+    out = off.prefill(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0])
+    expected = hip_attention(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], cfg)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    ours, theirs = HiPDecodeState(), HiPDecodeState()
+    for t in range(t0, t0 + steps):
+        off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        got = off.attend(q[:, :, t : t + 1], state=ours)
+        want = hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], cfg,
+                             state=theirs)  # fmt: skip
+        assert torch.equal(ours.indices, theirs.indices)  # the same selection, from R alone
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert ours.refreshes == -(-steps // cfg.refresh_interval)
+    stats = off.stats()
+    assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
+    assert stats["hits"] > 0 and stats["misses"] > 0
+
+
+def test_cache_smaller_than_working_set_evicts_and_stays_exact():
+    q, k, v = qkv(1, 2, 1, 900, seed=1)
+    g = CFG.blocks_per_query_block
+    off = offloaded(CFG, 1, 1, cache_blocks=g, max_chunk=32)  # one query block's blocks
+    out = off.prefill(q, k, v)
+    torch.testing.assert_close(out, hip_attention(q, k, v, CFG), atol=1e-5, rtol=1e-5)
+    assert off.stats()["evictions"] > 0
+
+
+def test_one_step_needing_more_blocks_than_slots_raises():
+    q, k, v = qkv(1, 2, 1, 600, seed=2)
+    off = offloaded(CFG, 1, 1, cache_blocks=4, max_chunk=64)
+    with pytest.raises(ValueError, match="block cache"):
+        off.prefill(q, k, v)
+
+
+def test_lru_evicts_the_least_recently_used_block():
+    cache = BlockCache(1, 1, slots=2, block_size=8, head_dim=16, dtype=torch.float32,
+                       device=torch.device(DEVICE))  # fmt: skip
+    host = HostKV(1, 1, 16, torch.float32, 8, chunk_tokens=64, pin=False)
+    keys = torch.randn(1, 1, 64, 16)
+    host.append(keys, -keys)
+    gather = lambda rows, blocks, slots: gather_torch(host, cache, rows, blocks, slots)  # noqa: E731
+
+    def need(*blocks):
+        mask = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
+        mask[0, list(blocks)] = True
+        cache.ensure(mask, gather)
+
+    need(1)
+    need(2)
+    need(1)  # block 2 is now the least recently used
+    need(5)
+    resident = {b for b in range(8) if int(cache.table[0, b]) >= 0}
+    assert resident == {1, 5}
+    slot = int(cache.table[0, 5])
+    torch.testing.assert_close(cache.k[0, 0, slot * 8 : slot * 8 + 8].cpu(), keys[0, 0, 40:48])
+    torch.testing.assert_close(cache.v[0, 0, slot * 8 : slot * 8 + 8].cpu(), -keys[0, 0, 40:48])
+    s = cache.stats
+    assert (s.hits, s.misses, s.evictions) == (1, 3, 1)
+    assert s.bytes_moved == 3 * cache.block_bytes
+
+
+def test_host_storage_grows_in_chunks_and_reads_back():
+    host = HostKV(2, 3, 16, torch.float16, 8, chunk_tokens=32, pin=False)
+    k, v = torch.randn(2, 3, 100, 16).half(), torch.randn(2, 3, 100, 16).half()
+    for start in range(0, 100, 30):  # appends that straddle chunk boundaries
+        host.append(k[:, :, start : start + 30], v[:, :, start : start + 30])
+    assert len(host.k_chunks) == 4 and host.length == 100
+    got_k, got_v = host.read()
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    rows, blocks = torch.tensor([0, 5, 3]), torch.tensor([11, 0, 6])
+    gk, gv = host.gather(rows, blocks)
+    flat_k = k.reshape(6, 100, 16)
+    for i, (r, blk) in enumerate(zip(rows.tolist(), blocks.tolist(), strict=True)):
+        assert torch.equal(gk[i], flat_k[r, blk * 8 : blk * 8 + 8])
+
+
+def test_device_bytes_grow_only_by_representatives():
+    """The offloaded layer's own accounting at two context lengths: only R grows."""
+    sizes = {}
+    for t in (1024, 4096):
+        _, k, v = qkv(1, 2, 2, t, seed=t)
+        off = offloaded(CFG, 1, 2, max_chunk=512, host_chunk_tokens=1024)
+        for start in range(0, t, 512):
+            off.append(k[:, :, start : start + 512], v[:, :, start : start + 512])
+        rep_bytes = off.rep.numel() * off.rep.element_size()
+        sizes[t] = (off.device_bytes, rep_bytes, off.host_bytes)
+    (dev1, rep1, host1), (dev4, rep4, host4) = sizes[1024], sizes[4096]
+    assert dev4 - dev1 == rep4 - rep1 > 0
+    assert rep4 <= 2 * 4096 // 8 * 2 * 64 * 4  # one key per block (doubling growth)
+    assert host4 == 4 * host1  # the full K/V lives on the host
+    full_kv = 2 * 2 * 4096 * 64 * 4
+    assert dev4 < full_kv / 2
+
+
+def test_reference_fallback_without_kernels_matches(monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("CUDA tensors always use the kernels")
+    q, k, v = qkv(1, 2, 1, 300, seed=3)
+    expected = offloaded(CFG, 1, 1).prefill(q, k, v)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.testing.assert_close(offloaded(CFG, 1, 1).prefill(q, k, v), expected,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_chunk"):
+        offloaded(CFG, 1, 1, max_chunk=48)
+    off = offloaded(CFG, 1, 1)
+    with pytest.raises(ValueError, match="k and v must be"):
+        off.append(torch.randn(1, 2, 4, 64), torch.randn(1, 2, 4, 64))
+    off.append(torch.randn(1, 1, 4, 64, device=DEVICE), torch.randn(1, 1, 4, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="queries"):
+        off.attend(torch.randn(1, 2, 5, 64, device=DEVICE))
