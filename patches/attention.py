@@ -48,6 +48,13 @@ def _state(module: torch.nn.Module, sequence: int | None) -> HiPDecodeState | No
     return states.setdefault((cast(int, module.layer_idx), sequence), HiPDecodeState())
 
 
+def _offloaded_kv(module: torch.nn.Module) -> Any:
+    cache = LAYER_CACHES.get(module)
+    if cache is None or type(cache).__name__ != "HiPOffloadCache":
+        return None
+    return cache.offloaded(cast(int, module.layer_idx))
+
+
 def hip_mask(**kwargs: Any) -> torch.Tensor | None:
     """Mask builder registered as ``"hip"`` with ``AttentionMaskInterface``."""
     from transformers.masking_utils import (
@@ -107,6 +114,12 @@ def hip_attention_forward(
     config = LAYER_CONFIGS.get(module) or HiPConfig()
     dense = getattr(module, "layer_idx", None) in config.dense_layers
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    offloaded = _offloaded_kv(module)
+    if offloaded is not None:  # the keys and values live in host memory
+        if attention_mask is not None:
+            raise ValueError("hip attention with KV offload does not support padded batches yet")
+        out = offloaded.attend(query, scale=scale, state=_state(module, None))
+        return out.transpose(1, 2).contiguous(), None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: int | None) -> torch.Tensor:
         if dense:

@@ -65,13 +65,25 @@ def _forget_cache(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) 
     LAYER_CACHES.pop(module, None)
 
 
-def patch(model: ModelT, config: HiPConfig | None = None, *, dense_layers: Any = None) -> ModelT:
+def patch(
+    model: ModelT,
+    config: HiPConfig | None = None,
+    *,
+    dense_layers: Any = None,
+    offload: bool = False,
+    offload_options: dict[str, Any] | None = None,
+) -> ModelT:
     """Run ``model``'s attention with HiP; prefill and ``model.generate()`` then use it.
 
     Args:
         model: a transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-3, ...).
         config: the HiP configuration (defaults to ``HiPConfig()``).
         dense_layers: layer indices to keep dense (overrides ``config.dense_layers``).
+        offload: keep each HiP layer's K/V in host memory: ``generate()`` then creates a
+            :class:`~hip_attn.patches.offload.HiPOffloadCache` and prefills in chunks of
+            ``max_chunk`` tokens.
+        offload_options: :class:`~hip_attn.offload.OffloadedKV` options (``cache_blocks``,
+            ``max_chunk``, ``host_chunk_tokens``, ``gather``).
 
     Returns:
         ``model``, patched in place. Patching again only updates the configuration;
@@ -99,7 +111,28 @@ def patch(model: ModelT, config: HiPConfig | None = None, *, dense_layers: Any =
             )
     for m in modules:
         LAYER_CONFIGS[m] = config
+    model.__dict__.pop("generate", None)
+    if offload:
+        _offload_generate(model, config, dict(offload_options or {}))
     return model
+
+
+def _offload_generate(model: Any, config: HiPConfig, options: dict[str, Any]) -> None:
+    """Shadow ``model.generate`` with one that brings its own offloading cache."""
+    from hip_attn.patches.offload import HiPOffloadCache
+
+    HiPOffloadCache(model.config, config, **options)  # fail now on a bad configuration
+    options.setdefault("max_chunk", 4096)
+    original = type(model).generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = HiPOffloadCache(model.config, config, **options)
+        kwargs.setdefault("prefill_chunk_size", options["max_chunk"])
+        return original(model, *args, **kwargs)
+
+    generate.__doc__ = original.__doc__
+    model.generate = generate
 
 
 def unpatch(model: ModelT) -> ModelT:
@@ -108,6 +141,7 @@ def unpatch(model: ModelT) -> ModelT:
     if previous is None:
         return model
     model.set_attn_implementation(previous)
+    model.__dict__.pop("generate", None)
     for m in _attention_modules(model):
         for hook in _HOOKS.pop(m, ()):
             hook.remove()

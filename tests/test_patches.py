@@ -193,3 +193,36 @@ def test_unsupported_models_raise_naming_the_class():
         patch(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="dense_layers"):
         patch(make_model("llama"), dense_layers=[5])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_offloaded_generation_equals_on_gpu_hip(family):
+    from hip_attn.patches.offload import HiPOffloadCache
+
+    model = patch(make_model(family), SPARSE)
+    ids = prompt(200, seed=10)
+    on_gpu = greedy(model, ids, 6, prefill_chunk_size=64)  # the calls offload makes
+    options = {"cache_blocks": 64, "max_chunk": 64, "host_chunk_tokens": 256}
+    patch(model, SPARSE, offload=True, offload_options=options)
+    out = greedy(model, ids, 6, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, on_gpu)
+    cache = out.past_key_values
+    assert isinstance(cache, HiPOffloadCache)
+    stats = cache.stats()
+    hip_layers = [1] if family == "gemma3" else [0, 1]  # gemma3's layer 0 is a sliding layer
+    assert sorted(stats) == hip_layers
+    for s in stats.values():
+        assert s["tokens"] == 205 and s["misses"] > 0
+        assert s["bytes_moved"] == s["misses"] * cache.offloaded(hip_layers[0]).cache.block_bytes
+    unpatch(model)
+    assert "generate" not in model.__dict__
+
+
+@torch.no_grad()
+def test_offload_refuses_padded_batches():
+    model = patch(make_model("llama"), SPARSE, offload=True,
+                  offload_options={"cache_blocks": 64, "max_chunk": 64})  # fmt: skip
+    ids, mask = _left_padded([prompt(100, seed=11), prompt(70, seed=12)])
+    with pytest.raises(ValueError, match="padded"):
+        greedy(model, ids, 2, attention_mask=mask)
