@@ -48,6 +48,17 @@ def add_parser(subparsers: Any) -> None:
         help="prompt length in tokens (default: 2048 on CPU, 8192 on CUDA)",
     )
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (32)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="HiP generation keeps the KV cache in host memory (prints its statistics)",
+    )
+    p.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=512,
+        help="with --offload: GPU block-cache slots per (batch, KV head) (512)",
+    )
     add_device_arguments(p)
     add_hip_arguments(p, title="HiP configuration (defaults: HiPConfig(k=256))", defaults=_BASE)
     p.set_defaults(func=run)  # fmt: skip
@@ -129,20 +140,26 @@ def run(args: argparse.Namespace) -> int:
         f"block_q={config.block_size_q} block_k={config.block_size_k}"
     )
 
-    def phases(label: str) -> tuple[Any, Any, float, float]:
+    def phases(label: str) -> tuple[Any, Any, float, float, Any]:
         with torch.no_grad():
             logits, t_prefill = wall_time(lambda: model(ids).logits[0].float(), device)
-            seq, t_gen = wall_time(lambda: model.generate(
+            out, t_gen = wall_time(lambda: model.generate(
                 ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                 do_sample=False, streamer=_Progress(label, args.new_tokens),
+                return_dict_in_generate=True,
             ), device)  # fmt: skip
-        return logits, seq[0, tokens:], t_prefill, t_gen
+        return logits, out.sequences[0, tokens:], t_prefill, t_gen, out.past_key_values
 
     print("running dense attention", file=sys.stderr)
-    d_logits, d_seq, d_prefill, d_gen = phases("dense")
-    hip_attn.patch(model, config)
-    print("running HiP attention", file=sys.stderr)
-    h_logits, h_seq, h_prefill, h_gen = phases("HiP")
+    d_logits, d_seq, d_prefill, d_gen, _ = phases("dense")
+    options = {"cache_blocks": args.cache_blocks, "max_chunk": 1024}
+    try:
+        hip_attn.patch(model, config, offload=args.offload, offload_options=options)
+    except (TypeError, ValueError) as err:
+        print(f"hip-attn demo: error: {err}", file=sys.stderr)
+        return 2
+    print("running HiP attention" + (" with KV offload" * args.offload), file=sys.stderr)
+    h_logits, h_seq, h_prefill, h_gen, h_cache = phases("HiP")
     hip_attn.unpatch(model)
 
     top1 = (d_logits.argmax(-1) == h_logits.argmax(-1)).float().mean().item()
@@ -157,4 +174,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"KV read  per decode step at {tokens} tokens: dense {dense_kv / 1e6:.2f} MB, HiP "
           f"{hip_kv / 1e6:.2f} MB ({dense_kv / hip_kv:.1f}x less) plus the search's "
           f"representatives every {config.refresh_interval} steps")  # fmt: skip
+    if args.offload:
+        stats = h_cache.stats()
+        moved = sum(s["bytes_moved"] for s in stats.values())
+        hits = sum(s["hits"] for s in stats.values())
+        misses = sum(s["misses"] for s in stats.values())
+        gpu = sum(s["device_bytes"] for s in stats.values())
+        host = sum(s["host_bytes"] for s in stats.values())
+        rate = hits / max(1, hits + misses)
+        print(f"offload  {len(stats)} layers: block-cache hit rate {rate:.1%}"
+              f", {moved / 1e6:.2f} MB moved host->GPU in all; held {gpu / 1e6:.2f} MB on the "
+              f"device, {host / 1e6:.2f} MB on the host")  # fmt: skip
     return 0

@@ -88,7 +88,7 @@ class HiPOffloadCache(Cache):
                     "there is no full-attention layer to offload"
                 )
             kinds = ["full_attention"] * text.num_hidden_layers
-        layers: list[CacheLayerMixin] = []
+        layers: list[Any] = []
         for i, kind in enumerate(kinds):
             if kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window))

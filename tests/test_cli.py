@@ -41,3 +41,14 @@ def test_demo_runs_dense_and_hip(capsys):
     dense_mb = float(out.split("dense ")[-1].split(" MB")[0])
     hip_mb = float(out.split("HiP ")[-1].split(" MB")[0])
     assert hip_mb < dense_mb
+
+
+def test_demo_with_offload_prints_cache_statistics(capsys):
+    code = main(["demo", "--tokens", "200", "--new-tokens", "2", "--hip-k", "64", "--window",
+                 "64", "--sinks", "16", "--offload", "--cache-blocks", "32"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("offload"))
+    assert "4 layers" in line
+    moved = float(line.split("hit rate ")[1].split(", ")[1].split(" MB")[0])
+    assert moved > 0

@@ -50,7 +50,7 @@ class OffloadedKV:
         *,
         cache_blocks: int = 2048,
         max_chunk: int = 4096,
-        host_chunk_tokens: int = 1 << 16,
+        host_chunk_tokens: int = 8192,
         gather: str = "auto",
     ) -> None:
         self.config = check_config(config)
@@ -155,29 +155,36 @@ class OffloadedKV:
         tk, config = self.length, self.config
         rep = self.rep[:, :, : tk // config.block_size_k]
         indices = select_blocks(q, rep, tk, config, state)
-        if not uses_triton(self.device):
+        rows = self._fetch(indices)
+        if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
             return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
                                            scale=scale, indices=indices)  # fmt: skip
-        return self._sparse(q, indices, scale)
+        return self._sparse(q, indices, rows, scale)
 
-    def _sparse(self, q: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
-        from hip_attn.attention import BLOCK_N
-        from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
-
-        config, tk = self.config, self.length
-        b, hq, tq, _ = q.shape
-        h_sel = indices.shape[1]
-        # the (batch, KV head) row of every selection entry
-        kv_of_sel = torch.arange(h_sel, device=q.device) * self.kv_heads // h_sel
-        rows = (torch.arange(b, device=q.device)[:, None] * self.kv_heads + kv_of_sel)[
-            :, :, None, None
+    def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bring the selected blocks into the block cache; returns the (batch, KV head) row of
+        every selection entry, broadcastable to ``indices``."""
+        b, h_sel = indices.shape[:2]
+        device = indices.device
+        kv_of_sel = torch.arange(h_sel, device=device) * self.kv_heads // h_sel
+        rows = (torch.arange(b, device=device)[:, None] * self.kv_heads + kv_of_sel)[
+            ..., None, None
         ]
-        needed = torch.zeros((self.cache.rows, tk // config.block_size_k + 1), dtype=torch.bool,
-                             device=q.device)  # fmt: skip
+        n_blocks = self.length // self.config.block_size_k + 1
+        needed = torch.zeros((self.cache.rows, n_blocks), dtype=torch.bool, device=device)
         valid = indices >= 0
         needed[rows.expand_as(indices)[valid], indices[valid].long()] = True
         self.cache.ensure(needed, self._gather)
+        return rows
+
+    def _sparse(
+        self, q: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        from hip_attn.attention import BLOCK_N
+        from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+
+        config, tk, tq = self.config, self.length, q.shape[2]
         kv = KVSegments(
             self.sink_k, self.sink_v, self.cache.k, self.cache.v, self.recent_k, self.recent_v,
             slots=self.cache.slots_of(indices, rows), window_offset=self.recent_start,
