@@ -1,0 +1,61 @@
+"""What only a GPU can show: the CUDA gather kernel and the offload memory bound.
+(The kernel-vs-reference suites run on CUDA by themselves where it exists.)"""
+
+import pytest
+import torch
+
+from hip_attn import HiPConfig
+from hip_attn.offload import OffloadedKV
+from hip_attn.offload.gather import cuda_extension, gather_cuda, gather_torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_cuda_gather_matches_torch_gather():
+    if cuda_extension() is None:
+        pytest.fail("the csrc/ gather extension did not build on a CUDA machine")
+    cfg = HiPConfig(k=64, block_size_q=32, sink_tokens=16, window=64)
+    caches = []
+    for _ in range(2):
+        off = OffloadedKV(cfg, 2, 4, 128, torch.bfloat16, "cuda", cache_blocks=16,
+                          max_chunk=256, host_chunk_tokens=512, gather="torch")  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        k = torch.randn(2, 4, 1500, 128, generator=gen).to("cuda", torch.bfloat16)
+        for start in range(0, 1500, 256):
+            off.append(k[:, :, start : start + 256], -k[:, :, start : start + 256])
+        caches.append(off)
+    rows = torch.tensor([0, 3, 7, 5], device="cuda")
+    blocks = torch.tensor([0, 70, 120, 186], device="cuda")  # across host chunks
+    slots = torch.tensor([2, 9, 15, 0], device="cuda")
+    torch_off, cuda_off = caches
+    gather_torch(torch_off.host, torch_off.cache, rows, blocks, slots)
+    gather_cuda(cuda_extension(), cuda_off.host, cuda_off.cache, rows, blocks, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(torch_off.cache.k, cuda_off.cache.k)
+    assert torch.equal(torch_off.cache.v, cuda_off.cache.v)
+    assert cuda_off.cache.k.abs().sum() > 0
+
+
+def _peak_after_append(tokens: int) -> tuple[int, int]:
+    """Peak device bytes of appending ``tokens`` tokens of Llama-3.1-8B attention shapes."""
+    cfg = HiPConfig()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    off = OffloadedKV(cfg, 1, 8, 128, torch.bfloat16, "cuda", cache_blocks=1024, max_chunk=4096)
+    chunk = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    for _ in range(tokens // 4096):
+        off.append(chunk, chunk)
+    rep = off.rep.numel() * off.rep.element_size()
+    peak = torch.cuda.max_memory_allocated() - base
+    del off, chunk
+    return peak, rep
+
+
+def test_offload_device_memory_grows_only_by_representatives():
+    small, rep_small = _peak_after_append(64 * 1024)
+    large, rep_large = _peak_after_append(512 * 1024)
+    kv_large = 2 * 8 * 128 * 2 * 512 * 1024  # what the full cache would hold: 2 GiB
+    # R doubles when it grows, so the old and new copies coexist for a moment (1.5x)
+    assert large - small <= (rep_large - rep_small) * 1.6 + (1 << 20)
+    assert large < kv_large / 4
