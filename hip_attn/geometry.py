@@ -93,8 +93,11 @@ def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:
     ``block_size_q``); the last group may be partial and is averaged over the rows it has."""
     stride = config.query_pool_stride
     tq = q.shape[-2]
-    n_groups = -(-tq // stride)
-    padded = torch.nn.functional.pad(q.float(), (0, 0, 0, n_groups * stride - tq))
-    sums = padded.unflatten(-2, (n_groups, stride)).sum(dim=-2)
-    counts = torch.clamp(tq - torch.arange(n_groups, device=q.device) * stride, max=stride)
-    return sums / counts.to(sums.dtype)[:, None]
+    full = tq // stride
+    # sum in fp32 without an fp32 copy of q (at 128K tokens that copy alone would be GBs)
+    pooled = q[..., : full * stride, :].unflatten(-2, (full, stride)).sum(-2, dtype=torch.float32)
+    pooled = pooled / stride
+    if tq % stride:
+        tail = q[..., full * stride :, :].sum(-2, keepdim=True, dtype=torch.float32)
+        pooled = torch.cat([pooled, tail / (tq % stride)], dim=-2)
+    return pooled
