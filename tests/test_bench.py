@@ -139,9 +139,103 @@ def test_default_paths_and_gpu_presets() -> None:
     assert preset == "h100-sxm" and note and "--gpu" in note
 
 
-def test_offload_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "offload"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+TINY_OFFLOAD = [
+    "--device", "cpu", "--heads", "2", "--kv-heads", "1", "--head-dim", "64",
+    "--dtype", "float32", "--hip-k", "64", "--block-size-q", "32", "--block-size-k", "8",
+    "--sinks", "16", "--window", "64", "--refresh-interval", "2", "--cache-blocks", "32",
+    "--max-chunk", "128", "--host-chunk-tokens", "512", "--steps", "4", "--warmup-steps", "1",
+]  # fmt: skip
+
+
+def test_offload_smoke_memory_growth_and_decode_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, png = tmp_path / "o.jsonl", tmp_path / "o.png"
+    argv = ["bench", "offload", *TINY_OFFLOAD, "--memory-context", "512,2k", "--context", "600"]
+    code = main([*argv, "--out", str(out), "--plot", str(png)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    memory, decode = _records(out)
+    for record in (memory, decode):  # labelled as CPU, the format of the other modes
+        assert record["device"] == "cpu" and record["device_type"] == "cpu"
+        assert record["timing"] in ("cpu-interpreter", "cpu-reference")
+        assert record["schema"] == 1 and record["git"]["commit"] and "torch" in record
+        assert record["mode"] == "offload" and record["queries"] == 1
+        assert record["shape"]["kv_heads"] == 1 and record["config"]["refresh_interval"] == 2
+        assert record["offload"]["cache_blocks"] == 32 and record["offload"]["gather"] == "torch"
+    assert memory["run_id"] == decode["run_id"]
+    block_bytes = 2 * 8 * 64 * 4  # one key block of K and V
+
+    # memory: on the CPU the layer's own device_bytes, labelled so
+    assert memory["part"] == "memory" and "device_bytes" in memory["memory"]["source"]
+    small, large = memory["memory"]["per_context"]
+    assert (small["context"], large["context"]) == (512, 2048)
+    for e in (small, large):
+        assert e["peak_bytes"] is None and e["allocated_bytes"] is None  # CUDA only
+        assert e["measured_bytes"] == e["device_bytes"] > e["rep_bytes"] > 0
+        assert e["tokens"] == e["context"]  # the fill and the steps end there
+        assert e["host_bytes"] >= e["full_kv_bytes"] == 2 * e["tokens"] * 64 * 4
+    growth = memory["memory"]["growth"]
+    assert growth["measured_bytes"] == growth["device_bytes"]
+    assert growth["device_bytes"] == growth["rep_bytes"] + growth["table_bytes"]  # R, table
+    assert growth["rep_bytes"] > 0 and growth["measured_over_rep"] == pytest.approx(
+        growth["device_bytes"] / growth["rep_bytes"]
+    )
+    assert growth["full_kv_bytes"] == 2 * 1536 * 64 * 4
+    assert growth["device_bytes"] < growth["full_kv_bytes"] / 4
+
+    # decode: 4 timed steps after 1 warm-up with refresh_interval 2: refresh, reuse alternate
+    assert decode["part"] == "decode" and decode["context"] == 600
+    results = decode["results"]
+    refresh, reuse = results["offload_refresh"], results["offload_reuse"]
+    assert refresh["steps"] == reuse["steps"] == 2 and refresh["ms"] > 0 and reuse["ms"] > 0
+    assert refresh["p20_ms"] <= refresh["p80_ms"] and refresh["peak_mem_bytes"] is None
+    assert refresh["bytes_per_step"] * 2 == refresh["misses"] * block_bytes
+    assert reuse["bytes_per_step"] == 0 and reuse["hit_rate"] == 1.0  # same selection
+    amortized = results["offload_amortized"]
+    assert amortized["cycles"] == 1 and amortized["steps_per_cycle"] == 2
+    assert results["offload_append"]["steps"] == 4
+    for name in ("device_refresh", "device_reuse", "device_amortized", "device_append"):
+        assert results[name]["ms"] > 0, results[name]
+    assert set(decode["offload_vs_device"]) == {"refresh", "reuse", "amortized"}
+    assert decode["accuracy"]["same_selection"] is True
+    assert decode["accuracy"]["offload_vs_device_max_abs"] < 1e-4
+    info = decode["offload"]
+    assert info["fill_tokens"] == 600 and info["fill_s"] >= 0 and info["tokens_after"] == 605
+    assert info["stats"]["bytes_moved"] == info["stats"]["misses"] * block_bytes
+
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "offload on cpu" in captured.out and "refresh ms" in captured.out
+    assert any(line.split()[:1] == ["growth"] for line in captured.out.splitlines())
+    assert "[2/2] offload decode 600" in captured.err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_offload_memory_grows_by_r_and_decode_is_timed(tmp_path: Path) -> None:
+    out = tmp_path / "gpu-offload.jsonl"
+    argv = ["bench", "offload", "--memory-context", "16k,128k", "--context", "32k"]
+    assert main([*argv, "--steps", "32", "--warmup-steps", "8", "--out", str(out)]) == 0
+    memory, decode = _records(out)
+    assert memory["device_type"] == "cuda" and "max_memory_allocated" in memory["memory"]["source"]
+    growth = memory["memory"]["growth"]
+    assert growth["peak_bytes"] == growth["measured_bytes"] > 0
+    assert growth["peak_over_rep"] <= 1.6  # R, and its old copy while it doubles
+    assert growth["allocated_over_rep"] <= 1.1  # R and the block table
+    assert growth["measured_bytes"] < growth["full_kv_bytes"] / 4
+    for name in ("offload_refresh", "offload_reuse", "device_refresh", "device_reuse"):
+        assert decode["results"][name]["ms"] > 0, decode["results"][name]
+    assert decode["results"]["offload_reuse"]["bytes_per_step"] == 0
+    assert decode["accuracy"]["same_selection"] is True
+
+
+def test_offload_bad_input_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "offload", *TINY_OFFLOAD, "--cache-blocks", "4"]) == 2
+    assert "--cache-blocks 4 cannot hold" in capsys.readouterr().err
+    assert main(["bench", "offload", *TINY_OFFLOAD, "--memory-context", "1k"]) == 2
+    assert "two or more contexts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "offload", "--parts", "prefill"])
 
 
 def test_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,6 +257,11 @@ def test_help_teaches_units_defaults_and_examples(capsys: pytest.CaptureFixture[
         "hip-attn bench prefill --context 8k,32k,128k",
         "--flex-kv-block",
     ):
+        assert needle in text
+    with pytest.raises(SystemExit):
+        main(["bench", "offload", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("64k,512k", "128k,512k,1m", "hip-attn bench offload --plot", "device_bytes"):
         assert needle in text
 
 

@@ -15,6 +15,9 @@ Modules:
 * :mod:`.sdpa`: dense attention through SDPA, flash backend first;
 * :mod:`.flex`: a ``BlockMask`` from the HiP selection, run by compiled ``flex_attention``;
 * :mod:`.runner`: one case, every method, into one record;
+* :mod:`.offload`: the ``offload`` mode: device memory of an offloaded layer against ``R`` at two
+  contexts, and decode steps with offload (refreshing and reusing the selection apart) against
+  the same steps on device-resident K/V;
 * :mod:`.environment`: device, versions, commit and default output paths;
 * :mod:`.report`: JSON lines and the table; :mod:`.plot`: the PNG;
 * :mod:`.cli`: the ``hip-attn bench`` command.

@@ -5,6 +5,10 @@ number of queries (``Tq``: the whole prompt for prefill, one token for decode), 
 a dtype and a :class:`HiPConfig`. On a GPU the defaults are Llama-3.1-8B attention (32 query
 heads, 8 KV heads, head dim 128, bf16, ``HiPConfig()``); on the CPU they are tiny, so that the
 Triton interpreter proves the harness end to end in seconds.
+
+The ``offload`` mode is not a list of cases of one kind: :class:`OffloadPlan` holds what it
+runs (a memory comparison at two or more contexts, decode steps at others) and the offloaded
+layer's settings, with defaults per device kind in :data:`GPU_OFFLOAD` and :data:`CPU_OFFLOAD`.
 """
 
 from __future__ import annotations
@@ -158,3 +162,123 @@ def defaults_for(device_type: str) -> Defaults:
 def default_queries(mode: Mode, context: int) -> int:
     """Decode: one token; prefill and mask: the whole prompt."""
     return 1 if mode == "decode" else context
+
+
+# ---- the offload mode --------------------------------------------------------------------------
+
+OFFLOAD_PARTS = ("memory", "decode")
+GATHERS = ("auto", "cuda", "torch")
+
+
+@dataclass(frozen=True)
+class OffloadDefaults:
+    """Default sizes of ``hip-attn bench offload`` on one device kind."""
+
+    memory_contexts: str
+    decode_contexts: str
+    cache_blocks: int
+    max_chunk: int
+    host_chunk_tokens: int
+    steps: int
+    warmup_steps: int
+
+
+GPU_OFFLOAD = OffloadDefaults(
+    memory_contexts="64k,512k",
+    decode_contexts="128k,512k,1m",
+    cache_blocks=2048,
+    max_chunk=4096,
+    host_chunk_tokens=8192,
+    steps=1024,
+    warmup_steps=32,
+)
+
+CPU_OFFLOAD = OffloadDefaults(
+    memory_contexts="1k,4k",
+    decode_contexts="1k,2k",
+    cache_blocks=64,
+    max_chunk=256,
+    host_chunk_tokens=1024,
+    steps=16,
+    warmup_steps=2,
+)
+
+
+def offload_defaults_for(device_type: str) -> OffloadDefaults:
+    """``GPU_OFFLOAD`` for ``"cuda"``, ``CPU_OFFLOAD`` otherwise."""
+    return GPU_OFFLOAD if device_type == "cuda" else CPU_OFFLOAD
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What ``hip-attn bench offload`` runs.
+
+    Attributes:
+        shape: attention shapes and dtype (one layer).
+        config: the HiP configuration.
+        memory_contexts: contexts of the memory part (growth: first to last), or empty.
+        decode_contexts: contexts of the decode part (one record each), or empty.
+        cache_blocks, max_chunk, host_chunk_tokens, gather: the ``OffloadedKV`` settings.
+        steps: timed decode steps per decode context (after ``warmup_steps`` untimed ones).
+        baseline: also time the same steps with K/V resident on the device.
+    """
+
+    shape: Shape
+    config: HiPConfig
+    memory_contexts: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    cache_blocks: int
+    max_chunk: int
+    host_chunk_tokens: int
+    gather: str = "auto"
+    steps: int = 16
+    warmup_steps: int = 2
+    baseline: bool = True
+
+    def __post_init__(self) -> None:
+        cfg, sh = self.config, self.shape
+        if not self.memory_contexts and not self.decode_contexts:
+            raise ValueError("nothing to run: no memory contexts and no decode contexts")
+        if len(self.memory_contexts) == 1:
+            raise ValueError("the memory part compares two or more contexts, got one")
+        if self.max_chunk < 1 or self.max_chunk % cfg.block_size_q:
+            raise ValueError(
+                f"--max-chunk must be a positive multiple of block_size_q={cfg.block_size_q}, "
+                f"got {self.max_chunk}"
+            )
+        if self.host_chunk_tokens < 1 or self.host_chunk_tokens % cfg.block_size_k:
+            raise ValueError(
+                f"--host-chunk-tokens must be a positive multiple of block_size_k="
+                f"{cfg.block_size_k}, got {self.host_chunk_tokens}"
+            )
+        per_call = cfg.blocks_per_query_block * (
+            sh.heads // sh.kv_heads if cfg.head_sharing == "head" else 1
+        )
+        if self.cache_blocks < per_call:
+            raise ValueError(
+                f"--cache-blocks {self.cache_blocks} cannot hold one decode step's selection "
+                f"({per_call} blocks per KV head: k / block_size_k"
+                + (" x query heads per KV head" if cfg.head_sharing == "head" else "")
+                + ")"
+            )
+        if self.gather not in GATHERS:
+            raise ValueError(f"gather must be one of {', '.join(GATHERS)}, got {self.gather!r}")
+        if self.steps < 1 or self.warmup_steps < 0:
+            raise ValueError("steps must be >= 1 and warmup steps >= 0")
+        smallest = min((*self.memory_contexts, *self.decode_contexts))
+        if smallest < 1:
+            raise ValueError(f"contexts must be positive, got {smallest}")
+
+    @property
+    def decode_steps_total(self) -> int:
+        """Decode steps run per decode context (warm-up and timed)."""
+        return self.warmup_steps + self.steps
+
+    def settings(self) -> dict[str, Any]:
+        """The offloaded layer's settings, for a record."""
+        return {
+            "cache_blocks": self.cache_blocks,
+            "max_chunk": self.max_chunk,
+            "host_chunk_tokens": self.host_chunk_tokens,
+            "gather_requested": self.gather,
+        }

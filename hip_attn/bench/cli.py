@@ -12,16 +12,23 @@ from typing import Any
 
 from hip_attn.bench.cases import (
     CPU_DEFAULTS,
+    CPU_OFFLOAD,
     DTYPES,
+    GATHERS,
     GPU_DEFAULTS,
+    GPU_OFFLOAD,
     METHODS,
     MODES,
+    OFFLOAD_PARTS,
     BenchCase,
     Defaults,
     Mode,
+    OffloadDefaults,
+    OffloadPlan,
     Shape,
     default_queries,
     defaults_for,
+    offload_defaults_for,
 )
 from hip_attn.bench.environment import CPU_STEM, RESULTS_DIR
 from hip_attn.bench.report import SCHEMA, MixedResults, Record, check_appendable, table
@@ -34,7 +41,7 @@ from hip_attn.cli_args import (
     positive_int,
 )
 from hip_attn.perf.hardware import GPU_PRESETS, get_gpu
-from hip_attn.perf.units import parse_token_list
+from hip_attn.perf.units import fmt_bytes, parse_token_list, short_tokens
 
 DESCRIPTION = """\
 Kernel microbenchmarks: HiP attention against dense attention (torch SDPA, flash backend) and
@@ -53,7 +60,9 @@ Modes:
   decode   one new token attends the cache; HiP per step is amortized over refresh_interval
            steps (one re-estimation), and a re-estimating step is reported too
   mask     mask estimation alone (pooling, representatives, tree search)
-  offload  not available yet (KV offload is a later issue)
+  offload  KV offload to host memory (hip_attn.offload): device memory growth against R,
+           and decode latency with offload against the same steps on device-resident K/V
+           (its own flags and output: hip-attn bench offload --help)
 
 Units: contexts in tokens, k = 1024 and m = 1024^2 (8k = 8192, 1m = 1048576); times in ms;
 rates in TFLOP/s and GB/s (1e12, 1e9); memory in decimal GB."""
@@ -90,6 +99,7 @@ examples:
   hip-attn bench decode --context 8k,128k,1m --plot
   hip-attn bench mask --context 32k,128k --hip-k 1024 --beam 2
   hip-attn bench decode --methods hip,sdpa --context 1m --batch 4
+  hip-attn bench offload --plot      # KV offload: memory vs R at 64k,512k; decode 128k,512k,1m
   TRITON_INTERPRET=1 hip-attn bench prefill --device cpu --out /tmp/smoke.jsonl --plot /tmp/p.png
 
 exit status: 0 when every case ran (methods may be skipped with a recorded reason), 1 when a
@@ -130,15 +140,7 @@ def _common_options() -> argparse.ArgumentParser:
         help="query tokens per call, at the last positions (default: decode 1, prefill and "
         "mask the whole context); the floor covers only all-queries and one query",
     )
-    g.add_argument("--batch", type=arg_type(positive_int, "batch"), metavar="N", help="sequences")
-    g.add_argument("--heads", type=arg_type(positive_int, "heads"), metavar="N", help="query heads")
-    g.add_argument(
-        "--kv-heads", type=arg_type(positive_int, "kv heads"), metavar="N", help="key/value heads"
-    )
-    g.add_argument(
-        "--head-dim", type=arg_type(_at_least_16, "head dim"), metavar="D", help="head dimension"
-    )
-    g.add_argument("--dtype", choices=DTYPES, help="dtype of q, k, v")
+    _add_shape_arguments(g)
 
     add_hip_arguments(
         common,
@@ -216,7 +218,28 @@ def _common_options() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
-    g = common.add_argument_group("output")
+    _add_output_arguments(
+        common,
+        "draw latency, speedup and measured/floor versus context to PNG (without a path: "
+        "the output file's name with -<mode>.png; needs matplotlib)",
+    )
+    return common
+
+
+def _add_shape_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--batch", type=arg_type(positive_int, "batch"), metavar="N", help="sequences")
+    g.add_argument("--heads", type=arg_type(positive_int, "heads"), metavar="N", help="query heads")
+    g.add_argument(
+        "--kv-heads", type=arg_type(positive_int, "kv heads"), metavar="N", help="key/value heads"
+    )
+    g.add_argument(
+        "--head-dim", type=arg_type(_at_least_16, "head dim"), metavar="D", help="head dimension"
+    )
+    g.add_argument("--dtype", choices=DTYPES, help="dtype of q, k, v")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, plot_help: str) -> None:
+    g = parser.add_argument_group("output")
     g.add_argument(
         "--out",
         type=Path,
@@ -227,15 +250,172 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument(
         "--overwrite", action="store_true", help="replace the output file instead of appending"
     )
-    g.add_argument(
-        "--plot",
-        nargs="?",
-        const="",
-        metavar="PNG",
-        help="draw latency, speedup and measured/floor versus context to PNG (without a path: "
-        "the output file's name with -<mode>.png; needs matplotlib)",
+    g.add_argument("--plot", nargs="?", const="", metavar="PNG", help=plot_help)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    items = [item.strip().lower() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if item not in OFFLOAD_PARTS]
+    if bad or not items:
+        raise ValueError(f"parts are a comma list of {', '.join(OFFLOAD_PARTS)}; got {text!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _offload_defaults_text(name: str, d: OffloadDefaults) -> str:
+    return (
+        f"  {name}: memory contexts {d.memory_contexts}, decode contexts {d.decode_contexts}; "
+        f"--cache-blocks {d.cache_blocks},\n       --max-chunk {d.max_chunk}, "
+        f"--host-chunk-tokens {d.host_chunk_tokens}, --steps {d.steps}, --warmup-steps "
+        f"{d.warmup_steps}\n"
     )
-    return common
+
+
+OFFLOAD_DESCRIPTION = """\
+hip-attn bench offload: one attention layer whose KV cache is offloaded to host memory
+(hip_attn.offload.OffloadedKV: the full K/V in host memory; on the device only the block
+representatives R, the sinks, the recent window and a block cache of --cache-blocks slots per
+(batch, KV head)). Two parts (--parts), each written as JSON lines records with
+"mode": "offload" and "part": "memory" or "decode":
+
+  memory  the layer filled (random K/V appended from the device in chunks of --max-chunk
+          tokens), then one refresh cycle of decode steps, ending at each --memory-context.
+          Per context: torch.cuda.max_memory_allocated over what was allocated before (on the
+          CPU, which has no allocator statistics: the layer's own device_bytes, labelled so),
+          beside the bytes of R, of the block table, of the host copy and of the full K/V. "growth"
+          compares the last context with the first: the device should grow by R (plus the
+          block table, 4 bytes per block and KV head), not by the K/V.
+  decode  per --context: the fill (its time is recorded), then --warmup-steps and --steps
+          decode steps, each appending one random token and attending one random query through
+          one HiPDecodeState (so the selection is re-estimated every refresh_interval steps, as
+          in generation). Every step runs alone (synchronized; L2 flushed first on CUDA), its
+          append and attend timed apart, and is classified by whether the state refreshed:
+            offload_refresh    the whole attend call of a step that re-estimates the selection
+            offload_reuse      the attend call of a step that reuses the selection
+            offload_append     appending the token (host copy, R, recent window)
+            offload_amortized  append + attend per step over whole refresh cycles
+          each with the bytes moved host->device per step and the block-cache hit rate. Then
+          the same steps (same K/V, same inputs) without offload, hip_attention on
+          device-resident K/V with a HiPDecodeState (device_refresh, device_reuse,
+          device_append: writing the token, device_amortized), where they fit in device memory.
+
+Timings are medians with 20th/80th percentiles over the steps of each class (CUDA events, or the
+CPU clock). Random queries are the block cache's worst case at refresh steps: each refresh
+selects blocks unrelated to the last. --plot draws latency, bytes moved per step and device
+memory against context.
+
+Units: contexts in tokens, k = 1024 and m = 1024^2; times in ms; bytes in decimal units."""
+
+OFFLOAD_EPILOG = (
+    "defaults (a GPU: Llama-3.1-8B attention, 32 query heads, 8 KV heads, head dim 128, bf16,\n"
+    "HiPConfig(); the CPU: the tiny shapes and HiP settings of the other modes):\n"
+    + _offload_defaults_text("GPU", GPU_OFFLOAD)
+    + _offload_defaults_text("CPU", CPU_OFFLOAD)
+    + f"""\
+  On the CPU the Triton kernels run under TRITON_INTERPRET=1, else the PyTorch reference, and
+  records say "device": "cpu": a smoke test of the harness, not a performance number.
+
+output: as the other modes ({RESULTS_DIR}/<device name>.jsonl on a GPU,
+  {RESULTS_DIR}/{CPU_STEM}.jsonl on the CPU); --plot without a path: the same name with
+  -offload.png.
+
+examples:
+  hip-attn bench offload --plot                      # the GPU run (a few minutes on an H100)
+  hip-attn bench offload --parts decode --context 2m --no-baseline
+  hip-attn bench offload --parts memory --memory-context 64k,256k,1m
+  TRITON_INTERPRET=1 hip-attn bench offload --device cpu --out /tmp/smoke.jsonl --plot /tmp/o.png
+
+exit status: 0 when every part ran, 1 when one failed, 2 on bad input."""
+)
+
+
+def _offload_options() -> argparse.ArgumentParser:
+    """Options of the offload mode."""
+    opts = argparse.ArgumentParser(add_help=False)
+    g = opts.add_argument_group("workload (defaults: Llama-3.1-8B on a GPU, tiny on the CPU)")
+    g.add_argument(
+        "--parts",
+        type=arg_type(_parts, "parts"),
+        metavar="LIST",
+        help="comma list of memory, decode (default: both)",
+    )
+    g.add_argument(
+        "--context",
+        type=arg_type(parse_token_list, "contexts"),
+        metavar="LIST",
+        help="contexts of the decode part, comma-separated (k = 1024; defaults below)",
+    )
+    g.add_argument(
+        "--memory-context",
+        type=arg_type(parse_token_list, "contexts"),
+        metavar="LIST",
+        help="contexts of the memory part, two or more; growth is from the first to the last "
+        "(defaults below)",
+    )
+    _add_shape_arguments(g)
+
+    add_hip_arguments(
+        opts,
+        title="HiP configuration (defaults: HiPConfig() on a GPU)",
+        defaults=GPU_DEFAULTS.config,
+    )
+
+    g = opts.add_argument_group("the offloaded layer (OffloadedKV)")
+    g.add_argument(
+        "--cache-blocks",
+        type=arg_type(positive_int, "blocks"),
+        metavar="N",
+        help="block-cache slots per (batch, KV head)",
+    )
+    g.add_argument(
+        "--max-chunk",
+        type=arg_type(positive_int, "tokens"),
+        metavar="TOKENS",
+        help="tokens per append while filling (a multiple of block_size_q)",
+    )
+    g.add_argument(
+        "--host-chunk-tokens",
+        type=arg_type(positive_int, "tokens"),
+        metavar="TOKENS",
+        help="tokens per host-memory chunk (a multiple of block_size_k)",
+    )
+    g.add_argument(
+        "--gather",
+        choices=GATHERS,
+        default="auto",
+        help="host->device copy: the csrc/ CUDA kernel, torch, or auto (the kernel when it "
+        "builds; default)",
+    )
+
+    g = opts.add_argument_group("decode steps, device and timing")
+    g.add_argument(
+        "--steps",
+        type=arg_type(positive_int, "steps"),
+        metavar="N",
+        help="timed decode steps per decode context",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=arg_type(non_negative_int, "steps"),
+        metavar="N",
+        help="untimed decode steps before them",
+    )
+    g.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the same steps on device-resident K/V",
+    )
+    g.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        help="where to run (default: cuda when available, else cpu)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    _add_output_arguments(
+        opts,
+        "draw decode latency, bytes moved per step and device memory versus context to PNG "
+        "(without a path: the output file's name with -offload.png; needs matplotlib)",
+    )
+    return opts
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -268,9 +448,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         sub.set_defaults(func=run, bench_mode=mode, bench_parser=sub)
     offload = modes.add_parser(
         "offload",
-        help="not available yet (KV offload to host memory is a later issue)",
-        description="Not available yet: the KV offload path (host-resident KV, block cache) is "
-        "not implemented, so there is nothing to benchmark.",
+        parents=[_offload_options()],
+        help="KV offload to host memory: device memory vs R, decode latency",
+        description=OFFLOAD_DESCRIPTION,
+        epilog=OFFLOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     offload.set_defaults(func=run, bench_mode="offload", bench_parser=offload)
     return parser
@@ -309,7 +491,73 @@ def build_cases(args: argparse.Namespace, device_type: str) -> list[BenchCase]:
     return cases
 
 
+def build_offload_plan(args: argparse.Namespace, device_type: str) -> OffloadPlan:
+    """The offload plan of parsed ``bench offload`` arguments for a device kind.
+
+    Raises:
+        ValueError: inconsistent input (shapes, HiP settings, layer settings).
+    """
+    d, od = defaults_for(device_type), offload_defaults_for(device_type)
+    parts = args.parts or OFFLOAD_PARTS
+    try:
+        shape = Shape(
+            batch=args.batch or d.batch,
+            heads=args.heads or d.heads,
+            kv_heads=args.kv_heads or d.kv_heads,
+            head_dim=args.head_dim or d.head_dim,
+            dtype=args.dtype or d.dtype,
+        )
+        memory = args.memory_context or parse_token_list(od.memory_contexts)
+        decode = args.context or parse_token_list(od.decode_contexts)
+        return OffloadPlan(
+            shape=shape,
+            config=hip_config_from_args(args, d.config),
+            memory_contexts=tuple(memory) if "memory" in parts else (),
+            decode_contexts=tuple(decode) if "decode" in parts else (),
+            cache_blocks=args.cache_blocks or od.cache_blocks,
+            max_chunk=args.max_chunk or od.max_chunk,
+            host_chunk_tokens=args.host_chunk_tokens or od.host_chunk_tokens,
+            gather=args.gather,
+            steps=args.steps or od.steps,
+            warmup_steps=od.warmup_steps if args.warmup_steps is None else args.warmup_steps,
+            baseline=not args.no_baseline,
+        )
+    except ValueError as exc:
+        raise _InputError(str(exc)) from None
+
+
+def _offload_summary(record: Record) -> str:
+    if record.get("part") == "memory":
+        growth = record["memory"]["growth"]
+        ratio = growth.get("measured_over_rep")
+        return (
+            f"device memory grew {_bytes(growth['measured_bytes'])} from "
+            f"{growth['from']} to {growth['to']} tokens, R grew {_bytes(growth['rep_bytes'])}"
+            + (f" ({ratio:.3g}x R)" if ratio is not None else "")
+            + f", the full K/V would grow {_bytes(growth['full_kv_bytes'])}"
+        )
+    parts = []
+    for name in ("offload_refresh", "offload_reuse", "device_refresh", "device_reuse"):
+        result = record["results"].get(name) or {}
+        if "ms" in result:
+            parts.append(f"{name} {result['ms']:.4g} ms")
+        elif result:
+            parts.append(f"{name} {'skipped' if 'skipped' in result else 'error'}")
+    amortized = record["results"].get("offload_amortized") or {}
+    if amortized.get("hit_rate") is not None:
+        parts.append(
+            f"hit rate {amortized['hit_rate']:.1%}, {_bytes(amortized['bytes_per_step'])}/step"
+        )
+    return ", ".join(parts)
+
+
+def _bytes(value: float | None) -> str:
+    return "-" if value is None else fmt_bytes(value)
+
+
 def _summary(record: Record) -> str:
+    if record.get("mode") == "offload":
+        return _offload_summary(record)
     parts = []
     for name in ("hip_amortized", "hip", "hip_mask", "hip_sparse", "sdpa", "flex"):
         result = record["results"].get(name)
@@ -331,13 +579,6 @@ def run(args: argparse.Namespace) -> int:
     if mode is None:
         args.bench_parser.print_help()
         return 2
-    if mode == "offload":
-        print(
-            "hip-attn bench offload: error: not available yet: KV offload to host memory is not "
-            "implemented in this version; benchmark prefill, decode or mask",
-            file=sys.stderr,
-        )
-        return 2
 
     import torch
 
@@ -345,6 +586,8 @@ def run(args: argparse.Namespace) -> int:
         print("hip-attn bench: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if mode == "offload":
+        return _run_offload(args, device)
     try:
         cases = build_cases(args, device.type)
     except ValueError as exc:
@@ -424,16 +667,97 @@ def run(args: argparse.Namespace) -> int:
         print(table(records))
         print(f"\n{len(records)} record(s) appended to {out}", file=sys.stderr)
     if args.plot is not None and records:
-        from hip_attn.bench.plot import PlotUnavailable, plot
+        status = _plot_to(args, records, out, mode)
+        if status:
+            return status
+    return 1 if failed or not records else 0
 
-        png = Path(args.plot) if args.plot else out.with_name(f"{out.stem}-{mode}.png")
+
+def _plot_to(args: argparse.Namespace, records: list[Record], out: Path, mode: str) -> int:
+    """Draw ``--plot``; returns 0, or the exit status of a failure (said on stderr)."""
+    from hip_attn.bench.plot import PlotUnavailable, plot
+
+    png = Path(args.plot) if args.plot else out.with_name(f"{out.stem}-{mode}.png")
+    try:
+        plot(records, png)
+    except PlotUnavailable as exc:
+        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"hip-attn bench: error: cannot write {png}: {exc}", file=sys.stderr)
+        return 2
+    print(f"plot written to {png}", file=sys.stderr)
+    return 0
+
+
+def _run_offload(args: argparse.Namespace, device: Any) -> int:
+    """Run ``hip-attn bench offload`` on ``device`` (a ``torch.device``)."""
+    import torch
+
+    try:
+        plan = build_offload_plan(args, device.type)
+    except ValueError as exc:
+        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
+        return 2
+
+    from hip_attn.bench import environment as env_mod
+    from hip_attn.bench.offload import decode_case, memory_part
+    from hip_attn.bench.report import write_jsonl
+    from hip_attn.bench.runner import timing_label
+
+    env = env_mod.environment(device)
+    device_name = str(env["device"])
+    out: Path = args.out or env_mod.default_output(device_name, device.type)
+    if not args.overwrite:
         try:
-            plot(records, png)
-        except PlotUnavailable as exc:
+            check_appendable(out, device_name)
+        except MixedResults as exc:
             print(f"hip-attn bench: error: {exc}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"hip-attn bench: error: cannot write {png}: {exc}", file=sys.stderr)
             return 2
-        print(f"plot written to {png}", file=sys.stderr)
+    jobs: list[tuple[str, Any]] = []
+    if plan.memory_contexts:
+        label = "offload memory " + ",".join(short_tokens(c) for c in plan.memory_contexts)
+        jobs.append((label, lambda say: memory_part(plan, device, args.seed, say)))
+    for context in plan.decode_contexts:
+        jobs.append(
+            (
+                f"offload decode {short_tokens(context)}",
+                lambda say, c=context: decode_case(plan, c, device, args.seed, say),
+            )
+        )
+    run_id = uuid.uuid4().hex[:12]
+    print(
+        f"hip-attn bench offload: {len(jobs)} part(s) on {device_name} ({timing_label(device)}); "
+        f"results -> {out}",
+        file=sys.stderr,
+    )
+    if args.overwrite:
+        write_jsonl([], out, overwrite=True)
+    records: list[Record] = []
+    failed = 0
+    for i, (label, job) in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {label}"
+        print(f"{tag} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            body = job(lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+        except Exception as exc:  # keep the other parts
+            failed += 1
+            print(f"{tag}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        record: Record = {"schema": SCHEMA, "run_id": run_id, **env, **body}
+        records.append(record)
+        write_jsonl([record], out)
+        took = time.perf_counter() - start
+        print(f"{tag}: {_summary(record)} ({took:.1f} s)", file=sys.stderr, flush=True)
+
+    if records:
+        print(table(records))
+        print(f"\n{len(records)} record(s) appended to {out}", file=sys.stderr)
+    if args.plot is not None and records:
+        status = _plot_to(args, records, out, "offload")
+        if status:
+            return status
     return 1 if failed or not records else 0

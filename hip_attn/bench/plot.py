@@ -1,5 +1,6 @@
 """The ``--plot`` PNG: latency, speedup over SDPA and measured-over-floor versus context, measured
-(solid) beside the analytic floor (dashed). matplotlib is imported only when drawing."""
+(solid) beside the analytic floor (dashed); for the offload mode, decode latency with and without
+offload, bytes moved per step and the layer's memory. matplotlib is imported only when drawing."""
 
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def plot(records: Sequence[Record], path: str | Path) -> None:
     if len(modes) != 1:
         raise ValueError(f"one mode per plot, got {sorted(modes)}")
     mode = modes.pop()
+    if mode == "offload":
+        _plot_offload(plt, records, path)
+        return
     records = sorted(records, key=lambda r: int(r["context"]))
     contexts = sorted({int(r["context"]) for r in records})
     head = _HEADLINE[mode]
@@ -181,6 +185,95 @@ def plot(records: Sequence[Record], path: str | Path) -> None:
         f"{mode}: {first.get('device')} ({first.get('timing')}), B={sh['batch']} "
         f"Hq={sh['heads']} Hkv={sh['kv_heads']} D={sh['head_dim']} {sh['dtype']}; HiP k={cfg['k']} "
         f"window={cfg['window']} sinks={cfg['sink_tokens']}; commit "
+        f"{str((first.get('git') or {}).get('commit', 'unknown'))[:10]}"
+    )
+    if on_cpu:
+        suptitle = "CPU SMOKE TEST (not GPU performance) - " + suptitle
+    fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+_OFFLOAD_SERIES = (
+    ("offload_refresh", "offload: refresh step (attend)", "tab:red", "-"),
+    ("offload_reuse", "offload: reuse step (attend)", "tab:orange", "-"),
+    ("offload_amortized", "offload: per step (append + attend)", "tab:brown", "-"),
+    ("device_refresh", "on device: refresh step", "tab:blue", "--"),
+    ("device_reuse", "on device: reuse step", "tab:cyan", "--"),
+    ("device_amortized", "on device: per step", "tab:purple", "--"),
+)
+
+
+def _plot_offload(plt: Any, records: Sequence[Record], path: str | Path) -> None:
+    """Offload: decode latency, bytes moved per step, device memory against context."""
+    decode = sorted((r for r in records if r.get("part") == "decode"), key=lambda r: r["context"])
+    memory = [r for r in records if r.get("part") == "memory"]
+    first = (decode or memory)[0]
+    on_cpu = first.get("device_type") != "cuda"
+    fig, axes = plt.subplots(1, 3, figsize=(15.6, 4.6))
+
+    ax = axes[0]
+    for name, label, color, style in _OFFLOAD_SERIES:
+        xs, ys = _series(decode, name)
+        if xs:
+            ax.plot(xs, ys, style, marker="o", color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_ylabel("milliseconds per layer (median)")
+    ax.set_title("decode latency, one layer", fontsize=9)
+    if decode:
+        _context_axis(ax, sorted({int(r["context"]) for r in decode}))
+        ax.legend(fontsize=7)
+
+    ax = axes[1]
+    for name, label, color in (
+        ("offload_refresh", "refresh step", "tab:red"),
+        ("offload_reuse", "reuse step", "tab:orange"),
+        ("offload_amortized", "mean per step", "tab:brown"),
+    ):
+        points = [
+            (int(r["context"]), float(r["results"][name]["bytes_per_step"]))
+            for r in decode
+            if (r.get("results") or {}).get(name, {}).get("bytes_per_step") is not None
+        ]
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        if xs:
+            ax.plot(xs, [y / 1e6 for y in ys], "-", marker="o", color=color, label=label)
+    ax.set_ylabel("MB moved host -> device per step")
+    ax.set_title("block-cache traffic (random queries: worst case)", fontsize=9)
+    if decode:
+        _context_axis(ax, sorted({int(r["context"]) for r in decode}))
+        ax.legend(fontsize=7)
+
+    ax = axes[2]
+    if memory:
+        per = sorted(memory[-1]["memory"]["per_context"], key=lambda e: e["context"])
+        xs = [int(e["context"]) for e in per]
+        source = memory[-1]["memory"]["source"].split(" ")[0]
+        for key, label, color, style in (
+            ("measured_bytes", f"device memory ({source})", "tab:red", "-"),
+            ("rep_bytes", "R (block representatives)", "tab:green", "-"),
+            ("full_kv_bytes", "full K/V (held on the host instead)", "tab:blue", "--"),
+        ):
+            ys = [e.get(key) for e in per]
+            if all(y is not None for y in ys):
+                ax.plot(xs, [y / 1e9 for y in ys], style, marker="o", color=color, label=label)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("GB (linear: parallel lines grow alike)")
+        ax.set_title("device memory of the layer", fontsize=9)
+        _context_axis(ax, xs)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no memory part", transform=ax.transAxes, ha="center", va="center")
+
+    sh, cfg = first["shape"], first["config"]
+    offload = first.get("offload") or {}
+    suptitle = (
+        f"offload: {first.get('device')} ({first.get('timing')}), B={sh['batch']} "
+        f"Hq={sh['heads']} Hkv={sh['kv_heads']} D={sh['head_dim']} {sh['dtype']}; HiP k={cfg['k']} "
+        f"refresh={cfg['refresh_interval']}; cache_blocks={offload.get('cache_blocks')} "
+        f"gather={offload.get('gather')}; commit "
         f"{str((first.get('git') or {}).get('commit', 'unknown'))[:10]}"
     )
     if on_cpu:

@@ -225,6 +225,138 @@ def _notes(records: Sequence[Record]) -> list[str]:
     return seen
 
 
+# ---- the offload mode --------------------------------------------------------------------------
+
+
+def _field(name: str, key: str, fmt: Callable[[Any], str]) -> Callable[[Record], str]:
+    def cell(record: Record) -> str:
+        value = _result(record, name).get(key)
+        return "-" if value is None else fmt(value)
+
+    return cell
+
+
+def _ratio(key: str) -> Callable[[Record], str]:
+    def cell(record: Record) -> str:
+        value = (record.get("offload_vs_device") or {}).get(key)
+        return "-" if value is None else f"{value:.3g}x"
+
+    return cell
+
+
+def _fill_s(record: Record) -> str:
+    value = (record.get("offload") or {}).get("fill_s")
+    return "-" if value is None else f"{value:.3g}"
+
+
+_OFFLOAD_DECODE_COLUMNS: list[Column] = [
+    ("context", _context),
+    ("refresh ms", _ms("offload_refresh")),
+    ("reuse ms", _ms("offload_reuse")),
+    ("append ms", _ms("offload_append")),
+    ("per step", _ms("offload_amortized")),
+    ("dev refresh", _ms("device_refresh")),
+    ("dev reuse", _ms("device_reuse")),
+    ("dev per step", _ms("device_amortized")),
+    ("x dev", _ratio("amortized")),
+    ("refresh moved", _field("offload_refresh", "bytes_per_step", fmt_bytes)),
+    ("reuse moved", _field("offload_reuse", "bytes_per_step", fmt_bytes)),
+    ("hit rate", _field("offload_amortized", "hit_rate", lambda v: f"{v:.1%}")),
+    ("refresh hits", _field("offload_refresh", "hit_rate", lambda v: f"{v:.1%}")),
+    ("peak", _peak("offload_amortized")),
+    ("fill s", _fill_s),
+]
+
+OFFLOAD_NOTES = {
+    "memory": "measured = device memory the layer took (see the line above); R = the block "
+    "representatives as allocated (grown by doubling); table = the block -> slot table; growth "
+    "compares the last context with the first",
+    "decode": "refresh / reuse = the attend call of a step that re-estimates / reuses the "
+    "selection; append = one token; per step = append + attend over refresh cycles; dev = the "
+    "same on device-resident K/V (hip_attention); x dev = offload per step / dev per step; "
+    "moved = bytes host->device per step; hit rate = block-cache hits over all steps, refresh "
+    "hits over refresh steps",
+}
+
+
+def _offload_header(record: Record) -> str:
+    offload = record.get("offload") or {}
+    return (
+        f"{header(record)}; offload cache_blocks={offload.get('cache_blocks')} "
+        f"max_chunk={offload.get('max_chunk')} gather={offload.get('gather')}"
+    )
+
+
+def _grid(titles: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(t), *(len(r[i]) for r in rows)) for i, t in enumerate(titles)]
+    lines = ["  ".join(f"{t:>{w}}" for t, w in zip(titles, widths, strict=True))]
+    lines.extend("  ".join(f"{c:>{w}}" for c, w in zip(r, widths, strict=True)) for r in rows)
+    return lines
+
+
+def _memory_block(record: Record) -> list[str]:
+    memory = record["memory"]
+    titles = ["context", "measured", "allocated", "device_bytes", "R", "table", "host", "full K/V"]
+    keys = ["measured_bytes", "allocated_bytes", "device_bytes", "rep_bytes", "table_bytes",
+            "host_bytes", "full_kv_bytes"]  # fmt: skip
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else fmt_bytes(value)
+
+    rows = [
+        [short_tokens(int(e["context"])), *(fmt(e.get(k)) for k in keys)]
+        for e in memory["per_context"]
+    ]
+    growth = memory["growth"]
+    rows.append(["growth", *(fmt(growth.get(k)) for k in keys)])
+    lines = [_offload_header(record), f"measured = {memory['source']}"]
+    lines.extend(_grid(titles, rows))
+    ratio = growth.get("measured_over_rep")
+    if ratio is not None:
+        lines.append(
+            f"from {short_tokens(int(growth['from']))} to {short_tokens(int(growth['to']))} "
+            f"tokens the device memory grew {ratio:.3g}x the growth of R "
+            f"({fmt(growth.get('measured_bytes'))} vs {fmt(growth.get('rep_bytes'))}); the full "
+            f"K/V grew {fmt(growth.get('full_kv_bytes'))}"
+        )
+    lines.append(OFFLOAD_NOTES["memory"])
+    return lines
+
+
+def _offload_notes(records: Sequence[Record]) -> list[str]:
+    """Notes of the records and their results, each once (without the context prefix)."""
+    seen: list[str] = []
+    for record in records:
+        for name, result in (record.get("results") or {}).items():
+            for key in ("skipped", "error", "note"):
+                if result.get(key):
+                    seen.append(f"{name} {key}: {result[key]}")
+        seen.extend(record.get("notes") or [])
+    return list(dict.fromkeys(seen))
+
+
+def _offload_blocks(rows: Sequence[Record]) -> list[str]:
+    blocks: list[str] = []
+    cpu = rows[0].get("device_type") != "cuda"
+    for record in (r for r in rows if r.get("part") == "memory"):
+        lines = _memory_block(record)
+        if cpu:
+            lines.insert(1, "CPU: a smoke test of the harness, not performance numbers")
+        lines.extend(f"note: {n}" for n in _offload_notes([record]))
+        blocks.append("\n".join(lines))
+    decode = [r for r in rows if r.get("part") == "decode"]
+    if decode:
+        lines = [_offload_header(decode[0])]
+        if cpu:
+            lines.append("CPU timings: a smoke test of the harness, not performance numbers")
+        titles = [t for t, _ in _OFFLOAD_DECODE_COLUMNS]
+        lines.extend(_grid(titles, [[fn(r) for _, fn in _OFFLOAD_DECODE_COLUMNS] for r in decode]))
+        lines.append(OFFLOAD_NOTES["decode"])
+        lines.extend(f"note: {n}" for n in _offload_notes(decode))
+        blocks.append("\n".join(lines))
+    return blocks
+
+
 def table(records: Sequence[Record]) -> str:
     """The end-of-run table of ``records`` (one mode per table; several modes, several)."""
     if not records:
@@ -249,4 +381,7 @@ def table(records: Sequence[Record]) -> str:
         lines.append(COLUMN_NOTES[mode])
         lines.extend(f"note: {n}" for n in _notes(rows))
         blocks.append("\n".join(lines))
+    offload = [r for r in records if r.get("mode") == "offload"]
+    if offload:
+        blocks.extend(_offload_blocks(offload))
     return "\n\n".join(blocks)

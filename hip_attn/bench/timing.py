@@ -6,6 +6,11 @@ a short estimate of the time per call, then warm-up calls for ``warmup_ms`` and 
 ``rep_ms`` (at least ``min_runs``, at most ``max_runs``), each bracketed by CUDA events after the
 L2 cache is flushed by writing a 256 MiB buffer. The CPU uses the wall clock (``perf_counter``)
 over ``cpu_runs`` calls after ``cpu_warmup``.
+
+Calls that change state (a decode step appends a token and may refresh its selection) cannot be
+repeated blindly: :class:`StepClock` marks points within a sequence of such calls (CUDA events,
+or the CPU clock), and :func:`summarize` turns the durations the caller picks into a
+:class:`Timing`.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _summary(times_ms: list[float], **memory: int | None) -> Timing:
+def summarize(times_ms: list[float], **memory: int | None) -> Timing:
+    """Median and percentiles of ``times_ms`` (and the peak memory given, if any)."""
     ordered = sorted(times_ms)
     return Timing(
         ms=statistics.median(ordered),
@@ -119,7 +125,7 @@ def time_cuda(fn: Callable[[], Any], settings: TimingSettings) -> Timing:
     torch.cuda.synchronize()
     del flush
     times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    return _summary(times, peak_mem_bytes=peak, extra_mem_bytes=peak - before)
+    return summarize(times, peak_mem_bytes=peak, extra_mem_bytes=peak - before)
 
 
 def time_cpu(fn: Callable[[], Any], settings: TimingSettings) -> Timing:
@@ -131,7 +137,7 @@ def time_cpu(fn: Callable[[], Any], settings: TimingSettings) -> Timing:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+    return summarize(times)
 
 
 def measure(fn: Callable[[], Any], device: torch.device, settings: TimingSettings) -> Timing:
@@ -139,3 +145,25 @@ def measure(fn: Callable[[], Any], device: torch.device, settings: TimingSetting
     if device.type == "cuda":
         return time_cuda(fn, settings)
     return time_cpu(fn, settings)
+
+
+class StepClock:
+    """Marks within a sequence of calls, read after they finished: CUDA events on a CUDA device
+    (the stream's clock; synchronize before :meth:`ms`), ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        """A mark now (an event recorded on the current stream, or a CPU time)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start: Any, end: Any) -> float:
+        """Milliseconds between two marks."""
+        if self.cuda:
+            return float(start.elapsed_time(end))
+        return (end - start) * 1e3
