@@ -17,6 +17,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "hip_attn.demo",
     "hip_attn.perf.cli",
     "hip_attn.bench.cli",
+    "hip_attn.accuracy.cli",
 )
 
 

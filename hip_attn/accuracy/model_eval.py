@@ -1,0 +1,423 @@
+"""Model-level evaluation behind ``hip-attn eval``: passkey retrieval and perplexity of a
+Hugging Face causal LM with dense attention and with HiP (:func:`hip_attn.patch`).
+
+Nothing is downloaded: the model and tokenizer load with ``local_files_only=True`` and the text
+comes from a local file. :func:`random_model` builds a tiny random Llama instead (for tests and
+smoke runs: its answers are noise, but dense and HiP must agree with each other).
+
+* **Passkey retrieval**: a prompt of exactly ``context`` tokens made of filler text with one
+  sentence holding a random passkey inserted at a relative ``depth`` (0 = start, 1 = end of the
+  filler), then a question; the model generates greedily and is right when the first number
+  in its answer is the passkey.
+* **Perplexity**: strided sliding windows over the first tokens of the text; every token after
+  the first is scored once, with up to ``window - stride`` tokens of context carried over.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hip_attn.config import HiPConfig
+
+#: Attention modes ``hip-attn eval`` knows; ``hip+offload`` is not implemented yet.
+MODES = ("dense", "hip", "hip+offload")
+UNAVAILABLE = {
+    "hip+offload": "not available yet: KV offload to host is not implemented in this version"
+}
+
+Progress = Callable[[str], None]
+
+_INTRO = (
+    "Somewhere in the long text below there is a pass key. Find it and remember it, because "
+    "you will be asked for it at the end.\n\n"
+)
+_NEEDLE = " Note this down: the pass key is {key}. The pass key is {key}. "
+_QUESTION = "\n\nWhat is the pass key? The pass key is"
+_FILLER = (
+    "The river bends twice before it reaches the old mill. Morning fog lifts slowly from the "
+    "fields. A cart rolls along the road and the driver hums a tune. "
+)
+
+
+class EvalError(ValueError):
+    """A problem with the evaluation's inputs (missing tokenizer, text too short, ...)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate.
+
+    Attributes:
+        model: the causal LM, in eval mode on its device.
+        tokenizer: its tokenizer, ``None`` for :func:`random_model` (prompts are token ids).
+        name: what to call it in reports.
+    """
+
+    model: Any
+    tokenizer: Any | None
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load a local checkpoint and its tokenizer (``local_files_only=True``).
+
+    Raises:
+        EvalError: the folder does not exist, or holds no tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise EvalError(f"--model {path}: no such folder (give a local checkpoint folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise EvalError(
+            f"--model {path} has no usable tokenizer ({type(err).__name__}: {first}); eval "
+            "needs one to build prompts and read answers (--random-model runs without one)"
+        ) from None
+    model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return LoadedModel(model.to(device).eval(), tokenizer, path)
+
+
+def random_model(seed: int, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A tiny Llama with random weights (2 layers, 4 query / 2 KV heads of dim 32, vocabulary
+    512); prompts for it are random token ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1 << 20,
+    )
+    torch.manual_seed(seed)
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, None, "random tiny Llama")
+
+
+def read_text(path: str) -> str:
+    """The text of a local file (UTF-8, undecodable bytes replaced)."""
+    file = Path(path)
+    if not file.is_file():
+        raise EvalError(f"--text {path}: no such file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EvalError(f"--text {path} is empty")
+    return text
+
+
+def text_tokens(lm: LoadedModel, text: str | None, count: int, seed: int) -> list[int]:
+    """The first ``count`` token ids of ``text`` without special tokens (fewer when the text is
+    shorter); ``count`` random ids (from ``seed``) for the random model, which has no tokenizer."""
+    if lm.tokenizer is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(32, lm.model.config.vocab_size, (count,), generator=gen).tolist()
+    if text is None:
+        raise EvalError("no text given: pass --text FILE")
+    chars = 8 * count
+    while True:
+        ids: list[int] = lm.tokenizer(text[:chars], add_special_tokens=False).input_ids
+        if len(ids) > count or chars >= len(text):
+            break
+        chars *= 2
+    if not ids:
+        raise EvalError("the text holds no tokens")
+    return ids[:count]
+
+
+@dataclass
+class PasskeyPrompt:
+    """One passkey prompt: ``ids`` (``[1, context]``), the key and what counts as right."""
+
+    ids: torch.Tensor
+    key: str
+    answer_ids: list[int]  # the key's token ids for the random model
+
+
+def passkey_prompt(
+    lm: LoadedModel, filler: Sequence[int], context: int, depth: float, key: str
+) -> PasskeyPrompt:
+    """Filler with the passkey sentence at ``depth`` (fraction of the filler before it), framed
+    by an instruction and a question, exactly ``context`` tokens long. ``filler`` is repeated
+    as often as needed."""
+    tok = lm.tokenizer
+    if tok is None:  # token ids: digits are ids 16..25, markers fixed ids below 16
+        digits = [16 + int(c) for c in key]
+        head, needle, question = [1, 2, 3], [4, 5, *digits, 6], [7, 8, 9]
+    else:
+        head = tok(_INTRO).input_ids
+        needle = tok(_NEEDLE.format(key=key), add_special_tokens=False).input_ids
+        question = tok(_QUESTION, add_special_tokens=False).input_ids
+        digits = []
+    n_fill = context - len(head) - len(needle) - len(question)
+    if n_fill < 1:
+        raise EvalError(f"passkey context {context} is too short for the prompt's frame")
+    fill = [filler[i % len(filler)] for i in range(n_fill)]
+    at = round(depth * n_fill)
+    ids = head + fill[:at] + needle + fill[at:] + question
+    return PasskeyPrompt(torch.tensor([ids], device=lm.device), key, digits)
+
+
+def _passkey(seed: int, context: int, depth: float, digits: int) -> str:
+    rng = random.Random(seed * 1_000_003 + context * 1009 + round(depth * 1000))
+    return "".join(str(rng.randint(1 if i == 0 else 0, 9)) for i in range(digits))
+
+
+def run_passkey(
+    lm: LoadedModel,
+    contexts: Sequence[int],
+    depths: Sequence[float],
+    *,
+    text: str | None,
+    digits: int = 5,
+    seed: int = 0,
+    label: str = "",
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Generate an answer for every (context, depth) prompt; one result dict each."""
+    filler = text_tokens(lm, _FILLER if text is None else text, max(contexts), seed)
+    out = []
+    for context in contexts:
+        for depth in depths:
+            key = _passkey(seed, context, depth, digits)
+            prompt = passkey_prompt(lm, filler, context, depth, key)
+            new = digits if lm.tokenizer is None else digits + 8
+            with torch.no_grad():
+                seq = lm.model.generate(
+                    prompt.ids,
+                    attention_mask=torch.ones_like(prompt.ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )[0, prompt.ids.shape[1] :].tolist()
+            if lm.tokenizer is None:
+                answer = "".join(str(t - 16) if 16 <= t < 26 else "?" for t in seq)
+                correct = seq[:digits] == prompt.answer_ids
+            else:
+                answer = lm.tokenizer.decode(seq, skip_special_tokens=True)
+                found = re.search(r"\d+", answer)
+                correct = found is not None and found.group() == key
+            out.append(
+                {
+                    "context": context,
+                    "depth": depth,
+                    "passkey": key,
+                    "answer": answer,
+                    "correct": bool(correct),
+                    "tokens": seq,
+                }
+            )
+            if progress:
+                verdict = "right" if correct else "wrong"
+                progress(
+                    f"passkey {label}: context {context}, depth {depth:g}: {verdict} "
+                    f"({answer.strip()[:24]!r})"
+                )
+    return out
+
+
+def perplexity(
+    lm: LoadedModel,
+    ids: torch.Tensor,
+    *,
+    window: int,
+    stride: int,
+    label: str = "",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Strided sliding-window perplexity of ``ids`` (``[N]`` token ids).
+
+    Windows of ``window`` tokens start every ``stride`` tokens; each token after the first is
+    scored once, in the first window that has it after at least one token of context.
+
+    Returns:
+        ``{"nll": mean negative log-likelihood (nats/token), "ppl": exp(nll), "scored": tokens,
+        "windows": count}``.
+    """
+    if not 0 < stride <= window:
+        raise EvalError(f"perplexity stride must be in [1, window={window}], got {stride}")
+    n = ids.numel()
+    if n < 2:
+        raise EvalError("perplexity needs at least 2 tokens")
+    ids = ids.to(lm.device)
+    total, scored, windows, done = 0.0, 0, 0, 0
+    starts = list(range(0, max(1, n - 1), stride))
+    for begin in starts:
+        end = min(begin + window, n)
+        first = max(done, begin + 1)
+        if first >= end:
+            continue
+        with torch.no_grad():
+            logits = lm.model(ids[None, begin:end], logits_to_keep=end - first + 1).logits
+        logits = logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[first:end], reduction="sum"))
+        scored += end - first
+        windows += 1
+        done = end
+        if progress:
+            progress(
+                f"perplexity {label}: window {windows} (tokens {begin}-{end} of {n}), "
+                f"running ppl {math.exp(total / scored):.3f}"
+            )
+        if end == n:
+            break
+    nll = total / scored
+    return {"nll": nll, "ppl": math.exp(nll), "scored": scored, "windows": windows}
+
+
+def run_eval(
+    lm: LoadedModel,
+    config: HiPConfig,
+    *,
+    modes: Sequence[str] = ("dense", "hip"),
+    tasks: Sequence[str] = ("passkey", "perplexity"),
+    text: str | None = None,
+    contexts: Sequence[int] = (1024,),
+    depths: Sequence[float] = (0.0, 0.5, 1.0),
+    digits: int = 5,
+    ppl_tokens: int = 4096,
+    ppl_window: int = 2048,
+    ppl_stride: int = 1024,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the tasks under every available mode; ``hip`` patches the model with ``config``
+    (and unpatches it afterwards). Unavailable modes are listed with the reason.
+
+    Returns a JSON-ready dict (see ``hip-attn eval --help``).
+    """
+    import hip_attn
+
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise EvalError(f"unknown modes {bad}; choose from {list(MODES)}")
+    if lm.tokenizer is not None and text is None:
+        raise EvalError("eval on a checkpoint needs --text FILE (passkey filler and perplexity)")
+    result: dict[str, Any] = {
+        "model": lm.name,
+        "device": str(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "hip_config": config.to_dict(),
+        "modes": list(modes),
+        "unavailable": {m: UNAVAILABLE[m] for m in modes if m in UNAVAILABLE},
+        "seed": seed,
+    }
+    if "passkey" in tasks:
+        result["passkey"] = {
+            "contexts": list(contexts),
+            "depths": list(depths),
+            "digits": digits,
+            "results": {},
+        }
+    if "perplexity" in tasks:
+        ids = torch.tensor(text_tokens(lm, text, ppl_tokens, seed + 1))
+        result["perplexity"] = {
+            "tokens": ids.numel(),
+            "window": ppl_window,
+            "stride": ppl_stride,
+            "results": {},
+        }
+    for mode in modes:
+        if mode in UNAVAILABLE:
+            if progress:
+                progress(f"{mode}: {UNAVAILABLE[mode]}; skipped")
+            continue
+        if mode == "hip":
+            hip_attn.patch(lm.model, config)
+        try:
+            if "passkey" in tasks:
+                result["passkey"]["results"][mode] = run_passkey(
+                    lm,
+                    contexts,
+                    depths,
+                    text=text,
+                    digits=digits,
+                    seed=seed,
+                    label=mode,
+                    progress=progress,
+                )
+            if "perplexity" in tasks:
+                result["perplexity"]["results"][mode] = perplexity(
+                    lm, ids, window=ppl_window, stride=ppl_stride, label=mode, progress=progress
+                )
+        finally:
+            if mode == "hip":
+                hip_attn.unpatch(lm.model)
+    if "passkey" in result:
+        _passkey_summary(result["passkey"])
+    return result
+
+
+def _passkey_summary(passkey: dict[str, Any]) -> None:
+    """Accuracy per mode, and how often each mode's answer matches dense's."""
+    runs = passkey["results"]
+    passkey["accuracy"] = {
+        m: sum(r["correct"] for r in rs) / len(rs) for m, rs in runs.items() if rs
+    }
+    if "dense" in runs:
+        dense = runs["dense"]
+        passkey["same_answer_as_dense"] = {
+            m: sum(a["tokens"] == b["tokens"] for a, b in zip(rs, dense, strict=True)) / len(rs)
+            for m, rs in runs.items()
+            if m != "dense" and rs
+        }
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """A plain-text report of :func:`run_eval`'s result."""
+    cfg = result["hip_config"]
+    lines = [
+        f"model {result['model']}, {result['dtype']} on {result['device']}; HiP k={cfg['k']} "
+        f"sinks {cfg['sink_tokens']} window {cfg['window']} block_q {cfg['block_size_q']} "
+        f"block_k {cfg['block_size_k']} beam {cfg['beam']}"
+    ]
+    for mode, why in result["unavailable"].items():
+        lines.append(f"{mode}: {why}")
+    if "passkey" in result:
+        pk = result["passkey"]
+        depths = pk["depths"]
+        lines += [
+            "",
+            f"passkey retrieval ({pk['digits']} digits, greedy): right (+) or wrong (.) per depth",
+        ]
+        lines.append(f"{'mode':<8}{'context':>9}  " + " ".join(f"{d:>5g}" for d in depths))
+        for mode, runs in pk["results"].items():
+            for context in pk["contexts"]:
+                row = [r for r in runs if r["context"] == context]
+                marks = " ".join(f"{'+' if r['correct'] else '.':>5}" for r in row)
+                lines.append(f"{mode:<8}{context:>9,}  {marks}")
+        for mode, acc in pk.get("accuracy", {}).items():
+            same = pk.get("same_answer_as_dense", {}).get(mode)
+            extra = "" if same is None else f"; same answer as dense {same:.0%}"
+            lines.append(f"{mode}: {acc:.0%} right{extra}")
+    if "perplexity" in result:
+        pp = result["perplexity"]
+        lines += [
+            "",
+            f"perplexity over {pp['tokens']:,} tokens (window {pp['window']:,}, "
+            f"stride {pp['stride']:,})",
+        ]
+        lines.append(f"{'mode':<8}{'ppl':>12}{'nll/token':>12}{'scored':>9}{'vs dense':>10}")
+        dense = pp["results"].get("dense")
+        for mode, r in pp["results"].items():
+            rel = "" if dense is None else f"{100 * (r['ppl'] / dense['ppl'] - 1):+9.2f}%"
+            lines.append(f"{mode:<8}{r['ppl']:12.4f}{r['nll']:12.5f}{r['scored']:9,}{rel:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""``hip-attn eval``: passkey retrieval and perplexity of a Hugging Face model, dense vs HiP, on
+a tiny random Llama (and a local checkpoint folder built from it)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hip_attn import HiPConfig
+from hip_attn.accuracy.model_eval import (
+    EvalError,
+    load_model,
+    passkey_prompt,
+    perplexity,
+    random_model,
+    run_eval,
+    text_tokens,
+)
+from hip_attn.cli import main
+
+CPU = torch.device("cpu")
+# k covers every candidate of a 256-token prompt; dense_threshold=0 keeps the HiP kernels on
+COVERING = HiPConfig(k=256, window=64, sink_tokens=16, dense_threshold=0)
+SMALL_HIP = ["--hip-k", "64", "--window", "64", "--sinks", "16", "--dense-threshold", "0"]
+TEXT = (
+    "The river bends twice before it reaches the old mill . Morning fog lifts slowly from "
+    "the fields . A cart rolls along the road and the driver hums a tune . "
+) * 40
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_model(0, CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A local checkpoint folder: a tiny random Llama and a word-level tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.decoder = decoders.Fuse()
+    words = TEXT + " pass key is What ? : 0 1 2 3 4 5 6 7 8 9"
+    tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+    fast.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    text = folder / "text.txt"
+    text.write_text(TEXT)
+    return folder, text
+
+
+def test_passkey_prompt_has_the_exact_length_and_the_key_at_its_depth(lm):
+    filler = text_tokens(lm, None, 400, seed=0)
+    for depth in (0.0, 0.5, 1.0):
+        prompt = passkey_prompt(lm, filler, 256, depth, "12345")
+        ids = prompt.ids[0].tolist()
+        assert len(ids) == 256
+        needle = [4, 5, 17, 18, 19, 20, 21, 6]
+        at = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
+        n_fill = 256 - 3 - len(needle) - 3
+        assert at == 3 + round(depth * n_fill)
+    with pytest.raises(EvalError, match="too short"):
+        passkey_prompt(lm, filler, 12, 0.5, "12345")
+
+
+def test_perplexity_scores_every_token_once(lm):
+    ids = torch.tensor(text_tokens(lm, None, 300, seed=1))
+    with torch.no_grad():
+        logits = lm.model(ids[None]).logits[0, :-1]
+    full = float(torch.nn.functional.cross_entropy(logits, ids[1:]))
+    one = perplexity(lm, ids, window=512, stride=256)
+    assert one["scored"] == 299 and one["windows"] == 1
+    assert one["nll"] == pytest.approx(full, rel=1e-5)
+    overlapping = perplexity(lm, ids, window=128, stride=64)
+    assert overlapping["scored"] == 299 and math.isfinite(overlapping["ppl"])
+    disjoint = perplexity(lm, ids, window=128, stride=128)  # a window's first token has no context
+    assert disjoint["windows"] == 3 and disjoint["scored"] == 299 - 2
+    with pytest.raises(EvalError, match="stride"):
+        perplexity(lm, ids, window=128, stride=256)
+
+
+def test_hip_with_a_covering_budget_matches_dense(lm):
+    result = run_eval(
+        lm,
+        COVERING,
+        modes=("dense", "hip", "hip+offload"),
+        contexts=(256,),
+        depths=(0.5,),
+        digits=3,
+        ppl_tokens=256,
+        ppl_window=256,
+        ppl_stride=128,
+    )
+    ppl = result["perplexity"]["results"]
+    assert set(ppl) == {"dense", "hip"}
+    assert ppl["hip"]["nll"] == pytest.approx(ppl["dense"]["nll"], rel=1e-4)
+    assert ppl["hip"]["scored"] == ppl["dense"]["scored"] == 255
+    passkey = result["passkey"]
+    assert passkey["same_answer_as_dense"] == {"hip": 1.0}
+    assert "not available yet" in result["unavailable"]["hip+offload"]
+    json.dumps(result)
+
+
+def test_eval_cli_on_a_local_checkpoint(checkpoint, tmp_path, capsys):
+    folder, text = checkpoint
+    out = tmp_path / "eval.json"
+    argv = [
+        "eval",
+        "--model",
+        str(folder),
+        "--text",
+        str(text),
+        "--context",
+        "200",
+        "--depths",
+        "0.5",
+        "--digits",
+        "3",
+        "--ppl-tokens",
+        "300",
+        "--ppl-window",
+        "256",
+        *SMALL_HIP,
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "passkey retrieval" in captured.out and "perplexity over 300 tokens" in captured.out
+    assert "passkey dense: context 200, depth 0.5" in captured.err  # progress on stderr
+    data = json.loads(out.read_text())
+    assert data["model"] == str(folder) and data["hip_config"]["k"] == 64
+    for mode in ("dense", "hip"):
+        (run,) = data["passkey"]["results"][mode]
+        assert run["context"] == 200 and len(run["passkey"]) == 3
+        assert isinstance(run["answer"], str) and isinstance(run["correct"], bool)
+        r = data["perplexity"]["results"][mode]
+        assert r["scored"] == 299 and math.isfinite(r["ppl"])
+    assert 0.0 <= data["passkey"]["accuracy"]["hip"] <= 1.0
+
+
+def test_eval_cli_random_model_json(capsys):
+    argv = [
+        "eval",
+        "--random-model",
+        "--tasks",
+        "perplexity",
+        "--ppl-tokens",
+        "200",
+        "--ppl-window",
+        "200",
+        "--modes",
+        "dense,hip+offload",
+        "--json",
+        "-",
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert "passkey" not in data and list(data["perplexity"]["results"]) == ["dense"]
+    assert "hip+offload: not available yet" in captured.err
+
+
+def test_eval_errors(checkpoint, tmp_path, capsys):
+    folder, text = checkpoint
+    assert main(["eval", "--model", str(folder)]) == 2
+    assert "needs --text FILE" in capsys.readouterr().err
+    assert main(["eval", "--model", str(folder), "--text", str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    assert main(["eval", "--model", str(bare), "--text", str(text)]) == 2
+    assert "no usable tokenizer" in capsys.readouterr().err
+    assert main(["eval", "--random-model", "--modes", "hip+offload"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--random-model", "--depths", "1.5"])
+    with pytest.raises(EvalError, match="no such folder"):
+        load_model(str(tmp_path / "missing"), CPU, torch.float32)
