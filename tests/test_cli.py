@@ -44,7 +44,7 @@ def test_demo_runs_dense_and_hip(capsys):
 
 
 def test_demo_with_offload_prints_cache_statistics(capsys):
-    code = main(["demo", "--tokens", "200", "--new-tokens", "2", "--hip-k", "64", "--window",
+    code = main(["demo", "--tokens", "160", "--new-tokens", "2", "--hip-k", "64", "--window",
                  "64", "--sinks", "16", "--offload", "--cache-blocks", "32"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
