@@ -57,30 +57,33 @@ def uses_triton(device: torch.device) -> bool:
 class HiPDecodeState:
     """The selection one attention layer reuses between decode steps.
 
-    Pass the same object to every :func:`hip_attention` call of one layer. Calls with at most
-    ``block_size_q`` queries (decode) re-estimate the selection on their first call and then
-    every ``refresh_interval`` calls, reusing it in between; a longer call (a prefill chunk)
-    always estimates afresh and clears the state.
+    Pass the same object to every :func:`hip_attention` call of one layer. A call with at most
+    ``block_size_q`` queries (decode) reuses the selection while the queries served since it
+    was estimated, this call's included, number at most ``refresh_interval``; otherwise it
+    estimates afresh. With one token per step that is a refresh every ``refresh_interval``
+    steps; a short prefill chunk of more than ``refresh_interval`` tokens always re-estimates.
+    A longer call (a prefill chunk of more than ``block_size_q`` queries) estimates afresh and
+    clears the state.
 
     Attributes:
         indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
-        steps_since_refresh: decode calls served by ``indices`` so far.
+        tokens_since_refresh: queries served by ``indices`` so far.
         refreshes: how many times the selection was estimated for decode.
     """
 
     def __init__(self) -> None:
         self.indices: torch.Tensor | None = None
-        self.steps_since_refresh = 0
+        self.tokens_since_refresh = 0
         self.refreshes = 0
 
     def reset(self) -> None:
         self.indices = None
-        self.steps_since_refresh = 0
+        self.tokens_since_refresh = 0
 
     def __repr__(self) -> str:
         shape = None if self.indices is None else tuple(self.indices.shape)
         return (
-            f"HiPDecodeState(indices={shape}, steps_since_refresh={self.steps_since_refresh}, "
+            f"HiPDecodeState(indices={shape}, tokens_since_refresh={self.tokens_since_refresh}, "
             f"refreshes={self.refreshes})"
         )
 
@@ -154,11 +157,12 @@ def select_blocks(
             f"state holds a selection of shape {tuple(state.indices.shape)} but this call needs "
             f"{expected}; use one HiPDecodeState per layer and sequence batch"
         )
-    if state.indices is None or state.steps_since_refresh >= config.refresh_interval:
+    tq = q.shape[2]
+    if state.indices is None or state.tokens_since_refresh + tq > config.refresh_interval:
         state.indices = search_representatives(q, rep, tk, config)
-        state.steps_since_refresh = 0
+        state.tokens_since_refresh = 0
         state.refreshes += 1
-    state.steps_since_refresh += 1
+    state.tokens_since_refresh += tq
     return state.indices
 
 

@@ -163,3 +163,17 @@ def test_bad_options_raise(rand_qkv):
         hip_attention(q, k, v, CFG, scale=-1.0)
     with pytest.raises(TypeError, match="state"):
         hip_attention(q, k, v, CFG, state=object())
+
+
+def test_multi_token_calls_count_tokens_toward_the_refresh(rand_qkv):
+    """Short prefill chunks are not reused across more than refresh_interval new tokens."""
+    q, k, v = rand_qkv(1, 2, 2, 24, 424, 64, seed=10)
+    cfg = CFG.replace(refresh_interval=8)
+    state = HiPDecodeState()
+    refreshes = []
+    for i, tq in enumerate([3, 3, 3, 8, 1]):  # 3+3 reuse; +3 > 8 refreshes; 8 alone refreshes
+        end = 400 + sum([3, 3, 3, 8, 1][: i + 1])
+        hip_attention(q[:, :, end - 400 - tq : end - 400], k[:, :, :end], v[:, :, :end], cfg,
+                      state=state)  # fmt: skip
+        refreshes.append(state.refreshes)
+    assert refreshes == [1, 1, 2, 3, 4]

@@ -10,6 +10,7 @@ import torch
 from hip_attn import HiPConfig
 from hip_attn.accuracy.model_eval import (
     EvalError,
+    OffloadOptions,
     load_model,
     passkey_prompt,
     perplexity,
@@ -96,7 +97,16 @@ def test_perplexity_scores_every_token_once(lm):
         perplexity(lm, ids, window=128, stride=256)
 
 
-def test_hip_with_a_covering_budget_matches_dense(lm):
+def test_hip_and_hip_offload_with_a_covering_budget_match_dense(lm, monkeypatch):
+    from hip_attn.offload import OffloadedKV
+
+    attend, calls = OffloadedKV.attend, []
+
+    def counted(self, q, **kw):
+        calls.append(q.shape[2])
+        return attend(self, q, **kw)
+
+    monkeypatch.setattr(OffloadedKV, "attend", counted)
     result = run_eval(
         lm,
         COVERING,
@@ -104,17 +114,26 @@ def test_hip_with_a_covering_budget_matches_dense(lm):
         contexts=(256,),
         depths=(0.5,),
         digits=3,
-        ppl_tokens=256,
+        ppl_tokens=384,  # two windows: the second scores only its last 128 tokens
         ppl_window=256,
         ppl_stride=128,
+        offload=OffloadOptions(cache_blocks=64, max_chunk=128),
     )
     ppl = result["perplexity"]["results"]
-    assert set(ppl) == {"dense", "hip"}
+    assert set(ppl) == {"dense", "hip", "hip+offload"}
     assert ppl["hip"]["nll"] == pytest.approx(ppl["dense"]["nll"], rel=1e-4)
-    assert ppl["hip"]["scored"] == ppl["dense"]["scored"] == 255
+    assert ppl["hip+offload"]["nll"] == pytest.approx(ppl["hip"]["nll"], rel=1e-4, abs=1e-4)
+    assert ppl["hip+offload"]["nll"] == pytest.approx(ppl["dense"]["nll"], rel=1e-4)
+    assert ppl["hip"]["scored"] == ppl["dense"]["scored"] == ppl["hip+offload"]["scored"] == 383
+    assert ppl["hip+offload"]["windows"] == 2
     passkey = result["passkey"]
-    assert passkey["same_answer_as_dense"] == {"hip": 1.0}
-    assert "not available yet" in result["unavailable"]["hip+offload"]
+    assert passkey["same_answer_as_dense"] == {"hip": 1.0, "hip+offload": 1.0}
+    hip, off = passkey["results"]["hip"], passkey["results"]["hip+offload"]
+    assert [r["tokens"] for r in off] == [r["tokens"] for r in hip]
+    # offload ran, in calls of at most max_chunk queries, each on both layers: passkey prefill
+    # 2 x 128 and 2 decode steps (the last token is never fed back), perplexity 2 windows x 2
+    assert calls == [128] * 2 * 2 + [1] * 2 * 2 + [128] * 4 * 2
+    assert result["offload"] == {"cache_blocks": 64, "max_chunk": 128}
     json.dumps(result)
 
 
@@ -137,6 +156,10 @@ def test_eval_cli_on_a_local_checkpoint(checkpoint, tmp_path, capsys):
         "300",
         "--ppl-window",
         "256",
+        "--modes",
+        "dense,hip,hip+offload",
+        "--offload-chunk",
+        "128",
         *SMALL_HIP,
         "--json",
         str(out),
@@ -144,10 +167,16 @@ def test_eval_cli_on_a_local_checkpoint(checkpoint, tmp_path, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "passkey retrieval" in captured.out and "perplexity over 300 tokens" in captured.out
+    assert "hip+offload: K/V in host memory, 2,048 block-cache slots" in captured.out
     assert "passkey dense: context 200, depth 0.5" in captured.err  # progress on stderr
     data = json.loads(out.read_text())
     assert data["model"] == str(folder) and data["hip_config"]["k"] == 64
-    for mode in ("dense", "hip"):
+    assert data["offload"] == {"cache_blocks": 2048, "max_chunk": 128}
+    # offload keeps HiP's selection (here sparse: k=64 of up to 300 tokens)
+    ppl, passkey = data["perplexity"]["results"], data["passkey"]["results"]
+    assert ppl["hip+offload"]["nll"] == pytest.approx(ppl["hip"]["nll"], rel=1e-4, abs=1e-4)
+    assert passkey["hip+offload"][0]["tokens"] == passkey["hip"][0]["tokens"]
+    for mode in ("dense", "hip", "hip+offload"):
         (run,) = data["passkey"]["results"][mode]
         assert run["context"] == 200 and len(run["passkey"]) == 3
         assert isinstance(run["answer"], str) and isinstance(run["correct"], bool)
@@ -156,7 +185,7 @@ def test_eval_cli_on_a_local_checkpoint(checkpoint, tmp_path, capsys):
     assert 0.0 <= data["passkey"]["accuracy"]["hip"] <= 1.0
 
 
-def test_eval_cli_random_model_json(capsys):
+def test_eval_cli_random_model_json_records_the_offload_options(capsys):
     argv = [
         "eval",
         "--random-model",
@@ -168,14 +197,38 @@ def test_eval_cli_random_model_json(capsys):
         "200",
         "--modes",
         "dense,hip+offload",
+        *SMALL_HIP,
+        "--cache-blocks",
+        "64",
+        "--offload-chunk",
+        "128",
         "--json",
         "-",
     ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out)
-    assert "passkey" not in data and list(data["perplexity"]["results"]) == ["dense"]
-    assert "hip+offload: not available yet" in captured.err
+    assert "passkey" not in data and list(data["perplexity"]["results"]) == ["dense", "hip+offload"]
+    assert data["offload"] == {"cache_blocks": 64, "max_chunk": 128}
+    assert math.isfinite(data["perplexity"]["results"]["hip+offload"]["ppl"])
+    assert "perplexity hip+offload: window 1" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--offload-chunk", "100"], "--offload-chunk must be a multiple of --block-size-q (64)"),
+        (["--offload-chunk", "64"], "larger than it"),
+        (["--cache-blocks", "8"], "--cache-blocks 8 cannot hold the 64 blocks"),
+        (["--cache-blocks", "16", "--head-sharing", "head"], "cannot hold the 128 blocks"),
+    ],
+)
+def test_eval_refuses_offload_options_it_cannot_run_with(flags, needle, capsys):
+    assert main(["eval", "--random-model", "--modes", "dense,hip+offload", *flags]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hip-attn eval: error:")
+    assert needle in lines[0] and captured.out == ""
 
 
 def test_eval_errors(checkpoint, tmp_path, capsys):
@@ -189,9 +242,15 @@ def test_eval_errors(checkpoint, tmp_path, capsys):
     (bare / "config.json").write_text((folder / "config.json").read_text())
     assert main(["eval", "--model", str(bare), "--text", str(text)]) == 2
     assert "no usable tokenizer" in capsys.readouterr().err
-    assert main(["eval", "--random-model", "--modes", "hip+offload"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["eval", "--random-model", "--depths", "1.5"])
+    for argv, needle in [
+        (["--depths", "1.5"], "depths are fractions"),
+        (["--cache-blocks", "0"], "--cache-blocks: must be >= 1"),
+        (["--offload-chunk", "lots"], "--offload-chunk: expected a token count"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--random-model", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err.splitlines()[-1] and "Traceback" not in err
     with pytest.raises(EvalError, match="no such folder"):
         load_model(str(tmp_path / "missing"), CPU, torch.float32)

@@ -99,13 +99,19 @@ examples:
 _EVAL_EPILOG = """modes:
   dense          the model as loaded
   hip            hip_attn.patch(model, config) with the HiP flags below
-  hip+offload    accepted but not available yet (KV offload to host is not implemented in this
-                 version): it is reported as unavailable and skipped
+  hip+offload    hip_attn.patch(model, config, offload=True): each HiP layer keeps its K/V in
+                 host memory and the device only the block representatives, sinks, window and
+                 --cache-blocks cached key blocks. Passkey generation prefills in chunks of
+                 --offload-chunk tokens; each perplexity window goes through a fresh offloading
+                 cache in forward calls of --offload-chunk tokens. It runs HiP at every
+                 length (--dense-threshold does not apply) and otherwise selects what hip does
 
 examples:
   hip-attn eval --model ./Llama-3.1-8B-Instruct --text book.txt --context 8k,32k --device cuda
   hip-attn eval --model ./ckpt --text book.txt --tasks perplexity --ppl-tokens 65536 \\
       --ppl-window 32768 --ppl-stride 16384 --hip-k 1024 --json ppl.json
+  hip-attn eval --model ./ckpt --text book.txt --modes hip,hip+offload --context 128k \\
+      --cache-blocks 4096 --offload-chunk 2k --device cuda
   hip-attn eval --random-model --context 512 --depths 0.5 --ppl-tokens 1024   # smoke run
 """
 
@@ -307,13 +313,32 @@ def _add_eval(subparsers: Any) -> None:
         metavar="N",
         help="tokens between window starts; each token is scored once (default: half the window)",
     )
+    off = p.add_argument_group("KV offload (the hip+offload mode)")
+    off.add_argument(
+        "--cache-blocks",
+        type=arg_type(positive_int, "blocks"),
+        default=2048,
+        metavar="N",
+        help="block-cache slots per (batch, KV head) on the device; at least --hip-k / "
+        "--block-size-k (default: 2048)",
+    )
+    off.add_argument(
+        "--offload-chunk",
+        type=arg_type(parse_tokens, "tokens"),
+        default=1024,
+        metavar="N",
+        help="tokens per forward call (prefill chunks, perplexity chunks): a multiple of "
+        "--block-size-q larger than it (default: 1k)",
+    )
     p.add_argument(
         "--json",
         metavar="PATH",
         help="write the full result as JSON to PATH ('-': stdout, no table)",
     )
     add_device_arguments(p.add_argument_group("device"))
-    add_hip_arguments(p, title="HiP configuration for the hip mode (defaults from HiPConfig)")
+    add_hip_arguments(
+        p, title="HiP configuration for the hip and hip+offload modes (defaults from HiPConfig)"
+    )
     p.set_defaults(func=run_eval_command)
 
 
@@ -395,6 +420,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     """``hip-attn eval``: load the model, run the tasks per mode, print the report."""
     from hip_attn.accuracy.model_eval import (
         EvalError,
+        OffloadOptions,
         format_eval,
         load_model,
         random_model,
@@ -404,12 +430,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     try:
         config = hip_config_from_args(args)
-        available = [m for m in args.modes if m != "hip+offload"]
-        if not available:
-            raise EvalError(
-                "hip+offload is not available yet (KV offload to host is not "
-                "implemented in this version); add --modes dense,hip"
-            )
         device, dtype = _device(args)
         text = None
         if args.model:
@@ -435,6 +455,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             ppl_tokens=args.ppl_tokens,
             ppl_window=args.ppl_window,
             ppl_stride=stride,
+            offload=OffloadOptions(args.cache_blocks, args.offload_chunk),
             seed=args.seed,
             progress=_progress(),
         )

@@ -11,6 +11,12 @@ smoke runs: its answers are noise, but dense and HiP must agree with each other)
   in its answer is the passkey.
 * **Perplexity**: strided sliding windows over the first tokens of the text; every token after
   the first is scored once, with up to ``window - stride`` tokens of context carried over.
+
+Modes: ``dense`` (the model as loaded), ``hip`` (:func:`hip_attn.patch`) and ``hip+offload``
+(``patch(..., offload=True)``: every HiP layer keeps its K/V in host memory, see
+:class:`hip_attn.patches.offload.HiPOffloadCache`). Under ``hip+offload`` generation prefills in
+chunks of ``max_chunk`` tokens and each perplexity window runs through a fresh offloading cache,
+``max_chunk`` tokens per forward call.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +33,13 @@ import torch
 
 from hip_attn.config import HiPConfig
 
-#: Attention modes ``hip-attn eval`` knows; ``hip+offload`` is not implemented yet.
+#: Attention modes ``hip-attn eval`` knows.
 MODES = ("dense", "hip", "hip+offload")
-UNAVAILABLE = {
-    "hip+offload": "not available yet: KV offload to host is not implemented in this version"
-}
 
 Progress = Callable[[str], None]
+#: ``nll(ids, first)``: the summed negative log-likelihood (nats) of ``ids[first:]`` given the
+#: tokens before them in the window ``ids`` (``[T]`` token ids, no context before them).
+WindowNLL = Callable[[torch.Tensor, int], float]
 
 _INTRO = (
     "Somewhere in the long text below there is a pass key. Find it and remember it, because "
@@ -68,6 +74,51 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """The :class:`hip_attn.offload.OffloadedKV` options of the ``hip+offload`` mode.
+
+    Attributes:
+        cache_blocks: block-cache slots per (batch, KV head) on the device.
+        max_chunk: the most tokens one forward call feeds (generation's prefill chunks and the
+            perplexity windows' chunks); a multiple of ``block_size_q`` larger than it.
+    """
+
+    cache_blocks: int = 2048
+    max_chunk: int = 1024
+
+
+def check_offload(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -> None:
+    """Refuse options ``hip+offload`` cannot run with.
+
+    Raises:
+        EvalError: ``max_chunk`` is not a multiple of ``block_size_q`` larger than it (a
+            call of at most ``block_size_q`` queries is a decode step to
+            :class:`hip_attn.HiPDecodeState`, which would reuse the previous chunk's
+            selection), or the block cache cannot hold the blocks one query block selects
+            (``k / block_size_k``, times the query heads of a KV head with
+            ``head_sharing="head"``).
+    """
+    bq = config.block_size_q
+    if offload.max_chunk <= bq or offload.max_chunk % bq:
+        raise EvalError(
+            f"--offload-chunk must be a multiple of --block-size-q ({bq}) larger than it "
+            f"(shorter calls count as decode steps and reuse the last selection), "
+            f"got {offload.max_chunk}"
+        )
+    need, why = config.blocks_per_query_block, "k / block_size_k"
+    if config.head_sharing == "head":
+        text = lm.model.config.get_text_config()
+        heads = text.num_attention_heads
+        need *= heads // (getattr(text, "num_key_value_heads", None) or heads)
+        why += " x query heads per KV head"
+    if offload.cache_blocks < need:
+        raise EvalError(
+            f"--cache-blocks {offload.cache_blocks} cannot hold the {need} blocks one query "
+            f"block selects ({why}); give at least {need}"
+        )
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -234,12 +285,56 @@ def run_passkey(
     return out
 
 
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+def whole_window(lm: LoadedModel) -> WindowNLL:
+    """Window scores from one forward call over the whole window."""
+
+    def nll(ids: torch.Tensor, first: int) -> float:
+        logits = lm.model(ids[None], logits_to_keep=ids.numel() - first + 1).logits[0, :-1]
+        return _nll(logits, ids[first:])
+
+    return nll
+
+
+def offloaded_window(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -> WindowNLL:
+    """Window scores from a model patched with HiP: the window goes through a fresh
+    :class:`~hip_attn.patches.offload.HiPOffloadCache` in forward calls of at most
+    ``offload.max_chunk`` tokens, each scoring its own positions, so at most one chunk's logits
+    exist at a time."""
+    from hip_attn.patches.offload import HiPOffloadCache
+
+    def nll(ids: torch.Tensor, first: int) -> float:
+        cache = HiPOffloadCache(lm.model.config, config, **asdict(offload))
+        n, total = ids.numel(), 0.0
+        for start in range(0, n, offload.max_chunk):
+            end = min(start + offload.max_chunk, n)
+            lo = max(start, first - 1)  # the first position whose next token is scored
+            wanted = max(0, end - lo)
+            logits = lm.model(
+                ids[None, start:end],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=max(1, wanted),  # 0 would mean every position
+            ).logits[0]
+            hi = min(end, n - 1)  # the last position has no next token
+            if hi > lo:
+                logits = logits[logits.shape[0] - wanted :][: hi - lo]
+                total += _nll(logits, ids[lo + 1 : hi + 1])
+        return total
+
+    return nll
+
+
 def perplexity(
     lm: LoadedModel,
     ids: torch.Tensor,
     *,
     window: int,
     stride: int,
+    score: WindowNLL | None = None,
     label: str = "",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -247,6 +342,7 @@ def perplexity(
 
     Windows of ``window`` tokens start every ``stride`` tokens; each token after the first is
     scored once, in the first window that has it after at least one token of context.
+    ``score`` computes a window's summed NLL (default :func:`whole_window`).
 
     Returns:
         ``{"nll": mean negative log-likelihood (nats/token), "ppl": exp(nll), "scored": tokens,
@@ -258,6 +354,7 @@ def perplexity(
     if n < 2:
         raise EvalError("perplexity needs at least 2 tokens")
     ids = ids.to(lm.device)
+    window_nll = whole_window(lm) if score is None else score
     total, scored, windows, done = 0.0, 0, 0, 0
     starts = list(range(0, max(1, n - 1), stride))
     for begin in starts:
@@ -266,9 +363,7 @@ def perplexity(
         if first >= end:
             continue
         with torch.no_grad():
-            logits = lm.model(ids[None, begin:end], logits_to_keep=end - first + 1).logits
-        logits = logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, ids[first:end], reduction="sum"))
+            total += window_nll(ids[begin:end], first - begin)
         scored += end - first
         windows += 1
         done = end
@@ -296,13 +391,16 @@ def run_eval(
     ppl_tokens: int = 4096,
     ppl_window: int = 2048,
     ppl_stride: int = 1024,
+    offload: OffloadOptions | None = None,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run the tasks under every available mode; ``hip`` patches the model with ``config``
-    (and unpatches it afterwards). Unavailable modes are listed with the reason.
+    """Run the tasks under every mode; ``hip`` patches the model with ``config``,
+    ``hip+offload`` with ``config`` and ``offload=True`` (default :class:`OffloadOptions`), and
+    each unpatches it afterwards.
 
-    Returns a JSON-ready dict (see ``hip-attn eval --help``).
+    Returns a JSON-ready dict (see ``hip-attn eval --help``); it has ``"offload"`` (the
+    options) when ``hip+offload`` is among the modes.
     """
     import hip_attn
 
@@ -311,15 +409,18 @@ def run_eval(
         raise EvalError(f"unknown modes {bad}; choose from {list(MODES)}")
     if lm.tokenizer is not None and text is None:
         raise EvalError("eval on a checkpoint needs --text FILE (passkey filler and perplexity)")
+    offload = OffloadOptions() if offload is None else offload
     result: dict[str, Any] = {
         "model": lm.name,
         "device": str(lm.device),
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "hip_config": config.to_dict(),
         "modes": list(modes),
-        "unavailable": {m: UNAVAILABLE[m] for m in modes if m in UNAVAILABLE},
         "seed": seed,
     }
+    if "hip+offload" in modes:
+        check_offload(lm, config, offload)
+        result["offload"] = asdict(offload)
     if "passkey" in tasks:
         result["passkey"] = {
             "contexts": list(contexts),
@@ -336,12 +437,10 @@ def run_eval(
             "results": {},
         }
     for mode in modes:
-        if mode in UNAVAILABLE:
-            if progress:
-                progress(f"{mode}: {UNAVAILABLE[mode]}; skipped")
-            continue
-        if mode == "hip":
-            hip_attn.patch(lm.model, config)
+        offloaded = mode == "hip+offload"
+        if mode != "dense":
+            options = asdict(offload) if offloaded else None
+            hip_attn.patch(lm.model, config, offload=offloaded, offload_options=options)
         try:
             if "passkey" in tasks:
                 result["passkey"]["results"][mode] = run_passkey(
@@ -356,10 +455,16 @@ def run_eval(
                 )
             if "perplexity" in tasks:
                 result["perplexity"]["results"][mode] = perplexity(
-                    lm, ids, window=ppl_window, stride=ppl_stride, label=mode, progress=progress
+                    lm,
+                    ids,
+                    window=ppl_window,
+                    stride=ppl_stride,
+                    score=offloaded_window(lm, config, offload) if offloaded else None,
+                    label=mode,
+                    progress=progress,
                 )
         finally:
-            if mode == "hip":
+            if mode != "dense":
                 hip_attn.unpatch(lm.model)
     if "passkey" in result:
         _passkey_summary(result["passkey"])
@@ -389,8 +494,12 @@ def format_eval(result: dict[str, Any]) -> str:
         f"sinks {cfg['sink_tokens']} window {cfg['window']} block_q {cfg['block_size_q']} "
         f"block_k {cfg['block_size_k']} beam {cfg['beam']}"
     ]
-    for mode, why in result["unavailable"].items():
-        lines.append(f"{mode}: {why}")
+    if "offload" in result:
+        off = result["offload"]
+        lines.append(
+            f"hip+offload: K/V in host memory, {off['cache_blocks']:,} block-cache slots per "
+            f"(batch, KV head), {off['max_chunk']:,} tokens per forward call"
+        )
     if "passkey" in result:
         pk = result["passkey"]
         depths = pk["depths"]
@@ -398,12 +507,12 @@ def format_eval(result: dict[str, Any]) -> str:
             "",
             f"passkey retrieval ({pk['digits']} digits, greedy): right (+) or wrong (.) per depth",
         ]
-        lines.append(f"{'mode':<8}{'context':>9}  " + " ".join(f"{d:>5g}" for d in depths))
+        lines.append(f"{'mode':<12}{'context':>9}  " + " ".join(f"{d:>5g}" for d in depths))
         for mode, runs in pk["results"].items():
             for context in pk["contexts"]:
                 row = [r for r in runs if r["context"] == context]
                 marks = " ".join(f"{'+' if r['correct'] else '.':>5}" for r in row)
-                lines.append(f"{mode:<8}{context:>9,}  {marks}")
+                lines.append(f"{mode:<12}{context:>9,}  {marks}")
         for mode, acc in pk.get("accuracy", {}).items():
             same = pk.get("same_answer_as_dense", {}).get(mode)
             extra = "" if same is None else f"; same answer as dense {same:.0%}"
@@ -415,9 +524,9 @@ def format_eval(result: dict[str, Any]) -> str:
             f"perplexity over {pp['tokens']:,} tokens (window {pp['window']:,}, "
             f"stride {pp['stride']:,})",
         ]
-        lines.append(f"{'mode':<8}{'ppl':>12}{'nll/token':>12}{'scored':>9}{'vs dense':>10}")
+        lines.append(f"{'mode':<12}{'ppl':>12}{'nll/token':>12}{'scored':>9}{'vs dense':>10}")
         dense = pp["results"].get("dense")
         for mode, r in pp["results"].items():
             rel = "" if dense is None else f"{100 * (r['ppl'] / dense['ppl'] - 1):+9.2f}%"
-            lines.append(f"{mode:<8}{r['ppl']:12.4f}{r['nll']:12.5f}{r['scored']:9,}{rel:>10}")
+            lines.append(f"{mode:<12}{r['ppl']:12.4f}{r['nll']:12.5f}{r['scored']:9,}{rel:>10}")
     return "\n".join(lines)
