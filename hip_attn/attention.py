@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from hip_attn.config import HiPConfig
 from hip_attn.geometry import block_representatives, pool_queries, query_blocks
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import check_config, check_qkv, check_scale
+
+if TYPE_CHECKING:
+    from hip_attn.triton_kernels.attention import KVSegments
 
 logger = logging.getLogger("hip_attn")
 
@@ -205,29 +209,36 @@ def _sparse(
 ) -> torch.Tensor:
     if not uses_triton(q.device):
         return hip_attention_reference(q, k, v, config, scale=scale, indices=indices)
-    from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+    from hip_attn.triton_kernels.attention import KVSegments
+
+    return launch_sparse(q, KVSegments.full(k, v), k.shape[2], indices, config, scale)
+
+
+def launch_sparse(
+    q: torch.Tensor,
+    kv: KVSegments,
+    tk: int,
+    indices: torch.Tensor,
+    config: HiPConfig,
+    scale: float,
+) -> torch.Tensor:
+    """The sparse attention kernel with the launch shape for this call: for decode (one query
+    block) the query heads of a selection share a tile and the key range is split."""
+    from hip_attn.triton_kernels.attention import sparse_attention_triton
 
     b, hq, tq, _ = q.shape
-    geo = query_blocks(tq, k.shape[2], config, q.device)
+    geo = query_blocks(tq, tk, config, q.device)
     heads, splits = 1, 1
-    if tq <= config.block_size_q:  # decode: pack the group's heads, split the key range
+    if tq <= config.block_size_q:
         per_sel = hq // indices.shape[1]
         if per_sel * tq <= MAX_PACKED_ROWS:
             heads = per_sel
         tiles = -(-(config.sink_tokens + config.k + config.window + tq) // BLOCK_N)
         splits = _decode_splits(b * hq // heads, tiles, q.device)
     return sparse_attention_triton(
-        q,
-        KVSegments.full(k, v),
-        k.shape[2],
-        indices,
-        geo.window_start,
-        config,
-        scale,
-        num_splits=splits,
-        heads_per_program=heads,
-        block_n=BLOCK_N,
-    )
+        q, kv, tk, indices, geo.window_start, config, scale,
+        num_splits=splits, heads_per_program=heads, block_n=BLOCK_N,
+    )  # fmt: skip
 
 
 def hip_attention(

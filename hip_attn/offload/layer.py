@@ -15,7 +15,7 @@ import torch
 
 from hip_attn.attention import HiPDecodeState, select_blocks, uses_triton
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import block_representatives, query_blocks
+from hip_attn.geometry import block_representatives
 from hip_attn.offload.block_cache import BlockCache
 from hip_attn.offload.gather import make_gather
 from hip_attn.offload.host import HostKV
@@ -181,17 +181,14 @@ class OffloadedKV:
     def _sparse(
         self, q: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        from hip_attn.attention import BLOCK_N
-        from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+        from hip_attn.attention import launch_sparse
+        from hip_attn.triton_kernels.attention import KVSegments
 
-        config, tk, tq = self.config, self.length, q.shape[2]
         kv = KVSegments(
             self.sink_k, self.sink_v, self.cache.k, self.cache.v, self.recent_k, self.recent_v,
             slots=self.cache.slots_of(indices, rows), window_offset=self.recent_start,
         )  # fmt: skip
-        geo = query_blocks(tq, tk, config, q.device)
-        return sparse_attention_triton(q, kv, tk, indices, geo.window_start, config, scale,
-                                       block_n=BLOCK_N)  # fmt: skip
+        return launch_sparse(q, kv, self.length, indices, self.config, scale)
 
     def prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
