@@ -49,8 +49,10 @@ def _state(module: torch.nn.Module, sequence: int | None) -> HiPDecodeState | No
 
 
 def _offloaded_kv(module: torch.nn.Module) -> Any:
+    from hip_attn.patches.offload import HiPOffloadCache  # imports transformers
+
     cache = LAYER_CACHES.get(module)
-    if cache is None or type(cache).__name__ != "HiPOffloadCache":
+    if not isinstance(cache, HiPOffloadCache):
         return None
     return cache.offloaded(cast(int, module.layer_idx))
 
