@@ -10,6 +10,7 @@ costs O(T) memory and time, so 64K-token contexts run on a laptop CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,31 +65,35 @@ def backend_name(device: torch.device) -> str:
     return "Triton" if device.type == "cuda" else "Triton (interpreter)"
 
 
-def evaluate_context(
-    context: int,
-    config: HiPConfig,
-    *,
-    methods: Sequence[str] = tuple(METHODS),
-    heads: int = 8,
-    kv_heads: int = 2,
-    head_dim: int = 64,
-    n_spans: int = 4,
-    span_halo: int = 0,
-    seeds: Sequence[int] = (0,),
-    sample_last: int = 2,
-    sample_spread: int = 6,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Setup:
+    """The settings of :func:`run_accuracy` that every context shares."""
+
+    methods: Sequence[str]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    n_spans: int
+    span_halo: int
+    seeds: Sequence[int]
+    sample_last: int
+    sample_spread: int
+    device: torch.device
+    dtype: torch.dtype
+    progress: Callable[[str], None] | None
+
+
+def _evaluate_context(context: int, config: HiPConfig, setup: _Setup) -> dict[str, Any]:
     """Generate one layer of ``context`` tokens per seed and score every method on the sampled
     query blocks; metrics pool the blocks of all seeds.
 
     Returns a JSON-ready dict: the context, seeds, planted spans per seed, sampled blocks, the
     dense mass breakdown per head type, and per method the :meth:`MethodTotals.summary` metrics.
     """
-    device = torch.device(device)
-    blocks, sampling = sample_query_blocks(context, config, last=sample_last, spread=sample_spread)
+    methods, seeds, progress = setup.methods, setup.seeds, setup.progress
+    blocks, sampling = sample_query_blocks(
+        context, config, last=setup.sample_last, spread=setup.sample_spread
+    )
     geo = query_blocks(context, context, config)
     totals: dict[str, MethodTotals] = {}
     breakdown = []
@@ -96,17 +101,17 @@ def evaluate_context(
     for seed in seeds:
         data = make_inputs(
             context,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            n_spans=n_spans,
-            span_halo=span_halo,
+            heads=setup.heads,
+            kv_heads=setup.kv_heads,
+            head_dim=setup.head_dim,
+            n_spans=setup.n_spans,
+            span_halo=setup.span_halo,
             seed=seed,
         )
         spans[str(seed)] = [list(span) for span in data.spans]
         for name in methods:
             totals.setdefault(name, MethodTotals(data.profiles))
-        q, k, v = (x.to(device=device, dtype=dtype) for x in (data.q, data.k, data.v))
+        q, k, v = (x.to(device=setup.device, dtype=setup.dtype) for x in (data.q, data.k, data.v))
         for i, j in enumerate(blocks):
             if progress:
                 progress(f"context {context}, seed {seed}: query block {j} ({i + 1}/{len(blocks)})")
@@ -174,7 +179,7 @@ def run_accuracy(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run :func:`evaluate_context` for each context length (the same seeds for all).
+    """Score every method on each context length (the same seeds for all).
 
     Returns a JSON-ready dict with the setup (config, backend, shapes, seed, methods) and a
     ``"contexts"`` list of per-context results.
@@ -187,25 +192,21 @@ def run_accuracy(
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     device = torch.device(device)
-    results = [
-        evaluate_context(
-            t,
-            config,
-            methods=methods,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            n_spans=n_spans,
-            span_halo=span_halo,
-            seeds=seeds,
-            sample_last=sample_last,
-            sample_spread=sample_spread,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-        )
-        for t in contexts
-    ]
+    setup = _Setup(
+        methods=methods,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        n_spans=n_spans,
+        span_halo=span_halo,
+        seeds=seeds,
+        sample_last=sample_last,
+        sample_spread=sample_spread,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
+    results = [_evaluate_context(t, config, setup) for t in contexts]
     return {
         "config": config.to_dict(),
         "backend": backend_name(device) if any(m.startswith("hip") for m in methods) else None,

@@ -7,6 +7,8 @@ import argparse
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,14 @@ from hip_attn.bench.cases import (
     offload_defaults_for,
 )
 from hip_attn.bench.environment import CPU_STEM, RESULTS_DIR
-from hip_attn.bench.report import SCHEMA, MixedResults, Record, check_appendable, table
+from hip_attn.bench.report import (
+    SCHEMA,
+    MixedResults,
+    Record,
+    check_appendable,
+    table,
+    write_jsonl,
+)
 from hip_attn.cli_args import (
     add_hip_arguments,
     arg_type,
@@ -140,13 +149,7 @@ def _common_options() -> argparse.ArgumentParser:
         help="query tokens per call, at the last positions (default: decode 1, prefill and "
         "mask the whole context); the floor covers only all-queries and one query",
     )
-    _add_shape_arguments(g)
-
-    add_hip_arguments(
-        common,
-        title="HiP configuration (defaults: HiPConfig() on a GPU)",
-        defaults=GPU_DEFAULTS.config,
-    )
+    _add_layer_arguments(common, g)
 
     g = common.add_argument_group("methods")
     g.add_argument(
@@ -226,7 +229,8 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _add_shape_arguments(g: argparse._ArgumentGroup) -> None:
+def _add_layer_arguments(parser: argparse.ArgumentParser, g: argparse._ArgumentGroup) -> None:
+    """The shape options (into the workload group ``g``), then the HiP configuration group."""
     g.add_argument("--batch", type=arg_type(positive_int, "batch"), metavar="N", help="sequences")
     g.add_argument("--heads", type=arg_type(positive_int, "heads"), metavar="N", help="query heads")
     g.add_argument(
@@ -236,6 +240,11 @@ def _add_shape_arguments(g: argparse._ArgumentGroup) -> None:
         "--head-dim", type=arg_type(_at_least_16, "head dim"), metavar="D", help="head dimension"
     )
     g.add_argument("--dtype", choices=DTYPES, help="dtype of q, k, v")
+    add_hip_arguments(
+        parser,
+        title="HiP configuration (defaults: HiPConfig() on a GPU)",
+        defaults=GPU_DEFAULTS.config,
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, plot_help: str) -> None:
@@ -351,13 +360,7 @@ def _offload_options() -> argparse.ArgumentParser:
         help="contexts of the memory part, two or more; growth is from the first to the last "
         "(defaults below)",
     )
-    _add_shape_arguments(g)
-
-    add_hip_arguments(
-        opts,
-        title="HiP configuration (defaults: HiPConfig() on a GPU)",
-        defaults=GPU_DEFAULTS.config,
-    )
+    _add_layer_arguments(opts, g)
 
     g = opts.add_argument_group("the offloaded layer (OffloadedKV)")
     g.add_argument(
@@ -608,12 +611,8 @@ def run(args: argparse.Namespace) -> int:
         gpu_name, gpu_note = "h100-sxm", None
     out: Path = args.out or env_mod.default_output(device_name, device.type)
     label = timing_label(device)
-    if not args.overwrite:
-        try:
-            check_appendable(out, device_name)
-        except MixedResults as exc:
-            print(f"hip-attn bench: error: {exc}", file=sys.stderr)
-            return 2
+    if not _may_write(out, device_name, args.overwrite):
+        return 2
     methods = args.methods or (("hip",) if mode == "mask" else METHODS)
     opts = RunOptions(
         device=device,
@@ -631,38 +630,78 @@ def run(args: argparse.Namespace) -> int:
         flex_kv_block=args.flex_kv_block,
         seed=args.seed,
     )
-    run_id = uuid.uuid4().hex[:12]
     print(
         f"hip-attn bench {mode}: {len(cases)} case(s) on {device_name} ({label}), methods "
         f"{','.join(methods)}; results -> {out}",
         file=sys.stderr,
     )
-    from hip_attn.bench.report import write_jsonl
+    jobs: list[_Job] = [(case.label, partial(run_case, case, opts)) for case in cases]
+    records, failed = _run_jobs(jobs, env, out, device, args.overwrite, empty_cache_each=True)
+    return _finish(args, records, failed, out, mode)
 
-    if args.overwrite:
+
+def _may_write(out: Path, device_name: str, overwrite: bool) -> bool:
+    """Whether records of ``device_name`` may go to ``out``; says why not on stderr."""
+    if overwrite:
+        return True
+    try:
+        check_appendable(out, device_name)
+    except MixedResults as exc:
+        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+#: A labelled unit of work: called with a logging function, returns the body of one record.
+_Job = tuple[str, Callable[[Callable[[str], None]], Record]]
+
+
+def _run_jobs(
+    jobs: list[_Job],
+    env: Record,
+    out: Path,
+    device: Any,
+    overwrite: bool,
+    *,
+    empty_cache_each: bool,
+) -> tuple[list[Record], int]:
+    """Run ``jobs`` in turn on ``device`` (a ``torch.device``), appending each record to ``out``
+    as it finishes (``overwrite``: emptying ``out`` first); a failed job is said on stderr and the
+    others still run. The CUDA cache is emptied after a failure, and with ``empty_cache_each``
+    after every job. Returns the records and the number of failed jobs."""
+    import torch
+
+    run_id = uuid.uuid4().hex[:12]
+    if overwrite:
         write_jsonl([], out, overwrite=True)
     records: list[Record] = []
     failed = 0
-    for i, case in enumerate(cases, 1):
-        tag = f"[{i}/{len(cases)}] {case.label}"
+    for i, (label, job) in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {label}"
         print(f"{tag} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            body = run_case(case, opts, log=lambda msg: print(f"  {msg}", file=sys.stderr))
-        except Exception as exc:  # keep the other cases
+            body = job(lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+        except Exception as exc:  # keep the other jobs
             failed += 1
             print(f"{tag}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if device.type == "cuda":
+        if empty_cache_each and device.type == "cuda":
             torch.cuda.empty_cache()
         record: Record = {"schema": SCHEMA, "run_id": run_id, **env, **body}
         records.append(record)
         write_jsonl([record], out)
         took = time.perf_counter() - start
         print(f"{tag}: {_summary(record)} ({took:.1f} s)", file=sys.stderr, flush=True)
+    return records, failed
 
+
+def _finish(
+    args: argparse.Namespace, records: list[Record], failed: int, out: Path, mode: str
+) -> int:
+    """Print the table and draw ``--plot``; returns the exit status of the run."""
     if records:
         print(table(records))
         print(f"\n{len(records)} record(s) appended to {out}", file=sys.stderr)
@@ -692,8 +731,6 @@ def _plot_to(args: argparse.Namespace, records: list[Record], out: Path, mode: s
 
 def _run_offload(args: argparse.Namespace, device: Any) -> int:
     """Run ``hip-attn bench offload`` on ``device`` (a ``torch.device``)."""
-    import torch
-
     try:
         plan = build_offload_plan(args, device.type)
     except ValueError as exc:
@@ -702,62 +739,24 @@ def _run_offload(args: argparse.Namespace, device: Any) -> int:
 
     from hip_attn.bench import environment as env_mod
     from hip_attn.bench.offload import decode_case, memory_part
-    from hip_attn.bench.report import write_jsonl
     from hip_attn.bench.runner import timing_label
 
     env = env_mod.environment(device)
     device_name = str(env["device"])
     out: Path = args.out or env_mod.default_output(device_name, device.type)
-    if not args.overwrite:
-        try:
-            check_appendable(out, device_name)
-        except MixedResults as exc:
-            print(f"hip-attn bench: error: {exc}", file=sys.stderr)
-            return 2
-    jobs: list[tuple[str, Any]] = []
+    if not _may_write(out, device_name, args.overwrite):
+        return 2
+    jobs: list[_Job] = []
     if plan.memory_contexts:
         label = "offload memory " + ",".join(short_tokens(c) for c in plan.memory_contexts)
-        jobs.append((label, lambda say: memory_part(plan, device, args.seed, say)))
+        jobs.append((label, partial(memory_part, plan, device, args.seed)))
     for context in plan.decode_contexts:
-        jobs.append(
-            (
-                f"offload decode {short_tokens(context)}",
-                lambda say, c=context: decode_case(plan, c, device, args.seed, say),
-            )
-        )
-    run_id = uuid.uuid4().hex[:12]
+        label = f"offload decode {short_tokens(context)}"
+        jobs.append((label, partial(decode_case, plan, context, device, args.seed)))
     print(
         f"hip-attn bench offload: {len(jobs)} part(s) on {device_name} ({timing_label(device)}); "
         f"results -> {out}",
         file=sys.stderr,
     )
-    if args.overwrite:
-        write_jsonl([], out, overwrite=True)
-    records: list[Record] = []
-    failed = 0
-    for i, (label, job) in enumerate(jobs, 1):
-        tag = f"[{i}/{len(jobs)}] {label}"
-        print(f"{tag} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        try:
-            body = job(lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
-        except Exception as exc:  # keep the other parts
-            failed += 1
-            print(f"{tag}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        record: Record = {"schema": SCHEMA, "run_id": run_id, **env, **body}
-        records.append(record)
-        write_jsonl([record], out)
-        took = time.perf_counter() - start
-        print(f"{tag}: {_summary(record)} ({took:.1f} s)", file=sys.stderr, flush=True)
-
-    if records:
-        print(table(records))
-        print(f"\n{len(records)} record(s) appended to {out}", file=sys.stderr)
-    if args.plot is not None and records:
-        status = _plot_to(args, records, out, "offload")
-        if status:
-            return status
-    return 1 if failed or not records else 0
+    records, failed = _run_jobs(jobs, env, out, device, args.overwrite, empty_cache_each=False)
+    return _finish(args, records, failed, out, "offload")

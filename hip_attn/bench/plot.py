@@ -180,14 +180,23 @@ def plot(records: Sequence[Record], path: str | Path) -> None:
         reason = "CPU timings are not compared\nwith a GPU floor" if on_cpu else "no floor"
         ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center")
 
+    cfg = first["config"]
+    settings = f"window={cfg['window']} sinks={cfg['sink_tokens']}"
+    _title_and_save(plt, fig, path, mode, first, settings)
+
+
+def _title_and_save(
+    plt: Any, fig: Any, path: str | Path, mode: str, first: Record, settings: str
+) -> None:
+    """Title ``fig`` with the device, shapes, HiP k, ``settings`` and commit of ``first`` (a record
+    of the run), write it to ``path`` and close it."""
     sh, cfg = first["shape"], first["config"]
     suptitle = (
         f"{mode}: {first.get('device')} ({first.get('timing')}), B={sh['batch']} "
         f"Hq={sh['heads']} Hkv={sh['kv_heads']} D={sh['head_dim']} {sh['dtype']}; HiP k={cfg['k']} "
-        f"window={cfg['window']} sinks={cfg['sink_tokens']}; commit "
-        f"{str((first.get('git') or {}).get('commit', 'unknown'))[:10]}"
+        f"{settings}; commit {str((first.get('git') or {}).get('commit', 'unknown'))[:10]}"
     )
-    if on_cpu:
+    if first.get("device_type") != "cuda":
         suptitle = "CPU SMOKE TEST (not GPU performance) - " + suptitle
     fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
@@ -211,7 +220,6 @@ def _plot_offload(plt: Any, records: Sequence[Record], path: str | Path) -> None
     decode = sorted((r for r in records if r.get("part") == "decode"), key=lambda r: r["context"])
     memory = [r for r in records if r.get("part") == "memory"]
     first = (decode or memory)[0]
-    on_cpu = first.get("device_type") != "cuda"
     fig, axes = plt.subplots(1, 3, figsize=(15.6, 4.6))
 
     ax = axes[0]
@@ -267,19 +275,9 @@ def _plot_offload(plt: Any, records: Sequence[Record], path: str | Path) -> None
     else:
         ax.text(0.5, 0.5, "no memory part", transform=ax.transAxes, ha="center", va="center")
 
-    sh, cfg = first["shape"], first["config"]
     offload = first.get("offload") or {}
-    suptitle = (
-        f"offload: {first.get('device')} ({first.get('timing')}), B={sh['batch']} "
-        f"Hq={sh['heads']} Hkv={sh['kv_heads']} D={sh['head_dim']} {sh['dtype']}; HiP k={cfg['k']} "
-        f"refresh={cfg['refresh_interval']}; cache_blocks={offload.get('cache_blocks')} "
-        f"gather={offload.get('gather')}; commit "
-        f"{str((first.get('git') or {}).get('commit', 'unknown'))[:10]}"
+    settings = (
+        f"refresh={first['config']['refresh_interval']}; "
+        f"cache_blocks={offload.get('cache_blocks')} gather={offload.get('gather')}"
     )
-    if on_cpu:
-        suptitle = "CPU SMOKE TEST (not GPU performance) - " + suptitle
-    fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _title_and_save(plt, fig, path, "offload", first, settings)

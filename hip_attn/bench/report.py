@@ -83,28 +83,34 @@ def _ms(name: str) -> Callable[[Record], str]:
     return cell
 
 
-def _rate(name: str, key: str) -> Callable[[Record], str]:
+def _field(name: str, key: str, fmt: Callable[[Any], str]) -> Callable[[Record], str]:
     def cell(record: Record) -> str:
         value = _result(record, name).get(key)
-        return "-" if value is None else f"{value:.3g}"
+        return "-" if value is None else fmt(value)
 
     return cell
 
 
+def _rate(name: str, key: str) -> Callable[[Record], str]:
+    return _field(name, key, lambda v: f"{v:.3g}")
+
+
 def _peak(name: str) -> Callable[[Record], str]:
+    return _field(name, "peak_mem_bytes", fmt_bytes)
+
+
+def _factor(section: str, key: str) -> Callable[[Record], str]:
+    """The cell of the ratio ``record[section][key]``, as ``1.23x``."""
+
     def cell(record: Record) -> str:
-        value = _result(record, name).get("peak_mem_bytes")
-        return "-" if value is None else fmt_bytes(value)
+        value = (record.get(section) or {}).get(key)
+        return "-" if value is None else f"{value:.3g}x"
 
     return cell
 
 
 def _speedup(key: str) -> Callable[[Record], str]:
-    def cell(record: Record) -> str:
-        value = (record.get("speedup") or {}).get(key)
-        return "-" if value is None else f"{value:.3g}x"
-
-    return cell
+    return _factor("speedup", key)
 
 
 def _floor_ms(name: str) -> Callable[[Record], str]:
@@ -129,16 +135,21 @@ def _context(record: Record) -> str:
 
 Column = tuple[str, Callable[[Record], str]]
 
+#: HiP's two stages beside the dense and flex baselines (prefill and decode).
+_STAGES_VS_BASELINES: list[Column] = [
+    ("mask ms", _ms("hip_mask")),
+    ("sparse ms", _ms("hip_sparse")),
+    ("SDPA ms", _ms("sdpa")),
+    ("flex ms", _ms("flex")),
+    ("vs SDPA", _speedup("hip_vs_sdpa")),
+    ("flex/sparse", _speedup("sparse_vs_flex")),
+]
+
 _COLUMNS: dict[str, list[Column]] = {
     "prefill": [
         ("context", _context),
         ("HiP ms", _ms("hip")),
-        ("mask ms", _ms("hip_mask")),
-        ("sparse ms", _ms("hip_sparse")),
-        ("SDPA ms", _ms("sdpa")),
-        ("flex ms", _ms("flex")),
-        ("vs SDPA", _speedup("hip_vs_sdpa")),
-        ("flex/sparse", _speedup("sparse_vs_flex")),
+        *_STAGES_VS_BASELINES,
         ("HiP TFLOP/s", _rate("hip", "tflops")),
         ("HiP GB/s", _rate("hip", "gbps")),
         ("HiP peak", _peak("hip")),
@@ -151,12 +162,7 @@ _COLUMNS: dict[str, list[Column]] = {
         ("context", _context),
         ("HiP ms", _ms("hip_amortized")),
         ("step ms", _ms("hip")),
-        ("mask ms", _ms("hip_mask")),
-        ("sparse ms", _ms("hip_sparse")),
-        ("SDPA ms", _ms("sdpa")),
-        ("flex ms", _ms("flex")),
-        ("vs SDPA", _speedup("hip_vs_sdpa")),
-        ("flex/sparse", _speedup("sparse_vs_flex")),
+        *_STAGES_VS_BASELINES,
         ("sparse GB/s", _rate("hip_sparse", "gbps")),
         ("HiP peak", _peak("hip_amortized")),
         ("floor ms", _floor_ms("hip_amortized")),
@@ -228,20 +234,8 @@ def _notes(records: Sequence[Record]) -> list[str]:
 # ---- the offload mode --------------------------------------------------------------------------
 
 
-def _field(name: str, key: str, fmt: Callable[[Any], str]) -> Callable[[Record], str]:
-    def cell(record: Record) -> str:
-        value = _result(record, name).get(key)
-        return "-" if value is None else fmt(value)
-
-    return cell
-
-
 def _ratio(key: str) -> Callable[[Record], str]:
-    def cell(record: Record) -> str:
-        value = (record.get("offload_vs_device") or {}).get(key)
-        return "-" if value is None else f"{value:.3g}x"
-
-    return cell
+    return _factor("offload_vs_device", key)
 
 
 def _fill_s(record: Record) -> str:
