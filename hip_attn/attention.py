@@ -30,32 +30,48 @@ BLOCK_N = 64
 MAX_PACKED_ROWS = 64
 
 
+#: Oldest Triton whose interpreter runs the kernels (3.6's cannot loop to a bound it loaded).
+MIN_INTERPRETER_TRITON = (3, 8)
+
+
 @functools.cache
-def _triton_importable() -> bool:
+def _triton_version() -> tuple[int, int] | None:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return None
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 @functools.cache
-def _warn_reference(device_type: str) -> None:
-    logger.warning(
-        "hip_attn: running the PyTorch reference on %s (slow). The Triton kernels need CUDA "
-        "tensors, or TRITON_INTERPRET=1 to interpret them on the CPU.",
-        device_type,
-    )
+def _warn_reference(device_type: str, why: str) -> None:
+    logger.warning("hip_attn: running the PyTorch reference on %s (slow). %s", device_type, why)
 
 
 def uses_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` go through the Triton kernels (else the reference)."""
-    ok = _triton_importable() and (
-        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    )
-    if not ok:
-        _warn_reference(device.type)
-    return ok
+    version = _triton_version()
+    if version is None:
+        _warn_reference(device.type, "Triton is not installed.")
+        return False
+    if device.type == "cuda":
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        _warn_reference(
+            device.type,
+            "The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to interpret them "
+            "on the CPU.",
+        )
+        return False
+    if version < MIN_INTERPRETER_TRITON:
+        _warn_reference(
+            device.type,
+            f"Triton {version[0]}.{version[1]}'s interpreter cannot run the kernels; "
+            f"{MIN_INTERPRETER_TRITON[0]}.{MIN_INTERPRETER_TRITON[1]} or newer can.",
+        )
+        return False
+    return True
 
 
 class HiPDecodeState:
@@ -191,12 +207,28 @@ def estimate_mask(
     return _estimate(q, k, config)
 
 
-def _decode_splits(programs: int, tiles: int, device: torch.device) -> int:
-    """Key-range splits so a decode launch fills the GPU: about two programs per SM."""
+def _multiprocessors(device: torch.device) -> int | None:
     if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles // 2, -(-2 * sms // programs)))
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_shape(
+    batch: int, q_heads: int, sel_heads: int, tq: int, config: HiPConfig, sms: int | None
+) -> tuple[int, int]:
+    """``(heads_per_program, num_splits)`` of the sparse attention launch. A decode call (one
+    query block) packs the query heads of a selection into one tile (up to
+    ``MAX_PACKED_ROWS`` rows) and, on a GPU with ``sms`` multiprocessors, splits each
+    program's key range so the launch has about two programs per SM."""
+    if tq > config.block_size_q:
+        return 1, 1
+    per_sel = q_heads // sel_heads
+    heads = per_sel if per_sel * tq <= MAX_PACKED_ROWS else 1
+    if sms is None:
+        return heads, 1
+    tiles = -(-(config.sink_tokens + config.k + config.window + tq) // BLOCK_N)
+    programs = batch * q_heads // heads
+    return heads, max(1, min(tiles // 2, -(-2 * sms // programs)))
 
 
 def _sparse(
@@ -228,13 +260,7 @@ def launch_sparse(
 
     b, hq, tq, _ = q.shape
     geo = query_blocks(tq, tk, config, q.device)
-    heads, splits = 1, 1
-    if tq <= config.block_size_q:
-        per_sel = hq // indices.shape[1]
-        if per_sel * tq <= MAX_PACKED_ROWS:
-            heads = per_sel
-        tiles = -(-(config.sink_tokens + config.k + config.window + tq) // BLOCK_N)
-        splits = _decode_splits(b * hq // heads, tiles, q.device)
+    heads, splits = launch_shape(b, hq, indices.shape[1], tq, config, _multiprocessors(q.device))
     return sparse_attention_triton(
         q, kv, tk, indices, geo.window_start, config, scale,
         num_splits=splits, heads_per_program=heads, block_n=BLOCK_N,

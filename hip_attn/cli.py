@@ -14,6 +14,7 @@ from hip_attn._version import __version__
 # ``parser.set_defaults(func=...)`` and returns a process exit code.
 _SUBCOMMANDS: tuple[str, ...] = (
     "hip_attn.check",
+    "hip_attn.aot",
     "hip_attn.demo",
     "hip_attn.perf.cli",
     "hip_attn.bench.cli",

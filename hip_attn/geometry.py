@@ -88,9 +88,12 @@ def block_representatives(k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
 
 
 def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-    """Mean-pool consecutive query rows in groups of ``query_pool_stride``: fp32
-    ``[B, Hq, ceil(Tq / stride), D]``. Groups never straddle query blocks (the stride divides
-    ``block_size_q``); the last group may be partial and is averaged over the rows it has."""
+    """Mean-pool consecutive query rows in groups of ``query_pool_stride``:
+    ``[B, Hq, ceil(Tq / stride), D]`` in the dtype of ``q``. Groups never straddle query blocks
+    (the stride divides ``block_size_q``); the last group may be partial and is averaged over
+    the rows it has. Means are taken in fp32 and rounded once to ``q``'s dtype, so that the
+    search's dot products with the (same-dtype) representatives run on tensor cores; the
+    products of two 16-bit floats are exact in the fp32 accumulator."""
     stride = config.query_pool_stride
     tq = q.shape[-2]
     full = tq // stride
@@ -100,4 +103,4 @@ def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:
     if tq % stride:
         tail = q[..., full * stride :, :].sum(-2, keepdim=True, dtype=torch.float32)
         pooled = torch.cat([pooled, tail / (tq % stride)], dim=-2)
-    return pooled
+    return pooled.to(q.dtype)

@@ -99,7 +99,7 @@ def search_reference(
     h_sel = hq // per_sel
     rows_per_block = config.block_size_q // config.query_pool_stride
 
-    pooled = pool_queries(q, config)  # [B, Hq, TP, D]
+    pooled = pool_queries(q, config).float()  # [B, Hq, TP, D], rounded to q's dtype
     rep = rep.float()
     geo = query_blocks(tq, tk, config)
     first = first_candidate_block(config)

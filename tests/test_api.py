@@ -120,6 +120,18 @@ def test_reference_fallback_is_logged_once(rand_qkv, monkeypatch, caplog):
     assert sum("PyTorch reference" in r.message for r in caplog.records) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA tensors always use the kernels")
+def test_an_interpreter_too_old_for_the_kernels_falls_back_to_the_reference(monkeypatch, caplog):
+    import hip_attn.attention as attention
+
+    monkeypatch.setattr(attention, "_triton_version", lambda: (3, 6))
+    _warn_reference.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hip_attn"):
+        assert not uses_triton(torch.device("cpu"))
+    assert "Triton 3.6's interpreter cannot run the kernels; 3.8 or newer can" in caplog.text
+    _warn_reference.cache_clear()
+
+
 def _bad_inputs():
     q = torch.randn(1, 4, 8, 64)
     k = torch.randn(1, 2, 16, 64)

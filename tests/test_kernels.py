@@ -120,3 +120,48 @@ def test_kernel_with_budget_covering_context_equals_dense(rand_qkv, tq, tk):
     torch.testing.assert_close(
         out.cpu(), dense_attention_reference(q, k, v).cpu(), atol=1e-5, rtol=1e-5
     )
+
+
+def test_bf16_search_scores_round_pooled_queries_like_the_reference(rand_qkv):
+    # the kernel's 16-bit path (tensor cores on a GPU) rounds the pooled queries to bf16
+    # exactly as the reference does; both then accumulate exact products in fp32
+    q, k, _ = rand_qkv(1, 4, 2, 200, 900, 64, dtype=torch.bfloat16, device=DEVICE, seed=21)
+    pooled = pool_queries(q, CFG)
+    assert pooled.dtype == torch.bfloat16
+    out, _ = run_mask(q, k, CFG)
+    ref, _ = estimate_mask_reference(q, k, CFG)
+    torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
+
+
+def test_int64_offsets_give_the_same_results(rand_qkv, monkeypatch):
+    # int64 offsets are chosen only for tensors spanning 2^31 elements (too big for a test);
+    # forcing them on small inputs checks that path computes what the int32 path does
+    import hip_attn.triton_kernels.attention as attention_kernel
+    import hip_attn.triton_kernels.mask as mask_kernel
+
+    q, k, v = rand_qkv(2, 4, 2, 5, 700, 64, device=DEVICE, seed=31)
+    idx32, _ = run_mask(q, k, CFG)
+    out32 = run_attention(q, k, v, idx32, CFG, num_splits=2, heads_per_program=2)
+    monkeypatch.setattr(mask_kernel, "needs_int64", lambda *t: True)
+    monkeypatch.setattr(attention_kernel, "needs_int64", lambda *t: True)
+    idx64, _ = run_mask(q, k, CFG)
+    out64 = run_attention(q, k, v, idx64, CFG, num_splits=2, heads_per_program=2)
+    torch.testing.assert_close(idx64, idx32, atol=0, rtol=0)
+    torch.testing.assert_close(out64, out32, atol=0, rtol=0)
+    torch.testing.assert_close(
+        out64.cpu(),
+        hip_attention_reference(q, k, v, CFG, indices=idx32).cpu(),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_needs_int64_counts_the_furthest_element_offset():
+    from hip_attn.triton_kernels.dtypes import needs_int64
+
+    row = torch.empty((1, 8, 1 << 20, 128), device="meta")  # 2^30 elements: int32 is enough
+    assert not needs_int64(row)
+    assert not needs_int64(torch.empty((2, 8, 1 << 20, 128), device="meta"))  # max 2^31 - 1
+    assert needs_int64(torch.empty((3, 8, 1 << 20, 128), device="meta"))
+    # a strided view spans its strides, not its element count
+    assert needs_int64(torch.empty((4, 8, 1 << 20, 128), device="meta")[:, :1, :1])

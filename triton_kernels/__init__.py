@@ -1,7 +1,8 @@
 """Triton kernels of hip_attn (installed as ``hip_attn.triton_kernels``).
 
 * :mod:`.mask`: hierarchical mask estimation (the tree search);
-* :mod:`.attention`: block-sparse flash attention for prefill and decode (flash-decoding splits).
+* :mod:`.attention`: block-sparse flash attention for prefill and decode (flash-decoding splits);
+* :mod:`.dtypes`: the dtypes they compute in (``tl.dot`` operands, element offsets).
 
 Each kernel's readable specification is in :mod:`hip_attn.reference`.
 """

@@ -13,7 +13,6 @@ never repeated per query head and no score matrix larger than ``BLOCK_M x BLOCK_
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +20,9 @@ import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
+from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
 
 _LOG2E = 1.4426950408889634
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -55,20 +54,21 @@ def _sparse_attention_kernel(
     SPLIT: tl.constexpr,  # write unnormalized partials and their (max, sum)
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the input dtype but for the interpreter)
+    OFFSET: tl.constexpr,  # int32, or int64 when a tensor spans 2^31 elements (K/V of 1M tokens)
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // h_prog
+    b = (bh // h_prog).to(OFFSET)
     head0 = (bh % h_prog) * HEADS
-    kv_head = head0 // q_per_kv
+    kv_head = (head0 // q_per_kv).to(OFFSET)
     sel_head = head0 // sel_div
 
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
     cols = tl.arange(0, BLOCK_N)
-    head = head0 + rows // rows_per_head
-    t = qb * BLOCK_Q + rows % rows_per_head  # query row within q
+    head = (head0 + rows // rows_per_head).to(OFFSET)
+    t = (qb * BLOCK_Q + rows % rows_per_head).to(OFFSET)  # query row within q
     n_rows = tl.minimum(BLOCK_Q, tq - qb * BLOCK_Q)
     row_ok = (rows < HEADS * rows_per_head) & (rows % rows_per_head < n_rows)
     dim_ok = dims < D
@@ -101,7 +101,7 @@ def _sparse_attention_kernel(
         if tile < sink_tiles:
             kpos = tile * BLOCK_N + cols
             k_ok = kpos < n_sink
-            offs = sink_off + kpos[:, None] * stride_sk_t + dims[None, :]
+            offs = sink_off + kpos.to(OFFSET)[:, None] * stride_sk_t + dims[None, :]
             k_ptr = K_SINK + offs
             v_ptr = V_SINK + offs
         elif tile < sink_tiles + sel_tiles:
@@ -112,13 +112,13 @@ def _sparse_attention_kernel(
                 krow = tl.load(SLOT + sel_row + j // BK, mask=k_ok, other=0) * BK + j % BK
             else:
                 krow = kpos
-            offs = sel_off + krow[:, None] * stride_bk_t + dims[None, :]
+            offs = sel_off + krow.to(OFFSET)[:, None] * stride_bk_t + dims[None, :]
             k_ptr = K_SEL + offs
             v_ptr = V_SEL + offs
         else:
             kpos = win + (tile - sink_tiles - sel_tiles) * BLOCK_N + cols
             k_ok = kpos < end
-            offs = win_off + (kpos - win_offset)[:, None] * stride_wk_t + dims[None, :]
+            offs = win_off + (kpos - win_offset).to(OFFSET)[:, None] * stride_wk_t + dims[None, :]
             k_ptr = K_WIN + offs
             v_ptr = V_WIN + offs
         kv_mask = k_ok[:, None] & dim_ok[None, :]
@@ -174,6 +174,9 @@ class KVSegments:
             k, v = k.contiguous(), v.contiguous()
         return cls(k, v, k, v, k, v)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.sink_k, self.sink_v, self.sel_k, self.sel_v, self.win_k, self.win_v)
+
     def launch_args(self) -> list[object]:
         args: list[object] = []
         for k, v in (
@@ -221,9 +224,7 @@ def sparse_attention_triton(
     slots = indices if kv.slots is None else kv.slots
     if slots.stride() != indices.stride():
         raise ValueError("kv.slots must have the shape and strides of indices")
-    dot_dtype = q.dtype
-    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        dot_dtype = torch.float32  # the interpreter's bf16 tl.dot returns garbage (Triton 3.9)
+    dot_dtype = dot_operand_dtype(q.dtype)
     split = num_splits > 1
     final = torch.empty_like(q) if out is None else out
     if split:
@@ -254,7 +255,8 @@ def sparse_attention_triton(
         INDIRECT=kv.slots is not None,
         SPLIT=split,
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        DOT_DTYPE=_TL_DTYPES[dot_dtype],
+        DOT_DTYPE=TL_DTYPES[dot_dtype],
+        OFFSET=tl.int64 if needs_int64(q, dest, *kv.tensors()) else tl.int32,
     )  # fmt: skip
     if split:
         final.copy_(merge_partials(dest, row_max, row_sum))

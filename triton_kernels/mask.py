@@ -19,6 +19,7 @@ import triton.language as tl
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import first_candidate_block
+from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _hip_mask_kernel(
     QP,
     stride_qp_b,
     stride_qp_h,
-    stride_qp_t,  # pooled queries, fp32 [B, Hq, TP, D]
+    stride_qp_t,  # pooled queries [B, Hq, TP, D]
     R,
     stride_r_b,
     stride_r_h,
@@ -63,10 +64,13 @@ def _hip_mask_kernel(
     D_PAD: tl.constexpr,
     G: tl.constexpr,
     NODES: tl.constexpr,  # beam * G padded to a power of two
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+    DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (16-bit inputs: tensor cores)
+    OFFSET: tl.constexpr,  # int32, or int64 when the pooled queries span 2^31 elements
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // h_sel
+    b = (bh // h_sel).to(OFFSET)
     hs = bh % h_sel
     n = tl.load(NCAND + qb).to(tl.int32)
     out = OUT + b * stride_o_b + hs * stride_o_h + qb * stride_o_q
@@ -84,7 +88,7 @@ def _hip_mask_kernel(
         levels = 1
         while (1 << levels) < largest:
             levels += 1
-        q_head0 = hs * HEADS_PER_SEL
+        q_head0 = (hs * HEADS_PER_SEL).to(OFFSET)
         rep = R + b * stride_r_b + (q_head0 // q_per_kv) * stride_r_h
         rows = tl.arange(0, ROWS_PAD)
         dims = tl.arange(0, D_PAD)
@@ -102,19 +106,19 @@ def _hip_mask_kernel(
                 rep + center[:, None] * stride_r_n + dims[None, :],
                 mask=child_ok[:, None] & (dims[None, :] < D),
                 other=0.0,
-            ).to(tl.float32)
+            ).to(DOT_DTYPE)
             score = tl.full([2 * NODES], float("-inf"), tl.float32)
             for j in range(HEADS_PER_SEL):
                 qp = tl.load(
                     QP
                     + b * stride_qp_b
                     + (q_head0 + j) * stride_qp_h
-                    + (qb * ROWS + rows)[:, None] * stride_qp_t
+                    + (qb * ROWS + rows).to(OFFSET)[:, None] * stride_qp_t
                     + dims[None, :],
                     mask=row_ok[:, None] & (dims[None, :] < D),
                     other=0.0,
-                )
-                dots = tl.dot(qp, tl.trans(keys), input_precision="ieee")
+                ).to(DOT_DTYPE)
+                dots = tl.dot(qp, tl.trans(keys), input_precision=PRECISION)
                 dots = tl.where(row_ok[:, None], dots, float("-inf"))
                 score = tl.maximum(score, tl.max(dots, axis=0))
             scored += tl.sum(child_ok.to(tl.int32))
@@ -142,8 +146,10 @@ def estimate_mask_triton(
     config: HiPConfig,
     h_sel: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the search kernel. ``pooled``: fp32 ``[B, Hq, TP, D]`` pooled queries, ``rep``:
+    """Run the search kernel. ``pooled``: ``[B, Hq, TP, D]`` pooled queries, ``rep``:
     ``[B, Hkv, NB, D]`` representatives, ``n_candidates``: int64 ``[n_query_blocks]``.
+    Scores accumulate in fp32; when both inputs share a 16-bit dtype the products run on
+    tensor cores (exact, as 16-bit products are), otherwise in fp32.
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
     b, hq, n_pooled, d = pooled.shape
@@ -156,6 +162,7 @@ def estimate_mask_triton(
     if rep.stride(-1) != 1:
         rep = rep.contiguous()
     pooled = pooled.contiguous()
+    dot_dtype = dot_operand_dtype(pooled.dtype if pooled.dtype == rep.dtype else torch.float32)
     _hip_mask_kernel[(n_qb, b * h_sel)](
         pooled,
         pooled.stride(0),
@@ -183,5 +190,8 @@ def estimate_mask_triton(
         D_PAD=max(16, triton.next_power_of_2(d)),
         G=g,
         NODES=max(16, triton.next_power_of_2(config.beam * g)),
+        PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        DOT_DTYPE=TL_DTYPES[dot_dtype],
+        OFFSET=tl.int64 if needs_int64(pooled, rep) else tl.int32,
     )
     return out, scored

@@ -1,0 +1,356 @@
+"""``hip-attn aot``: compile every Triton kernel variant for a GPU architecture, on any machine.
+
+The kernels are tested on the CPU through the Triton interpreter, which neither type-checks
+like the compiler nor shows what the GPU would run. This drives the same Python wrappers the
+library calls (prefill, packed and split decode, offloaded decode; each dtype and head dim) on
+``meta`` tensors, records the launches instead of running them, and compiles each one
+ahead of time for the target (``sm_90`` by default: H100/H200) with the Triton compiler and
+the CUDA tools its package carries. No GPU is needed. Per variant it reports registers per
+thread, stack bytes per thread (local arrays and spills, from ``cuobjdump -res-usage``), shared
+memory and warps, so a kernel that would not compile, or would spill, shows up before any GPU
+time is spent on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hip_attn.config import HiPConfig
+
+_EPILOG = """examples:
+  hip-attn aot                      # every variant for sm_90 (H100/H200)
+  hip-attn aot --arch 80 --only mask
+  hip-attn aot --quick              # bf16, head dim 128 only (what CI compiles)
+"""
+
+_TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "i1",
+}
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the JIT function, its grid and its arguments."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Variant:
+    """A named way the library launches the kernels, and what compiling it gave."""
+
+    name: str
+    launches: list[Launch] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Recorder:
+    def __init__(self, kernel: Any, launches: list[Launch]) -> None:
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.launches.append(Launch(self.kernel, tuple(grid), args, kwargs))
+
+        return record
+
+
+@contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Within the block, the wrappers' kernel launches are recorded, not run."""
+    from hip_attn.triton_kernels import attention, mask
+
+    launches: list[Launch] = []
+    saved = (mask._hip_mask_kernel, attention._sparse_attention_kernel)
+    mask._hip_mask_kernel = _Recorder(saved[0], launches)
+    attention._sparse_attention_kernel = _Recorder(saved[1], launches)
+    try:
+        yield launches
+    finally:
+        mask._hip_mask_kernel, attention._sparse_attention_kernel = saved
+
+
+def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], Any]]:
+    """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource`, specialized
+    as Triton's launcher would: pointers and multiples of 16 marked 16-divisible, the integer
+    1 a constant, integers outside int32 as i64."""
+    kernel = launch.kernel
+    names = kernel.arg_names
+    values = dict(zip(names, launch.args, strict=False))  # the rest come as kwargs
+    values.update(launch.kwargs)
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int], Any] = {}
+    divisible = [["tt.divisibility", 16]]
+    for i, (name, param) in enumerate(zip(names, kernel.params, strict=True)):
+        value = values[name]
+        if param.is_constexpr or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            attrs[(i,)] = divisible  # allocations are 256-byte aligned
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = divisible
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"cannot specialize argument {name}={value!r}")
+    return signature, constexprs, attrs
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack bytes per thread (local arrays and spills) and static
+    shared memory of a cubin, as ``cuobjdump -res-usage`` reports them."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        cmd = [str(knobs.nvidia.cuobjdump.path), "-res-usage", path]
+        report = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report))
+    return {
+        "registers": int(usage.get("REG", 0)),
+        "stack_bytes": int(usage.get("STACK", 0)),
+        "local_bytes": int(usage.get("LOCAL", 0)),
+    }
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
+    """Compile one recorded launch for ``sm_<arch>``; its resource use as a dict."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = specialize(launch)
+    src = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    seconds = time.perf_counter() - start
+    return {
+        "kernel": launch.kernel.__name__,
+        "grid": list(launch.grid),
+        "num_warps": compiled.metadata.num_warps,
+        "num_stages": compiled.metadata.num_stages,
+        "shared_bytes": compiled.metadata.shared,
+        **_resource_usage(compiled.asm["cubin"]),
+        "compile_s": round(seconds, 2),
+    }
+
+
+# -- the variants: the shapes the library launches -----------------------------------------
+
+
+def _llama_qkv(
+    batch: int, tq: int, tk: int, dtype: torch.dtype, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Llama-3.1-8B attention shapes (32 query heads, 8 KV heads) on the meta device."""
+    q = torch.empty((batch, 32, tq, head_dim), dtype=dtype, device="meta")
+    k = torch.empty((batch, 8, tk, head_dim), dtype=dtype, device="meta")
+    return q, k, torch.empty_like(k)
+
+
+def _record_hip(
+    batch: int,
+    tq: int,
+    tk: int,
+    dtype: torch.dtype,
+    head_dim: int,
+    config: HiPConfig,
+    sms: int,
+    offload: bool,
+) -> list[Launch]:
+    from hip_attn.attention import BLOCK_N, launch_shape
+    from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+    from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+    from hip_attn.triton_kernels.mask import estimate_mask_triton
+
+    q, k, v = _llama_qkv(batch, tq, tk, dtype, head_dim)
+    geo = query_blocks(tq, tk, config, "meta")
+    h_sel = 8 if config.head_sharing == "kv_group" else 32
+    with recorded_launches() as launches:
+        rep = block_representatives(k, config)
+        indices, _ = estimate_mask_triton(
+            pool_queries(q, config), rep, geo.n_candidates, config, h_sel
+        )
+        kv = KVSegments.full(k, v)
+        if offload:  # sinks, slots and window in their own buffers, read through the table
+            cache_k = torch.empty(
+                (batch, 8, 2048 * config.block_size_k, head_dim), dtype=dtype, device="meta"
+            )
+            kv = KVSegments(
+                k,
+                v,
+                cache_k,
+                torch.empty_like(cache_k),
+                k,
+                v,
+                slots=torch.empty_like(indices),
+                window_offset=tk - 4096,
+            )
+        heads, splits = launch_shape(batch, 32, h_sel, tq, config, sms)
+        scale = q.shape[-1] ** -0.5
+        sparse_attention_triton(
+            q,
+            kv,
+            tk,
+            indices,
+            geo.window_start,
+            config,
+            scale,
+            num_splits=splits,
+            heads_per_program=heads,
+            block_n=BLOCK_N,
+        )
+    return launches
+
+
+def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
+    """The launch variants to compile. ``sms``: multiprocessors of the target GPU (the
+    decode split count depends on it; 132 is an H100 SXM or H200)."""
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    dims = [128] if quick else [64, 128]
+    out = []
+    for sharing in ("kv_group", "head"):
+        config = HiPConfig(head_sharing=sharing)
+        for dtype in dtypes:
+            for d in dims:
+                tag = f"{str(dtype).removeprefix('torch.')} D={d} {sharing}"
+                for mode, batch, tq, tk, offload in (
+                    ("prefill 4K of 128K", 1, 4096, 131072, False),
+                    ("decode at 1M", 1, 1, 1 << 20, False),
+                    ("offloaded decode at 1M", 1, 1, 1 << 20, True),
+                    ("decode at 1M, batch 4 (int64 offsets)", 4, 1, 1 << 20, False),
+                ):
+                    if quick and sharing == "head" and mode != "decode at 1M":
+                        continue
+                    launches = _record_hip(batch, tq, tk, dtype, d, config, sms, offload)
+                    out.append(Variant(f"{mode}, {tag}", launches))
+    return out
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "aot",
+        help="compile every kernel variant for a GPU architecture (no GPU needed)",
+        description=__doc__,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        help="compute capability as an integer: 80 A100, 89 L4/L40, 90 H100/H200 (default: 90)",
+    )
+    p.add_argument(
+        "--sms",
+        type=int,
+        default=132,
+        help="multiprocessors of the target GPU, which set the decode split count "
+        "(default: 132, an H100 SXM or H200)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="bf16 and head dim 128 only (and of head_sharing='head', decode only)",
+    )
+    p.add_argument(
+        "--only", choices=["mask", "attention"], default=None, help="compile one kernel only"
+    )
+    p.add_argument(
+        "--max-stack-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit with status 1 if a kernel uses more than N bytes of stack per thread "
+        "(local memory: register spills and local arrays)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the table as JSON (target, Triton and torch versions, git commit)",
+    )
+    p.set_defaults(func=run)
+
+
+def _write_json(path: str, arch: int, compiled: list[Variant]) -> None:
+    import json
+
+    import triton
+
+    from hip_attn.bench.environment import git_commit
+
+    doc = {
+        "target": f"sm_{arch}",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        **git_commit(),
+        "variants": [{"name": v.name, "kernels": v.results} for v in compiled],
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("hip-attn aot: error: unset TRITON_INTERPRET (the compiler, not the interpreter)")
+        return 2
+    wanted = {"mask": "_hip_mask_kernel", "attention": "_sparse_attention_kernel"}.get(args.only)
+    all_variants = variants(args.quick, args.sms)
+    worst = 0
+    print(f"compiling for sm_{args.arch} ({len(all_variants)} variants)", flush=True)
+    header = f"{'kernel':<26}{'grid':>18}{'warps':>6}{'regs':>6}{'stack B':>8}{'smem KB':>8}"
+    for i, variant in enumerate(all_variants, 1):
+        print(f"[{i}/{len(all_variants)}] {variant.name}\n  {header}", flush=True)
+        for launch in variant.launches:
+            if wanted and launch.kernel.__name__ != wanted:
+                continue
+            r = compile_launch(launch, args.arch)
+            variant.results.append(r)
+            worst = max(worst, r["stack_bytes"] + r["local_bytes"])
+            grid = "x".join(map(str, r["grid"]))
+            print(
+                f"  {r['kernel']:<26}{grid:>18}{r['num_warps']:>6}{r['registers']:>6}"
+                f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}",
+                flush=True,
+            )
+    if args.json:
+        _write_json(args.json, args.arch, all_variants)
+        print(f"wrote {args.json}")
+    if args.max_stack_bytes is not None and worst > args.max_stack_bytes:
+        print(f"hip-attn aot: a kernel uses {worst} stack bytes (> {args.max_stack_bytes})")
+        return 1
+    return 0

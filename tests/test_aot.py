@@ -1,0 +1,50 @@
+"""``hip-attn aot``: the launches the library makes compile for Hopper without a GPU."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from hip_attn.attention import MAX_PACKED_ROWS, launch_shape
+from hip_attn.config import HiPConfig
+
+
+def test_every_quick_variant_compiles_for_sm90_without_spilling():
+    # the compiler, not the interpreter: TRITON_INTERPRET must be unset in the child
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick", "--max-stack-bytes", "64"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = re.findall(r"^\s+(_\w+_kernel)\s+([\dx]+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout, re.M)
+    kernels = [name for name, *_ in rows]
+    assert kernels.count("_hip_mask_kernel") == kernels.count("_sparse_attention_kernel") == 5
+    for _, _, warps, regs, stack in rows:
+        assert int(warps) >= 4 and 0 < int(regs) <= 255 and int(stack) <= 64
+    # decode at 1M on 132 SMs: 8 KV heads' packed tiles split into 7 key ranges
+    assert ("_sparse_attention_kernel", "1x8x7") in [(n, g) for n, g, *_ in rows]
+
+
+def test_aot_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "batch,hq,h_sel,tq,sms,expected",
+    [
+        (1, 32, 32, 4096, 132, (1, 1)),  # prefill: one head per program, no split
+        (1, 32, 8, 1, None, (4, 1)),  # decode off the GPU: packed group, no split
+        (1, 32, 8, 1, 132, (4, 7)),  # 8 programs, 2 * 132 SMs wanted: split by 33, capped
+        (16, 32, 8, 1, 132, (4, 3)),  # 128 programs: about 2 per SM
+        (1, 32, 8, 32, 132, (1, 7)),  # 4 heads x 32 rows > MAX_PACKED_ROWS: one head each
+    ],
+)
+def test_launch_shape(batch, hq, h_sel, tq, sms, expected):
+    config = HiPConfig()
+    assert MAX_PACKED_ROWS < 4 * 32  # the last case's premise
+    assert launch_shape(batch, hq, h_sel, tq, config, sms) == expected

@@ -1,0 +1,30 @@
+"""The dtypes the kernels compute in: ``tl.dot`` operands and element offsets."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def dot_operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``tl.dot`` operands are cast to for inputs of ``dtype``: the input dtype
+    (16-bit: tensor cores), except bf16 under ``TRITON_INTERPRET=1``, whose ``tl.dot``
+    returns garbage in the interpreter (Triton 3.9); fp32 operands holding bf16 values give
+    the same exact products there."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.float32
+    return dtype
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into any of ``tensors`` can reach 2^31, so the kernel must
+    compute offsets in int64 (K of a 1M-token sequence with 8 heads of 128 dims spans 2^30
+    elements; a batch of three overflows int32). Otherwise int32 offsets keep registers free."""
+    return any(
+        sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31
+        for t in tensors
+    )
