@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hip_attn.config import HiPConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _EPILOG = """examples:
   hip-attn aot                      # every variant for sm_90 (H100/H200)
@@ -34,13 +35,15 @@ _EPILOG = """examples:
   hip-attn aot --quick              # bf16, head dim 128 only (what CI compiles)
 """
 
+# torch dtype name -> Triton signature type (torch is imported only when compiling: the CLI's
+# --help stays torch-free)
 _TRITON_TYPES = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.bool: "i1",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float32": "fp32",
+    "int32": "i32",
+    "int64": "i64",
+    "bool": "i1",
 }
 
 
@@ -93,6 +96,8 @@ def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tup
     """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource`, specialized
     as Triton's launcher would: pointers and multiples of 16 marked 16-divisible, the integer
     1 a constant, integers outside int32 as i64."""
+    import torch
+
     kernel = launch.kernel
     names = kernel.arg_names
     values = dict(zip(names, launch.args, strict=False))  # the rest come as kwargs
@@ -106,7 +111,7 @@ def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tup
         if param.is_constexpr or value is None:
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            signature[name] = "*" + _TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
             attrs[(i,)] = divisible  # allocations are 256-byte aligned
         elif isinstance(value, bool):
             signature[name] = "i1"
@@ -172,6 +177,8 @@ def _llama_qkv(
     batch: int, tq: int, tk: int, dtype: torch.dtype, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Llama-3.1-8B attention shapes (32 query heads, 8 KV heads) on the meta device."""
+    import torch
+
     q = torch.empty((batch, 32, tq, head_dim), dtype=dtype, device="meta")
     k = torch.empty((batch, 8, tk, head_dim), dtype=dtype, device="meta")
     return q, k, torch.empty_like(k)
@@ -187,6 +194,8 @@ def _record_hip(
     sms: int,
     offload: bool,
 ) -> list[Launch]:
+    import torch
+
     from hip_attn.attention import BLOCK_N, launch_shape
     from hip_attn.geometry import block_representatives, pool_queries, query_blocks
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
@@ -235,6 +244,8 @@ def _record_hip(
 def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
     """The launch variants to compile. ``sms``: multiprocessors of the target GPU (the
     decode split count depends on it; 132 is an H100 SXM or H200)."""
+    import torch
+
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     dims = [128] if quick else [64, 128]
     out = []
@@ -308,6 +319,7 @@ def add_parser(subparsers: Any) -> None:
 def _write_json(path: str, arch: int, compiled: list[Variant]) -> None:
     import json
 
+    import torch
     import triton
 
     from hip_attn.bench.environment import git_commit

@@ -7,7 +7,7 @@ search the children the tree search actually scored. The byte counts are the nec
 traffic under the analytic model's conventions (``docs/roofline.md``): each query block loads
 the keys and values it attends once per selection head (per KV head with
 ``head_sharing="kv_group"``), queries are read and outputs written once; the search reads one
-fp32 representative per scored child. A multiply-add counts two FLOPs.
+representative (in the keys' dtype) per scored child. A multiply-add counts two FLOPs.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ class HipWork:
     Attributes:
         sparse: the sparse attention over sinks + selected blocks + window.
         search: the tree-search kernel (representative dot products).
-        mask: the whole mask estimation: the search plus pooling the queries and gathering the
-            fp32 representatives.
+        mask: the whole mask estimation: the search plus pooling the queries and, with
+            ``representative="mean"``, averaging the keys into representatives (``"center"``
+            representatives are a strided view of the keys the search reads in place).
         key_visits: (query row, key) pairs attended, summed over query heads and the batch.
         keys_per_query: mean keys a query row attends.
         search_dots: representative dot products, summed over query heads and pooled rows.
@@ -123,18 +124,19 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     search = Work(
         2.0 * d * search_dots,
         float(
-            int(scored64.sum()) * d * 4  # one fp32 representative per scored child
-            + sh.batch * sh.heads * n_pooled * d * 4  # each program reads its pooled rows
+            int(scored64.sum()) * d * eb  # one representative per scored child
+            + sh.batch * sh.heads * n_pooled * d * eb  # each program reads its pooled rows
             + index_bytes  # the selection written
         ),
     )
-    prep = Work(
-        float(sh.batch * sh.heads * tq * d),  # the pooling adds
-        float(
-            sh.batch * sh.heads * (tq * d * eb + n_pooled * d * 4)  # read q, write pooled
-            + sh.batch * sh.kv_heads * (tk // cfg.block_size_k) * d * (eb + 4)  # representatives
-        ),
-    )
+    pool_adds = sh.batch * sh.heads * tq * d
+    pool_bytes = sh.batch * sh.heads * (tq + n_pooled) * d * eb  # read q, write pooled
+    mean_adds = mean_bytes = 0  # "center" representatives are a view of the keys
+    if cfg.representative == "mean":
+        n_blocks = tk // cfg.block_size_k
+        mean_adds = sh.batch * sh.kv_heads * n_blocks * cfg.block_size_k * d
+        mean_bytes = sh.batch * sh.kv_heads * (n_blocks * cfg.block_size_k + n_blocks) * d * eb
+    prep = Work(float(pool_adds + mean_adds), float(pool_bytes + mean_bytes))
     return HipWork(
         sparse=sparse,
         search=search,
