@@ -81,19 +81,6 @@ class _Progress:
         print(file=sys.stderr)
 
 
-def _random_model(seed: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 20,
-    )  # fmt: skip
-    import torch
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
 def kv_bytes_per_step(model_config: Any, context: int, hip: Any | None, elem_bytes: int) -> int:
     """KV bytes one decode step reads at ``context`` keys, all layers (``hip=None``: dense)."""
     from hip_attn.geometry import query_blocks
@@ -113,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import hip_attn
+    from hip_attn.tiny_model import random_llama
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -128,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
     else:
-        model = _random_model(args.seed)
+        model = random_llama(args.seed, layers=4, hidden=256, heads=8, kv_heads=2, vocab=4096)
     model = model.to(device=device, dtype=dtype).eval()
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(args.seed)

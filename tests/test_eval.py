@@ -19,6 +19,7 @@ from hip_attn.accuracy.model_eval import (
     text_tokens,
 )
 from hip_attn.cli import main
+from hip_attn.tiny_model import random_llama
 
 CPU = torch.device("cpu")
 # k covers every candidate of a 256-token prompt; dense_threshold=0 keeps the HiP kernels on
@@ -39,7 +40,7 @@ def lm():
 def checkpoint(tmp_path_factory):
     """A local checkpoint folder: a tiny random Llama and a word-level tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("ckpt")
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -51,17 +52,9 @@ def checkpoint(tmp_path_factory):
     tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
     fast.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = random_llama(0, layers=1, hidden=64, heads=4, kv_heads=2, vocab=len(fast),
+                         max_positions=4096)  # fmt: skip
+    model.save_pretrained(folder)
     text = folder / "text.txt"
     text.write_text(TEXT)
     return folder, text

@@ -146,21 +146,10 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
 def random_model(seed: int, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """A tiny Llama with random weights (2 layers, 4 query / 2 KV heads of dim 32, vocabulary
     512); prompts for it are random token ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hip_attn.tiny_model import random_llama
 
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1 << 20,
-    )
-    torch.manual_seed(seed)
-    model: Any = LlamaForCausalLM(config)
-    model = model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, None, "random tiny Llama")
+    model = random_llama(seed, layers=2, hidden=128, heads=4, kv_heads=2, vocab=512)
+    return LoadedModel(model.to(device=device, dtype=dtype), None, "random tiny Llama")
 
 
 def read_text(path: str) -> str:
