@@ -218,7 +218,7 @@ def sparse_attention_triton(
     h_sel = indices.shape[1]
     n_qb = indices.shape[2]
     bq = config.block_size_q
-    rows_per_head = bq if heads_per_program == 1 else tq
+    rows_per_head = min(tq, bq)  # one short query block (decode) gets a short tile
     block_m = max(16, triton.next_power_of_2(heads_per_program * rows_per_head))
     n_sel = (indices >= 0).sum(dim=-1, dtype=torch.int32).contiguous()
     slots = indices if kv.slots is None else kv.slots
