@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh bench              # prefill + decode against SDPA and flex
 #   bash bench/gpu_session.sh offload            # KV offload memory growth and decode latency
 #
+# The editable install builds with the image's setuptools, which must be >= 77 (PEP 639 licence
+# field); for an older one, build a wheel here first (python -m build --wheel) and carry dist/.
 # Each step leaves its logs and results in $OUT (default: bench/results/session) as at most a
 # few files, and appends its JSON lines to bench/results/<gpu>.jsonl. Every step reinstalls the
 # package first: a GPU machine may be fresh at each call. No downloads happen: the GPU image
