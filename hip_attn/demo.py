@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import hip_attn
+    from hip_attn.patches.compat import output_cache
     from hip_attn.tiny_model import random_llama
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 do_sample=False, streamer=_Progress(label, args.new_tokens),
                 return_dict_in_generate=True,
             ), device)  # fmt: skip
-        return logits, out.sequences[0, tokens:], t_prefill, t_gen, out.past_key_values
+        return logits, out.sequences[0, tokens:], t_prefill, t_gen, output_cache(out)
 
     print("running dense attention", file=sys.stderr)
     d_logits, d_seq, d_prefill, d_gen, _ = phases("dense")

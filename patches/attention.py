@@ -35,7 +35,7 @@ _DECODE_STATES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None], HiPD
 
 
 def decode_states(cache: Any) -> dict[tuple[int, int | None], HiPDecodeState]:
-    """The HiP decode states held for ``cache`` (the ``past_key_values`` of a generation),
+    """The HiP decode states held for ``cache`` (the cache of a generation),
     keyed by ``(layer_idx, sequence)``; ``sequence`` is ``None`` for an unpadded batch."""
     return _DECODE_STATES.get(cache, {})
 

@@ -58,7 +58,9 @@ def _check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _remember_cache(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-    LAYER_CACHES[module] = kwargs.get("past_key_values")
+    from hip_attn.patches.compat import find_cache
+
+    LAYER_CACHES[module] = find_cache(args, kwargs)
 
 
 def _forget_cache(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -119,15 +121,19 @@ def patch(
 
 def _offload_generate(model: Any, config: HiPConfig, options: dict[str, Any]) -> None:
     """Shadow ``model.generate`` with one that brings its own offloading cache."""
+    from hip_attn.patches.compat import cache_kwarg, given_cache
     from hip_attn.patches.offload import HiPOffloadCache
 
     HiPOffloadCache(model.config, config, **options)  # fail now on a bad configuration
     options.setdefault("max_chunk", 4096)
     original = type(model).generate
+    name = cache_kwarg(model)
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = HiPOffloadCache(model.config, config, **options)
+        if given_cache(kwargs) is None:
+            for n in ("cache", "past_key_values"):
+                kwargs.pop(n, None)  # an explicit None under the deprecated name would warn
+            kwargs[name] = HiPOffloadCache(model.config, config, **options)
         kwargs.setdefault("prefill_chunk_size", options["max_chunk"])
         return original(model, *args, **kwargs)
 

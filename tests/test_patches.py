@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 from hip_attn import HiPConfig  # noqa: E402
 from hip_attn.patches import decode_states, is_patched, patch, unpatch  # noqa: E402
 from hip_attn.patches.attention import LAYER_CONFIGS  # noqa: E402
+from hip_attn.patches.compat import cache_kwarg, output_cache  # noqa: E402
 from hip_attn.patches.model import _HOOKS  # noqa: E402
 
 COMMON = dict(
@@ -75,7 +76,7 @@ def test_covering_budget_matches_dense_and_unpatch_restores(family):
     torch.testing.assert_close(model(ids).logits, dense_logits, atol=1e-4, rtol=1e-4)
     out = greedy(model, ids, 32, return_dict_in_generate=True)
     assert torch.equal(out.sequences, dense_tokens)
-    states = decode_states(out.past_key_values)
+    states = decode_states(output_cache(out))
     assert states and all(s.refreshes > 0 for s in states.values())  # the sparse path ran
 
     unpatch(model)
@@ -89,7 +90,7 @@ def test_small_budget_generation_refreshes_every_interval():
     ids = prompt(1024, seed=2)
     out = greedy(model, ids, 10, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 1024 + 10)
-    states = decode_states(out.past_key_values)
+    states = decode_states(output_cache(out))
     assert sorted(states) == [(0, None), (1, None)]
     # 9 decode steps after the prefill token: estimates at steps 0, 4 and 8
     assert [s.refreshes for s in states.values()] == [3, 3]
@@ -149,7 +150,7 @@ def test_dense_layers_stay_dense():
     model = patch(make_model("llama"), SPARSE, dense_layers=[0])
     ids = prompt(120, seed=8)
     out = greedy(model, ids, 3, return_dict_in_generate=True)
-    assert sorted(decode_states(out.past_key_values)) == [(1, None)]  # layer 0 kept no state
+    assert sorted(decode_states(output_cache(out))) == [(1, None)]  # layer 0 kept no state
     mixed = model(ids).logits
     patch(model, SPARSE, dense_layers=[])
     assert (model(ids).logits - mixed).abs().max() > 1e-4
@@ -160,7 +161,7 @@ def test_user_cache_gives_same_tokens():
     model = patch(make_model("llama"), SPARSE)
     ids = prompt(120, seed=9)
     own = transformers.DynamicCache(config=model.config)
-    assert torch.equal(greedy(model, ids, 6, past_key_values=own), greedy(model, ids, 6))
+    assert torch.equal(greedy(model, ids, 6, **{cache_kwarg(model): own}), greedy(model, ids, 6))
     assert decode_states(own)  # the states lived with the user's cache
 
 
@@ -207,7 +208,7 @@ def test_offloaded_generation_equals_on_gpu_hip(family):
     patch(model, SPARSE, offload=True, offload_options=options)
     out = greedy(model, ids, 5, return_dict_in_generate=True)
     assert torch.equal(out.sequences, on_gpu)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, HiPOffloadCache)
     stats = cache.stats()
     hip_layers = [1] if family == "gemma3" else [0, 1]  # gemma3's layer 0 is a sliding layer

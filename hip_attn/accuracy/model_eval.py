@@ -293,6 +293,7 @@ def offloaded_window(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions
     :class:`~hip_attn.patches.offload.HiPOffloadCache` in forward calls of at most
     ``offload.max_chunk`` tokens, each scoring its own positions, so at most one chunk's logits
     exist at a time."""
+    from hip_attn.patches.compat import cache_kwarg
     from hip_attn.patches.offload import HiPOffloadCache
 
     def nll(ids: torch.Tensor, first: int) -> float:
@@ -304,8 +305,8 @@ def offloaded_window(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions
             wanted = max(0, end - lo)
             logits = lm.model(
                 ids[None, start:end],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kwarg(lm.model): cache},
                 logits_to_keep=max(1, wanted),  # 0 would mean every position
             ).logits[0]
             hi = min(end, n - 1)  # the last position has no next token
