@@ -26,17 +26,24 @@ def roofline(*argv: str) -> int:
 
 
 def test_table_for_fu_example(capsys: pytest.CaptureFixture[str]) -> None:
-    assert roofline("--model", "yi-34b", "--gpu", "a100-80g", "--context", "4k,50000") == 0
+    argv = ["--model", "yi-34b", "--gpu", "a100-80g", "--context", "4k,50000"]
+    assert roofline(*argv, "--prefill-chunk", "4k") == 0
     out = capsys.readouterr().out
     assert "yi-34b on a100-80g" in out
     assert "KV 245,760 B/token" in out
     assert "context 4k (4,096 tokens)" in out and "context 50000 (50,000 tokens)" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("dense")]
     assert len(rows) == 2
-    # mode, KV/req (2 cells), HBM/req (2), fits, max conc, max ctx, prefill (2), bound, ...
-    assert rows[1][1:3] == ["12.3", "GB"] and rows[1][5:7] == ["yes", "1"]
-    assert rows[0][8:11] == ["925", "ms", "compute"]
-    assert rows[0][15:17] == ["8.45", "s"] and rows[1][15:17] == ["9.83", "s"]
+    # mode, KV/req (2 cells), HBM/req (2), act (2), fits, max conc, max ctx, prefill (2), ...
+    assert rows[1][1:3] == ["12.3", "GB"] and rows[1][7:9] == ["yes", "1"]
+    assert rows[0][10:13] == ["925", "ms", "compute"]
+    assert rows[0][17:19] == ["8.52", "s"] and rows[1][17:19] == ["9.91", "s"]
+    # Yi-34B was trained on 4K: 50000 tokens is past it, and 4k + 250 outputs too.
+    assert out.count("exceeds yi-34b's trained context (4,096 tokens") == 2
+    # Unchunked, the 50K prompt's 7.58 GB of activations do not fit beside its KV.
+    assert roofline(*argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:5] == "dense"]
+    assert rows[1][5:9] == ["7.58", "GB", "NO", "0"]
 
 
 def test_compare_json_matches_estimator(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,7 +52,7 @@ def test_compare_json_matches_estimator(capsys: pytest.CaptureFixture[str]) -> N
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["name"] == "llama-3.1-8b" and data["gpu"]["name"] == "h100-sxm"
     assert data["settings"]["modes"] == ["dense", "hip", "hip+offload"]
-    assert data["derived"]["max_context"]["hip+offload"] == 3_906_000
+    assert data["derived"]["max_context"]["hip+offload"] == 611_683  # activation-bound
     results = data["results"]
     assert [(r["context"], r["mode"]) for r in results] == [
         (c, m) for c in (4096, 131072) for m in ("dense", "hip", "hip+offload")
@@ -61,7 +68,7 @@ def test_compare_json_matches_estimator(capsys: pytest.CaptureFixture[str]) -> N
         assert "lm_head" in names
         assert ("attention" in names) == (r["mode"] == "dense")
         for op in r["prefill"]["operators"]:
-            assert op["bound"] in ("compute", "memory") and op["intensity"] > 0
+            assert op["bound"] in ("compute", "memory", "latency") and op["intensity"] > 0
     hip_128k = results[4]
     assert hip_128k["mode"] == "hip" and "hip_search" in {
         op["name"] for op in hip_128k["prefill"]["operators"]
@@ -148,7 +155,10 @@ def test_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "needle"),
     [
         (["--model", "gpt-5"], "llama-3.1-8b, llama-3.1-70b, yi-34b"),
-        (["--gpu", "tpu"], "a100-80g, h100-sxm, h200, l40s, rtx-4090"),
+        (["--gpu", "tpu"], "a100-80g, a100-40g, h100-sxm, h100-pcie, h200, b200, l40s, l40"),
+        (["--prefill-chunk", "0"], "positive whole number"),
+        (["--launch-latency", "0"], "must be a positive number"),
+        (["--launches", "magic"], "invalid choice"),
         (["--hbm-bandwidth", "0"], "must be a positive number"),
         (["--flops", "-3"], "must be a positive number"),
         (["--batch", "0"], "must be >= 1"),

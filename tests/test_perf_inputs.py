@@ -145,5 +145,9 @@ def test_scenario_validation() -> None:
         Scenario(model, gpu, offload=OffloadConfig(block_cache_tokens=128))
     with pytest.raises(ValueError, match="miss rate"):
         OffloadConfig(miss_rate=1.5)
-    # TP beyond the KV head count replicates KV heads.
-    assert Scenario(model, gpu, tp=16).kv_heads_per_gpu == 1
+    # transformers shards KV heads and never replicates them: TP must divide them.
+    with pytest.raises(ValueError, match="8 KV heads"):
+        Scenario(model, gpu, tp=16)
+    assert Scenario(model, gpu, tp=8).kv_heads_per_gpu == 1
+    with pytest.raises(ValueError, match="prefill chunk"):
+        Scenario(model, gpu, prefill_chunk=0)

@@ -5,7 +5,8 @@ The kernel benchmarks (``hip-attn bench``) compare their measurements with this.
 estimator unchanged: a one-layer, attention-only model (no MLP, no vocabulary to speak of) goes
 through :func:`hip_attn.perf.estimate`, and only the attention operators are kept
 (``attention`` for dense; ``hip_search`` and ``hip_attention`` for HiP), timed together and one
-by one as ``max(FLOPs / peak, bytes / bandwidth)``. Pure Python, like the rest of
+by one as ``max(FLOPs / peak, bytes / bandwidth)`` plus their fixed latency (launches and
+dependent round trips). Pure Python, like the rest of
 :mod:`hip_attn.perf`.
 """
 
@@ -15,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hip_attn.config import HiPConfig
-from hip_attn.perf.estimator import DTYPE_BYTES, OffloadConfig, Scenario, estimate
+from hip_attn.perf.estimator import (
+    DTYPE_BYTES,
+    LAUNCH_PROFILES,
+    LaunchProfile,
+    OffloadConfig,
+    Scenario,
+    estimate,
+)
 from hip_attn.perf.hardware import GPUSpec
 from hip_attn.perf.models import ModelSpec
 from hip_attn.perf.roofline import PhaseCost, phase_cost
@@ -24,7 +32,7 @@ Phase = Literal["prefill", "decode"]
 Method = Literal["dense", "hip"]
 
 #: Operators of the estimator that belong to attention.
-ATTENTION_OPERATORS = ("attention", "hip_search", "hip_attention")
+ATTENTION_OPERATORS = ("attention", "hip_search", "hip_representatives", "hip_attention")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ def attention_floor(
     batch: int = 1,
     dtype: str = "bf16",
     config: HiPConfig | None = None,
+    launches: LaunchProfile = LAUNCH_PROFILES["today"],
 ) -> AttentionFloor:
     """Predict one attention layer's time at peak FLOP/s and HBM bandwidth.
 
@@ -93,6 +102,7 @@ def attention_floor(
         batch: sequences.
         dtype: a key of :data:`hip_attn.perf.DTYPE_BYTES` for Q, K, V and the output.
         config: HiP settings (default ``HiPConfig()``).
+        launches: kernel launches per layer (``LAUNCH_PROFILES["today"]``: the code as it is).
 
     Raises:
         ValueError: unknown method, phase or dtype, or shapes the model refuses.
@@ -113,6 +123,7 @@ def attention_floor(
         output_tokens=1,  # decode is then timed at exactly ``context`` keys
         hip=cfg,
         offload=OffloadConfig(block_cache_tokens=max(OffloadConfig().block_cache_tokens, cfg.k)),
+        launches=launches,
     )
     est = estimate(sc, method, context)
     cost = est.prefill if phase == "prefill" else est.decode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,12 +12,14 @@ from typing import Any
 from hip_attn.cli_args import (
     add_hip_arguments,
     arg_type,
+    comma_list,
     hip_config_from_args,
     positive_float,
     positive_int,
 )
 from hip_attn.perf.estimator import (
     DTYPE_BYTES,
+    LAUNCH_PROFILES,
     MODES,
     Estimate,
     Mode,
@@ -175,6 +178,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="GB/S",
         help="GPU<->GPU bandwidth per direction in GB/s for --tp (NVLink4: 450)",
     )
+    g.add_argument(
+        "--launch-latency",
+        type=arg_type(positive_float, "latency"),
+        metavar="US",
+        help="fixed cost of one kernel launch in microseconds (presets: 5, eager launches "
+        "from Python; about 2 under CUDA graphs)",
+    )
+    g.add_argument(
+        "--memory-latency",
+        type=arg_type(positive_float, "latency"),
+        metavar="US",
+        help="one dependent HBM round trip in microseconds (presets: 0.5 HBM, 0.6 GDDR)",
+    )
     for name, what in (
         ("compute", "of peak FLOP/s"),
         ("hbm", "of HBM bandwidth"),
@@ -192,7 +208,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = parser.add_argument_group("workload")
     g.add_argument(
         "--context",
-        type=arg_type(parse_token_list, "contexts"),
+        type=comma_list(parse_tokens, "token counts"),
         default=parse_token_list("4k,32k,128k"),
         metavar="LIST",
         help="prompt lengths in tokens, comma-separated: 4k,32k,128k,1m or 50000 "
@@ -225,6 +241,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="KV cache storage type (default bf16)",
     )
     g.add_argument(
+        "--prefill-chunk",
+        type=arg_type(parse_tokens, "tokens"),
+        metavar="TOKENS",
+        help="prefill the prompt in passes of this many tokens (activations of one chunk; the "
+        "weights are read once per chunk); default: one pass",
+    )
+    g.add_argument(
         "--tp",
         type=arg_type(positive_int, "tp"),
         default=1,
@@ -247,6 +270,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
 
     add_hip_arguments(parser, title="HiP (hip and hip+offload; defaults from HiPConfig)")
+    parser.add_argument(
+        "--launches",
+        choices=list(LAUNCH_PROFILES),
+        default="today",
+        help="kernel launches per layer of HiP: today (what hip_attention launches now: 25 a "
+        "decode step, 43 a refreshing step, 33 a prefill) or fused (1, 2, 2); default today",
+    )
 
     offload = OffloadConfig()
     g = parser.add_argument_group("offload (hip+offload)")
@@ -289,6 +319,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PNG",
         help="draw the roofline and time/memory versus context to this PNG (needs matplotlib)",
     )
+    g.add_argument(
+        "--calibrate",
+        metavar="JSONL",
+        help="fit per-operator efficiencies to 'hip-attn bench' results (JSON lines) and print "
+        "predicted vs measured per case, for --gpu",
+    )
     g.add_argument("--list", action="store_true", help="list model and GPU presets and exit")
     parser.set_defaults(func=run)
     return parser
@@ -310,6 +346,8 @@ def _gpu(args: argparse.Namespace) -> GPUSpec:
             "host_link": args.host_link,
             "gpu_link": args.gpu_link,
             "hbm": f"{args.hbm}B" if args.hbm else None,  # bytes, as a size string
+            "launch_latency": args.launch_latency,
+            "memory_latency": args.memory_latency,
         },
     )
 
@@ -337,15 +375,19 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         tp=args.tp,
         hip=hip_config_from_args(args),
         offload=OffloadConfig(args.host_ram, args.block_cache, args.miss_rate),
+        launches=LAUNCH_PROFILES[args.launches],
+        prefill_chunk=args.prefill_chunk,
     )
 
 
 def _check_contexts(sc: Scenario, contexts: list[int]) -> None:
-    """Refuse contexts no memory of this setup could hold (HBM for dense/hip, host RAM for
-    offload), unless the weights alone already overflow HBM (then every row says so)."""
+    """Refuse contexts no memory of this setup could hold even prefilled in the smallest chunks
+    (HBM for dense/hip, host RAM for offload), unless the weights alone already overflow HBM
+    (then every row says so). A context that fits only chunked is reported, ``fits`` false."""
     if sc.hbm_free <= 0:
         return
-    limits = {mode: max_context(sc, mode) for mode in MODES}
+    storable = dataclasses.replace(sc, prefill_chunk=1)
+    limits = {mode: max_context(storable, mode) for mode in MODES}
     best = max(limits, key=lambda mode: limits[mode])
     for context in contexts:
         if context > limits[best]:
@@ -375,6 +417,16 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hip-attn roofline``; returns the process exit status."""
     if args.list:
         print(_list_presets())
+        return 0
+    if args.calibrate:
+        from hip_attn.perf.calibrate import calibrate, calibration_table
+
+        try:
+            fit = calibrate(args.calibrate, _gpu(args), LAUNCH_PROFILES[args.launches])
+        except ValueError as exc:
+            print(f"hip-attn roofline: error: {exc}", file=sys.stderr)
+            return 2
+        print(calibration_table(fit))
         return 0
     modes: list[Mode] = args.compare or [args.mode]
     try:

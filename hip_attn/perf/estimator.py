@@ -32,6 +32,67 @@ DTYPE_BYTES: dict[str, float] = {
 DENSE_QUERY_TILE = 128
 """Query rows per tile of the dense (flash) attention kernel; each tile reads the K/V it sees."""
 
+SECTOR_BYTES = 32
+"""DRAM/L2 transaction unit of NVIDIA GPUs (CUDA C++ Best Practices Guide, "Coalesced Access to
+Global Memory": 32-byte segments)."""
+
+GATHER_OVERHEAD_BYTES = 128
+"""Bytes of bandwidth a random run costs beyond its sectors (a DRAM row activation and bus
+turnaround, taken as four sectors): the half-efficiency run is 128 B (docs/roofline.md)."""
+
+SPARSE_DEPENDENT_LOADS = 2
+"""Dependent round trips of the sparse attention kernel beyond the launch: the count of selected
+blocks, then their indices, before the first gathered key can be requested."""
+
+RANK_STAGE_S = 20e-9
+"""Seconds of one compare-exchange stage of the search's in-register bitonic top-k (a shuffle or
+shared-memory exchange and a barrier, ~35 cycles at ~1.7 GHz)."""
+
+
+@dataclass(frozen=True)
+class LaunchProfile:
+    """Kernel launches per layer of each attention path (docs/roofline.md, "Latency floors").
+
+    ``today`` counts what ``hip_attn.hip_attention`` launches on a GPU in bf16 with the default
+    ``representative="center"`` (``tests/test_perf_launches.py`` recounts it from the code):
+    the sparse kernel, the search kernel and the PyTorch ops around them (the query-block
+    geometry twice, query pooling, the count of selected blocks, and the flash-decoding merge
+    of split partials, which a one-token decode takes at batch 1). ``fused`` is one search
+    kernel and one attention kernel, what a fused decode path would launch.
+
+    Attributes:
+        name: ``today``, ``fused`` or a label.
+        hip_decode_reuse: launches of a decode step that reuses the selection.
+        hip_decode_refresh: launches of a decode step that searches.
+        hip_prefill: launches of one prefill pass (or chunk).
+        dense_decode, dense_prefill: launches of dense attention (one flash kernel).
+    """
+
+    name: str
+    hip_decode_reuse: int
+    hip_decode_refresh: int
+    hip_prefill: int
+    dense_decode: int = 1
+    dense_prefill: int = 1
+
+
+LAUNCH_PROFILES: dict[str, LaunchProfile] = {
+    p.name: p for p in (LaunchProfile("today", 25, 43, 33), LaunchProfile("fused", 1, 2, 2))
+}
+
+
+def gather_efficiency(run_bytes: float) -> float:
+    """Fraction of HBM bandwidth reached by random runs of ``run_bytes`` contiguous bytes:
+    ``run / (ceil(run / 32) * 32 + 128)`` (2 KB blocks: 0.94, one 256-byte key: 0.67)."""
+    sectors = -(-run_bytes // SECTOR_BYTES) * SECTOR_BYTES
+    return run_bytes / (sectors + GATHER_OVERHEAD_BYTES)
+
+
+def bitonic_stages(elements: int) -> int:
+    """Compare-exchange stages of a bitonic sort of ``elements`` (a power of two)."""
+    t = max(1, elements - 1).bit_length()
+    return t * (t + 1) // 2
+
 
 def _floor(x: float) -> int:
     """``floor`` that forgives float round-off just below an integer."""
@@ -79,6 +140,8 @@ class Scenario:
         tp: tensor-parallel degree (GPUs per model replica).
         hip: HiP settings (used by ``hip`` and ``hip+offload``).
         offload: offload settings (used by ``hip+offload``).
+        launches: kernel launches per layer of each attention path.
+        prefill_chunk: prompt tokens per prefill pass (``None``: the whole prompt at once).
     """
 
     model: ModelSpec
@@ -91,6 +154,8 @@ class Scenario:
     tp: int = 1
     hip: HiPConfig = field(default_factory=HiPConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    launches: LaunchProfile = LAUNCH_PROFILES["today"]
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("weight_dtype", "kv_dtype"):
@@ -103,13 +168,17 @@ class Scenario:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        chunk = self.prefill_chunk
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"prefill chunk must be a positive int, got {chunk!r}")
         m = self.model
         if m.heads % self.tp:
             raise ValueError(f"tensor-parallel degree {self.tp} must divide {m.heads} heads")
-        if m.kv_heads % self.tp and self.tp % m.kv_heads:
+        if m.kv_heads % self.tp:
+            # transformers' get_kv_heads_per_rank: KV heads are sharded, never replicated.
             raise ValueError(
                 f"tensor-parallel degree {self.tp} must divide {m.kv_heads} KV heads "
-                "or be a multiple of it"
+                "(transformers shards k_proj/v_proj colwise and refuses uneven KV heads)"
             )
         if self.offload.block_cache_tokens < self.hip.k:
             raise ValueError(
@@ -143,8 +212,8 @@ class Scenario:
 
     @property
     def kv_heads_per_gpu(self) -> int:
-        """KV heads held by each GPU (replicated when ``tp`` exceeds the KV head count)."""
-        return max(1, self.model.kv_heads // self.tp)
+        """KV heads held by each GPU: ``Hkv / tp`` (k_proj, v_proj colwise)."""
+        return self.model.kv_heads // self.tp
 
     @property
     def vocab_per_gpu(self) -> int:
@@ -173,14 +242,15 @@ class Scenario:
 
     @property
     def weight_bytes(self) -> float:
-        """Weights stored on one GPU: matmuls, LM head, untied embedding, norms."""
-        embedding = 0 if self.model.tied_embeddings else self.lm_head_params_per_gpu
-        params = (
-            self.matmul_params_per_gpu
-            + self.lm_head_params_per_gpu
-            + embedding
-            + self.model.norm_params
-        )
+        """Weights stored on one GPU: matmuls, LM head shard, embedding, norms.
+
+        transformers' Llama tp_plan shards the projections and the LM head (colwise, output
+        gathered) and leaves ``embed_tokens`` and the norms whole on every rank; a tied LM head
+        is that replicated embedding."""
+        m = self.model
+        embedding = m.vocab * m.hidden
+        lm_head = 0 if m.tied_embeddings else self.lm_head_params_per_gpu
+        params = self.matmul_params_per_gpu + lm_head + embedding + self.model.norm_params
         return params * self.weight_bytes_per_param
 
     @property
@@ -205,6 +275,31 @@ class Scenario:
         m = self.model
         key_bytes = m.layers * self.kv_heads_per_gpu * m.head_dim * self.kv_bytes_per_elem
         return key_bytes / self.hip.block_size_k
+
+    def prefill_chunks(self, seq_len: int) -> int:
+        """Prefill passes of a ``seq_len``-token prompt."""
+        chunk = self.prefill_chunk
+        return 1 if chunk is None else -(-seq_len // chunk)
+
+    @property
+    def activation_bytes_per_token(self) -> float:
+        """Peak transient activation bytes per prompt token on one GPU during prefill.
+
+        The larger of the MLP and attention moments of a transformers Llama layer:
+        ``down(act(gate(x)) * up(x))`` holds ``act(gate)``, ``up`` and their product (3 I/tp)
+        besides the residual stream and the normed input (2 h); attention holds q, k, v and
+        their rotated copies and its output (``(3 Hq + 4 Hkv) D / tp``) besides the same 2 h."""
+        m = self.model
+        inter = -(-m.intermediate // self.tp)
+        mlp = (3 if m.gated_mlp else 2) * inter
+        attn = (3 * self.heads_per_gpu + 4 * self.kv_heads_per_gpu) * m.head_dim
+        return (max(mlp, attn) + 2 * m.hidden) * self.act_bytes
+
+    def activation_bytes(self, seq_len: int, requests: int) -> float:
+        """Peak activation bytes of prefilling ``requests`` prompts of ``seq_len`` tokens (one
+        chunk of each at a time with ``prefill_chunk``)."""
+        tokens = seq_len if self.prefill_chunk is None else min(seq_len, self.prefill_chunk)
+        return requests * tokens * self.activation_bytes_per_token
 
 
 # ---- HiP token counts -----------------------------------------------------------------------
@@ -316,15 +411,16 @@ def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
 # ---- operators ------------------------------------------------------------------------------
 
 
-def _matmul_ops(sc: Scenario, phase: str, tokens: int) -> list[Operator]:
-    """Projection and MLP matmuls of all layers over ``tokens`` rows, plus the LM head."""
+def _matmul_ops(sc: Scenario, phase: str, tokens: int, passes: int = 1) -> list[Operator]:
+    """Projection and MLP matmuls of all layers over ``tokens`` rows in ``passes`` passes (each
+    reads the weights), plus the LM head."""
     wb, ab, layers = sc.weight_bytes_per_param, sc.act_bytes, sc.model.layers
     ops = [
         Operator(
             name,
             phase,
             flops=layers * 2 * tokens * fin * fout,
-            hbm_bytes=layers * (fin * fout * wb + tokens * (fin + fout) * ab),
+            hbm_bytes=layers * (passes * fin * fout * wb + tokens * (fin + fout) * ab),
         )
         for name, fin, fout in sc.matmuls()
     ]
@@ -342,36 +438,96 @@ def _matmul_ops(sc: Scenario, phase: str, tokens: int) -> list[Operator]:
 
 
 def _attention_op(
-    sc: Scenario, phase: str, name: str, visits: float, key_reads: float, q_rows: int
+    sc: Scenario,
+    phase: str,
+    name: str,
+    visits: float,
+    key_reads: float,
+    q_rows: int,
+    *,
+    gathered: float = 0.0,
+    latency_s: float = 0.0,
+    kernels: float = 0.0,
 ) -> Operator:
     """Attention over ``visits`` (query, key) pairs per head that loads ``key_reads`` KV tokens
-    per KV head, for ``q_rows`` query rows per sequence; summed over layers and the batch.
+    per KV head, ``gathered`` of them in random ``block_size_k``-token blocks, for ``q_rows``
+    query rows per sequence; summed over layers and the batch. ``latency_s`` and ``kernels``
+    are per layer.
 
     FLOPs ``4 * D * visits`` per head (QK and PV, a multiply-add each); bytes: the K/V loaded
-    plus Q read and O written."""
+    (gathered blocks at their :func:`gather_efficiency`) plus Q read and O written."""
     m = sc.model
     hq, hkv, d = sc.heads_per_gpu, sc.kv_heads_per_gpu, m.head_dim
     per_seq_flops = 4 * hq * d * visits
-    kv_bytes = key_reads * 2 * hkv * d * sc.kv_bytes_per_elem
+    token_bytes = 2 * hkv * d * sc.kv_bytes_per_elem
+    eff = gather_efficiency(sc.hip.block_size_k * d * sc.kv_bytes_per_elem)
+    kv_bytes = (key_reads - gathered + gathered / eff) * token_bytes
     per_seq_bytes = kv_bytes + 2 * q_rows * hq * d * sc.act_bytes
     return Operator(
         name,
         phase,
         flops=m.layers * sc.batch * per_seq_flops,
         hbm_bytes=m.layers * sc.batch * per_seq_bytes,
+        latency_s=m.layers * latency_s,
+        kernels=m.layers * kernels,
     )
 
 
-def _search_op(sc: Scenario, phase: str, dots: float, rep_reads: float) -> Operator:
+def _search_chain_s(sc: Scenario, levels: int) -> float:
+    """The search kernel's dependent chain: the candidate count, then per level one gather of
+    representatives and a bitonic top-k over ``2 x NODES`` children."""
+    if not levels:
+        return 0.0
+    nodes = max(16, 1 << (sc.hip.beam * sc.hip.blocks_per_query_block - 1).bit_length())
+    per_level = sc.peak.memory_latency + bitonic_stages(2 * nodes) * RANK_STAGE_S
+    return sc.peak.memory_latency + levels * per_level
+
+
+def _search_op(
+    sc: Scenario, phase: str, dots: float, rep_reads: float, latency_s: float, kernels: float
+) -> Operator:
     """HiP's representative scoring: ``dots`` dot products per query head, ``rep_reads`` keys
-    loaded per searching head (KV heads with ``kv_group`` sharing, else query heads)."""
+    loaded per searching head (KV heads with ``kv_group`` sharing, else query heads), each a
+    random ``D``-element run; ``latency_s`` and ``kernels`` per layer."""
     m = sc.model
     searching = sc.kv_heads_per_gpu if sc.hip.head_sharing == "kv_group" else sc.heads_per_gpu
+    key_bytes = m.head_dim * sc.kv_bytes_per_elem
     return Operator(
         "hip_search",
         phase,
         flops=m.layers * sc.batch * sc.heads_per_gpu * dots * 2 * m.head_dim,
-        hbm_bytes=m.layers * sc.batch * rep_reads * searching * m.head_dim * sc.kv_bytes_per_elem,
+        hbm_bytes=m.layers
+        * sc.batch
+        * rep_reads
+        * searching
+        * key_bytes
+        / gather_efficiency(key_bytes),
+        latency_s=m.layers * latency_s,
+        kernels=m.layers * kernels,
+    )
+
+
+REPRESENTATIVE_MEAN_LAUNCHES = 3
+"""Launches of ``block_representatives`` with ``"mean"``: ``float()``, ``mean``, ``to()``."""
+
+
+def _representatives_op(sc: Scenario, phase: str, context: float) -> Operator | None:
+    """The representatives' upkeep. ``"center"`` is a strided view of K (free); ``"mean"`` is
+    recomputed from the whole K on every ``hip_attention`` call, reuse steps included: K read
+    (``b_kv``), an fp32 copy written and read (4 + 4), and the means written in fp32 and
+    rounded to ``b_kv`` (``(4 + 4 + b_kv) / bk``), per key element."""
+    if sc.hip.representative == "center":
+        return None
+    m, b = sc.model, sc.kv_bytes_per_elem
+    elems = context * sc.kv_heads_per_gpu * m.head_dim
+    per_elem = b + 8 + (8 + b) / sc.hip.block_size_k
+    return Operator(
+        "hip_representatives",
+        phase,
+        flops=m.layers * sc.batch * elems,
+        hbm_bytes=m.layers * sc.batch * elems * per_elem,
+        latency_s=m.layers * REPRESENTATIVE_MEAN_LAUNCHES * sc.peak.launch_latency,
+        kernels=m.layers * REPRESENTATIVE_MEAN_LAUNCHES,
     )
 
 
@@ -380,15 +536,22 @@ def _dense_prefill_attention(sc: Scenario, seq_len: int) -> Operator:
     each); each query tile of :data:`DENSE_QUERY_TILE` rows loads the K/V it sees once."""
     tiles = -(-seq_len // DENSE_QUERY_TILE)
     key_reads = DENSE_QUERY_TILE * (tiles - 1) * tiles // 2 + seq_len
-    return _attention_op(sc, "prefill", "attention", seq_len**2 / 2, key_reads, seq_len)
+    launches = sc.launches.dense_prefill * sc.prefill_chunks(seq_len)
+    return _attention_op(
+        sc, "prefill", "attention", seq_len**2 / 2, key_reads, seq_len,
+        latency_s=launches * sc.peak.launch_latency, kernels=launches,
+    )  # fmt: skip
 
 
-def _all_reduce_bytes(sc: Scenario, tokens: int) -> float:
-    """Bytes each GPU sends for two ring all-reduces per layer (after o_proj and mlp_down)."""
+def _collective_bytes(sc: Scenario, tokens: int, lm_rows: int) -> float:
+    """Bytes each GPU sends: two ring all-reduces of the hidden state per layer (after the
+    rowwise o_proj and down_proj) over ``tokens`` rows, and the all-gather of the colwise LM
+    head's logits over ``lm_rows`` rows (transformers' ``colwise_gather_output``)."""
     if sc.tp == 1:
         return 0.0
-    payload = tokens * sc.model.hidden * sc.act_bytes
-    return sc.model.layers * 2 * 2 * (sc.tp - 1) / sc.tp * payload
+    share = (sc.tp - 1) / sc.tp
+    all_reduce = sc.model.layers * 2 * 2 * share * tokens * sc.model.hidden * sc.act_bytes
+    return all_reduce + share * lm_rows * sc.model.vocab * sc.act_bytes
 
 
 # ---- the estimate ---------------------------------------------------------------------------
@@ -406,15 +569,23 @@ class Estimate:
             (full KV for dense/hip; representatives, sinks, window and block cache for offload).
         host_bytes_per_request: host RAM one request needs (offload only, else 0).
         weight_bytes: weights on each GPU.
-        max_concurrency: requests of this length that fit at once (HBM and, for offload, host).
-        max_context: longest prompt one request can have (its outputs included in memory).
-        fits: ``batch <= max_concurrency``.
+        max_concurrency: requests of this length that fit at once (HBM and, for offload, host),
+            with room left for one request's prefill activations.
+        max_context: longest prompt one request can have (its outputs and its prefill
+            activations included in memory).
+        fits: ``batch <= max_concurrency`` and weights + the batch's state + its prefill
+            activations fit in HBM.
         prefill: the batch's prompts, one pass.
         decode: one decode step of the batch, at the mean context ``decode_context``.
         decode_context: ``context + (output_tokens - 1) / 2``, the mean KV length over steps.
         decode_total_s: ``output_tokens x decode.time_s``.
         context_switch_s: moving one request's GPU-resident state at ``context`` over the
             host link (each GPU its own shard, in parallel).
+        batch: requests prefilled and decoded together.
+        activation_bytes: peak prefill activations of the batch on each GPU (one chunk each).
+        peak_bytes: weights + the batch's HBM state + ``activation_bytes``, per GPU.
+        prefill_chunks: prefill passes per prompt.
+        trained_context: the model's trained context (``max_position_embeddings``), if known.
     """
 
     mode: str
@@ -432,6 +603,17 @@ class Estimate:
     decode_total_s: float
     context_switch_s: float
     batch: int
+    activation_bytes: float = 0.0
+    peak_bytes: float = 0.0
+    prefill_chunks: int = 1
+    trained_context: int | None = None
+
+    @property
+    def beyond_trained_context(self) -> bool:
+        """The prompt and its outputs (``2 x decode_context - context + 1`` tokens) run past
+        the model's trained context."""
+        final = 2 * self.decode_context - self.context + 1
+        return self.trained_context is not None and final > self.trained_context
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -463,6 +645,12 @@ class Estimate:
             "decode_total_s": self.decode_total_s,
             "decode_bound": self.decode.bound,
             "context_switch_s": self.context_switch_s,
+            "activation": self.activation_bytes,
+            "peak_bytes": self.peak_bytes,
+            "prefill_chunks": self.prefill_chunks,
+            "beyond_trained_context": self.beyond_trained_context,
+            "prefill_latency_s": self.prefill.latency_s,
+            "decode_latency_s": self.decode.latency_s,
             "prefill": self.prefill.to_dict(gpu),
             "decode": self.decode.to_dict(gpu),
         }
@@ -492,25 +680,36 @@ def gpu_bytes_per_request(sc: Scenario, mode: Mode, tokens: int) -> float:
 
 
 def max_context(sc: Scenario, mode: Mode) -> int:
-    """Longest prompt one request can have in ``mode`` with its outputs still fitting: HBM
-    bound for dense/hip; host RAM (and the representatives' HBM) for ``hip+offload``."""
+    """Longest prompt one request can have in ``mode`` with its outputs and its prefill
+    activations still fitting: HBM bound for dense/hip; host RAM (and the representatives'
+    HBM) for ``hip+offload``. Unchunked, the activations grow with the prompt; with
+    ``prefill_chunk`` they are those of one chunk."""
     free, out = sc.hbm_free, sc.output_tokens
     if free <= 0:
         return 0
+    per_token = gpu_bytes_per_token(sc, mode)
+    fixed = out * per_token
+    if mode == "hip+offload":
+        cfg = sc.hip
+        fixed = (cfg.sink_tokens + cfg.window + sc.offload.block_cache_tokens) * (
+            sc.kv_bytes_per_token_per_gpu
+        ) + out * per_token
+    act = sc.activation_bytes_per_token
+    by_hbm = _floor((free - fixed) / (per_token + act)) if free > fixed else 0
+    chunk = sc.prefill_chunk
+    if chunk is not None and by_hbm > chunk:
+        room = free - fixed - chunk * act
+        by_hbm = max(chunk, _floor(room / per_token)) if room > 0 else by_hbm
     if mode != "hip+offload":
-        return max(0, _floor(free / gpu_bytes_per_token(sc, mode)) - out)
-    cfg = sc.hip
-    fixed = (cfg.sink_tokens + cfg.window + sc.offload.block_cache_tokens) * (
-        sc.kv_bytes_per_token_per_gpu
-    )
-    by_hbm = _floor((free - fixed) / sc.rep_bytes_per_token_per_gpu) if free > fixed else 0
-    by_host = _floor(sc.offload.host_ram / sc.kv_bytes_per_token)
-    return max(0, min(by_hbm, by_host) - out)
+        return by_hbm
+    by_host = _floor(sc.offload.host_ram / sc.kv_bytes_per_token) - out
+    return max(0, min(by_hbm, by_host))
 
 
 def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
     tokens = sc.batch * seq_len
-    ops = _matmul_ops(sc, "prefill", tokens)
+    chunks = sc.prefill_chunks(seq_len)
+    ops = _matmul_ops(sc, "prefill", tokens, chunks)
     host = 0.0
     if mode == "dense" or seq_len <= sc.hip.effective_dense_threshold:
         ops.append(_dense_prefill_attention(sc, seq_len))
@@ -518,10 +717,31 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
             host = tokens * sc.kv_bytes_per_token_per_gpu
     else:
         c = hip_prefill_counts(seq_len, sc.hip)
-        ops.append(_search_op(sc, "prefill", c.search_dots, c.rep_reads))
-        ops.append(
-            _attention_op(sc, "prefill", "hip_attention", c.key_visits, c.key_reads, seq_len)
+        launch, mem = sc.peak.launch_latency, sc.peak.memory_latency
+        launches = chunks * sc.launches.hip_prefill
+        levels = search_levels(
+            max(0, seq_len - sc.hip.window - sc.hip.sink_tokens) // sc.hip.block_size_k,
+            sc.hip.blocks_per_query_block,
         )
+        # The search kernel's launch is its; the rest of the launches go to attention.
+        ops.append(
+            _search_op(
+                sc, "prefill", c.search_dots, c.rep_reads,
+                chunks * (launch + _search_chain_s(sc, levels)), chunks,
+            )
+        )  # fmt: skip
+        if mode == "hip":
+            upkeep = _representatives_op(sc, "prefill", seq_len)
+            if upkeep is not None:
+                ops.append(upkeep)
+        ops.append(
+            _attention_op(
+                sc, "prefill", "hip_attention", c.key_visits, c.key_reads, seq_len,
+                gathered=c.selected_tokens,
+                latency_s=(launches - chunks) * launch + chunks * SPARSE_DEPENDENT_LOADS * mem,
+                kernels=launches - chunks,
+            )
+        )  # fmt: skip
         if mode == "hip+offload":
             # Device->host: the whole KV once; host->device: missed selected blocks. The link
             # is full duplex, so the larger direction counts.
@@ -530,26 +750,55 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
                 sc.batch * sc.offload.miss_rate * c.selected_tokens * sc.kv_bytes_per_token_per_gpu
             )
             host = max(write, fetch)
-    return phase_cost("prefill", ops, sc.peak, host, _all_reduce_bytes(sc, tokens))
+    return phase_cost("prefill", ops, sc.peak, host, _collective_bytes(sc, tokens, sc.batch))
 
 
 def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
     ops = _matmul_ops(sc, "decode", sc.batch)
     host = 0.0
-    if mode == "dense":
-        ops.append(_attention_op(sc, "decode", "attention", context, context, 1))
+    launch, mem = sc.peak.launch_latency, sc.peak.memory_latency
+    lp = sc.launches
+    if mode == "dense" or context <= sc.hip.effective_dense_threshold:
+        ops.append(
+            _attention_op(
+                sc, "decode", "attention", context, context, 1,
+                latency_s=lp.dense_decode * launch, kernels=lp.dense_decode,
+            )
+        )  # fmt: skip
     else:
         c = hip_decode_counts(context, sc.hip)
         refresh = sc.hip.refresh_interval
         if c.rep_reads:
-            # The search runs every refresh_interval steps; its cost is spread over them.
-            ops.append(_search_op(sc, "decode", c.rep_reads / refresh, c.rep_reads / refresh))
-        ops.append(_attention_op(sc, "decode", "hip_attention", c.keys, c.keys, 1))
+            # The search runs every refresh_interval steps, with the launches a refreshing
+            # step adds; its cost is spread over the steps.
+            levels = search_levels(
+                int(max(0.0, context - sc.hip.window - sc.hip.sink_tokens) // sc.hip.block_size_k),
+                sc.hip.blocks_per_query_block,
+            )
+            extra = lp.hip_decode_refresh - lp.hip_decode_reuse
+            ops.append(
+                _search_op(
+                    sc, "decode", c.rep_reads / refresh, c.rep_reads / refresh,
+                    (extra * launch + _search_chain_s(sc, levels)) / refresh, extra / refresh,
+                )
+            )  # fmt: skip
+        if mode == "hip":
+            upkeep = _representatives_op(sc, "decode", context)
+            if upkeep is not None:
+                ops.append(upkeep)
+        ops.append(
+            _attention_op(
+                sc, "decode", "hip_attention", c.keys, c.keys, 1,
+                gathered=c.selected_tokens,
+                latency_s=lp.hip_decode_reuse * launch + SPARSE_DEPENDENT_LOADS * mem,
+                kernels=lp.hip_decode_reuse,
+            )
+        )  # fmt: skip
         if mode == "hip+offload":
             host = (
                 sc.batch * sc.offload.miss_rate * c.selected_tokens * sc.kv_bytes_per_token_per_gpu
             )
-    return phase_cost("decode", ops, sc.peak, host, _all_reduce_bytes(sc, sc.batch))
+    return phase_cost("decode", ops, sc.peak, host, _collective_bytes(sc, sc.batch, sc.batch))
 
 
 def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
@@ -564,8 +813,11 @@ def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
         raise ValueError(f"context must be a positive int, got {context!r}")
     total = context + sc.output_tokens
     per_request = gpu_bytes_per_request(sc, mode, total)
-    free = sc.hbm_free
+    activation = sc.activation_bytes(context, sc.batch)
+    # Requests are admitted one prefill at a time: room for one prefill's activations.
+    free = sc.hbm_free - sc.activation_bytes(context, 1)
     concurrency = _floor(free / per_request) if free > 0 else 0
+    peak = sc.weight_bytes + sc.batch * per_request + activation
     host_per_request = 0.0
     if mode == "hip+offload":
         host_per_request = total * sc.kv_bytes_per_token
@@ -581,11 +833,15 @@ def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
         weight_bytes=sc.weight_bytes,
         max_concurrency=concurrency,
         max_context=max_context(sc, mode),
-        fits=concurrency >= sc.batch,
+        fits=concurrency >= sc.batch and peak <= sc.gpu.hbm,
         prefill=_prefill(sc, mode, context),
         decode=decode,
         decode_context=decode_context,
         decode_total_s=sc.output_tokens * decode.time_s,
         context_switch_s=gpu_bytes_per_request(sc, mode, context) / sc.peak.host_link,
         batch=sc.batch,
+        activation_bytes=activation,
+        peak_bytes=peak,
+        prefill_chunks=sc.prefill_chunks(context),
+        trained_context=sc.model.max_context,
     )

@@ -21,6 +21,16 @@ TFLOPS = 10**12
 
 PCIE_GEN4_X16 = 32 * GB  # nominal, per direction
 PCIE_GEN5_X16 = 64 * GB
+US = 1e-6
+#: Latency floors (docs/roofline.md, "Latency floors"): one eager kernel launch costs about
+#: 5 us of issue time (driver + runtime 4-6 us measured on an RTX 5070 Ti, CUDA 13, in
+#: "pegainfer (3): From Launch Overhead to CUDA Graph"; PyTorch's dispatcher adds to it), and
+#: one dependent DRAM round trip about 0.5 us on HBM parts and 0.6 us on GDDR parts
+#: (pointer-chasing latencies of the order Jia et al. measured, "Dissecting the NVIDIA Volta GPU
+#: Architecture via Microbenchmarking", 2018, plus the L2 miss path of larger dies).
+LAUNCH = 5 * US
+HBM_LATENCY = 0.5 * US
+GDDR_LATENCY = 0.6 * US
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,10 @@ class GPUSpec:
         gpu_link: GPU<->GPU bandwidth in bytes/s, one direction (NVLink, or PCIe without it);
             used for tensor-parallel all-reduce.
         note: where the numbers come from.
+        launch_latency: fixed seconds one kernel launch costs, back to back from Python (eager,
+            no CUDA graph): the launch floor every kernel pays whatever its size.
+        memory_latency: seconds of one dependent HBM round trip (a load whose address comes
+            from an earlier load: a gather through an index, a search level).
     """
 
     name: str
@@ -45,9 +59,19 @@ class GPUSpec:
     host_link: float
     gpu_link: float
     note: str = ""
+    launch_latency: float = 5e-6
+    memory_latency: float = 0.5e-6
 
     def __post_init__(self) -> None:
-        for field_name in ("flops", "hbm_bandwidth", "hbm", "host_link", "gpu_link"):
+        for field_name in (
+            "flops",
+            "hbm_bandwidth",
+            "hbm",
+            "host_link",
+            "gpu_link",
+            "launch_latency",
+            "memory_latency",
+        ):
             value = getattr(self, field_name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"GPU {field_name} must be a positive number, got {value!r}")
@@ -110,6 +134,20 @@ GPU_PRESETS: dict[str, GPUSpec] = {
             PCIE_GEN4_X16,
             300 * GB,
             "A100 SXM4 80GB: 312 TFLOP/s bf16, 2039 GB/s HBM2e, PCIe Gen4 x16, NVLink3 600 GB/s",
+            LAUNCH,
+            HBM_LATENCY,
+        ),
+        GPUSpec(
+            "a100-40g",
+            312 * TFLOPS,
+            1555 * GB,
+            40 * GiB,
+            PCIE_GEN4_X16,
+            300 * GB,
+            "A100 SXM4 40GB (NVIDIA A100 datasheet): 312 TFLOP/s bf16, 1555 GB/s HBM2, "
+            "PCIe Gen4 x16, NVLink3 600 GB/s",
+            LAUNCH,
+            HBM_LATENCY,
         ),
         GPUSpec(
             "h100-sxm",
@@ -119,6 +157,20 @@ GPU_PRESETS: dict[str, GPUSpec] = {
             PCIE_GEN5_X16,
             450 * GB,
             "H100 SXM5 80GB: 989 TFLOP/s bf16, 3350 GB/s HBM3, PCIe Gen5 x16, NVLink4 900 GB/s",
+            LAUNCH,
+            HBM_LATENCY,
+        ),
+        GPUSpec(
+            "h100-pcie",
+            756 * TFLOPS,
+            2000 * GB,
+            80 * GiB,
+            PCIE_GEN5_X16,
+            300 * GB,
+            "H100 PCIe 80GB (NVIDIA H100 datasheet): 756 TFLOP/s bf16, 2000 GB/s HBM2e, PCIe "
+            "Gen5 x16, NVLink bridge 600 GB/s",
+            LAUNCH,
+            HBM_LATENCY,
         ),
         GPUSpec(
             "h200",
@@ -128,6 +180,20 @@ GPU_PRESETS: dict[str, GPUSpec] = {
             PCIE_GEN5_X16,
             450 * GB,
             "H200 SXM 141GB: 989 TFLOP/s bf16, 4800 GB/s HBM3e, PCIe Gen5 x16, NVLink4 900 GB/s",
+            LAUNCH,
+            HBM_LATENCY,
+        ),
+        GPUSpec(
+            "b200",
+            2250 * TFLOPS,
+            8000 * GB,
+            180 * GB,
+            PCIE_GEN5_X16,
+            900 * GB,
+            "B200 (NVIDIA HGX B200 datasheet, per GPU): 2.25 PFLOP/s dense bf16 (4.5 with "
+            "sparsity), 8 TB/s HBM3e, 180 GB, PCIe Gen5 x16, NVLink5 1.8 TB/s",
+            LAUNCH,
+            HBM_LATENCY,
         ),
         GPUSpec(
             "l40s",
@@ -137,6 +203,32 @@ GPU_PRESETS: dict[str, GPUSpec] = {
             PCIE_GEN4_X16,
             PCIE_GEN4_X16,
             "L40S 48GB: 362 TFLOP/s bf16, 864 GB/s GDDR6, PCIe Gen4 x16, no NVLink",
+            LAUNCH,
+            GDDR_LATENCY,
+        ),
+        GPUSpec(
+            "l40",
+            181 * TFLOPS,
+            864 * GB,
+            48 * GB,
+            PCIE_GEN4_X16,
+            PCIE_GEN4_X16,
+            "L40 48GB (NVIDIA L40 datasheet): 181 TFLOP/s bf16 (362 with sparsity), 864 GB/s "
+            "GDDR6, PCIe Gen4 x16, no NVLink",
+            LAUNCH,
+            GDDR_LATENCY,
+        ),
+        GPUSpec(
+            "a6000",
+            155 * TFLOPS,
+            768 * GB,
+            48 * GB,
+            PCIE_GEN4_X16,
+            56 * GB,
+            "RTX A6000 48GB (NVIDIA RTX A6000 datasheet): 155 TFLOP/s bf16 with fp32 accumulate "
+            "(310 with sparsity), 768 GB/s GDDR6, PCIe Gen4 x16, NVLink bridge 112.5 GB/s",
+            LAUNCH,
+            GDDR_LATENCY,
         ),
         GPUSpec(
             "rtx-4090",
@@ -146,6 +238,8 @@ GPU_PRESETS: dict[str, GPUSpec] = {
             PCIE_GEN4_X16,
             PCIE_GEN4_X16,
             "RTX 4090 24GB: 165 TFLOP/s bf16 (fp32 accumulate), 1008 GB/s GDDR6X, PCIe Gen4 x16",
+            LAUNCH,
+            GDDR_LATENCY,
         ),
     )
 }
@@ -156,6 +250,8 @@ _JSON_UNITS = {
     "hbm_bandwidth": GB,  # GB/s
     "host_link": GB,  # GB/s
     "gpu_link": GB,  # GB/s
+    "launch_latency": US,  # us
+    "memory_latency": US,  # us
 }
 
 
@@ -175,8 +271,8 @@ def override_gpu(gpu: GPUSpec, values: Mapping[str, Any]) -> GPUSpec:
     """``gpu`` with fields replaced, given in the CLI/JSON units.
 
     ``values`` may hold ``flops`` (TFLOP/s), ``hbm_bandwidth``, ``host_link``, ``gpu_link``
-    (GB/s), ``hbm`` (a size string such as ``"80GiB"`` or a number of GB) and ``name``;
-    ``None`` values are ignored.
+    (GB/s), ``launch_latency``, ``memory_latency`` (us), ``hbm`` (a size string such as
+    ``"80GiB"`` or a number of GB) and ``name``; ``None`` values are ignored.
 
     Raises:
         ValueError: an unknown key or a value that is not a positive number.

@@ -12,6 +12,7 @@ _COLUMNS = (
     ("mode", 12, "<"),
     ("KV/req", 8, ">"),
     ("HBM/req", 8, ">"),
+    ("act", 8, ">"),
     ("fits", 4, ">"),
     ("max conc", 8, ">"),
     ("max ctx", 10, ">"),
@@ -62,6 +63,14 @@ def header_lines(sc: Scenario, modes: Sequence[Mode]) -> list[str]:
             f"window={h.window}, sinks={h.sink_tokens}, refresh every {h.refresh_interval} steps, "
             f"beam={h.beam}"
         )
+    lp = sc.launches
+    lines.append(
+        f"latency: {peak.launch_latency * 1e6:.3g} us a launch, {peak.memory_latency * 1e6:.3g} us "
+        f"a dependent round trip; launches per layer ({lp.name}): dense {lp.dense_decode}, HiP "
+        f"decode {lp.hip_decode_reuse} ({lp.hip_decode_refresh} refreshing), prefill "
+        f"{lp.hip_prefill}"
+        + (f"; prefill in chunks of {short_tokens(sc.prefill_chunk)}" if sc.prefill_chunk else "")
+    )
     if "hip+offload" in modes:
         o = sc.offload
         lines.append(
@@ -76,9 +85,17 @@ def table(sc: Scenario, estimates: Sequence[Estimate]) -> str:
     modes = [mode for mode in MODES if any(e.mode == mode for e in estimates)]
     out = header_lines(sc, modes)
     titles = [title.format(out=sc.output_tokens) for title, _, _ in _COLUMNS]
+    trained = sc.model.max_context
     for context in dict.fromkeys(e.context for e in estimates):
         noun = "token" if context == 1 else "tokens"
-        out += ["", f"context {short_tokens(context)} ({context:,} {noun})", _row(titles)]
+        out += ["", f"context {short_tokens(context)} ({context:,} {noun})"]
+        if any(e.beyond_trained_context for e in estimates if e.context == context):
+            out.append(
+                f"WARNING: {short_tokens(context)} + {sc.output_tokens} output tokens exceeds "
+                f"{sc.model.name}'s trained context ({trained:,} tokens, "
+                "max_position_embeddings): quality is not predicted"
+            )
+        out.append(_row(titles))
         for e in (e for e in estimates if e.context == context):
             out.append(
                 _row(
@@ -86,6 +103,7 @@ def table(sc: Scenario, estimates: Sequence[Estimate]) -> str:
                         e.mode,
                         fmt_bytes(e.kv_bytes),
                         fmt_bytes(e.gpu_bytes_per_request),
+                        fmt_bytes(e.activation_bytes),
                         "yes" if e.fits else "NO",
                         f"{e.max_concurrency:,}",
                         f"{e.max_context:,}",
@@ -102,7 +120,8 @@ def table(sc: Scenario, estimates: Sequence[Estimate]) -> str:
     out += [
         "",
         "KV/req: KV cache of one request at the context; HBM/req: what one request holds on each",
-        "GPU once its outputs are added; max conc: requests that fit at once; max ctx: longest",
+        "GPU once its outputs are added; act: peak prefill activations of the batch (fits: weights",
+        "+ HBM/req + act within HBM); max conc: requests that fit at once; max ctx: longest",
         "prompt one request can have; prefill: the batch's prompts; decode/tok: one step at the",
         "mean context; switch: moving one request's GPU state over the host link.",
     ]
