@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import block_representatives, pool_queries, query_blocks
 from hip_attn.reference import hip_attention_reference, search_reference
-from hip_attn.validation import check_config, check_qkv, check_scale
+from hip_attn.validation import check_config, check_inference_only, check_qkv, check_scale
 
 if TYPE_CHECKING:
     from hip_attn.triton_kernels.attention import KVSegments
@@ -290,6 +290,12 @@ def hip_attention(
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys
         this is exact dense attention.
+
+    Raises:
+        NotImplementedError: the Triton kernels would run (CUDA, or ``TRITON_INTERPRET=1``)
+            while gradients are enabled and ``q``, ``k`` or ``v`` requires grad. The sparse
+            path is inference-only: the kernels have no backward. The dense path (SDPA) and
+            the PyTorch reference fallback keep autograd.
     """
     config = check_config(config)
     check_qkv(q, k, v)
@@ -298,5 +304,7 @@ def hip_attention(
         raise TypeError(f"state must be a HiPDecodeState or None, got {type(state).__name__}")
     if k.shape[2] <= config.effective_dense_threshold:
         return dense_attention(q, k, v, scale)
+    if uses_triton(q.device):  # before any launch: the kernels have no backward
+        check_inference_only(q, k, v)
     indices = select_blocks(q, block_representatives(k, config), k.shape[2], config, state)
     return _sparse(q, k, v, indices, config, scale)

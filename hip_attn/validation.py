@@ -4,6 +4,7 @@ with an error naming the argument and what was expected."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -11,6 +12,9 @@ from hip_attn.config import HiPConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+#: ``check_qkv``'s default for ``v``: "no values" (``estimate_mask``), unlike an explicit ``None``.
+_NO_VALUES: object = object()
 
 
 def check_config(config: HiPConfig | None) -> HiPConfig:
@@ -24,11 +28,16 @@ def check_config(config: HiPConfig | None) -> HiPConfig:
 def check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    # numbers.Real admits Python and NumPy ints and floats; bool is an int but never a scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale}")
-    return float(scale)
+    return value
 
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
@@ -49,12 +58,13 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_qkv(q: object, k: object, v: object | None = None) -> None:
-    """Validate SDPA-layout attention inputs: ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``."""
+def check_qkv(q: object, k: object, v: object = _NO_VALUES) -> None:
+    """Validate SDPA-layout attention inputs: ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``.
+    Without ``v`` only ``q`` and ``k`` are checked; an explicit ``v=None`` is an error."""
     q = _check_tensor("q", q)
     k = _check_tensor("k", k)
     pairs = [("k", k)]
-    if v is not None:
+    if v is not _NO_VALUES:
         v = _check_tensor("v", v)
         pairs.append(("v", v))
     for name, x in pairs:
@@ -70,13 +80,15 @@ def check_qkv(q: object, k: object, v: object | None = None) -> None:
             raise ValueError(
                 f"{name} must have the head_dim of q ({q.shape[-1]}), got {x.shape[-1]}"
             )
-    if v is not None and (v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]):
+    if isinstance(v, torch.Tensor) and (v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]):
         raise ValueError(
             f"v must have the heads and tokens of k {tuple(k.shape[1:3])}, "
             f"got {tuple(v.shape[1:3])}"
         )
     hq, hkv = q.shape[1], k.shape[1]
-    if hkv == 0 or hq % hkv:
+    if hq == 0 or hkv == 0:
+        raise ValueError(f"q and k must have at least one head, got Hq={hq}, Hkv={hkv}")
+    if hq % hkv:
         raise ValueError(
             f"q heads ({hq}) must be a multiple of k heads ({hkv}) for grouped-query attention"
         )
@@ -89,4 +101,25 @@ def check_qkv(q: object, k: object, v: object | None = None) -> None:
         )
     d = q.shape[-1]
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+        raise ValueError(
+            f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (the last dimension of q, k "
+            f"and v), got {d}"
+        )
+
+
+def check_inference_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Refuse inputs that ask for gradients where the Triton kernels would run: they have no
+    backward, and returning an output detached from the graph would train silently wrong.
+
+    ``NotImplementedError`` (a ``RuntimeError``) because the inputs are valid and the missing
+    piece is the backward pass; it is what PyTorch raises for an operation without one.
+    """
+    if not torch.is_grad_enabled():
+        return
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.requires_grad:
+            raise NotImplementedError(
+                f"{name} requires grad, but the Triton HiP kernels are inference-only (no "
+                "backward); run under torch.no_grad() or torch.inference_mode(), or pass "
+                "detached tensors"
+            )
