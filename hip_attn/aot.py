@@ -24,7 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hip_attn.cli_args import arg_type, command_error, non_negative_int, positive_int
 from hip_attn.config import HiPConfig
+from hip_attn.progress import progress_bar, say
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +36,10 @@ _EPILOG = """examples:
   hip-attn aot --arch 80 --only mask
   hip-attn aot --quick              # bf16, head dim 128 only (what CI compiles)
 """
+
+#: Compute capabilities the Triton CUDA backend compiles for (of GPUs that exist): Turing and
+#: newer. Other numbers abort inside LLVM (sm_12) or ptxas (sm_101, renamed sm_110).
+ARCHES = (75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
 
 # torch dtype name -> Triton signature type (torch is imported only when compiling: the CLI's
 # --help stays torch-free)
@@ -281,12 +287,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--arch",
         type=int,
+        choices=ARCHES,
         default=90,
-        help="compute capability as an integer: 80 A100, 89 L4/L40, 90 H100/H200 (default: 90)",
+        metavar="SM",
+        help="compute capability as an integer: 80 A100, 89 L4/L40, 90 H100/H200, 100 B200; "
+        f"one of {', '.join(map(str, ARCHES))} (default: 90)",
     )
     p.add_argument(
         "--sms",
-        type=int,
+        type=arg_type(positive_int, "count"),
         default=132,
         help="multiprocessors of the target GPU, which set the decode split count "
         "(default: 132, an H100 SXM or H200)",
@@ -301,7 +310,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-stack-bytes",
-        type=int,
+        type=arg_type(non_negative_int, "bytes"),
         default=None,
         metavar="N",
         help="exit with status 1 if a kernel uses more than N bytes of stack per thread "
@@ -338,15 +347,16 @@ def _write_json(path: str, arch: int, compiled: list[Variant]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("hip-attn aot: error: unset TRITON_INTERPRET (the compiler, not the interpreter)")
-        return 2
+        return command_error(
+            "hip-attn aot", "unset TRITON_INTERPRET (the compiler, not the interpreter)"
+        )
     wanted = {"mask": "_hip_mask_kernel", "attention": "_sparse_attention_kernel"}.get(args.only)
     all_variants = variants(args.quick, args.sms)
     worst = 0
     print(f"compiling for sm_{args.arch} ({len(all_variants)} variants)", flush=True)
     header = f"{'kernel':<26}{'grid':>18}{'warps':>6}{'regs':>6}{'stack B':>8}{'smem KB':>8}"
-    for i, variant in enumerate(all_variants, 1):
-        print(f"[{i}/{len(all_variants)}] {variant.name}\n  {header}", flush=True)
+    for variant in progress_bar(all_variants, desc=f"sm_{args.arch}", unit="variant"):
+        say(f"{variant.name}\n  {header}")
         for launch in variant.launches:
             if wanted and launch.kernel.__name__ != wanted:
                 continue
@@ -354,13 +364,15 @@ def run(args: argparse.Namespace) -> int:
             variant.results.append(r)
             worst = max(worst, r["stack_bytes"] + r["local_bytes"])
             grid = "x".join(map(str, r["grid"]))
-            print(
+            say(
                 f"  {r['kernel']:<26}{grid:>18}{r['num_warps']:>6}{r['registers']:>6}"
-                f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}",
-                flush=True,
+                f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}"
             )
     if args.json:
-        _write_json(args.json, args.arch, all_variants)
+        try:
+            _write_json(args.json, args.arch, all_variants)
+        except OSError as err:
+            return command_error("hip-attn aot", f"--json {args.json}: {err}")
         print(f"wrote {args.json}")
     if args.max_stack_bytes is not None and worst > args.max_stack_bytes:
         print(f"hip-attn aot: a kernel uses {worst} stack bytes (> {args.max_stack_bytes})")

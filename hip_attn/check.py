@@ -13,7 +13,11 @@ from typing import Any
 from hip_attn.cli_args import (
     add_device_arguments,
     add_hip_arguments,
+    arg_type,
+    command_error,
+    device_and_dtype,
     hip_config_from_args,
+    positive_int,
     wall_time,
 )
 from hip_attn.config import HiPConfig
@@ -36,16 +40,17 @@ def add_parser(subparsers: Any) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    count = arg_type(positive_int, "count")
     p.add_argument(
         "--tokens",
-        type=int,
+        type=count,
         default=None,
         help="context length T of the prefill (default: 2048 on CPU, 32768 on CUDA)",
     )
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    p.add_argument("--heads", type=int, default=8, help="query heads (default: 8)")
-    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default: 2)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension (default: 64)")
+    p.add_argument("--batch", type=count, default=1, help="batch size (default: 1)")
+    p.add_argument("--heads", type=count, default=8, help="query heads (default: 8)")
+    p.add_argument("--kv-heads", type=count, default=2, help="key/value heads (default: 2)")
+    p.add_argument("--head-dim", type=count, default=64, help="head dimension (default: 64)")
     add_device_arguments(p)
     add_hip_arguments(
         p, title="HiP configuration (defaults: HiPConfig(dense_threshold=0))", defaults=_BASE
@@ -58,14 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
     from hip_attn.attention import dense_attention, estimate_mask, hip_attention, uses_triton
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = device_and_dtype(args)
     tokens = args.tokens or (32768 if device.type == "cuda" else 2048)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     try:
         config = hip_config_from_args(args, _BASE)
     except (TypeError, ValueError) as err:
-        print(f"hip-attn check: error: {err}")
-        return 2
+        return command_error("hip-attn check", err)
     gen = torch.Generator().manual_seed(args.seed)
     shape_q = (args.batch, args.heads, tokens, args.head_dim)
     shape_kv = (args.batch, args.kv_heads, tokens, args.head_dim)
@@ -83,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
         out, t_hip = wall_time(lambda: hip_attention(q, k, v, config), device)
         ref, t_dense = wall_time(lambda: dense_attention(q, k, v, args.head_dim**-0.5), device)
     except (TypeError, ValueError) as err:
-        print(f"hip-attn check: error: {err}")
-        return 2
+        return command_error("hip-attn check", err)
     selected = int((indices[:, :, -1] >= 0).sum(-1).float().mean()) * config.block_size_k
     read = min(tokens, config.sink_tokens + selected + config.window + config.block_size_q)
     rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -1,16 +1,19 @@
-"""Command-line pieces shared by the ``hip-attn`` subcommands: argparse value types, the
-:class:`HiPConfig` flags, the device flags and a wall-clock timer.
+"""Command-line pieces shared by the ``hip-attn`` subcommands: the argument parser, one-line
+errors, argparse value types, the :class:`HiPConfig` flags, the device flags and a wall-clock
+timer.
 
-Torch-free at import (``hip-attn --help`` and ``hip-attn roofline`` never load it); only
-:func:`wall_time` imports torch, when it runs.
+Torch-free at import (``hip-attn --help`` and ``hip-attn roofline`` never load it); the device
+checks and :func:`wall_time` import torch when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from hip_attn.config import HiPConfig
 
@@ -18,6 +21,26 @@ if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+
+
+def one_line(message: object) -> str:
+    """``message`` with its line breaks and runs of spaces folded into single spaces."""
+    return " ".join(str(message).split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of ``hip-attn`` and (through ``add_subparsers``) of every subcommand: an error
+    is one line on stderr, ``PROG: error: MESSAGE (see PROG --help)``, and exit status 2,
+    instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def command_error(prog: str, error: object) -> int:
+    """Say ``error`` as one line on stderr, ``PROG: error: ...``; returns exit status 2."""
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+    return 2
 
 
 def arg_type(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
@@ -31,6 +54,19 @@ def arg_type(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
 
     convert.__name__ = what
     return convert
+
+
+def comma_list(parse: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
+    """An argparse type for ``A,B,C``: each item through ``parse``, order kept. An empty item
+    (``4k,,8k``) is an error, not skipped: it is usually a typo for a missing value."""
+
+    def convert(text: str) -> list[T]:
+        items = [item.strip() for item in text.split(",")]
+        if "" in items:
+            raise ValueError(f"empty item in the comma-separated list of {what} {text!r}")
+        return [parse(item) for item in items]
+
+    return arg_type(convert, f"list of {what}")
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -51,6 +87,32 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """A whole number >= 0."""
     return _whole_number(text, 0)
+
+
+def directory(text: str) -> str:
+    """An existing folder."""
+    if not os.path.isdir(text):
+        raise ValueError(f"no such folder: {text!r}")
+    return text
+
+
+def torch_device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, present on this machine (imports torch)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{text!r}, but CUDA is not available on this machine")
+    if device.index is not None and device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"{text!r}, but this machine has {count} CUDA device(s)")
+    return text
 
 
 def positive_float(text: str) -> float:
@@ -134,7 +196,11 @@ def add_device_arguments(
 ) -> None:
     """Add ``--device``, ``--dtype`` and (with ``seed``) ``--seed``; ``--device`` and ``--dtype``
     default to ``None``: cuda when available, bfloat16 on CUDA and float32 elsewhere."""
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device",
+        type=arg_type(torch_device, "device"),
+        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)",
+    )
     parser.add_argument(
         "--dtype",
         choices=("float16", "bfloat16", "float32"),
@@ -142,6 +208,15 @@ def add_device_arguments(
     )
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The ``--device`` and ``--dtype`` of :func:`add_device_arguments`, defaults resolved."""
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    return device, dtype
 
 
 def wall_time(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:

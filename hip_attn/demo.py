@@ -15,10 +15,16 @@ from typing import Any
 from hip_attn.cli_args import (
     add_device_arguments,
     add_hip_arguments,
+    arg_type,
+    command_error,
+    device_and_dtype,
+    directory,
     hip_config_from_args,
+    positive_int,
     wall_time,
 )
 from hip_attn.config import HiPConfig
+from hip_attn.progress import progress_bar
 
 # A smaller budget than HiPConfig()'s, for the short prompts of a demo.
 _BASE = HiPConfig(k=256)
@@ -38,16 +44,20 @@ def add_parser(subparsers: Any) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    count = arg_type(positive_int, "count")
     p.add_argument(
-        "--model", default=None, help="local checkpoint folder (default: a random model)"
+        "--model",
+        type=arg_type(directory, "folder"),
+        default=None,
+        help="local checkpoint folder (default: a random model)",
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=count,
         default=None,
         help="prompt length in tokens (default: 2048 on CPU, 8192 on CUDA)",
     )
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (32)")
+    p.add_argument("--new-tokens", type=count, default=32, help="greedy tokens to generate (32)")
     p.add_argument(
         "--offload",
         action="store_true",
@@ -55,30 +65,31 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--cache-blocks",
-        type=int,
+        type=count,
         default=512,
-        help="with --offload: GPU block-cache slots per (batch, KV head) (512)",
+        help="with --offload: GPU block-cache slots per (batch, KV head), at least "
+        "--hip-k / --block-size-k (512)",
     )
     add_device_arguments(p)
     add_hip_arguments(p, title="HiP configuration (defaults: HiPConfig(k=256))", defaults=_BASE)
     p.set_defaults(func=run)  # fmt: skip
 
 
-class _Progress:
-    """A minimal generate() streamer: one updating line on stderr."""
+class _TokenBar:
+    """A generate() streamer: a progress bar of the generated tokens."""
 
     def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self.first = label, total, 0, True
+        self.bar = progress_bar(total=total, desc=label, unit="token")
+        self.prompt = True
 
     def put(self, value: Any) -> None:
-        if self.first:  # generate() first streams the prompt
-            self.first = False
+        if self.prompt:  # generate() first streams the prompt
+            self.prompt = False
             return
-        self.done += 1
-        print(f"\r  {self.label}: {self.done}/{self.total} tokens", end="", file=sys.stderr)
+        self.bar.update()
 
     def end(self) -> None:
-        print(file=sys.stderr)
+        self.bar.close()
 
 
 def kv_bytes_per_step(model_config: Any, context: int, hip: Any | None, elem_bytes: int) -> int:
@@ -100,22 +111,29 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import hip_attn
+    from hip_attn.offload.layer import check_offload_options
     from hip_attn.patches.compat import output_cache
     from hip_attn.tiny_model import random_llama
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = device_and_dtype(args)
     tokens = args.tokens or (8192 if device.type == "cuda" else 2048)
+    options = {"cache_blocks": args.cache_blocks, "max_chunk": 1024}
     try:
         config = hip_config_from_args(args, _BASE)
+        if args.offload:  # before the dense run, which would be wasted
+            check_offload_options(config, options)
     except (TypeError, ValueError) as err:
-        print(f"hip-attn demo: error: {err}", file=sys.stderr)
-        return 2
+        return command_error("hip-attn demo", err)
     model: Any
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, local_files_only=True, dtype=dtype
+            )
+        except (OSError, ValueError) as err:  # not a checkpoint, or one transformers can't load
+            return command_error("hip-attn demo", f"--model {args.model}: {err}")
     else:
         model = random_llama(args.seed, layers=4, hidden=256, heads=8, kv_heads=2, vocab=4096)
     model = model.to(device=device, dtype=dtype).eval()
@@ -134,22 +152,21 @@ def run(args: argparse.Namespace) -> int:
             logits, t_prefill = wall_time(lambda: model(ids).logits[0].float(), device)
             out, t_gen = wall_time(lambda: model.generate(
                 ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                do_sample=False, streamer=_Progress(label, args.new_tokens),
+                do_sample=False, streamer=_TokenBar(label, args.new_tokens),
                 return_dict_in_generate=True,
             ), device)  # fmt: skip
         return logits, out.sequences[0, tokens:], t_prefill, t_gen, output_cache(out)
 
     print("running dense attention", file=sys.stderr)
     d_logits, d_seq, d_prefill, d_gen, _ = phases("dense")
-    options = {"cache_blocks": args.cache_blocks, "max_chunk": 1024}
+    print("running HiP attention" + (" with KV offload" * args.offload), file=sys.stderr)
     try:
         hip_attn.patch(model, config, offload=args.offload, offload_options=options)
-    except (TypeError, ValueError) as err:
-        print(f"hip-attn demo: error: {err}", file=sys.stderr)
-        return 2
-    print("running HiP attention" + (" with KV offload" * args.offload), file=sys.stderr)
-    h_logits, h_seq, h_prefill, h_gen, h_cache = phases("HiP")
-    hip_attn.unpatch(model)
+        h_logits, h_seq, h_prefill, h_gen, h_cache = phases("HiP")
+    except (TypeError, ValueError) as err:  # e.g. a step needing more than --cache-blocks
+        return command_error("hip-attn demo", err)
+    finally:
+        hip_attn.unpatch(model)
 
     top1 = (d_logits.argmax(-1) == h_logits.argmax(-1)).float().mean().item()
     same = int((d_seq == h_seq).cumprod(0).sum())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
@@ -85,7 +86,8 @@ def patch(
             :class:`~hip_attn.patches.offload.HiPOffloadCache` and prefills in chunks of
             ``max_chunk`` tokens.
         offload_options: :class:`~hip_attn.offload.OffloadedKV` options (``cache_blocks``,
-            ``max_chunk``, ``host_chunk_tokens``, ``gather``).
+            ``max_chunk``, ``host_chunk_tokens``, ``gather``), checked here: an unknown name or
+            a wrong type raises ``TypeError``, a bad value ``ValueError``.
 
     Returns:
         ``model``, patched in place. Patching again only updates the configuration;
@@ -102,6 +104,17 @@ def patch(
         raise ValueError(
             f"dense_layers {config.dense_layers} name layers beyond the model's {n_layers}"
         )
+    if offload_options is not None and not isinstance(offload_options, Mapping):
+        raise TypeError(
+            f"offload_options must be a dict or None, got {type(offload_options).__name__}"
+        )
+    options = dict(offload_options or {})
+    if offload:  # checked now: generate() builds the offloaded layers only on its first step
+        from hip_attn.offload.layer import check_offload_options
+        from hip_attn.patches.offload import HiPOffloadCache
+
+        check_offload_options(config, options)
+        HiPOffloadCache(model.config, config, **options)  # a model with nothing to offload
     register()
     if model not in _PREVIOUS:
         _PREVIOUS[model] = model.config._attn_implementation
@@ -115,7 +128,7 @@ def patch(
         LAYER_CONFIGS[m] = config
     model.__dict__.pop("generate", None)
     if offload:
-        _offload_generate(model, config, dict(offload_options or {}))
+        _offload_generate(model, config, options)
     return model
 
 
@@ -124,7 +137,6 @@ def _offload_generate(model: Any, config: HiPConfig, options: dict[str, Any]) ->
     from hip_attn.patches.compat import cache_kwarg, given_cache
     from hip_attn.patches.offload import HiPOffloadCache
 
-    HiPOffloadCache(model.config, config, **options)  # fail now on a bad configuration
     options.setdefault("max_chunk", 4096)
     original = type(model).generate
     name = cache_kwarg(model)

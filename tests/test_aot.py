@@ -31,7 +31,10 @@ def test_aot_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stdout
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        "hip-attn aot: error: unset TRITON_INTERPRET (the compiler, not the interpreter)\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ def test_check_reports_error_and_keys(capsys):
 
 def test_check_rejects_bad_config(capsys):
     assert main(["check", "--tokens", "300", "--hip-k", "100"]) == 2
-    assert "HiPConfig.k" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err.startswith("hip-attn check: error: HiPConfig.k") and captured.out == ""
 
 
 def test_demo_runs_dense_and_hip(capsys):

@@ -12,13 +12,19 @@ import torch
 
 from hip_attn import HiPConfig
 from hip_attn.cli_args import (
+    ArgumentParser,
     add_device_arguments,
     add_hip_arguments,
     arg_type,
+    comma_list,
+    command_error,
+    device_and_dtype,
+    directory,
     hip_config_from_args,
     non_negative_int,
     positive_float,
     positive_int,
+    torch_device,
     wall_time,
 )
 
@@ -122,6 +128,55 @@ def test_value_types() -> None:
     assert convert.__name__ == "rate"
     with pytest.raises(argparse.ArgumentTypeError, match="expected a number, got 'x'"):
         convert("x")
+
+
+def test_comma_list_keeps_order_and_refuses_empty_items() -> None:
+    parse = comma_list(positive_int, "counts")
+    assert parse(" 3, 1 ,2") == [3, 1, 2]
+    for text in ("4,,8", "4,", ",4", "", " "):
+        with pytest.raises(argparse.ArgumentTypeError, match="empty item in the comma-separated"):
+            parse(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 1, got 0"):
+        parse("1,0")
+
+
+def test_directory_and_device_checks(tmp_path) -> None:
+    assert directory(str(tmp_path)) == str(tmp_path)
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "missing", tmp_path / "file"):
+        with pytest.raises(ValueError, match="no such folder"):
+            directory(str(path))
+    assert torch_device("cpu") == "cpu"
+    for text in ("tpu", "meta", "cuda:x", ""):
+        with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+            torch_device(text)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            torch_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            torch_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_device_and_dtype_defaults() -> None:
+    args = _parser().parse_args(["--device", "cpu"])
+    assert device_and_dtype(args) == (torch.device("cpu"), torch.float32)
+    args = _parser().parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    assert device_and_dtype(args) == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = ArgumentParser(prog="tool cmd")
+    parser.add_argument("--n", type=arg_type(positive_int, "n"), required=True)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        "tool cmd: error: the following arguments are required: --n (see tool cmd --help)\n"
+    )
+    assert command_error("tool cmd", ValueError("two\n  lines")) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "tool cmd: error: two lines\n" and captured.out == ""
 
 
 def test_wall_time_returns_the_result_and_seconds() -> None:

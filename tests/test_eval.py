@@ -161,7 +161,7 @@ def test_eval_cli_on_a_local_checkpoint(checkpoint, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "passkey retrieval" in captured.out and "perplexity over 300 tokens" in captured.out
     assert "hip+offload: K/V in host memory, 2,048 block-cache slots" in captured.out
-    assert "passkey dense: context 200, depth 0.5" in captured.err  # progress on stderr
+    assert "passkey" not in captured.err  # no progress bar: stderr is not a terminal
     data = json.loads(out.read_text())
     assert data["model"] == str(folder) and data["hip_config"]["k"] == 64
     assert data["offload"] == {"cache_blocks": 2048, "max_chunk": 128}
@@ -204,7 +204,7 @@ def test_eval_cli_random_model_json_records_the_offload_options(capsys):
     assert "passkey" not in data and list(data["perplexity"]["results"]) == ["dense", "hip+offload"]
     assert data["offload"] == {"cache_blocks": 64, "max_chunk": 128}
     assert math.isfinite(data["perplexity"]["results"]["hip+offload"]["ppl"])
-    assert "perplexity hip+offload: window 1" in captured.err
+    assert "perplexity" not in captured.err
 
 
 @pytest.mark.parametrize(

@@ -57,11 +57,22 @@ def test_cache_smaller_than_working_set_evicts_and_stays_exact():
     assert off.stats()["evictions"] > 0
 
 
-def test_one_step_needing_more_blocks_than_slots_raises():
+def test_cache_blocks_below_one_query_blocks_selection_is_refused():
+    with pytest.raises(ValueError, match=r"cache_blocks must be >= k // block_size_k = 8 .*, got 4"):
+        offloaded(CFG, 1, 1, cache_blocks=4)
+
+
+def test_one_step_needing_more_blocks_than_slots_raises_naming_cache_blocks():
+    # head_sharing="head": the two query heads of a KV head select apart, up to 2 * G blocks
+    cfg = CFG.replace(head_sharing="head")
     q, k, v = qkv(1, 2, 1, 600, seed=2)
-    off = offloaded(CFG, 1, 1, cache_blocks=4, max_chunk=64)
-    with pytest.raises(ValueError, match="block cache"):
+    off = offloaded(cfg, 1, 1, cache_blocks=cfg.blocks_per_query_block, max_chunk=64)
+    with pytest.raises(ValueError, match=r"cache_blocks=8 is too small") as exc:
         off.prefill(q, k, v)
+    need = int(str(exc.value).rsplit("cache_blocks >= ", 1)[1])
+    bound = 2 * 2 * cfg.blocks_per_query_block  # two query blocks per chunk, two heads, G each
+    assert 8 < need <= bound
+    offloaded(cfg, 1, 1, cache_blocks=bound, max_chunk=64).prefill(q, k, v)
 
 
 def test_lru_evicts_the_least_recently_used_block():

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from hip_attn.cli_args import (
     add_device_arguments,
     add_hip_arguments,
     arg_type,
+    comma_list,
+    command_error,
+    device_and_dtype,
     hip_config_from_args,
     non_negative_int,
     positive_int,
 )
-
-T = TypeVar("T")
 
 #: ``hip_attn.accuracy.methods.METHODS`` keys (kept here so that --help needs no torch).
 METHOD_NAMES = ("dense", "oracle", "hip-center", "hip-mean", "quest", "streaming")
@@ -44,16 +44,6 @@ def parse_tokens(text: str) -> int:
     if value < 1:
         raise ValueError(f"token counts must be >= 1, got {text!r}")
     return value
-
-
-def _list_of(parse: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
-    def convert(text: str) -> list[T]:
-        items = [parse(x) for x in text.split(",") if x.strip()]
-        if not items:
-            raise ValueError(f"expected a comma-separated list of {what}, got {text!r}")
-        return items
-
-    return arg_type(convert, f"list of {what}")
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
@@ -140,21 +130,21 @@ def _add_accuracy(subparsers: Any) -> None:
     )
     p.add_argument(
         "--context",
-        type=_list_of(parse_tokens, "token counts"),
+        type=comma_list(parse_tokens, "token counts"),
         default=[1024, 4096, 16384, 65536],
         metavar="LIST",
         help="context lengths in tokens, >= 256 (default: 1k,4k,16k,64k)",
     )
     p.add_argument(
         "--methods",
-        type=_list_of(_choice(METHOD_NAMES), "methods"),
+        type=comma_list(_choice(METHOD_NAMES), "methods"),
         default=list(METHOD_NAMES),
         metavar="LIST",
         help=f"methods to compare (default: all: {','.join(METHOD_NAMES)})",
     )
     p.add_argument(
         "--seeds",
-        type=_list_of(_seed, "seeds"),
+        type=comma_list(_seed, "seeds"),
         default=[0, 1],
         metavar="LIST",
         help="input seeds; metrics pool all of them (default: 0,1)",
@@ -257,14 +247,14 @@ def _add_eval(subparsers: Any) -> None:
     )
     p.add_argument(
         "--tasks",
-        type=_list_of(_choice(TASKS), "tasks"),
+        type=comma_list(_choice(TASKS), "tasks"),
         default=list(TASKS),
         metavar="LIST",
         help="passkey, perplexity or both (default: both)",
     )
     p.add_argument(
         "--modes",
-        type=_list_of(_choice(EVAL_MODES), "modes"),
+        type=comma_list(_choice(EVAL_MODES), "modes"),
         default=["dense", "hip"],
         metavar="LIST",
         help="attention modes: dense, hip, hip+offload (default: dense,hip)",
@@ -272,14 +262,14 @@ def _add_eval(subparsers: Any) -> None:
     pk = p.add_argument_group("passkey")
     pk.add_argument(
         "--context",
-        type=_list_of(parse_tokens, "token counts"),
+        type=comma_list(parse_tokens, "token counts"),
         default=[1024, 4096],
         metavar="LIST",
         help="prompt lengths in tokens (default: 1k,4k)",
     )
     pk.add_argument(
         "--depths",
-        type=_list_of(_depth, "depths"),
+        type=comma_list(_depth, "depths"),
         default=[0.0, 0.25, 0.5, 0.75, 1.0],
         metavar="LIST",
         help="where the passkey sits in the filler, 0 = start, 1 = end "
@@ -342,22 +332,7 @@ def _add_eval(subparsers: Any) -> None:
     p.set_defaults(func=run_eval_command)
 
 
-def _progress() -> Callable[[str], None]:
-    """Progress on stderr: one line rewritten in place on a terminal, lines otherwise."""
-    tty = sys.stderr.isatty()
-
-    def report(message: str) -> None:
-        if tty:
-            print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    return report
-
-
 def _emit(result: dict[str, Any], table: str, path: str | None) -> None:
-    if sys.stderr.isatty():
-        print("\r\033[K", end="", file=sys.stderr)
     if path == "-":
         print(json.dumps(result, indent=2))
         return
@@ -367,14 +342,6 @@ def _emit(result: dict[str, Any], table: str, path: str | None) -> None:
             json.dump(result, f, indent=2)
             f.write("\n")
         print(f"\nwrote {path}")
-
-
-def _device(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    return device, dtype
 
 
 def run_accuracy_command(args: argparse.Namespace) -> int:
@@ -389,7 +356,7 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
             )
         if min(args.context) < 256:
             raise ValueError(f"--context lengths must be >= 256 tokens, got {min(args.context)}")
-        device, dtype = _device(args)
+        device, dtype = device_and_dtype(args)
         result = run_accuracy(
             args.context,
             config,
@@ -404,11 +371,10 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
             sample_spread=args.sample_spread,
             device=device,
             dtype=dtype,
-            progress=_progress(),
+            progress=True,
         )
     except (TypeError, ValueError) as err:
-        print(f"hip-attn accuracy: error: {err}", file=sys.stderr)
-        return 2
+        return command_error("hip-attn accuracy", err)
     table = format_table(result)
     if args.by_head_type:
         table += "\n" + format_by_head_type(result)
@@ -430,7 +396,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     try:
         config = hip_config_from_args(args)
-        device, dtype = _device(args)
+        device, dtype = device_and_dtype(args)
         text = None
         if args.model:
             if args.text is None:
@@ -457,10 +423,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
             ppl_stride=stride,
             offload=OffloadOptions(args.cache_blocks, args.offload_chunk),
             seed=args.seed,
-            progress=_progress(),
+            progress=True,
         )
     except (TypeError, ValueError, OSError) as err:
-        print(f"hip-attn eval: error: {err}", file=sys.stderr)
-        return 2
+        return command_error("hip-attn eval", err)
     _emit(result, format_eval(result), args.json)
     return 0

@@ -9,7 +9,7 @@ costs O(T) memory and time, so 64K-token contexts run on a laptop CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from hip_attn.accuracy.metrics import MethodTotals, dense_block, mass_breakdown,
 from hip_attn.accuracy.synthetic import SyntheticInputs, make_inputs
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import num_query_blocks, query_blocks
+from hip_attn.progress import progress_bar
 
 #: Metrics shown in the table: JSON key, column title, higher is better.
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -80,7 +81,7 @@ class _Setup:
     sample_spread: int
     device: torch.device
     dtype: torch.dtype
-    progress: Callable[[str], None] | None
+    bar: Any  # a progress_bar counting the sampled query blocks
 
 
 def _evaluate_context(context: int, config: HiPConfig, setup: _Setup) -> dict[str, Any]:
@@ -90,7 +91,7 @@ def _evaluate_context(context: int, config: HiPConfig, setup: _Setup) -> dict[st
     Returns a JSON-ready dict: the context, seeds, planted spans per seed, sampled blocks, the
     dense mass breakdown per head type, and per method the :meth:`MethodTotals.summary` metrics.
     """
-    methods, seeds, progress = setup.methods, setup.seeds, setup.progress
+    methods, seeds, bar = setup.methods, setup.seeds, setup.bar
     blocks, sampling = sample_query_blocks(
         context, config, last=setup.sample_last, spread=setup.sample_spread
     )
@@ -112,13 +113,13 @@ def _evaluate_context(context: int, config: HiPConfig, setup: _Setup) -> dict[st
         for name in methods:
             totals.setdefault(name, MethodTotals(data.profiles))
         q, k, v = (x.to(device=setup.device, dtype=setup.dtype) for x in (data.q, data.k, data.v))
-        for i, j in enumerate(blocks):
-            if progress:
-                progress(f"context {context}, seed {seed}: query block {j} ({i + 1}/{len(blocks)})")
+        bar.set_description_str(f"context {context}, seed {seed}")
+        for j in blocks:
             s, e = j * config.block_size_q, int(geo.end[j])
             window = (int(geo.window_start[j]), int(geo.n_candidates[j]))
             qkv = (q[:, :, s:e], k[:, :, :e], v[:, :, :e])
             breakdown.append(_score_block(qkv, (s, e), window, data, config, totals))
+            bar.update()
     parts = torch.stack(breakdown).mean(dim=(0, 1))  # [Hq, 4]
     profiles = totals[methods[0]].profiles
     dense_mass: dict[str, dict[str, float]] = {}
@@ -177,9 +178,10 @@ def run_accuracy(
     sample_spread: int = 6,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Score every method on each context length (the same seeds for all).
+    """Score every method on each context length (the same seeds for all); ``progress``: a
+    progress bar of the sampled query blocks on stderr (when it is a terminal).
 
     Returns a JSON-ready dict with the setup (config, backend, shapes, seed, methods) and a
     ``"contexts"`` list of per-context results.
@@ -192,21 +194,26 @@ def run_accuracy(
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     device = torch.device(device)
-    setup = _Setup(
-        methods=methods,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        n_spans=n_spans,
-        span_halo=span_halo,
-        seeds=seeds,
-        sample_last=sample_last,
-        sample_spread=sample_spread,
-        device=device,
-        dtype=dtype,
-        progress=progress,
+    total = len(seeds) * sum(
+        len(sample_query_blocks(t, config, last=sample_last, spread=sample_spread)[0])
+        for t in contexts
     )
-    results = [_evaluate_context(t, config, setup) for t in contexts]
+    with progress_bar(total=total, unit="block", enabled=progress) as bar:
+        setup = _Setup(
+            methods=methods,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            n_spans=n_spans,
+            span_halo=span_halo,
+            seeds=seeds,
+            sample_last=sample_last,
+            sample_spread=sample_spread,
+            device=device,
+            dtype=dtype,
+            bar=bar,
+        )
+        results = [_evaluate_context(t, config, setup) for t in contexts]
     return {
         "config": config.to_dict(),
         "backend": backend_name(device) if any(m.startswith("hip") for m in methods) else None,

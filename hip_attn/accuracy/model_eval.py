@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 from hip_attn.config import HiPConfig
+from hip_attn.progress import progress_bar
 
 #: Attention modes ``hip-attn eval`` knows.
 MODES = ("dense", "hip", "hip+offload")
 
-Progress = Callable[[str], None]
 #: ``nll(ids, first)``: the summed negative log-likelihood (nats) of ``ids[first:]`` given the
 #: tokens before them in the window ``ids`` (``[T]`` token ids, no context before them).
 WindowNLL = Callable[[torch.Tensor, int], float]
@@ -229,48 +229,44 @@ def run_passkey(
     digits: int = 5,
     seed: int = 0,
     label: str = "",
-    progress: Progress | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate an answer for every (context, depth) prompt; one result dict each."""
     filler = text_tokens(lm, _FILLER if text is None else text, max(contexts), seed)
     out = []
-    for context in contexts:
-        for depth in depths:
-            key = _passkey(seed, context, depth, digits)
-            prompt = passkey_prompt(lm, filler, context, depth, key)
-            new = digits if lm.tokenizer is None else digits + 8
-            with torch.no_grad():
-                seq = lm.model.generate(
-                    prompt.ids,
-                    attention_mask=torch.ones_like(prompt.ids),
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                    pad_token_id=0,
-                )[0, prompt.ids.shape[1] :].tolist()
-            if lm.tokenizer is None:
-                answer = "".join(str(t - 16) if 16 <= t < 26 else "?" for t in seq)
-                correct = seq[:digits] == prompt.answer_ids
-            else:
-                answer = lm.tokenizer.decode(seq, skip_special_tokens=True)
-                found = re.search(r"\d+", answer)
-                correct = found is not None and found.group() == key
-            out.append(
-                {
-                    "context": context,
-                    "depth": depth,
-                    "passkey": key,
-                    "answer": answer,
-                    "correct": bool(correct),
-                    "tokens": seq,
-                }
-            )
-            if progress:
-                verdict = "right" if correct else "wrong"
-                progress(
-                    f"passkey {label}: context {context}, depth {depth:g}: {verdict} "
-                    f"({answer.strip()[:24]!r})"
-                )
+    prompts = [(context, depth) for context in contexts for depth in depths]
+    bar = progress_bar(prompts, desc=f"passkey {label}", unit="prompt", enabled=progress)
+    for context, depth in bar:
+        key = _passkey(seed, context, depth, digits)
+        prompt = passkey_prompt(lm, filler, context, depth, key)
+        new = digits if lm.tokenizer is None else digits + 8
+        with torch.no_grad():
+            seq = lm.model.generate(
+                prompt.ids,
+                attention_mask=torch.ones_like(prompt.ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, prompt.ids.shape[1] :].tolist()
+        if lm.tokenizer is None:
+            answer = "".join(str(t - 16) if 16 <= t < 26 else "?" for t in seq)
+            correct = seq[:digits] == prompt.answer_ids
+        else:
+            answer = lm.tokenizer.decode(seq, skip_special_tokens=True)
+            found = re.search(r"\d+", answer)
+            correct = found is not None and found.group() == key
+        out.append(
+            {
+                "context": context,
+                "depth": depth,
+                "passkey": key,
+                "answer": answer,
+                "correct": bool(correct),
+                "tokens": seq,
+            }
+        )
+        bar.set_postfix_str(f"{sum(r['correct'] for r in out)} of {len(out)} right")
     return out
 
 
@@ -326,7 +322,7 @@ def perplexity(
     stride: int,
     score: WindowNLL | None = None,
     label: str = "",
-    progress: Progress | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Strided sliding-window perplexity of ``ids`` (``[N]`` token ids).
 
@@ -346,24 +342,21 @@ def perplexity(
     ids = ids.to(lm.device)
     window_nll = whole_window(lm) if score is None else score
     total, scored, windows, done = 0.0, 0, 0, 0
-    starts = list(range(0, max(1, n - 1), stride))
-    for begin in starts:
-        end = min(begin + window, n)
-        first = max(done, begin + 1)
-        if first >= end:
-            continue
-        with torch.no_grad():
-            total += window_nll(ids[begin:end], first - begin)
-        scored += end - first
-        windows += 1
-        done = end
-        if progress:
-            progress(
-                f"perplexity {label}: window {windows} (tokens {begin}-{end} of {n}), "
-                f"running ppl {math.exp(total / scored):.3f}"
-            )
-        if end == n:
-            break
+    starts = range(0, max(1, n - 1), stride)
+    with progress_bar(starts, desc=f"perplexity {label}", unit="window", enabled=progress) as bar:
+        for begin in bar:
+            end = min(begin + window, n)
+            first = max(done, begin + 1)
+            if first >= end:
+                continue
+            with torch.no_grad():
+                total += window_nll(ids[begin:end], first - begin)
+            scored += end - first
+            windows += 1
+            done = end
+            bar.set_postfix_str(f"ppl {math.exp(total / scored):.3f}")
+            if end == n:
+                break
     nll = total / scored
     return {"nll": nll, "ppl": math.exp(nll), "scored": scored, "windows": windows}
 
@@ -383,7 +376,7 @@ def run_eval(
     ppl_stride: int = 1024,
     offload: OffloadOptions | None = None,
     seed: int = 0,
-    progress: Progress | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the tasks under every mode; ``hip`` patches the model with ``config``,
     ``hip+offload`` with ``config`` and ``offload=True`` (default :class:`OffloadOptions`), and

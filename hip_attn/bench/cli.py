@@ -44,13 +44,17 @@ from hip_attn.bench.report import (
 from hip_attn.cli_args import (
     add_hip_arguments,
     arg_type,
+    comma_list,
+    command_error,
     hip_config_from_args,
     non_negative_int,
     positive_float,
     positive_int,
+    torch_device,
 )
 from hip_attn.perf.hardware import GPU_PRESETS, get_gpu
-from hip_attn.perf.units import fmt_bytes, parse_token_list, short_tokens
+from hip_attn.perf.units import fmt_bytes, parse_token_list, parse_tokens, short_tokens
+from hip_attn.progress import progress_bar, say
 
 DESCRIPTION = """\
 Kernel microbenchmarks: HiP attention against dense attention (torch SDPA, flash backend) and
@@ -137,7 +141,7 @@ def _common_options() -> argparse.ArgumentParser:
     g = common.add_argument_group("workload (defaults: Llama-3.1-8B on a GPU, tiny on the CPU)")
     g.add_argument(
         "--context",
-        type=arg_type(parse_token_list, "contexts"),
+        type=comma_list(parse_tokens, "token counts"),
         metavar="LIST",
         help="key tokens per case, comma-separated: 8k,32k,128k,1m or plain integers "
         "(k = 1024; defaults below)",
@@ -169,8 +173,8 @@ def _common_options() -> argparse.ArgumentParser:
     g = common.add_argument_group("device and timing")
     g.add_argument(
         "--device",
-        choices=("cuda", "cpu"),
-        help="where to run (default: cuda when available, else cpu)",
+        type=arg_type(torch_device, "device"),
+        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
     )
     g.add_argument(
         "--gpu",
@@ -349,13 +353,13 @@ def _offload_options() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--context",
-        type=arg_type(parse_token_list, "contexts"),
+        type=comma_list(parse_tokens, "token counts"),
         metavar="LIST",
         help="contexts of the decode part, comma-separated (k = 1024; defaults below)",
     )
     g.add_argument(
         "--memory-context",
-        type=arg_type(parse_token_list, "contexts"),
+        type=comma_list(parse_tokens, "token counts"),
         metavar="LIST",
         help="contexts of the memory part, two or more; growth is from the first to the last "
         "(defaults below)",
@@ -409,8 +413,8 @@ def _offload_options() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--device",
-        choices=("cuda", "cpu"),
-        help="where to run (default: cuda when available, else cpu)",
+        type=arg_type(torch_device, "device"),
+        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     _add_output_arguments(
@@ -585,17 +589,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("hip-attn bench: error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if mode == "offload":
         return _run_offload(args, device)
     try:
         cases = build_cases(args, device.type)
     except ValueError as exc:
-        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
-        return 2
+        return command_error("hip-attn bench", exc)
 
     from hip_attn.bench import environment as env_mod
     from hip_attn.bench.runner import RunOptions, run_case, timing_label
@@ -647,7 +647,7 @@ def _may_write(out: Path, device_name: str, overwrite: bool) -> bool:
     try:
         check_appendable(out, device_name)
     except MixedResults as exc:
-        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
+        command_error("hip-attn bench", exc)
         return False
     return True
 
@@ -676,17 +676,19 @@ def _run_jobs(
         write_jsonl([], out, overwrite=True)
     records: list[Record] = []
     failed = 0
+    bar = progress_bar(total=len(jobs), desc="bench", unit="case")
     for i, (label, job) in enumerate(jobs, 1):
         tag = f"[{i}/{len(jobs)}] {label}"
-        print(f"{tag} ...", file=sys.stderr, flush=True)
+        bar.set_description_str(label)
         start = time.perf_counter()
         try:
-            body = job(lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+            body = job(bar.set_postfix_str)  # the step running, beside the bar
         except Exception as exc:  # keep the other jobs
             failed += 1
-            print(f"{tag}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            say(f"{tag}: failed: {type(exc).__name__}: {exc}", sys.stderr)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            bar.update()
             continue
         if empty_cache_each and device.type == "cuda":
             torch.cuda.empty_cache()
@@ -694,7 +696,9 @@ def _run_jobs(
         records.append(record)
         write_jsonl([record], out)
         took = time.perf_counter() - start
-        print(f"{tag}: {_summary(record)} ({took:.1f} s)", file=sys.stderr, flush=True)
+        say(f"{tag}: {_summary(record)} ({took:.1f} s)", sys.stderr)
+        bar.update()
+    bar.close()
     return records, failed
 
 
@@ -720,11 +724,10 @@ def _plot_to(args: argparse.Namespace, records: list[Record], out: Path, mode: s
     try:
         plot(records, png)
     except PlotUnavailable as exc:
-        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
+        command_error("hip-attn bench", exc)
         return 1
     except OSError as exc:
-        print(f"hip-attn bench: error: cannot write {png}: {exc}", file=sys.stderr)
-        return 2
+        return command_error("hip-attn bench", f"cannot write {png}: {exc}")
     print(f"plot written to {png}", file=sys.stderr)
     return 0
 
@@ -734,8 +737,7 @@ def _run_offload(args: argparse.Namespace, device: Any) -> int:
     try:
         plan = build_offload_plan(args, device.type)
     except ValueError as exc:
-        print(f"hip-attn bench: error: {exc}", file=sys.stderr)
-        return 2
+        return command_error("hip-attn bench", exc)
 
     from hip_attn.bench import environment as env_mod
     from hip_attn.bench.offload import decode_case, memory_part

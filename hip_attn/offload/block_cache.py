@@ -101,10 +101,10 @@ class BlockCache:
         counts = torch.bincount(miss_rows, minlength=self.rows)
         free = self.slots - in_use.sum(dim=1)
         if bool((counts > free).any()):
-            worst = int(counts.max())
+            need = int(needed.sum(dim=1).max())
             raise ValueError(
-                f"one step needs {worst} new blocks of a (batch, head) row but the block cache "
-                f"has {self.slots} slots per row; raise the cache size (offload_cache_blocks)"
+                f"cache_blocks={self.slots} is too small: one step needs {need} key blocks of a "
+                f"(batch, KV head) row in the block cache at once; use cache_blocks >= {need}"
             )
         # least recently used first among the slots this step does not need (empty slots: 0)
         age = torch.where(in_use, torch.iinfo(torch.int64).max, self.last_used)

@@ -78,13 +78,17 @@ def gather_cuda(
     )  # fmt: skip
 
 
+#: The ``method`` values of :func:`make_gather`.
+GATHER_METHODS = ("auto", "cuda", "torch")
+
+
 def make_gather(host: HostKV, cache: BlockCache, method: str = "auto") -> Any:
     """A ``gather(rows, blocks, slots)`` for :meth:`BlockCache.ensure`.
 
     ``method``: ``"cuda"`` (the csrc kernel; an error if it can't run), ``"torch"`` or
     ``"auto"`` (the kernel when the cache is on CUDA, the host is pinned and it builds)."""
-    if method not in ("auto", "cuda", "torch"):
-        raise ValueError(f"gather method must be 'auto', 'cuda' or 'torch', got {method!r}")
+    if method not in GATHER_METHODS:
+        raise ValueError(f"gather method must be one of {GATHER_METHODS}, got {method!r}")
     usable = cache.k.is_cuda and host.pin and (host.block_size * host.head_dim
                                                 * cache.k.element_size()) % 16 == 0  # fmt: skip
     ext = cuda_extension() if method != "torch" and usable else None

@@ -9,6 +9,7 @@ the sparse attention kernel through the slot table.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,10 +18,60 @@ from hip_attn.attention import HiPDecodeState, select_blocks, uses_triton
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import block_representatives
 from hip_attn.offload.block_cache import BlockCache
-from hip_attn.offload.gather import make_gather
+from hip_attn.offload.gather import GATHER_METHODS, make_gather
 from hip_attn.offload.host import HostKV
 from hip_attn.reference import hip_attention_reference
 from hip_attn.validation import check_config, check_scale
+
+#: The keyword options of :class:`OffloadedKV` (``offload_options`` of ``hip_attn.patch``).
+OFFLOAD_OPTIONS: dict[str, type] = {
+    "cache_blocks": int,
+    "max_chunk": int,
+    "host_chunk_tokens": int,
+    "gather": str,
+}
+
+
+def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None:
+    """Check :class:`OffloadedKV` options for ``config`` before any K/V exists (a patched
+    model's offloaded layers are built inside ``generate()``, far from the mistake).
+
+    Raises:
+        TypeError: an option name not in :data:`OFFLOAD_OPTIONS`, or a value of another type.
+        ValueError: ``cache_blocks`` below ``k // block_size_k`` (the blocks one query block
+            selects), ``max_chunk`` not a positive multiple of ``block_size_q``,
+            ``host_chunk_tokens`` not a positive multiple of ``block_size_k``, or an unknown
+            ``gather`` method.
+    """
+    accepted = ", ".join(OFFLOAD_OPTIONS)
+    for name, value in options.items():
+        kind = OFFLOAD_OPTIONS.get(name)
+        if kind is None:
+            raise TypeError(f"unknown offload option {name!r}; accepted: {accepted}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(
+                f"offload option {name} must be {kind.__name__}, got {type(value).__name__}"
+            )
+    minimum = config.blocks_per_query_block
+    if options.get("cache_blocks", minimum) < minimum:
+        raise ValueError(
+            f"cache_blocks must be >= k // block_size_k = {minimum} (the key blocks one query "
+            f"block selects), got {options['cache_blocks']}"
+        )
+    bq, bk = config.block_size_q, config.block_size_k
+    max_chunk = options.get("max_chunk", bq)
+    if max_chunk < 1 or max_chunk % bq:
+        raise ValueError(
+            f"max_chunk must be a positive multiple of block_size_q={bq} (chunks then split "
+            f"into the same query blocks as one call), got {max_chunk}"
+        )
+    host_chunk = options.get("host_chunk_tokens", bk)
+    if host_chunk < 1 or host_chunk % bk:
+        raise ValueError(
+            f"host_chunk_tokens must be a positive multiple of block_size_k={bk}, got {host_chunk}"
+        )
+    if options.get("gather", "auto") not in GATHER_METHODS:
+        raise ValueError(f"gather must be one of {GATHER_METHODS}, got {options['gather']!r}")
 
 
 class OffloadedKV:
@@ -33,7 +84,8 @@ class OffloadedKV:
             the same code runs).
         cache_blocks: block-cache slots per (batch, KV head) row; it must hold the blocks one
             call selects (``k // block_size_k`` per query block, times the query heads of a
-            group with ``head_sharing="head"``).
+            group with ``head_sharing="head"``), and is checked to be at least
+            ``k // block_size_k``.
         max_chunk: the most queries one :meth:`attend` call will have (the recent-token buffer
             keeps ``window + max_chunk`` tokens on the device).
         gather: ``"auto"``, ``"cuda"`` or ``"torch"`` (see :func:`make_gather`).
@@ -54,13 +106,11 @@ class OffloadedKV:
         gather: str = "auto",
     ) -> None:
         self.config = check_config(config)
+        options = {"cache_blocks": cache_blocks, "max_chunk": max_chunk,
+                   "host_chunk_tokens": host_chunk_tokens, "gather": gather}  # fmt: skip
+        check_offload_options(config, options)
         self.device = torch.device(device)
         self.batch, self.kv_heads, self.head_dim, self.dtype = batch, kv_heads, head_dim, dtype
-        if max_chunk < 1 or max_chunk % config.block_size_q:
-            raise ValueError(
-                f"max_chunk must be a positive multiple of block_size_q={config.block_size_q} "
-                f"(chunks then split into the same query blocks as one call), got {max_chunk}"
-            )
         self.max_chunk = max_chunk
         bk = config.block_size_k
         self.host = HostKV(batch, kv_heads, head_dim, dtype, bk, host_chunk_tokens,

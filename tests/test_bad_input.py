@@ -1,0 +1,145 @@
+"""Bad input: one line on stderr naming the argument, exit status 2, never a traceback or a
+silent default; ``hip_attn.patch`` checks its offload options when called."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hip_attn
+from hip_attn import HiPConfig
+from hip_attn.cli import main
+from hip_attn.patches.model import is_patched
+from hip_attn.tiny_model import random_llama
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``hip-attn ARGV`` in this process: exit status, stdout and stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's errors exit
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["check", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["check", "--tokens", "-5"], "argument --tokens: must be >= 1, got -5"),
+        (["check", "--tokens", "0"], "argument --tokens: must be >= 1, got 0"),  # not 2048
+        (["check", "--head-dim", "x"], "argument --head-dim: expected a whole number"),
+        (["check", "--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
+        pytest.param(
+            ["check", "--device", "cuda"], "argument --device: 'cuda', but CUDA", marks=NO_CUDA
+        ),
+        (["check", "--hip-k", "100"], "HiPConfig.k"),  # found by the command, not argparse
+        (["check", "--foo"], "unrecognized arguments: --foo"),
+        (["demo", "--model", "/nonexistent"], "argument --model: no such folder"),
+        (["demo", "--new-tokens", "0"], "argument --new-tokens: must be >= 1"),
+        (["demo", "--tokens", "0"], "argument --tokens: must be >= 1"),
+        (["demo", "--offload", "--cache-blocks", "0"], "argument --cache-blocks: must be >= 1"),
+        (["demo", "--offload", "--cache-blocks", "4"], "cache_blocks must be >= k // block_size_k"),
+        (["aot", "--arch", "12"], "argument --arch: invalid choice: 12 (choose from 75, 80"),
+        (["roofline", "--context", "4k,,8k"], "argument --context: empty item"),
+        (["accuracy", "--context", "4k,"], "argument --context: empty item"),
+        (["eval", "--depths", "0.5,,1"], "argument --depths: empty item"),
+        (["bench", "prefill", "--context", ",1k"], "argument --context: empty item"),
+        (["bench", "decode", "--device", "tpu"], "argument --device: expected cpu, cuda"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    (line,) = err.splitlines()  # exactly one line
+    prog = f"hip-attn bench {argv[1]}" if argv[0] == "bench" else f"hip-attn {argv[0]}"
+    assert line.startswith(f"{prog}: error: "), line
+    assert needle in line
+    assert out == ""
+
+
+def test_argparse_errors_name_the_subcommand_and_its_help(capsys):
+    code, _, err = run(["demo", "--new-tokens", "0"], capsys)
+    assert code == 2
+    assert err == (
+        "hip-attn demo: error: argument --new-tokens: must be >= 1, got 0 "
+        "(see hip-attn demo --help)\n"
+    )
+    code, _, err = run(["frobnicate"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("hip-attn: error: argument COMMAND: invalid choice: 'frobnicate'")
+
+
+def test_demo_model_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    code, _, err = run(["demo", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = err.splitlines()
+    assert line.startswith(f"hip-attn demo: error: --model {tmp_path}: ")
+
+
+def test_a_reader_leaving_early_is_no_traceback():
+    """``hip-attn roofline --json - | head -1``: the pipe closes before the output is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hip_attn.cli", "roofline", "--json", "-"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""  # no BrokenPipeError, no "Exception ignored"
+    assert done.returncode == 141  # as if SIGPIPE had ended it
+
+
+# -- hip_attn.patch(offload=True): the options are checked at patch time ----------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llama(0, layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
+
+
+CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "needle"),
+    [
+        ({"foo": 1}, TypeError,
+         "unknown offload option 'foo'; accepted: cache_blocks, max_chunk, host_chunk_tokens, "
+         "gather"),
+        ({"cache_blocks": "64"}, TypeError, "offload option cache_blocks must be int, got str"),
+        ({"max_chunk": True}, TypeError, "offload option max_chunk must be int, got bool"),
+        ({"cache_blocks": 4}, ValueError, "cache_blocks must be >= k // block_size_k = 8"),
+        ({"max_chunk": 48}, ValueError, "max_chunk must be a positive multiple of block_size_q"),
+        ({"host_chunk_tokens": 0}, ValueError, "host_chunk_tokens must be a positive multiple"),
+        ({"gather": "gpu"}, ValueError, "gather must be one of"),
+        ([("cache_blocks", 64)], TypeError, "offload_options must be a dict or None, got list"),
+    ],
+)  # fmt: skip
+def test_patch_checks_offload_options(model, options, error, needle):
+    with pytest.raises(error) as exc:
+        hip_attn.patch(model, CFG, offload=True, offload_options=options)
+    assert needle in str(exc.value)
+    assert not is_patched(model)  # refused before anything changed
+    assert "generate" not in model.__dict__
+
+
+def test_patch_accepts_good_offload_options(model):
+    options = {"cache_blocks": 8, "max_chunk": 64, "host_chunk_tokens": 64, "gather": "torch"}
+    try:
+        hip_attn.patch(model, CFG, offload=True, offload_options=options)
+        assert is_patched(model) and "generate" in model.__dict__
+    finally:
+        hip_attn.unpatch(model)
