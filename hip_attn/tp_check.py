@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from hip_attn.patches.compat import output_cache
 
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32
+        args.model, distributed_config=DistributedConfig(tp_plan="auto"), dtype="auto"
     )
     world, rank = dist.get_world_size(), dist.get_rank()
     text = model.config.get_text_config()
