@@ -14,7 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 # Property tests (tests/test_properties.py): "ci", the default, replays the same examples on
 # every run (derandomized, no example database); HYPOTHESIS_PROFILE=explore draws fresh ones.
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
-settings.register_profile("explore", deadline=None, print_blob=True)
+settings.register_profile("explore", database=None, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
