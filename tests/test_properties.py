@@ -92,12 +92,21 @@ class Case:
         return first_end >= self.cfg.sink_tokens
 
 
+#: HiPConfig's fields: the strategies draw only those it has (the selection rule, and with it
+#: fields like ``representative``, is being reworked)
+FIELDS = {f.name for f in dataclasses.fields(HiPConfig)}
+
+
+def config_with(**fields: object) -> HiPConfig:
+    return HiPConfig(**{name: value for name, value in fields.items() if name in FIELDS})
+
+
 @st.composite
 def configs(draw) -> HiPConfig:
     """Valid configurations small enough for interpreted kernels; always sparse."""
     bk = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
     bq = draw(st.sampled_from([16, 32, 64]))
-    return HiPConfig(
+    return config_with(
         k=bk * draw(st.integers(1, 8)),
         block_size_q=bq,
         block_size_k=bk,
@@ -485,7 +494,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[object]] = {
 
 @st.composite
 def bad_config_fields(draw):
-    field = draw(st.sampled_from(sorted(BAD_VALUES)))
+    field = draw(st.sampled_from(sorted(FIELDS & set(BAD_VALUES))))
     if field in INT_FIELDS and draw(st.booleans()):
         value = draw(st.floats() | st.text(max_size=3) | st.booleans() | st.none())
         return field, value, TypeError
