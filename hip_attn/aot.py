@@ -203,7 +203,7 @@ def _record_hip(
     import torch
 
     from hip_attn.attention import BLOCK_N, launch_shape
-    from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+    from hip_attn.geometry import node_summaries, pool_queries, query_blocks
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
@@ -211,10 +211,11 @@ def _record_hip(
     geo = query_blocks(tq, tk, config, "meta")
     h_sel = 8 if config.head_sharing == "kv_group" else 32
     with recorded_launches() as launches:
-        rep = block_representatives(k, config)
+        scale = q.shape[-1] ** -0.5
         indices, _ = estimate_mask_triton(
-            pool_queries(q, config), rep, geo.n_candidates, config, h_sel
-        )
+            pool_queries(q, config), node_summaries(k, config), geo.n_candidates, config, h_sel,
+            scale,
+        )  # fmt: skip
         kv = KVSegments.full(k, v)
         if offload:  # sinks, slots and window in their own buffers, read through the table
             cache_k = torch.empty(
@@ -231,7 +232,6 @@ def _record_hip(
                 window_offset=tk - 4096,
             )
         heads, splits = launch_shape(batch, 32, h_sel, tq, config, sms)
-        scale = q.shape[-1] ** -0.5
         sparse_attention_triton(
             q,
             kv,

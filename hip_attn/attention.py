@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+from hip_attn.geometry import node_summaries, pool_queries, query_blocks, tree_blocks
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import check_config, check_inference_only, check_qkv, check_scale
 
@@ -85,6 +86,11 @@ class HiPDecodeState:
     A longer call (a prefill chunk of more than ``block_size_q`` queries) estimates afresh and
     clears the state.
 
+    The state also keeps the search's summary tree
+    (:func:`~hip_attn.geometry.node_summaries`) and extends it by the blocks completed since the
+    last estimate, so a decode refresh does not re-read the whole cache; it therefore belongs to
+    one layer of one sequence batch whose keys only grow.
+
     Attributes:
         indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
         tokens_since_refresh: queries served by ``indices`` so far.
@@ -95,10 +101,19 @@ class HiPDecodeState:
         self.indices: torch.Tensor | None = None
         self.tokens_since_refresh = 0
         self.refreshes = 0
+        self._tree: torch.Tensor | None = None
+        self._tree_blocks = 0
 
     def reset(self) -> None:
         self.indices = None
         self.tokens_since_refresh = 0
+        self._tree, self._tree_blocks = None, 0
+
+    def summaries(self, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
+        """The summary tree of ``k``, extended from the one kept since the last call."""
+        self._tree = node_summaries(k, config, self._tree, self._tree_blocks)
+        self._tree_blocks = tree_blocks(k.shape[2], config)
+        return self._tree
 
     def __repr__(self) -> str:
         shape = None if self.indices is None else tuple(self.indices.shape)
@@ -132,45 +147,45 @@ def _selection_heads(q: torch.Tensor, kv_heads: int, config: HiPConfig) -> int:
     return kv_heads if config.head_sharing == "kv_group" else q.shape[1]
 
 
-def search_representatives(
-    q: torch.Tensor, rep: torch.Tensor, tk: int, config: HiPConfig
+def search_tree(
+    q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, scale: float
 ) -> torch.Tensor:
-    """The selection of ``q`` over ``tk`` keys from their block representatives ``rep``
-    (``[B, Hkv, >= tk // block_size_k, D]``): all the search reads, on or off the GPU."""
+    """The selection of ``q`` over ``tk`` keys from their summary tree ``tree``
+    (:func:`~hip_attn.geometry.node_summaries`): all the search reads, on or off the GPU."""
     if not uses_triton(q.device):
-        return search_reference(q, rep, tk, config)[0]
+        return search_reference(q, tree, tk, config, scale)[0]
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
     geo = query_blocks(q.shape[2], tk, config, q.device)
     indices, _ = estimate_mask_triton(
         pool_queries(q, config),
-        rep,
+        tree,
         geo.n_candidates,
         config,
-        _selection_heads(q, rep.shape[1], config),
+        _selection_heads(q, tree.shape[1], config),
+        scale,
     )
     return indices
 
 
-def _estimate(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-    return search_representatives(q, block_representatives(k, config), k.shape[2], config)
-
-
 def select_blocks(
     q: torch.Tensor,
-    rep: torch.Tensor,
+    summaries: Callable[[], torch.Tensor],
     tk: int,
     config: HiPConfig,
+    scale: float,
     state: HiPDecodeState | None,
+    kv_heads: int,
 ) -> torch.Tensor:
-    """The selection for this call: estimated afresh, or reused from ``state`` between decode
-    refreshes (see :class:`HiPDecodeState`)."""
+    """The selection for this call: estimated afresh from the summary tree ``summaries()``
+    returns (called only then), or reused from ``state`` between decode refreshes (see
+    :class:`HiPDecodeState`)."""
     if state is None:
-        return search_representatives(q, rep, tk, config)
+        return search_tree(q, summaries(), tk, config, scale)
     if q.shape[2] > config.block_size_q:
         state.reset()
-        return search_representatives(q, rep, tk, config)
-    h_sel = _selection_heads(q, rep.shape[1], config)
+        return search_tree(q, summaries(), tk, config, scale)
+    h_sel = _selection_heads(q, kv_heads, config)
     expected = (q.shape[0], h_sel, 1, config.blocks_per_query_block)
     if state.indices is not None and tuple(state.indices.shape) != expected:
         raise ValueError(
@@ -179,7 +194,7 @@ def select_blocks(
         )
     tq = q.shape[2]
     if state.indices is None or state.tokens_since_refresh + tq > config.refresh_interval:
-        state.indices = search_representatives(q, rep, tk, config)
+        state.indices = search_tree(q, summaries(), tk, config, scale)
         state.tokens_since_refresh = 0
         state.refreshes += 1
     state.tokens_since_refresh += tq
@@ -187,7 +202,11 @@ def select_blocks(
 
 
 def estimate_mask(
-    q: torch.Tensor, k: torch.Tensor, config: HiPConfig | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: HiPConfig | None = None,
+    *,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """The key blocks each query block attends besides its sinks and window.
 
@@ -195,6 +214,8 @@ def estimate_mask(
         q: queries ``[B, Hq, Tq, D]`` at absolute positions ``Tk - Tq .. Tk - 1``.
         k: keys ``[B, Hkv, Tk, D]``.
         config: the HiP configuration (defaults to ``HiPConfig()``).
+        scale: the softmax scale of the attention the selection serves (``D ** -0.5`` by
+            default): the search ranks blocks by estimated attention probabilities.
 
     Returns:
         int32 ``[B, H_sel, ceil(Tq / block_size_q), k // block_size_k]``: key block indices
@@ -204,7 +225,8 @@ def estimate_mask(
     """
     config = check_config(config)
     check_qkv(q, k)
-    return _estimate(q, k, config)
+    scale = check_scale(scale, q.shape[-1])
+    return search_tree(q, node_summaries(k, config), k.shape[2], config, scale)
 
 
 def _multiprocessors(device: torch.device) -> int | None:
@@ -306,5 +328,6 @@ def hip_attention(
         return dense_attention(q, k, v, scale)
     if uses_triton(q.device):  # before any launch: the kernels have no backward
         check_inference_only(q, k, v)
-    indices = select_blocks(q, block_representatives(k, config), k.shape[2], config, state)
+    tree = (lambda: state.summaries(k, config)) if state else (lambda: node_summaries(k, config))
+    indices = select_blocks(q, tree, k.shape[2], config, scale, state, k.shape[1])
     return _sparse(q, k, v, indices, config, scale)

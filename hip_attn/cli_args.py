@@ -96,6 +96,18 @@ def directory(text: str) -> str:
     return text
 
 
+def model_source(text: str) -> str:
+    """A known model name (``hip_attn.accuracy.checkpoints.KNOWN_MODELS``) or an existing
+    folder."""
+    from hip_attn.accuracy.checkpoints import KNOWN_MODELS
+
+    if text in KNOWN_MODELS:
+        return text
+    if not os.path.isdir(text):
+        raise ValueError(f"no such folder: {text!r} (or a known model: {', '.join(KNOWN_MODELS)})")
+    return text
+
+
 def torch_device(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``, present on this machine (imports torch)."""
     import torch
@@ -137,7 +149,6 @@ _HIP_FLAGS: tuple[tuple[str, str, Callable[[str], int] | tuple[str, ...], str | 
     ("--sinks", "sink_tokens", non_negative_int, "TOKENS", "first tokens always attended"),
     ("--head-sharing", "head_sharing", ("kv_group", "head"), None,
      "one selection per KV head or per query head"),
-    ("--representative", "representative", ("center", "mean"), None, "key scored for a block"),
     ("--beam", "beam", positive_int, "N", "search width multiplier"),
     ("--refresh-interval", "refresh_interval", positive_int, "STEPS",
      "decode steps between re-estimations of the selection"),

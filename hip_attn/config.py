@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 HeadSharing = Literal["kv_group", "head"]
-Representative = Literal["center", "mean"]
 
 
 def _is_pow2(x: int) -> bool:
@@ -28,8 +27,6 @@ class HiPConfig:
         window: most recent tokens always attended (>= ``block_size_q``).
         head_sharing: ``"kv_group"`` selects once per KV head (score = max over its query
             heads); ``"head"`` selects once per query head.
-        representative: key standing for a block in the search: ``"center"`` (its middle
-            token's key) or ``"mean"`` (the mean of its keys).
         beam: search width; levels before the last keep ``beam * G`` nodes.
         refresh_interval: decode steps between re-estimations of the selection
             (<= ``window``, so tokens added since the last refresh sit in the window).
@@ -45,7 +42,6 @@ class HiPConfig:
     sink_tokens: int = 64
     window: int = 256
     head_sharing: HeadSharing = "kv_group"
-    representative: Representative = "center"
     beam: int = 1
     refresh_interval: int = 8
     dense_threshold: int | None = None
@@ -105,19 +101,22 @@ class HiPConfig:
             raise ValueError(
                 f"HiPConfig.head_sharing must be 'kv_group' or 'head', got {self.head_sharing!r}"
             )
-        if self.representative not in ("center", "mean"):
-            raise ValueError(
-                f"HiPConfig.representative must be 'center' or 'mean', got {self.representative!r}"
-            )
-        if self.dense_threshold is not None and (
-            not isinstance(self.dense_threshold, int) or self.dense_threshold < 0
+        threshold = self.dense_threshold
+        if threshold is not None and (
+            not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0
         ):
             raise ValueError(
                 "HiPConfig.dense_threshold must be None or an int >= 0, "
                 f"got {self.dense_threshold!r}"
             )
-        layers = tuple(self.dense_layers)
-        if any(not isinstance(i, int) or i < 0 for i in layers):
+        try:
+            layers = tuple(self.dense_layers)
+        except TypeError:
+            raise TypeError(
+                "HiPConfig.dense_layers must be a sequence of layer indices, "
+                f"got {type(self.dense_layers).__name__}"
+            ) from None
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
             raise ValueError(
                 f"HiPConfig.dense_layers must hold non-negative ints, got {self.dense_layers!r}"
             )

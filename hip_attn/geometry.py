@@ -57,34 +57,122 @@ def query_blocks(
     return QueryBlocks(start, end, n_candidates, window_start)
 
 
+def search_width(n_candidates: int, config: HiPConfig) -> int:
+    """Nodes the levels before the last keep: ``beam * G``, but never fewer than the set bits
+    of ``N`` (the aligned pieces of ``N`` blocks, so a start partition always exists) nor more
+    than ``N``."""
+    wanted = max(config.beam * config.blocks_per_query_block, n_candidates.bit_count())
+    return min(n_candidates, wanted)
+
+
+def start_level(n_candidates: int, width: int) -> int:
+    """``L0``: the smallest level whose aligned nodes cover ``n_candidates`` blocks in at most
+    ``width`` (>= the set bits of ``n_candidates``) nodes: the complete ``2**L0``-block nodes,
+    then one node per set bit of the remainder, largest first."""
+    level, pieces = 0, 0  # pieces: set bits of n below `level`
+    while (n_candidates >> level) + pieces > width:
+        pieces += (n_candidates >> level) & 1
+        level += 1
+    return level
+
+
 def search_levels(n_candidates: int, config: HiPConfig) -> int:
-    """Levels of the tree search over ``n_candidates`` blocks (0 when all are selected).
-
-    The search starts from ``width = min(beam * G, N)`` nodes of ``ceil(N / width)`` blocks at
-    most and halves them until they are single blocks: ``ceil(log2(ceil(N / width)))`` levels,
-    and at least one (when every start node is already a single block, one level ranks them).
-    """
-    g = config.blocks_per_query_block
-    if n_candidates <= g:
+    """Levels of the tree search over ``n_candidates`` blocks (0 when all are selected): every
+    level halves each node of the start partition (:func:`start_level`) until all are single
+    blocks, and at least one level ranks them."""
+    if n_candidates <= config.blocks_per_query_block:
         return 0
-    width = min(config.beam * g, n_candidates)
-    largest = -(-n_candidates // width)
-    return max(1, (largest - 1).bit_length())
+    return max(1, start_level(n_candidates, search_width(n_candidates, config)))
 
 
-def block_representatives(k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-    """``R``: one key per *full* key block, ``[B, Hkv, Tk // bk, D]`` in the dtype of ``k``.
+def level_offset(level: int, capacity: int) -> int:
+    """Row of the first node of ``level`` in a summary tree allocated for ``capacity`` blocks:
+    level ``l`` has ``capacity >> l`` rows, after those of the levels below it."""
+    return sum(capacity >> i for i in range(level))
 
-    ``"center"`` takes the key of the block's middle token (index ``bk // 2``): a strided view of
-    ``k``, nothing is copied. ``"mean"`` is the mean of its ``bk`` keys (summed in fp32). Only
-    full blocks can be candidates, so a trailing partial block has no representative.
+
+def tree_rows(capacity: int) -> int:
+    """Rows of a summary tree allocated for ``capacity`` blocks (all levels)."""
+    return level_offset(capacity.bit_length(), capacity)
+
+
+def tree_blocks(tk: int, config: HiPConfig) -> int:
+    """Full key blocks after the sinks among ``tk`` keys: the blocks a summary tree covers."""
+    return max(0, tk // config.block_size_k - first_candidate_block(config))
+
+
+def node_summaries(
+    k: torch.Tensor, config: HiPConfig, tree: torch.Tensor | None = None, done: int = 0
+) -> torch.Tensor:
+    """The summary tree the search reads: ``[B, Hkv, tree_rows(capacity), 2 * D]`` in ``k``'s
+    dtype, which is ``2 * D`` values per block and level: about half the size of ``k``.
+
+    Node ``i`` of level ``l`` covers the candidate-area blocks ``[i * 2**l, (i + 1) * 2**l)``
+    (block 0 is the first block after the sinks). Its row ``level_offset(l, capacity) + i``
+    (``capacity`` is the last dimension's allocation in blocks, see :func:`extend_summaries`)
+    holds the elementwise max of the node's keys, then their elementwise min, so that for any
+    query row ``q`` and key of the node ``q . key <= relu(q) . max + min(q, 0) . min``. Only
+    complete nodes are written (the search reads no others), so a node's summary never depends
+    on keys after it.
+
+    ``tree`` with ``done`` blocks already summarized is extended (see :func:`extend_summaries`).
     """
+    bk, first = config.block_size_k, first_candidate_block(config)
+    n = tree_blocks(k.shape[-2], config)
+    if tree is None or done > n:
+        done = 0
+    return extend_summaries(tree, k[..., (first + done) * bk : (first + n) * bk, :], done, config)
+
+
+def tree_capacity(tree: torch.Tensor | None) -> int:
+    """The blocks ``tree`` was allocated for (the largest capacity with its row count)."""
+    if tree is None:
+        return 0
+    rows = tree.shape[-2]
+    lo, hi = 0, rows  # tree_rows is increasing: binary search its inverse
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tree_rows(mid) <= rows:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def extend_summaries(
+    tree: torch.Tensor | None, keys: torch.Tensor, done: int, config: HiPConfig
+) -> torch.Tensor:
+    """A summary tree of ``done`` blocks (``None`` when ``done`` is 0) extended by ``keys``
+    ``[B, Hkv, whole blocks, D]``, the blocks that follow them. A new tree is allocated for
+    exactly its blocks; a tree that grows (decode and offload append a block at a time) is
+    extended in place while its capacity holds the blocks, else copied into one with a quarter
+    more room, so appending costs O(1) amortized per block."""
     bk = config.block_size_k
-    n_blocks = k.shape[-2] // bk
-    blocks = k[..., : n_blocks * bk, :].unflatten(-2, (n_blocks, bk))
-    if config.representative == "center":
-        return blocks[..., bk // 2, :]
-    return blocks.float().mean(dim=-2).to(k.dtype)
+    b, h, new_keys, d = keys.shape
+    n = done + new_keys // bk
+    capacity = tree_capacity(tree)
+    if tree is None or capacity < n:
+        grown_capacity = n if tree is None else n + n // 4
+        grown = keys.new_zeros(b, h, tree_rows(grown_capacity), 2 * d)
+        if tree is not None and done:  # copy the old levels to their new rows
+            for level in range(done.bit_length()):
+                count = done >> level
+                src, dst = level_offset(level, capacity), level_offset(level, grown_capacity)
+                grown[..., dst : dst + count, :] = tree[..., src : src + count, :]
+        tree, capacity = grown, grown_capacity
+    blocks = keys.unflatten(-2, (n - done, bk))
+    tree[..., done:n, :d] = blocks.amax(dim=-2)
+    tree[..., done:n, d:] = blocks.amin(dim=-2)
+    for level in range(1, n.bit_length()):
+        lo, hi = done >> level, n >> level
+        if lo == hi:
+            continue
+        below = level_offset(level - 1, capacity)
+        pairs = tree[..., below + 2 * lo : below + 2 * hi, :].unflatten(-2, (hi - lo, 2))
+        row = level_offset(level, capacity)
+        tree[..., row + lo : row + hi, :d] = pairs[..., :d].amax(dim=-2)
+        tree[..., row + lo : row + hi, d:] = pairs[..., d:].amin(dim=-2)
+    return tree
 
 
 def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:

@@ -13,11 +13,15 @@ import torch
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
-    block_representatives,
     first_candidate_block,
+    level_offset,
+    node_summaries,
     pool_queries,
     query_blocks,
     search_levels,
+    search_width,
+    start_level,
+    tree_capacity,
 )
 
 
@@ -25,8 +29,9 @@ from hip_attn.geometry import (
 class SearchStats:
     """Work done by the mask search, per ``[B, H_sel, n_query_blocks]``.
 
-    ``scored`` counts children scored: each costs one representative dot product per pooled
-    query row (and per query head of the group with ``head_sharing="kv_group"``).
+    ``scored`` counts children scored: each costs one node summary read and one bound (a dot
+    product of length ``2 * D``) per pooled query row (and per query head of the group with
+    ``head_sharing="kv_group"``).
     ``n_candidates`` is N, the candidate blocks each search ran over.
     """
 
@@ -48,51 +53,72 @@ def dense_attention_reference(
     return (scores.softmax(dim=-1) @ vf).to(q.dtype)
 
 
+def _start_nodes(n: int, width: int) -> list[tuple[int, int]]:
+    """The search's start partition of candidate blocks ``[0, n)`` as ``(first block, level)``
+    aligned nodes: the complete ``2**L0``-block nodes, then the remainder's pieces, largest
+    first (:func:`~hip_attn.geometry.start_level`)."""
+    top = start_level(n, width)
+    nodes = [(i << top, top) for i in range(n >> top)]
+    lo = (n >> top) << top
+    for level in reversed(range(top)):
+        if n >> level & 1:
+            nodes.append((lo, level))
+            lo += 1 << level
+    return nodes
+
+
 def _search_one_block(
-    score: torch.Tensor, rep: torch.Tensor, first: int, n: int, config: HiPConfig
+    rows: torch.Tensor, tree: torch.Tensor, n: int, config: HiPConfig, scale: float
 ) -> tuple[list[int], int]:
-    """The tree search for one query block. ``score`` holds its pooled query rows ``[P, D]``
-    (all heads of the group stacked), ``rep`` the representatives. Returns the selected block
-    indices (ascending) and the number of children scored."""
+    """The tree search for one query block. ``rows`` holds its pooled query rows ``[P, D]``
+    (all heads of the group stacked), ``tree`` the node summaries (:func:`node_summaries`).
+    Returns the selected candidate blocks (relative to the first candidate, ascending) and the
+    number of children scored."""
     g = config.blocks_per_query_block
     if n <= g:
-        return list(range(first, first + n)), 0
-    width = min(config.beam * g, n)
-    nodes = [(first + i * n // width, first + (i + 1) * n // width) for i in range(width)]
+        return list(range(n)), 0
+    capacity = tree_capacity(tree)
+    width = search_width(n, config)
+    nodes = _start_nodes(n, width)
     levels = search_levels(n, config)
+    d = rows.shape[-1]
+    positive, negative = rows.clamp(min=0), rows.clamp(max=0)
     scored = 0
-    for level in range(levels):
+    for step in range(levels):
         children: list[tuple[int, int]] = []
-        for lo, hi in nodes:
-            if hi - lo == 1:  # a single block passes on as is
-                children.append((lo, hi))
-            else:  # left half gets the floor
-                mid = lo + (hi - lo) // 2
-                children += [(lo, mid), (mid, hi)]
-        centers = torch.tensor([lo + (hi - lo) // 2 for lo, hi in children])
-        child_scores = (score @ rep[centers].T).amax(dim=0).tolist()
+        for lo, level in nodes:  # a single block passes on as is
+            halves = [lo, lo + (1 << level - 1)] if level else [lo]
+            children += [(c, max(level - 1, 0)) for c in halves]
+        summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
+        # [P, children]: each row's upper bound on its logits against the child's keys
+        bound = positive @ summary[:, :d].T + negative @ summary[:, d:].T
+        # each row spreads one unit of estimated attention over the children, so rows that
+        # match many children alike (filler) cannot outvote a row focused on a few
+        p = torch.exp((bound - bound.amax(dim=1, keepdim=True)) * scale)
+        child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
         scored += len(children)
-        keep = g if level == levels - 1 else width
+        keep = g if step == levels - 1 else width
         best = sorted(range(len(children)), key=lambda i: (-child_scores[i], children[i][0]))
         nodes = [children[i] for i in best[:keep]]
     return sorted(lo for lo, _ in nodes), scored
 
 
 def estimate_mask_reference(
-    q: torch.Tensor, k: torch.Tensor, config: HiPConfig
+    q: torch.Tensor, k: torch.Tensor, config: HiPConfig, *, scale: float | None = None
 ) -> tuple[torch.Tensor, SearchStats]:
     """Selected key blocks ``[B, H_sel, n_query_blocks, G]`` (int32, ascending, ``-1`` padded)
     and the work the search did."""
-    return search_reference(q, block_representatives(k, config), k.shape[-2], config)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return search_reference(q, node_summaries(k, config), k.shape[-2], config, scale)
 
 
 def search_reference(
-    q: torch.Tensor, rep: torch.Tensor, tk: int, config: HiPConfig
+    q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, scale: float
 ) -> tuple[torch.Tensor, SearchStats]:
-    """:func:`estimate_mask_reference` from the block representatives ``rep``
-    ``[B, Hkv, >= Tk // bk, D]`` of ``tk`` keys: the search reads nothing else."""
+    """:func:`estimate_mask_reference` from the summary tree ``tree`` of ``tk`` keys
+    (:func:`~hip_attn.geometry.node_summaries`): the search reads nothing else."""
     b, hq, tq, _ = q.shape
-    hkv = rep.shape[1]
+    hkv = tree.shape[1]
     group = hq // hkv
     g = config.blocks_per_query_block
     per_sel = group if config.head_sharing == "kv_group" else 1
@@ -100,7 +126,7 @@ def search_reference(
     rows_per_block = config.block_size_q // config.query_pool_stride
 
     pooled = pool_queries(q, config).float()  # [B, Hq, TP, D], rounded to q's dtype
-    rep = rep.float()
+    tree = tree.float()
     geo = query_blocks(tq, tk, config)
     first = first_candidate_block(config)
     n_qb = geo.start.numel()
@@ -115,9 +141,9 @@ def search_reference(
                 rows = pooled[bi, heads, j * rows_per_block : (j + 1) * rows_per_block]
                 n = int(geo.n_candidates[j])
                 blocks, work = _search_one_block(
-                    rows.reshape(-1, rows.shape[-1]), rep[bi, kv_head], first, n, config
+                    rows.reshape(-1, rows.shape[-1]), tree[bi, kv_head], n, config, scale
                 )
-                out[bi, hs, j, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                out[bi, hs, j, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32) + first
                 scored[bi, hs, j] = work
     n_cand = geo.n_candidates.expand(b, h_sel, n_qb).clone()
     return out.to(q.device), SearchStats(scored=scored, n_candidates=n_cand)
@@ -132,9 +158,9 @@ def attended_keys(
     bk = config.block_size_k
     blocks = selected[selected >= 0].long().cpu()
     chosen = (blocks[:, None] * bk + torch.arange(bk)).flatten()
-    return torch.cat(
-        [torch.arange(min(config.sink_tokens, end)), chosen, torch.arange(window_start, end)]
-    )
+    # a block ending inside the sinks has no window (window_start is at least sink_tokens)
+    window = torch.arange(min(window_start, end), end)
+    return torch.cat([torch.arange(min(config.sink_tokens, end)), chosen, window])
 
 
 def hip_attention_reference(
@@ -152,9 +178,9 @@ def hip_attention_reference(
     hkv, tk = k.shape[1], k.shape[-2]
     group = hq // hkv
     per_sel = group if config.head_sharing == "kv_group" else 1
-    if indices is None:
-        indices, _ = estimate_mask_reference(q, k, config)
     scale = d**-0.5 if scale is None else scale
+    if indices is None:
+        indices, _ = estimate_mask_reference(q, k, config, scale=scale)
     bq = config.block_size_q
     geo = query_blocks(tq, tk, config)
     out = torch.empty_like(q)

@@ -137,7 +137,7 @@ def test_hip_finds_planted_spans_that_sink_and_window_cannot_see():
     result = run_accuracy(
         [2048],
         SMALL.replace(k=256),
-        methods=["hip-center", "streaming"],
+        methods=["hip", "streaming"],
         seeds=(0,),
         n_spans=2,
         sample_last=2,
@@ -145,7 +145,7 @@ def test_hip_finds_planted_spans_that_sink_and_window_cannot_see():
         **SHAPE,
     )
     (ctx,) = result["contexts"]
-    hip, streaming = ctx["methods"]["hip-center"], ctx["methods"]["streaming"]
+    hip, streaming = ctx["methods"]["hip"], ctx["methods"]["streaming"]
     assert hip["span_cases"] == streaming["span_cases"] > 0
     assert streaming["span_recall"] == 0.0
     assert hip["span_recall"] >= 0.5

@@ -182,7 +182,7 @@ def test_offload_smoke_memory_growth_and_decode_steps(
         growth["device_bytes"] / growth["rep_bytes"]
     )
     assert growth["full_kv_bytes"] == 2 * 1536 * 64 * 4
-    assert growth["device_bytes"] < growth["full_kv_bytes"] / 4
+    assert growth["device_bytes"] < growth["full_kv_bytes"] / 2  # R: ~K / 2 at bk = 8
 
     # decode: 4 timed steps after 1 warm-up with refresh_interval 2: refresh, reuse alternate
     assert decode["part"] == "decode" and decode["context"] == 600
@@ -220,9 +220,9 @@ def test_gpu_offload_memory_grows_by_r_and_decode_is_timed(tmp_path: Path) -> No
     assert memory["device_type"] == "cuda" and "max_memory_allocated" in memory["memory"]["source"]
     growth = memory["memory"]["growth"]
     assert growth["peak_bytes"] == growth["measured_bytes"] > 0
-    assert growth["peak_over_rep"] <= 1.6  # R, and its old copy while it doubles
+    assert growth["peak_over_rep"] <= 1.9  # R, and its old copy while it grows
     assert growth["allocated_over_rep"] <= 1.1  # R and the block table
-    assert growth["measured_bytes"] < growth["full_kv_bytes"] / 4
+    assert growth["measured_bytes"] < growth["full_kv_bytes"] / 2
     for name in ("offload_refresh", "offload_reuse", "device_refresh", "device_reuse"):
         assert decode["results"][name]["ms"] > 0, decode["results"][name]
     assert decode["results"]["offload_reuse"]["bytes_per_step"] == 0

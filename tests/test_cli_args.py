@@ -40,12 +40,12 @@ def test_every_flag_reaches_the_config() -> None:
     args = _parser().parse_args([
         "--hip-k", "1024", "--block-size-q", "32", "--block-size-k", "16",
         "--query-pool-stride", "4", "--window", "512", "--sinks", "0", "--head-sharing", "head",
-        "--representative", "mean", "--beam", "2", "--refresh-interval", "16",
+        "--beam", "2", "--refresh-interval", "16",
         "--dense-threshold", "0",
     ])  # fmt: skip
     assert hip_config_from_args(args) == HiPConfig(
         k=1024, block_size_q=32, block_size_k=16, query_pool_stride=4, window=512,
-        sink_tokens=0, head_sharing="head", representative="mean", beam=2,
+        sink_tokens=0, head_sharing="head", beam=2,
         refresh_interval=16, dense_threshold=0,
     )  # fmt: skip
 

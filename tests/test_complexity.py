@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hip_attn import HiPConfig, hip_attention
-from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+from hip_attn.geometry import node_summaries, pool_queries, query_blocks, search_width
 from hip_attn.reference import attended_keys, estimate_mask_reference, hip_attention_reference
 from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
 from hip_attn.triton_kernels.mask import estimate_mask_triton
@@ -33,17 +33,17 @@ def test_prefill_never_allocates_a_t_by_t_matrix(rand_qkv):
 
 
 def test_mask_kernel_work_is_logarithmic_in_context(rand_qkv):
-    g = CFG.blocks_per_query_block
     for tk in (4096, 16384):
         q, k, _ = rand_qkv(1, 1, 1, 1, tk, 64, device=DEVICE, seed=tk)
         geo = query_blocks(1, tk, CFG, q.device)
         _, scored = estimate_mask_triton(
-            pool_queries(q, CFG), block_representatives(k, CFG), geo.n_candidates, CFG, 1
+            pool_queries(q, CFG), node_summaries(k, CFG), geo.n_candidates, CFG, 1, 0.125
         )
         n = int(geo.n_candidates[0])
-        levels = (-(-n // g) - 1).bit_length()
-        assert 0 < int(scored[0, 0, 0]) <= 2 * g * levels
-    assert int(scored[0, 0, 0]) * 8 < n  # 16K: ~2000 candidate blocks, <= 2 * 8 * 8 scores
+        width = search_width(n, CFG)  # G, or the set bits of N when more
+        levels = (-(-n // width) - 1).bit_length() + 1  # aligned start: at most one more
+        assert 0 < int(scored[0, 0, 0]) <= 2 * width * levels
+    assert int(scored[0, 0, 0]) * 8 < n  # 16K: ~2000 candidate blocks, ~150 scores
 
 
 def _poison_unattended(q, k, v, idx, cfg):

@@ -6,12 +6,7 @@ from hip_attn import HiPConfig
 def test_defaults_follow_the_design():
     cfg = HiPConfig()
     assert (cfg.k, cfg.block_size_q, cfg.block_size_k, cfg.query_pool_stride) == (512, 64, 8, 2)
-    assert (cfg.sink_tokens, cfg.window, cfg.head_sharing, cfg.representative) == (
-        64,
-        256,
-        "kv_group",
-        "center",
-    )
+    assert (cfg.sink_tokens, cfg.window, cfg.head_sharing) == (64, 256, "kv_group")
     assert cfg.blocks_per_query_block == 64
     assert cfg.replace(k=1024).blocks_per_query_block == 128
 
@@ -31,7 +26,6 @@ def test_defaults_follow_the_design():
         ({"refresh_interval": 300}, "refresh_interval"),
         ({"refresh_interval": 0}, "refresh_interval"),
         ({"head_sharing": "group"}, "head_sharing"),
-        ({"representative": "max"}, "representative"),
         ({"dense_threshold": -1}, "dense_threshold"),
         ({"dense_layers": (1, -2)}, "dense_layers"),
     ],

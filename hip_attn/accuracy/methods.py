@@ -12,8 +12,8 @@ methods differ only in the blocks they pick:
   queries and the heads sharing the selection. It maximizes the attention-mass recall, so no
   method can beat it on that metric; it needs the full attention to choose, so it is an upper
   bound, not a method one could run.
-* ``hip-center`` / ``hip-mean``: HiP's tree search (:func:`hip_attn.estimate_mask`) with the
-  center or the mean key as the block representative.
+* ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes bounded by the
+  elementwise max/min of their keys, children ranked by per-row softmax mass.
 * ``quest``: per key block the elementwise min and max of its keys; a block scores
   ``sum_d max(q_d min_d, q_d max_d)`` (an upper bound on ``q . k`` over the block), max over
   the block's pooled query rows (and heads sharing the selection); the top ``G`` blocks.
@@ -169,31 +169,25 @@ def select_oracle(block: QueryBlock, config: HiPConfig) -> Selection:
 
 
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
-    """Upper bound on the representatives HiP's search scores for ``n_candidates`` blocks:
-    ``2 * min(beam * G, N)`` children per level (DESIGN.md section 3)."""
+    """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
+    ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (max, min)."""
     levels = search_levels(n_candidates, config)
-    return 2 * min(config.beam * config.blocks_per_query_block, n_candidates) * levels
+    return 4 * min(config.beam * config.blocks_per_query_block, n_candidates) * levels
 
 
-def hip_selector(representative: str) -> SelectFn:
-    """HiP's selection through :func:`hip_attn.estimate_mask` with ``representative``."""
+def select_hip(block: QueryBlock, config: HiPConfig) -> Selection:
+    """HiP's selection through :func:`hip_attn.estimate_mask`."""
+    from hip_attn.attention import estimate_mask
 
-    def select(block: QueryBlock, config: HiPConfig) -> Selection:
-        from hip_attn.attention import estimate_mask
-
-        cfg = config.replace(representative=representative)
-        indices = estimate_mask(block.q, block.k, cfg)
-        return Selection(indices, cfg, hip_search_reads(block.n_candidates, cfg))
-
-    return select
+    indices = estimate_mask(block.q, block.k, config)
+    return Selection(indices, config, hip_search_reads(block.n_candidates, config))
 
 
 #: Method name -> (one-line description, selection function), in report order.
 METHODS: dict[str, tuple[str, SelectFn]] = {
     "dense": ("exact causal attention (every key)", select_dense),
     "oracle": ("top-G blocks by true softmax mass (upper bound, needs dense)", select_oracle),
-    "hip-center": ("HiP tree search, center key represents a block", hip_selector("center")),
-    "hip-mean": ("HiP tree search, mean key represents a block", hip_selector("mean")),
+    "hip": ("HiP tree search over max/min node summaries", select_hip),
     "quest": ("top-G blocks by per-block min/max bound (Quest-like)", select_quest),
     "streaming": ("sinks + window grown by k (StreamingLLM-like)", select_streaming),
 }

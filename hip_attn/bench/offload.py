@@ -6,7 +6,7 @@
   ``max_chunk`` tokens) and runs one refresh cycle of decode steps, ending at each memory
   context. Per context: the device memory it took (on CUDA ``torch.cuda.max_memory_allocated``
   over what was allocated before it; on the CPU, which has no allocator statistics, the layer's
-  own ``device_bytes``), beside the bytes of ``R`` (the block representatives, as allocated), of
+  own ``device_bytes``), beside the bytes of ``R`` (the search's summary tree, as allocated), of
   the block table, of the host copy and of the full K/V. ``growth`` compares the last context with
   the first: the claim is that the device grows only by ``R``.
 * ``decode`` (one record per context): after the fill, ``warmup_steps`` and then ``steps`` decode
@@ -34,6 +34,7 @@ from hip_attn.attention import HiPDecodeState, hip_attention
 from hip_attn.bench.cases import OffloadPlan
 from hip_attn.bench.runner import backend_label, timing_label
 from hip_attn.bench.timing import L2_FLUSH_BYTES, StepClock, summarize
+from hip_attn.geometry import tree_blocks, tree_rows
 from hip_attn.offload import OffloadedKV
 from hip_attn.perf.units import fmt_bytes, short_tokens
 
@@ -318,7 +319,7 @@ def _memory_at(plan: OffloadPlan, context: int, device: torch.device, seed: int)
     layer = make_layer(plan, device)
     setup_s = time.perf_counter() - start
     steps = plan.config.refresh_interval + 1  # a refreshing step, the reuses, a refresh again
-    # the steps end at exactly `context` tokens (R is not pushed past a power of two by them)
+    # the steps end at exactly `context` tokens
     fill_s = fill(layer, plan, context - steps if context > steps else context, device, seed)
     inputs = StepInputs(plan, steps, device, seed)
     state = HiPDecodeState()
@@ -329,10 +330,12 @@ def _memory_at(plan: OffloadPlan, context: int, device: torch.device, seed: int)
     del inputs, q, k, v
     _sync(device)
     now = _memory(device)
-    rep = layer.rep
-    sh, bk = plan.shape, plan.config.block_size_k
+    rep = layer.tree
+    assert rep is not None  # filled past the sinks
+    sh, cfg = plan.shape, plan.config
     tokens = layer.length
-    rep_used = sh.batch * sh.kv_heads * (tokens // bk) * sh.head_dim * rep.element_size()
+    rows = tree_rows(tree_blocks(tokens, cfg))
+    rep_used = sh.batch * sh.kv_heads * rows * 2 * sh.head_dim * rep.element_size()
     entry: dict[str, Any] = {
         "context": context,
         "tokens": tokens,
@@ -405,8 +408,8 @@ def memory_part(
         )
     growth = _growth(per[0], per[-1])
     notes = [
-        "R grows by doubling: while it grows the old and the new copy coexist, so the peak "
-        "may grow by up to 1.5x the growth of R (allocated_bytes is after the steps)",
+        "R grows by a quarter when full: while it grows the old and the new copy coexist, so the "
+        "peak may grow by up to 1.8x the growth of R (allocated_bytes is after the steps)",
         "the block table (int32 per block and KV head) grows with the context too: table_bytes",
     ]
     if device.type != "cuda":
@@ -513,7 +516,7 @@ def _offload_decode(
         "refreshes_timed": sum(s.refresh for s in steps),
         "host_bytes": layer.host_bytes,
         "device_bytes": layer.device_bytes,
-        "rep_bytes": layer.rep.numel() * layer.rep.element_size(),
+        "rep_bytes": 0 if layer.tree is None else layer.tree.numel() * layer.tree.element_size(),
         "full_kv_bytes": kv_bytes(plan, layer.length),
         "stats": layer.stats(),
     }

@@ -261,7 +261,7 @@ def _plot_offload(plt: Any, records: Sequence[Record], path: str | Path) -> None
         source = memory[-1]["memory"]["source"].split(" ")[0]
         for key, label, color, style in (
             ("measured_bytes", f"device memory ({source})", "tab:red", "-"),
-            ("rep_bytes", "R (block representatives)", "tab:green", "-"),
+            ("rep_bytes", "R (search summary tree)", "tab:green", "-"),
             ("full_kv_bytes", "full K/V (held on the host instead)", "tab:blue", "--"),
         ):
             ys = [e.get(key) for e in per]

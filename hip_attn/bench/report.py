@@ -188,7 +188,7 @@ COLUMN_NOTES = {
     "x floor = measured / floor",
     "decode": "HiP = per step over refresh_interval steps (one refresh); step = a step that "
     "re-estimates; vs SDPA = SDPA ms / HiP ms; x floor = measured / floor",
-    "mask": "mask = hip_attention's estimation (pooling, representatives, search); kernel = the "
+    "mask": "mask = hip_attention's estimation (pooling, summary tree, search); kernel = the "
     "search kernel alone; x floor = measured / floor",
 }
 
@@ -262,8 +262,8 @@ _OFFLOAD_DECODE_COLUMNS: list[Column] = [
 ]
 
 OFFLOAD_NOTES = {
-    "memory": "measured = device memory the layer took (see the line above); R = the block "
-    "representatives as allocated (grown by doubling); table = the block -> slot table; growth "
+    "memory": "measured = device memory the layer took (see the line above); R = the search's "
+    "summary tree as allocated (grown by a quarter); table = the block -> slot table; growth "
     "compares the last context with the first",
     "decode": "refresh / reuse = the attend call of a step that re-estimates / reuses the "
     "selection; append = one token; per step = append + attend over refresh cycles; dev = the "

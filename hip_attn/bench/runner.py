@@ -24,10 +24,10 @@ import torch
 
 from hip_attn.attention import (
     HiPDecodeState,
-    _estimate,
     _selection_heads,
     _sparse,
     hip_attention,
+    search_tree,
     uses_triton,
 )
 from hip_attn.bench.cases import MODEL_DTYPE, BenchCase
@@ -36,7 +36,7 @@ from hip_attn.bench.sdpa import SdpaUnavailable, prepare_sdpa
 from hip_attn.bench.timing import Timing, TimingSettings, measure
 from hip_attn.bench.work import Work, dense_work, hip_work
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import block_representatives, pool_queries, query_blocks
+from hip_attn.geometry import node_summaries, pool_queries, query_blocks
 from hip_attn.perf.attention_floor import AttentionFloor, Method, Phase, attention_floor
 from hip_attn.perf.hardware import GPUSpec
 
@@ -130,10 +130,11 @@ def select(
         geo = query_blocks(case.queries, case.context, cfg, device)
         return estimate_mask_triton(
             pool_queries(q, cfg),
-            block_representatives(k, cfg),
+            node_summaries(k, cfg),
             geo.n_candidates,
             cfg,
             _selection_heads(q, k.shape[1], cfg),
+            q.shape[-1] ** -0.5,
         )
     from hip_attn.reference import estimate_mask_reference
 
@@ -256,19 +257,23 @@ def run_case(
                 except Exception as exc:
                     results["hip_amortized"] = _failure(exc)
                 _free(device)
-        timed("hip_mask", lambda: _estimate(q, k, cfg), work.mask)
+        timed(
+            "hip_mask",
+            lambda: search_tree(q, node_summaries(k, cfg), k.shape[2], cfg, scale),
+            work.mask,
+        )
         if uses_triton(device):
             from hip_attn.triton_kernels.mask import estimate_mask_triton
 
-            pooled, rep = pool_queries(q, cfg), block_representatives(k, cfg)
+            pooled, tree = pool_queries(q, cfg), node_summaries(k, cfg)
             n_cand = query_blocks(case.queries, case.context, cfg, device).n_candidates
             h_sel = _selection_heads(q, k.shape[1], cfg)
             timed(
                 "hip_mask_kernel",
-                lambda: estimate_mask_triton(pooled, rep, n_cand, cfg, h_sel),
+                lambda: estimate_mask_triton(pooled, tree, n_cand, cfg, h_sel, scale),
                 work.search,
             )
-            del pooled, rep
+            del pooled, tree
         if want_attention:
             calls["hip"] = lambda: _sparse(q, k, v, indices, cfg, scale)
             timed("hip_sparse", calls["hip"], work.sparse)

@@ -7,7 +7,9 @@ search the children the tree search actually scored. The byte counts are the nec
 traffic under the analytic model's conventions (``docs/roofline.md``): each query block loads
 the keys and values it attends once per selection head (per KV head with
 ``head_sharing="kv_group"``), queries are read and outputs written once; the search reads one
-representative (in the keys' dtype) per scored child. A multiply-add counts two FLOPs.
+node summary (``2 * D`` values in the keys' dtype: max and min) per scored child and bounds it
+with two dot products of length ``D`` per pooled row; building the summary tree reads the keys
+once and writes about two summaries per block. A multiply-add counts two FLOPs.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ class HipWork:
 
     Attributes:
         sparse: the sparse attention over sinks + selected blocks + window.
-        search: the tree-search kernel (representative dot products).
-        mask: the whole mask estimation: the search plus pooling the queries and, with
-            ``representative="mean"``, averaging the keys into representatives (``"center"``
-            representatives are a strided view of the keys the search reads in place).
+        search: the tree-search kernel (bounds of the node summaries).
+        mask: the whole mask estimation: the search plus pooling the queries and building the
+            summary tree from the keys.
         key_visits: (query row, key) pairs attended, summed over query heads and the batch.
         keys_per_query: mean keys a query row attends.
-        search_dots: representative dot products, summed over query heads and pooled rows.
+        search_dots: bounds computed (one per scored child and pooled row, ``2 * D``
+            multiply-adds each), summed over query heads and pooled rows.
         selected_blocks: mean key blocks selected per query block and selection head.
     """
 
@@ -122,21 +124,20 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     scored64 = scored.to("cpu", torch.int64)
     search_dots = int((scored64 * pooled_rows).sum()) * heads_per_sel
     search = Work(
-        2.0 * d * search_dots,
+        4.0 * d * search_dots,
         float(
-            int(scored64.sum()) * d * eb  # one representative per scored child
+            int(scored64.sum()) * 2 * d * eb  # one summary (max and min) per scored child
             + sh.batch * sh.heads * n_pooled * d * eb  # each program reads its pooled rows
             + index_bytes  # the selection written
         ),
     )
     pool_adds = sh.batch * sh.heads * tq * d
     pool_bytes = sh.batch * sh.heads * (tq + n_pooled) * d * eb  # read q, write pooled
-    mean_adds = mean_bytes = 0  # "center" representatives are a view of the keys
-    if cfg.representative == "mean":
-        n_blocks = tk // cfg.block_size_k
-        mean_adds = sh.batch * sh.kv_heads * n_blocks * cfg.block_size_k * d
-        mean_bytes = sh.batch * sh.kv_heads * (n_blocks * cfg.block_size_k + n_blocks) * d * eb
-    prep = Work(float(pool_adds + mean_adds), float(pool_bytes + mean_bytes))
+    # the summary tree: every key read once, ~2 summaries of 2 * D values written per block
+    n_blocks = tk // cfg.block_size_k
+    tree_ops = sh.batch * sh.kv_heads * n_blocks * cfg.block_size_k * 2 * d
+    tree_bytes = sh.batch * sh.kv_heads * (n_blocks * cfg.block_size_k + 4 * n_blocks) * d * eb
+    prep = Work(float(pool_adds + tree_ops), float(pool_bytes + tree_bytes))
     return HipWork(
         sparse=sparse,
         search=search,

@@ -1,10 +1,10 @@
 """One attention layer's KV cache offloaded to host memory (DESIGN.md section 4).
 
-The host holds all of K and V. The device holds only what HiP reads: the block
-representatives ``R`` (all the search reads, so the selection is exactly the on-GPU one), the
-sink tokens, the recent tokens the window needs, and a fixed-size cache of key blocks. Each
-:meth:`OffloadedKV.attend` selects from ``R``, brings the missing blocks into the cache and runs
-the sparse attention kernel through the slot table.
+The host holds all of K and V. The device holds only what HiP reads: the search's summary
+tree (:func:`~hip_attn.geometry.node_summaries`, all the search reads, so the selection is
+exactly the on-GPU one), the sink tokens, the recent tokens the window needs, and a fixed-size
+cache of key blocks. Each :meth:`OffloadedKV.attend` selects from the tree, brings the missing
+blocks into the cache and runs the sparse attention kernel through the slot table.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from hip_attn.attention import HiPDecodeState, select_blocks, uses_triton
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import block_representatives
+from hip_attn.geometry import extend_summaries, first_candidate_block, tree_blocks
 from hip_attn.offload.block_cache import BlockCache
 from hip_attn.offload.gather import GATHER_METHODS, make_gather
 from hip_attn.offload.host import HostKV
@@ -126,7 +126,7 @@ class OffloadedKV:
         self.recent_k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.recent_v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.recent_start = 0
-        self.rep = torch.zeros((batch, kv_heads, 0, head_dim), dtype=dtype, device=self.device)
+        self.tree: torch.Tensor | None = None  # the search's summary tree, grown by doubling
         self.length = 0
 
     # -- appending -----------------------------------------------------------------------
@@ -148,13 +148,13 @@ class OffloadedKV:
             self.sink_v[:, :, old : old + take] = v[:, :, :take]
         self._push_recent(k, v)
         self.length += n
-        self._extend_representatives(old)
+        self._extend_summaries(old)
 
     def _push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
         bk, n = self.config.block_size_k, k.shape[2]
         # the first query of the coming call sits at self.length: its window starts at or after
         keep = max(0, (self.length - self.config.window) // bk * bk)
-        keep = min(keep, self.length // bk * bk)  # the open block is needed for R as well
+        keep = min(keep, self.length // bk * bk)  # the open block is needed for the tree too
         held = self.length - self.recent_start
         if held + n > self._recent_capacity:  # drop what no window can need any more
             drop = keep - self.recent_start
@@ -164,19 +164,14 @@ class OffloadedKV:
         self.recent_k[:, :, held : held + n] = k
         self.recent_v[:, :, held : held + n] = v
 
-    def _extend_representatives(self, old_length: int) -> None:
-        bk = self.config.block_size_k
-        first, last = old_length // bk, self.length // bk
-        if last == first:
+    def _extend_summaries(self, old_length: int) -> None:
+        done, n = tree_blocks(old_length, self.config), tree_blocks(self.length, self.config)
+        if n == done:
             return
-        if last > self.rep.shape[2]:  # grow by doubling: R is 1/block_size_k of the keys
-            grown = torch.zeros((self.batch, self.kv_heads, max(last, 2 * self.rep.shape[2]),
-                                 self.head_dim), dtype=self.dtype, device=self.device)  # fmt: skip
-            grown[:, :, : self.rep.shape[2]] = self.rep
-            self.rep = grown
-        lo = first * bk - self.recent_start
-        keys = self.recent_k[:, :, lo : lo + (last - first) * bk]
-        self.rep[:, :, first:last] = block_representatives(keys, self.config)
+        bk = self.config.block_size_k
+        lo = (first_candidate_block(self.config) + done) * bk - self.recent_start
+        keys = self.recent_k[:, :, lo : lo + (n - done) * bk]
+        self.tree = extend_summaries(self.tree, keys, done, self.config)
 
     # -- attention -----------------------------------------------------------------------
     def attend(
@@ -203,14 +198,18 @@ class OffloadedKV:
         scale = check_scale(scale, d)
         q = q.to(self.device)
         tk, config = self.length, self.config
-        rep = self.rep[:, :, : tk // config.block_size_k]
-        indices = select_blocks(q, rep, tk, config, state)
+        indices = select_blocks(q, self._summaries, tk, config, scale, state, self.kv_heads)
         rows = self._fetch(indices)
         if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
             return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
                                            scale=scale, indices=indices)  # fmt: skip
         return self._sparse(q, indices, rows, scale)
+
+    def _summaries(self) -> torch.Tensor:
+        if self.tree is None:  # no block after the sinks yet: nothing to select from
+            self.tree = extend_summaries(None, self.recent_k[:, :, :0], 0, self.config)
+        return self.tree
 
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
         """Bring the selected blocks into the block cache; returns the (batch, KV head) row of
@@ -255,8 +254,10 @@ class OffloadedKV:
     # -- accounting ----------------------------------------------------------------------
     @property
     def device_bytes(self) -> int:
-        """Bytes this layer holds on its device: R, sinks, recent tokens and the block cache."""
-        tensors = (self.rep, self.sink_k, self.sink_v, self.recent_k, self.recent_v)
+        """Bytes this layer holds on its device: the summary tree, sinks, recent tokens and the
+        block cache."""
+        tree = () if self.tree is None else (self.tree,)
+        tensors = (*tree, self.sink_k, self.sink_v, self.recent_k, self.recent_v)
         return sum(t.numel() * t.element_size() for t in tensors) + self.cache.nbytes
 
     @property

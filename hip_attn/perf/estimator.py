@@ -53,8 +53,8 @@ shared-memory exchange and a barrier, ~35 cycles at ~1.7 GHz)."""
 class LaunchProfile:
     """Kernel launches per layer of each attention path (docs/roofline.md, "Latency floors").
 
-    ``today`` counts what ``hip_attn.hip_attention`` launches on a GPU in bf16 with the default
-    ``representative="center"`` (``tests/test_perf_launches.py`` recounts it from the code):
+    ``today`` counts what ``hip_attn.hip_attention`` launches on a GPU in bf16
+    (``tests/test_perf_launches.py`` recounts it from the code):
     the sparse kernel, the search kernel and the PyTorch ops around them (the query-block
     geometry twice, query pooling, the count of selected blocks, and the flash-decoding merge
     of split partials, which a one-token decode takes at batch 1). ``fused`` is one search
@@ -77,7 +77,7 @@ class LaunchProfile:
 
 
 LAUNCH_PROFILES: dict[str, LaunchProfile] = {
-    p.name: p for p in (LaunchProfile("today", 25, 43, 33), LaunchProfile("fused", 1, 2, 2))
+    p.name: p for p in (LaunchProfile("today", 25, 69, 66), LaunchProfile("fused", 1, 2, 2))
 }
 
 
@@ -271,10 +271,12 @@ class Scenario:
 
     @property
     def rep_bytes_per_token_per_gpu(self) -> float:
-        """HiP representative keys: one key (no value) per ``block_size_k`` tokens."""
+        """HiP's search summary tree: per ``block_size_k`` tokens about two nodes (one per
+        level, halving) of ``2 * D`` values (max and min), i.e. half the keys' bytes at
+        ``block_size_k = 8``."""
         m = self.model
         key_bytes = m.layers * self.kv_heads_per_gpu * m.head_dim * self.kv_bytes_per_elem
-        return key_bytes / self.hip.block_size_k
+        return 4 * key_bytes / self.hip.block_size_k
 
     def prefill_chunks(self, seq_len: int) -> int:
         """Prefill passes of a ``seq_len``-token prompt."""
@@ -311,10 +313,17 @@ def _sum_range(lo: int, hi: int) -> int:
 
 
 def search_levels(candidate_blocks: int, budget_blocks: int) -> int:
-    """``ceil(log2(N / G))``: tree levels until every node is one block (0 when N <= G)."""
+    """Tree levels until every node is one block (0 when N <= G): the smallest ``L`` whose
+    aligned ``2**L``-block nodes plus the remainder's pieces number at most ``G``, and at least
+    one (``hip_attn.geometry.search_levels`` with ``beam=1``; about ``ceil(log2(N / G))``)."""
     if candidate_blocks <= budget_blocks:
         return 0
-    return (-(-candidate_blocks // budget_blocks) - 1).bit_length()
+    width = max(budget_blocks, candidate_blocks.bit_count())
+    level, pieces = 0, 0
+    while (candidate_blocks >> level) + pieces > width:
+        pieces += (candidate_blocks >> level) & 1
+        level += 1
+    return max(1, level)
 
 
 @dataclass(frozen=True)
@@ -324,8 +333,8 @@ class HipPrefillCounts:
     Attributes:
         key_visits: sum over query rows of the keys each row attends (QK and PV pairs).
         key_reads: sum over query blocks of the distinct keys each block loads.
-        search_dots: representative dot products, summed over pooled query rows.
-        rep_reads: representative keys loaded, summed over query blocks.
+        search_dots: node bounds (two dot products of ``D`` each), summed over pooled query rows.
+        rep_reads: node summaries loaded, summed over query blocks.
         selected_tokens: tokens selected by the search, summed over query blocks.
     """
 
@@ -344,7 +353,7 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     ``block_size_k`` tokens, and the window ``[max(sink, s - window), e)`` causally, where
     ``N = (s - window - sink) // block_size_k`` candidate blocks and ``G = k / block_size_k``.
     Blocks with ``e <= dense_threshold`` run dense. When ``N > G`` the search costs
-    ``2 * beam * G * ceil(log2(N / G))`` representative dot products per pooled query row.
+    ``2 * beam * G * levels`` node bounds per pooled query row (:func:`search_levels`).
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
@@ -381,7 +390,7 @@ class HipDecodeCounts:
     Attributes:
         keys: KV tokens read by attention (sinks + selected + window, or all when dense).
         selected_tokens: tokens of the selected blocks (what offload may miss).
-        rep_reads: representative keys the search reads when it runs (every
+        rep_reads: node summaries the search reads when it runs (every
             ``refresh_interval`` steps).
     """
 
@@ -392,7 +401,7 @@ class HipDecodeCounts:
 
 def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
     """Tokens one HiP decode step reads at ``context`` cached tokens (dense at or below the
-    dense threshold), and the representatives its search reads."""
+    dense threshold), and the node summaries its search reads."""
     if context <= cfg.effective_dense_threshold:
         return HipDecodeCounts(context, 0, 0)
     sink, window, bk, budget = (
@@ -475,7 +484,7 @@ def _attention_op(
 
 def _search_chain_s(sc: Scenario, levels: int) -> float:
     """The search kernel's dependent chain: the candidate count, then per level one gather of
-    representatives and a bitonic top-k over ``2 x NODES`` children."""
+    node summaries and a bitonic top-k over ``2 x NODES`` children."""
     if not levels:
         return 0.0
     nodes = max(16, 1 << (sc.hip.beam * sc.hip.blocks_per_query_block - 1).bit_length())
@@ -486,16 +495,17 @@ def _search_chain_s(sc: Scenario, levels: int) -> float:
 def _search_op(
     sc: Scenario, phase: str, dots: float, rep_reads: float, latency_s: float, kernels: float
 ) -> Operator:
-    """HiP's representative scoring: ``dots`` dot products per query head, ``rep_reads`` keys
-    loaded per searching head (KV heads with ``kv_group`` sharing, else query heads), each a
-    random ``D``-element run; ``latency_s`` and ``kernels`` per layer."""
+    """HiP's node scoring: ``dots`` bounds per query head (``2 * D`` multiply-adds each),
+    ``rep_reads`` summaries loaded per searching head (KV heads with ``kv_group`` sharing, else
+    query heads), each a random ``2 * D``-element run; ``latency_s`` and ``kernels`` per
+    layer."""
     m = sc.model
     searching = sc.kv_heads_per_gpu if sc.hip.head_sharing == "kv_group" else sc.heads_per_gpu
-    key_bytes = m.head_dim * sc.kv_bytes_per_elem
+    key_bytes = 2 * m.head_dim * sc.kv_bytes_per_elem
     return Operator(
         "hip_search",
         phase,
-        flops=m.layers * sc.batch * sc.heads_per_gpu * dots * 2 * m.head_dim,
+        flops=m.layers * sc.batch * sc.heads_per_gpu * dots * 4 * m.head_dim,
         hbm_bytes=m.layers
         * sc.batch
         * rep_reads
@@ -507,27 +517,19 @@ def _search_op(
     )
 
 
-REPRESENTATIVE_MEAN_LAUNCHES = 3
-"""Launches of ``block_representatives`` with ``"mean"``: ``float()``, ``mean``, ``to()``."""
-
-
-def _representatives_op(sc: Scenario, phase: str, context: float) -> Operator | None:
-    """The representatives' upkeep. ``"center"`` is a strided view of K (free); ``"mean"`` is
-    recomputed from the whole K on every ``hip_attention`` call, reuse steps included: K read
-    (``b_kv``), an fp32 copy written and read (4 + 4), and the means written in fp32 and
-    rounded to ``b_kv`` (``(4 + 4 + b_kv) / bk``), per key element."""
-    if sc.hip.representative == "center":
-        return None
-    m, b = sc.model, sc.kv_bytes_per_elem
+def _summary_tree_op(sc: Scenario, context: float) -> Operator:
+    """The search summary tree's upkeep (``hip_attn.geometry.node_summaries``). A prefill builds
+    it from the whole K: K read (``b_kv`` per element), about ``4 / bk`` summary elements per key
+    element written, and those above the leaves read again one level up (``2 / bk``). Decode
+    extends it by the block a step completes (kept in the decode state): nothing that grows with
+    the context, counted as free. Its launches are in the :class:`LaunchProfile` counts."""
+    m, b, bk = sc.model, sc.kv_bytes_per_elem, sc.hip.block_size_k
     elems = context * sc.kv_heads_per_gpu * m.head_dim
-    per_elem = b + 8 + (8 + b) / sc.hip.block_size_k
     return Operator(
         "hip_representatives",
-        phase,
-        flops=m.layers * sc.batch * elems,
-        hbm_bytes=m.layers * sc.batch * elems * per_elem,
-        latency_s=m.layers * REPRESENTATIVE_MEAN_LAUNCHES * sc.peak.launch_latency,
-        kernels=m.layers * REPRESENTATIVE_MEAN_LAUNCHES,
+        "prefill",
+        flops=m.layers * sc.batch * elems * 2,
+        hbm_bytes=m.layers * sc.batch * elems * b * (1 + 6 / bk),
     )
 
 
@@ -566,7 +568,8 @@ class Estimate:
         context: prompt tokens per request.
         kv_bytes: KV cache of one request at ``context`` (whole model, all GPUs).
         gpu_bytes_per_request: HBM one request needs on each GPU at ``context + output_tokens``
-            (full KV for dense/hip; representatives, sinks, window and block cache for offload).
+            (the KV for dense; the KV and the summary tree for hip; the summary tree, sinks,
+            window and block cache for offload).
         host_bytes_per_request: host RAM one request needs (offload only, else 0).
         weight_bytes: weights on each GPU.
         max_concurrency: requests of this length that fit at once (HBM and, for offload, host),
@@ -661,17 +664,16 @@ def gpu_bytes_per_token(sc: Scenario, mode: Mode) -> float:
     if mode == "dense":
         return sc.kv_bytes_per_token_per_gpu
     if mode == "hip":
-        extra = sc.rep_bytes_per_token_per_gpu if sc.hip.representative == "mean" else 0.0
-        return sc.kv_bytes_per_token_per_gpu + extra
+        return sc.kv_bytes_per_token_per_gpu + sc.rep_bytes_per_token_per_gpu
     return sc.rep_bytes_per_token_per_gpu
 
 
 def gpu_bytes_per_request(sc: Scenario, mode: Mode, tokens: int) -> float:
     """HBM one request of ``tokens`` cached tokens holds on one GPU.
 
-    ``hip`` with ``representative="center"`` reads the center key in place (no extra storage);
-    with ``"mean"`` it stores one extra key per block. ``hip+offload`` keeps the
-    representatives of every block, plus sinks, window and the block cache."""
+    ``hip`` keeps the search's summary tree beside the full KV (the decode state extends it
+    instead of rebuilding it). ``hip+offload`` keeps the summary tree, the sinks, the window and
+    the block cache."""
     if mode != "hip+offload":
         return tokens * gpu_bytes_per_token(sc, mode)
     cfg, cache = sc.hip, sc.offload.block_cache_tokens
@@ -681,7 +683,7 @@ def gpu_bytes_per_request(sc: Scenario, mode: Mode, tokens: int) -> float:
 
 def max_context(sc: Scenario, mode: Mode) -> int:
     """Longest prompt one request can have in ``mode`` with its outputs and its prefill
-    activations still fitting: HBM bound for dense/hip; host RAM (and the representatives'
+    activations still fitting: HBM bound for dense/hip; host RAM (and the summary tree's
     HBM) for ``hip+offload``. Unchunked, the activations grow with the prompt; with
     ``prefill_chunk`` they are those of one chunk."""
     free, out = sc.hbm_free, sc.output_tokens
@@ -730,10 +732,7 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
                 chunks * (launch + _search_chain_s(sc, levels)), chunks,
             )
         )  # fmt: skip
-        if mode == "hip":
-            upkeep = _representatives_op(sc, "prefill", seq_len)
-            if upkeep is not None:
-                ops.append(upkeep)
+        ops.append(_summary_tree_op(sc, seq_len))  # offload builds it on append too
         ops.append(
             _attention_op(
                 sc, "prefill", "hip_attention", c.key_visits, c.key_reads, seq_len,
@@ -782,10 +781,6 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
                     (extra * launch + _search_chain_s(sc, levels)) / refresh, extra / refresh,
                 )
             )  # fmt: skip
-        if mode == "hip":
-            upkeep = _representatives_op(sc, "decode", context)
-            if upkeep is not None:
-                ops.append(upkeep)
         ops.append(
             _attention_op(
                 sc, "decode", "hip_attention", c.keys, c.keys, 1,

