@@ -163,7 +163,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
     signature, constexprs, attrs = specialize(launch)
     src = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
     start = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    # launch options the wrapper chose (Triton's defaults otherwise)
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
     return {
         "kernel": launch.kernel.__name__,

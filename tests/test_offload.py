@@ -142,8 +142,8 @@ def test_device_bytes_grow_only_by_the_summary_tree():
     # about two nodes of 2 * D values per block, and a quarter more room while growing
     assert rep4 <= 1.25 * 2 * (4096 // 8) * 2 * 2 * 64 * 4 + 1
     assert host4 == 4 * host1  # the full K/V lives on the host
-    full_kv = 2 * 2 * 4096 * 64 * 4
-    assert dev4 < full_kv / 2
+    kv_growth = 2 * 2 * (4096 - 1024) * 64 * 4  # what the full K/V grew by
+    assert dev4 - dev1 < 0.35 * kv_growth  # the tree: ~K / 2, with a quarter of room to grow
 
 
 def test_reference_fallback_without_kernels_matches(monkeypatch):

@@ -228,5 +228,6 @@ def estimate_mask_triton(
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=TL_DTYPES[dot_dtype],
         OFFSET=tl.int64 if needs_int64(pooled, tree) else tl.int32,
+        num_warps=8,
     )
     return out, scored
