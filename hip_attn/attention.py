@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import node_summaries, pool_queries, query_blocks, tree_blocks
+from hip_attn.geometry import (
+    most_candidates,
+    node_summaries,
+    pool_queries,
+    query_blocks,
+    tree_blocks,
+)
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import check_config, check_inference_only, check_qkv, check_scale
 
@@ -151,7 +157,14 @@ def search_tree(
     q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, scale: float
 ) -> torch.Tensor:
     """The selection of ``q`` over ``tk`` keys from their summary tree ``tree``
-    (:func:`~hip_attn.geometry.node_summaries`): all the search reads, on or off the GPU."""
+    (:func:`~hip_attn.geometry.node_summaries`): all the search reads, on or off the GPU.
+
+    A budget beyond the context selects every candidate whatever its size, so ``k`` is
+    narrowed to the most candidates any query block has: the selection's width (its memory)
+    never grows with ``k`` beyond the context."""
+    n_max = most_candidates(q.shape[2], tk, config)
+    if n_max < config.blocks_per_query_block:
+        config = config.replace(k=max(1, n_max) * config.block_size_k)
     if not uses_triton(q.device):
         return search_reference(q, tree, tk, config, scale)[0]
     from hip_attn.triton_kernels.mask import estimate_mask_triton
@@ -186,11 +199,12 @@ def select_blocks(
         state.reset()
         return search_tree(q, summaries(), tk, config, scale)
     h_sel = _selection_heads(q, kv_heads, config)
-    expected = (q.shape[0], h_sel, 1, config.blocks_per_query_block)
-    if state.indices is not None and tuple(state.indices.shape) != expected:
+    expected = (q.shape[0], h_sel, 1)  # the width follows the context (see search_tree)
+    if state.indices is not None and tuple(state.indices.shape[:3]) != expected:
         raise ValueError(
-            f"state holds a selection of shape {tuple(state.indices.shape)} but this call needs "
-            f"{expected}; use one HiPDecodeState per layer and sequence batch"
+            f"state holds a selection for (batch, selection heads, query blocks) "
+            f"{tuple(state.indices.shape[:3])} but this call needs {expected}; use one "
+            "HiPDecodeState per layer and sequence batch"
         )
     tq = q.shape[2]
     if state.indices is None or state.tokens_since_refresh + tq > config.refresh_interval:
@@ -218,7 +232,8 @@ def estimate_mask(
             default): the search ranks blocks by estimated attention probabilities.
 
     Returns:
-        int32 ``[B, H_sel, ceil(Tq / block_size_q), k // block_size_k]``: key block indices
+        int32 ``[B, H_sel, ceil(Tq / block_size_q), W]`` with ``W = k // block_size_k``, or the
+        most candidate blocks any query block has when that is fewer: key block indices
         (block ``b`` holds keys ``[b * block_size_k, (b + 1) * block_size_k)``), ascending per
         row, ``-1`` padding where fewer blocks were candidates. ``H_sel`` is ``Hkv`` with
         ``head_sharing="kv_group"`` and ``Hq`` with ``"head"``.

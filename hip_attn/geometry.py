@@ -65,6 +65,14 @@ def search_width(n_candidates: int, config: HiPConfig) -> int:
     return min(n_candidates, wanted)
 
 
+def most_candidates(tq: int, tk: int, config: HiPConfig) -> int:
+    """N of the last query block, the largest of all (candidates only grow with the position),
+    from host integers: no device read."""
+    last_start = tk - tq + (num_query_blocks(tq, config) - 1) * config.block_size_q
+    end = max(0, last_start - config.window) // config.block_size_k
+    return max(0, end - first_candidate_block(config))
+
+
 def start_level(n_candidates: int, width: int) -> int:
     """``L0``: the smallest level whose aligned nodes cover ``n_candidates`` blocks in at most
     ``width`` (>= the set bits of ``n_candidates``) nodes: the complete ``2**L0``-block nodes,

