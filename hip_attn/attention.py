@@ -109,11 +109,22 @@ class HiPDecodeState:
         self.refreshes = 0
         self._tree: torch.Tensor | None = None
         self._tree_blocks = 0
+        self._keys = 0  # keys of the last call
 
     def reset(self) -> None:
         self.indices = None
         self.tokens_since_refresh = 0
-        self._tree, self._tree_blocks = None, 0
+        self._tree, self._tree_blocks, self._keys = None, 0, 0
+
+    def follow(self, tq: int, tk: int, config: HiPConfig) -> None:
+        """Note a call of ``tq`` new queries over ``tk`` keys. Keys before ``tk - tq`` are the
+        ones earlier calls saw; fewer than the last call had means the cache was rolled back
+        (``DynamicCache.crop`` in assisted decoding): the selection is stale and the tree is
+        trusted only up to that prefix."""
+        if tk - tq < self._keys:
+            self.indices, self.tokens_since_refresh = None, 0
+            self._tree_blocks = min(self._tree_blocks, tree_blocks(tk - tq, config))
+        self._keys = tk
 
     def summaries(self, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
         """The summary tree of ``k``, extended from the one kept since the last call."""
@@ -197,6 +208,7 @@ def select_blocks(
         return search_tree(q, summaries(), tk, config, scale)
     if q.shape[2] > config.block_size_q:
         state.reset()
+        state.follow(q.shape[2], tk, config)
         return search_tree(q, summaries(), tk, config, scale)
     h_sel = _selection_heads(q, kv_heads, config)
     expected = (q.shape[0], h_sel, 1)  # the width follows the context (see search_tree)
@@ -206,6 +218,7 @@ def select_blocks(
             f"{tuple(state.indices.shape[:3])} but this call needs {expected}; use one "
             "HiPDecodeState per layer and sequence batch"
         )
+    state.follow(q.shape[2], tk, config)
     tq = q.shape[2]
     if state.indices is None or state.tokens_since_refresh + tq > config.refresh_interval:
         state.indices = search_tree(q, summaries(), tk, config, scale)

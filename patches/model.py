@@ -142,10 +142,11 @@ def _offload_generate(model: Any, config: HiPConfig, options: dict[str, Any]) ->
     name = cache_kwarg(model)
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if given_cache(kwargs) is None:
-            for n in ("cache", "past_key_values"):
-                kwargs.pop(n, None)  # an explicit None under the deprecated name would warn
-            kwargs[name] = HiPOffloadCache(model.config, config, **options)
+        cache = given_cache(kwargs)
+        for n in ("cache", "past_key_values"):
+            kwargs.pop(n, None)  # passed on under the installed release's name only
+        kwargs[name] = cache if cache is not None else HiPOffloadCache(model.config, config,
+                                                                       **options)  # fmt: skip
         kwargs.setdefault("prefill_chunk_size", options["max_chunk"])
         return original(model, *args, **kwargs)
 

@@ -8,6 +8,7 @@ import torch
 import hip_attn
 from hip_attn import HiPConfig, HiPDecodeState, estimate_mask, hip_attention
 from hip_attn.attention import _warn_reference, uses_triton
+from hip_attn.geometry import level_offset, node_summaries, tree_blocks, tree_capacity
 from hip_attn.reference import (
     dense_attention_reference,
     estimate_mask_reference,
@@ -200,3 +201,26 @@ def test_selection_memory_does_not_grow_with_k_beyond_the_context(rand_qkv):
     assert idx.numel() * idx.element_size() < 4096
     assert torch.equal(idx, estimate_mask(q, k, small)[..., : idx.shape[-1]])
     assert torch.all(estimate_mask(q, k, small)[..., idx.shape[-1] :] == -1)
+
+
+def test_decode_state_follows_a_cache_rolled_back(rand_qkv, monkeypatch):
+    """Assisted decoding crops the cache and appends other tokens: the state must not keep the
+    old selection nor the summaries of the replaced keys."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference: fast, and the same rule
+    cfg = HiPConfig(k=64, block_size_q=16, sink_tokens=16, window=64, dense_threshold=0)
+    q, k, v = rand_qkv(1, 2, 1, 8, 700, 32, seed=9)
+    state = HiPDecodeState()
+    hip_attention(q[:, :, :1], k[:, :, :690], v[:, :, :690], cfg, state=state)
+    other_k, other_v = k.clone(), v.clone()  # keys 685.. replaced, as after crop(685)
+    other_k[:, :, 685:] = torch.randn_like(k[:, :, 685:]) * 3
+    other_v[:, :, 685:] = torch.randn_like(v[:, :, 685:])
+    kk, vv = other_k[:, :, :693], other_v[:, :, :693]
+    got = hip_attention(q, kk, vv, cfg, state=state)  # 8 new tokens after the crop
+    torch.testing.assert_close(got, hip_attention(q, kk, vv, cfg), atol=0, rtol=0)
+    fresh = node_summaries(kk, cfg)
+    n = tree_blocks(693, cfg)
+    for level in range(n.bit_length()):
+        a = level_offset(level, tree_capacity(state._tree))
+        b = level_offset(level, tree_capacity(fresh))
+        count = n >> level
+        assert torch.equal(state._tree[..., a : a + count, :], fresh[..., b : b + count, :])

@@ -126,7 +126,8 @@ class OffloadedKV:
         self.recent_k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.recent_v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.recent_start = 0
-        self.tree: torch.Tensor | None = None  # the search's summary tree, grown by doubling
+        # the search's summary tree, grown by a quarter when full
+        self.tree: torch.Tensor | None = None
         self.length = 0
 
     # -- appending -----------------------------------------------------------------------
