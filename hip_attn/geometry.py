@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from einops import rearrange
 
 from hip_attn.config import HiPConfig
 
@@ -168,7 +169,7 @@ def extend_summaries(
                 src, dst = level_offset(level, capacity), level_offset(level, grown_capacity)
                 grown[..., dst : dst + count, :] = tree[..., src : src + count, :]
         tree, capacity = grown, grown_capacity
-    blocks = keys.unflatten(-2, (n - done, bk))
+    blocks = rearrange(keys, "b h (n t) d -> b h n t d", t=bk)  # the leaves: one block each
     tree[..., done:n, :d] = blocks.amax(dim=-2)
     tree[..., done:n, d:] = blocks.amin(dim=-2)
     for level in range(1, n.bit_length()):
@@ -176,7 +177,8 @@ def extend_summaries(
         if lo == hi:
             continue
         below = level_offset(level - 1, capacity)
-        pairs = tree[..., below + 2 * lo : below + 2 * hi, :].unflatten(-2, (hi - lo, 2))
+        children = tree[..., below + 2 * lo : below + 2 * hi, :]
+        pairs = rearrange(children, "b h (n two) c -> b h n two c", two=2)  # a node's halves
         row = level_offset(level, capacity)
         tree[..., row + lo : row + hi, :d] = pairs[..., :d].amax(dim=-2)
         tree[..., row + lo : row + hi, d:] = pairs[..., d:].amin(dim=-2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import repeat
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
@@ -45,8 +46,9 @@ def dense_attention_reference(
     """Exact causal attention; query ``i`` sits at absolute position ``Tk - Tq + i``."""
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    # query head h reads KV head h // group
+    kf = repeat(k.float(), "b h t d -> b (h g) t d", g=group)
+    vf = repeat(v.float(), "b h t d -> b (h g) t d", g=group)
     scores = q.float() @ kf.transpose(-1, -2) * (d**-0.5 if scale is None else scale)
     qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
     scores = scores.masked_fill(torch.arange(tk, device=q.device)[None, :] > qpos, float("-inf"))
