@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.new_tokens} tokens dense {d_gen:.2f} s, HiP {h_gen:.2f} s")  # fmt: skip
     print(f"KV read  per decode step at {tokens} tokens: dense {dense_kv / 1e6:.2f} MB, HiP "
           f"{hip_kv / 1e6:.2f} MB ({dense_kv / hip_kv:.1f}x less) plus the search's "
-          f"representatives every {config.refresh_interval} steps")  # fmt: skip
+          f"node summaries every {config.refresh_interval} steps")  # fmt: skip
     if args.offload:
         stats = h_cache.stats()
         moved = sum(s["bytes_moved"] for s in stats.values())

@@ -190,7 +190,7 @@ def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:
     ``[B, Hq, ceil(Tq / stride), D]`` in the dtype of ``q``. Groups never straddle query blocks
     (the stride divides ``block_size_q``); the last group may be partial and is averaged over
     the rows it has. Means are taken in fp32 and rounded once to ``q``'s dtype, so that the
-    search's dot products with the (same-dtype) representatives run on tensor cores; the
+    search's dot products with the (same-dtype) node summaries run on tensor cores; the
     products of two 16-bit floats are exact in the fp32 accumulator."""
     stride = config.query_pool_stride
     tq = q.shape[-2]

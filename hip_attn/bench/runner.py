@@ -6,8 +6,8 @@ Methods (keys of a record's ``results``):
   (for decode: a step that refreshes the selection);
 * ``hip_amortized`` (decode): ``refresh_interval`` steps through one :class:`HiPDecodeState`
   (one refresh, the rest reuse the selection), per step: what decoding costs on average;
-* ``hip_mask``: mask estimation as ``hip_attention`` runs it (pooling the queries, gathering the
-  representatives, the search kernel);
+* ``hip_mask``: mask estimation as ``hip_attention`` runs it (pooling the queries, building the
+  summary tree, the search kernel);
 * ``hip_mask_kernel`` (Triton backends): the search kernel's wrapper alone, on prepared inputs;
 * ``hip_sparse``: sparse attention on a fixed selection;
 * ``sdpa``: dense causal attention (flash backend where it runs);
