@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
-    most_candidates,
     node_summaries,
     pool_queries,
     query_blocks,
+    selection_config,
     tree_blocks,
 )
 from hip_attn.reference import hip_attention_reference, search_reference
@@ -170,12 +170,9 @@ def search_tree(
     """The selection of ``q`` over ``tk`` keys from their summary tree ``tree``
     (:func:`~hip_attn.geometry.node_summaries`): all the search reads, on or off the GPU.
 
-    A budget beyond the context selects every candidate whatever its size, so ``k`` is
-    narrowed to the most candidates any query block has: the selection's width (its memory)
-    never grows with ``k`` beyond the context."""
-    n_max = most_candidates(q.shape[2], tk, config)
-    if n_max < config.blocks_per_query_block:
-        config = config.replace(k=max(1, n_max) * config.block_size_k)
+    The selection is at most as wide as the context has candidates
+    (:func:`~hip_attn.geometry.selection_config`)."""
+    config = selection_config(q.shape[2], tk, config)
     if not uses_triton(q.device):
         return search_reference(q, tree, tk, config, scale)[0]
     from hip_attn.triton_kernels.mask import estimate_mask_triton

@@ -74,6 +74,16 @@ def most_candidates(tq: int, tk: int, config: HiPConfig) -> int:
     return max(0, end - first_candidate_block(config))
 
 
+def selection_config(tq: int, tk: int, config: HiPConfig) -> HiPConfig:
+    """``config`` with ``k`` narrowed to the most candidate blocks any query block has (at
+    least one block): a larger budget selects every candidate all the same, and the
+    selection's width, its memory, must not grow with ``k`` beyond the context."""
+    n_max = most_candidates(tq, tk, config)
+    if n_max >= config.blocks_per_query_block:
+        return config
+    return config.replace(k=max(1, n_max) * config.block_size_k)
+
+
 def start_level(n_candidates: int, width: int) -> int:
     """``L0``: the smallest level whose aligned nodes cover ``n_candidates`` blocks in at most
     ``width`` (>= the set bits of ``n_candidates``) nodes: the complete ``2**L0``-block nodes,

@@ -21,6 +21,7 @@ from hip_attn.geometry import (
     query_blocks,
     search_levels,
     search_width,
+    selection_config,
     start_level,
     tree_capacity,
 )
@@ -118,8 +119,11 @@ def search_reference(
     q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, scale: float
 ) -> tuple[torch.Tensor, SearchStats]:
     """:func:`estimate_mask_reference` from the summary tree ``tree`` of ``tk`` keys
-    (:func:`~hip_attn.geometry.node_summaries`): the search reads nothing else."""
+    (:func:`~hip_attn.geometry.node_summaries`): the search reads nothing else. The selection
+    is at most as wide as the context has candidates
+    (:func:`~hip_attn.geometry.selection_config`)."""
     b, hq, tq, _ = q.shape
+    config = selection_config(tq, tk, config)
     hkv = tree.shape[1]
     group = hq // hkv
     g = config.blocks_per_query_block

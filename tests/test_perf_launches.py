@@ -77,16 +77,17 @@ def test_decode_launches(counter: _Kernels) -> None:
     from hip_attn.attention import HiPDecodeState, hip_attention
 
     today = LAUNCH_PROFILES["today"]
-    q, k, v = _qkv(1, 4096, 32, 8)
+    q, k, v = _qkv(1, 4098, 32, 8)
     state = HiPDecodeState()
-    # as in generation: the prefill builds the summary tree the decode steps extend
+    # as in generation: the prefill builds the summary tree the decode steps extend, and each
+    # step appends one token (4096 keys complete a block: the refresh extends the tree)
     prompt, _, _ = _qkv(128, 4095, 32, 8)
     hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
     counts = []
-    for _ in range(3):
+    for keys in (4096, 4097, 4098):
         counter.count = 0
         with counter:
-            hip_attention(q, k, v, state=state)
+            hip_attention(q, k[:, :, :keys], v[:, :, :keys], state=state)
         counts.append(counter.count)
     expected = [today.hip_decode_refresh, today.hip_decode_reuse, today.hip_decode_reuse]
     assert counts == expected, f"{STALE}: decode launches {counts}"

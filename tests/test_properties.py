@@ -28,7 +28,7 @@ from test_kernels import TOL, run_attention
 
 import hip_attn.attention as attention
 from hip_attn import HiPConfig, estimate_mask, hip_attention
-from hip_attn.geometry import first_candidate_block, query_blocks
+from hip_attn.geometry import first_candidate_block, query_blocks, selection_config
 from hip_attn.reference import (
     dense_attention_reference,
     estimate_mask_reference,
@@ -144,7 +144,9 @@ def assert_selection_structure(idx: torch.Tensor, case: Case) -> None:
     that is every candidate: the budget covering the context selects all of it."""
     cfg = case.cfg
     geo = query_blocks(case.tq, case.tk, cfg)
-    g, n = cfg.blocks_per_query_block, geo.n_candidates
+    n = geo.n_candidates
+    g = selection_config(case.tq, case.tk, cfg).blocks_per_query_block  # <= G: no wider
+    assert g == min(cfg.blocks_per_query_block, max(1, int(n.max())))  # than the candidates
     assert idx.dtype == torch.int32
     assert tuple(idx.shape) == (case.b, case.h_sel, n.numel(), g)
     idx = idx.cpu().long()
