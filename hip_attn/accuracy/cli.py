@@ -108,6 +108,17 @@ examples:
 """
 
 
+def _add_filler(group: Any) -> None:
+    """``--filler``, shared by ``accuracy --model`` and ``eval``."""
+    group.add_argument(
+        "--filler",
+        type=_choice(FILLER_NAMES),
+        default="classic",
+        help="the passkey haystack: classic ('The grass is green. The sky is blue. ...' "
+        "repeated), river (three sentences repeated) or text (--text) (default: classic)",
+    )
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``accuracy`` and ``eval``."""
     _add_accuracy(subparsers)
@@ -216,12 +227,7 @@ def _add_accuracy(subparsers: Any) -> None:
         metavar="FILE",
         help="text for --filler text: a local file or pydoc (default: pydoc)",
     )
-    real.add_argument(
-        "--filler",
-        type=_choice(FILLER_NAMES),
-        default="classic",
-        help="the passkey haystack: classic, river or text (default: classic)",
-    )
+    _add_filler(real)
     real.add_argument(
         "--depth",
         type=_depth,
@@ -312,13 +318,7 @@ def _add_eval(subparsers: Any) -> None:
         help="where the passkey sits in the filler, 0 = start, 1 = end "
         "(default: 0,0.25,0.5,0.75,1)",
     )
-    pk.add_argument(
-        "--filler",
-        type=_choice(FILLER_NAMES),
-        default="classic",
-        help="the haystack: classic ('The grass is green. The sky is blue. ...' repeated), "
-        "river (three sentences repeated) or text (--text) (default: classic)",
-    )
+    _add_filler(pk)
     pk.add_argument(
         "--digits",
         type=arg_type(positive_int, "digits"),
