@@ -89,13 +89,19 @@ def recorded_launches() -> Iterator[list[Launch]]:
     from hip_attn.triton_kernels import attention, mask
 
     launches: list[Launch] = []
-    saved = (mask._hip_mask_kernel, attention._sparse_attention_kernel)
+    saved = (
+        mask._hip_mask_kernel,
+        attention._sparse_attention_kernel,
+        attention._merge_splits_kernel,
+    )
     mask._hip_mask_kernel = _Recorder(saved[0], launches)
     attention._sparse_attention_kernel = _Recorder(saved[1], launches)
+    attention._merge_splits_kernel = _Recorder(saved[2], launches)
     try:
         yield launches
     finally:
-        mask._hip_mask_kernel, attention._sparse_attention_kernel = saved
+        (mask._hip_mask_kernel, attention._sparse_attention_kernel,
+         attention._merge_splits_kernel) = saved  # fmt: skip
 
 
 def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], Any]]:
@@ -205,18 +211,16 @@ def _record_hip(
     import torch
 
     from hip_attn.attention import BLOCK_N, launch_shape
-    from hip_attn.geometry import node_summaries, pool_queries, query_blocks
+    from hip_attn.geometry import node_summaries
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
     q, k, v = _llama_qkv(batch, tq, tk, dtype, head_dim)
-    geo = query_blocks(tq, tk, config, "meta")
     h_sel = 8 if config.head_sharing == "kv_group" else 32
     with recorded_launches() as launches:
         scale = q.shape[-1] ** -0.5
         indices, _ = estimate_mask_triton(
-            pool_queries(q, config), node_summaries(k, config), geo.n_candidates, config, h_sel,
-            scale,
+            q, node_summaries(k, config), tk, config, h_sel, scale
         )  # fmt: skip
         kv = KVSegments.full(k, v)
         if offload:  # sinks, slots and window in their own buffers, read through the table
@@ -239,7 +243,6 @@ def _record_hip(
             kv,
             tk,
             indices,
-            geo.window_start,
             config,
             scale,
             num_splits=splits,

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
     node_summaries,
-    pool_queries,
-    query_blocks,
     selection_config,
     tree_blocks,
+    tree_capacity,
 )
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import check_config, check_inference_only, check_qkv, check_scale
@@ -127,10 +126,24 @@ class HiPDecodeState:
         self._keys = tk
 
     def summaries(self, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-        """The summary tree of ``k``, extended from the one kept since the last call."""
-        self._tree = node_summaries(k, config, self._tree, self._tree_blocks)
-        self._tree_blocks = tree_blocks(k.shape[2], config)
-        return self._tree
+        """The summary tree of ``k``, extended from the one kept since the last call: in place
+        by one kernel launch when its allocation holds the new blocks (a decode refresh), else
+        rebuilt or grown (:func:`~hip_attn.geometry.node_summaries`)."""
+        blocks = tree_blocks(k.shape[2], config)
+        tree, done = self._tree, self._tree_blocks
+        if (
+            tree is not None
+            and 0 < done <= blocks <= tree_capacity(tree)
+            and tree.device == k.device
+            and uses_triton(k.device)
+        ):
+            from hip_attn.triton_kernels.tree import extend_tree_triton
+
+            extend_tree_triton(tree, k, done, config)
+        else:
+            tree = self._tree = node_summaries(k, config, tree, done)
+        self._tree_blocks = blocks
+        return tree
 
     def __repr__(self) -> str:
         shape = None if self.indices is None else tuple(self.indices.shape)
@@ -177,11 +190,10 @@ def search_tree(
         return search_reference(q, tree, tk, config, scale)[0]
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
-    geo = query_blocks(q.shape[2], tk, config, q.device)
     indices, _ = estimate_mask_triton(
-        pool_queries(q, config),
+        q,
         tree,
-        geo.n_candidates,
+        tk,
         config,
         _selection_heads(q, tree.shape[1], config),
         scale,
@@ -306,10 +318,9 @@ def launch_sparse(
     from hip_attn.triton_kernels.attention import sparse_attention_triton
 
     b, hq, tq, _ = q.shape
-    geo = query_blocks(tq, tk, config, q.device)
     heads, splits = launch_shape(b, hq, indices.shape[1], tq, config, _multiprocessors(q.device))
     return sparse_attention_triton(
-        q, kv, tk, indices, geo.window_start, config, scale,
+        q, kv, tk, indices, config, scale,
         num_splits=splits, heads_per_program=heads, block_n=BLOCK_N,
     )  # fmt: skip
 

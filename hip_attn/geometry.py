@@ -199,16 +199,19 @@ def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:
     """Mean-pool consecutive query rows in groups of ``query_pool_stride``:
     ``[B, Hq, ceil(Tq / stride), D]`` in the dtype of ``q``. Groups never straddle query blocks
     (the stride divides ``block_size_q``); the last group may be partial and is averaged over
-    the rows it has. Means are taken in fp32 and rounded once to ``q``'s dtype, so that the
-    search's dot products with the (same-dtype) node summaries run on tensor cores; the
-    products of two 16-bit floats are exact in the fp32 accumulator."""
+    the rows it has. Means are taken in fp32 (a sum in row order, the order the search kernel
+    adds them in, so both round alike) and rounded once to ``q``'s dtype, so that the search's
+    dot products with the (same-dtype) node summaries run on tensor cores; the products of two
+    16-bit floats are exact in the fp32 accumulator."""
     stride = config.query_pool_stride
     tq = q.shape[-2]
-    full = tq // stride
-    # sum in fp32 without an fp32 copy of q (at 128K tokens that copy alone would be GBs)
-    pooled = q[..., : full * stride, :].unflatten(-2, (full, stride)).sum(-2, dtype=torch.float32)
-    pooled = pooled / stride
+    groups = -(-tq // stride)
+    # one fp32 group-sized accumulator, never an fp32 copy of q (GBs at 128K tokens)
+    total = q.new_zeros((*q.shape[:-2], groups, q.shape[-1]), dtype=torch.float32)
+    for i in range(stride):
+        rows = q[..., i::stride, :]
+        total[..., : rows.shape[-2], :] += rows
+    present = torch.full((groups, 1), stride, dtype=torch.float32, device=q.device)
     if tq % stride:
-        tail = q[..., full * stride :, :].sum(-2, keepdim=True, dtype=torch.float32)
-        pooled = torch.cat([pooled, tail / (tq % stride)], dim=-2)
-    return pooled.to(q.dtype)
+        present[-1] = tq % stride
+    return (total / present).to(q.dtype)

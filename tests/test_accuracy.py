@@ -162,7 +162,7 @@ def test_best_methods_excludes_the_references():
     }
     assert best_methods(methods, "x", higher=True) == {"b", "c"}
     assert best_methods(methods, "x", higher=False) == {"a"}
-    assert set(REFERENCE_METHODS) == {"dense", "oracle"}
+    assert set(REFERENCE_METHODS) == {"dense", "oracle", "exact"}
 
 
 def test_accuracy_cli_table_and_json(tmp_path, capsys):

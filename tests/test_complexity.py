@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hip_attn import HiPConfig, hip_attention
-from hip_attn.geometry import node_summaries, pool_queries, query_blocks, search_width
+from hip_attn.geometry import node_summaries, query_blocks, search_width
 from hip_attn.reference import attended_keys, estimate_mask_reference, hip_attention_reference
 from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
 from hip_attn.triton_kernels.mask import estimate_mask_triton
@@ -36,9 +36,7 @@ def test_mask_kernel_work_is_logarithmic_in_context(rand_qkv):
     for tk in (4096, 16384):
         q, k, _ = rand_qkv(1, 1, 1, 1, tk, 64, device=DEVICE, seed=tk)
         geo = query_blocks(1, tk, CFG, q.device)
-        _, scored = estimate_mask_triton(
-            pool_queries(q, CFG), node_summaries(k, CFG), geo.n_candidates, CFG, 1, 0.125
-        )
+        _, scored = estimate_mask_triton(q, node_summaries(k, CFG), tk, CFG, 1, 0.125)
         n = int(geo.n_candidates[0])
         width = search_width(n, CFG)  # G, or the set bits of N when more
         # levels: the aligned start needs one more than an even split when the width is
@@ -70,10 +68,7 @@ def test_attention_reads_only_sinks_selected_and_window(rand_qkv):
         expected = hip_attention_reference(q, k, v, CFG, indices=idx)
         k_bad, v_bad, used = _poison_unattended(q, k, v, idx, CFG)
         assert used.float().mean() < 0.5  # most of the context is never touched
-        geo = query_blocks(tq, tk, CFG, q.device)
         for splits in (1, 3):
             kv = KVSegments.full(k_bad, v_bad)
-            out = sparse_attention_triton(
-                q, kv, tk, idx, geo.window_start, CFG, 64**-0.5, num_splits=splits
-            )
+            out = sparse_attention_triton(q, kv, tk, idx, CFG, 64**-0.5, num_splits=splits)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

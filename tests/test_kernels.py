@@ -4,14 +4,26 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
-from hip_attn.geometry import node_summaries, pool_queries, query_blocks
+from hip_attn.geometry import (
+    level_offset,
+    node_summaries,
+    pool_queries,
+    tree_blocks,
+    tree_capacity,
+)
 from hip_attn.reference import (
     dense_attention_reference,
     estimate_mask_reference,
     hip_attention_reference,
 )
-from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+from hip_attn.triton_kernels.attention import (
+    KVSegments,
+    _merge_splits_kernel,
+    merge_partials,
+    sparse_attention_triton,
+)
 from hip_attn.triton_kernels.mask import estimate_mask_triton
+from hip_attn.triton_kernels.tree import extend_tree_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
@@ -20,21 +32,18 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 def run_mask(q, k, cfg):
     h_sel = k.shape[1] if cfg.head_sharing == "kv_group" else q.shape[1]
-    geo = query_blocks(q.shape[2], k.shape[2], cfg, q.device)
     return estimate_mask_triton(
-        pool_queries(q, cfg), node_summaries(k, cfg), geo.n_candidates, cfg, h_sel,
+        q, node_summaries(k, cfg), k.shape[2], cfg, h_sel,
         q.shape[-1] ** -0.5,
     )  # fmt: skip
 
 
 def run_attention(q, k, v, idx, cfg, **launch):
-    geo = query_blocks(q.shape[2], k.shape[2], cfg, q.device)
     return sparse_attention_triton(
         q,
         KVSegments.full(k, v),
         k.shape[2],
         idx,
-        geo.window_start,
         cfg,
         q.shape[-1] ** -0.5,
         **launch,
@@ -166,3 +175,45 @@ def test_needs_int64_counts_the_furthest_element_offset():
     assert needs_int64(torch.empty((3, 8, 1 << 20, 128), device="meta"))
     # a strided view spans its strides, not its element count
     assert needs_int64(torch.empty((4, 8, 1 << 20, 128), device="meta")[:, :1, :1])
+
+
+def _tree_levels(tree, n):
+    """The written nodes of a summary tree of ``n`` blocks, level by level."""
+    cap = tree_capacity(tree)
+    return [
+        tree[..., level_offset(lv, cap) : level_offset(lv, cap) + (n >> lv), :]
+        for lv in range(n.bit_length())
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_kernel_extends_like_the_reference(rand_qkv, dtype):
+    _, k, _ = rand_qkv(2, 2, 3, 1, 520, 64, dtype=dtype, device=DEVICE, seed=31)
+    tree = node_summaries(k[:, :, :400], CFG)
+    tree = node_summaries(k[:, :, :408], CFG, tree, tree_blocks(400, CFG))  # grown: room to 61
+    assert tree_capacity(tree) == 61
+    done = tree_blocks(408, CFG)
+    for tk in (415, 416, 440, 504):  # no new block, one, several, up to the capacity
+        extend_tree_triton(tree, k[:, :, :tk], done, CFG)
+        done = tree_blocks(tk, CFG)
+        expected = _tree_levels(node_summaries(k[:, :, :tk], CFG), done)
+        for got, want in zip(_tree_levels(tree, done), expected, strict=True):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="holds 61 blocks"):
+        extend_tree_triton(tree, k[:, :, :520], done, CFG)
+
+
+def test_split_merge_kernel_matches_its_reference():
+    gen = torch.Generator().manual_seed(7)
+    splits, b, h, t, d = 3, 2, 4, 5, 80
+    acc = torch.randn(splits, b, h, t, d, generator=gen)
+    row_max = torch.randn(splits, b, h, t, generator=gen) * 4
+    row_max[1, 0] = float("-inf")  # a split that saw no key for these rows
+    acc[1, 0] = 0.0
+    row_sum = torch.rand(splits, b, h, t, generator=gen) + 0.5
+    out = torch.empty(b, h, t, d).transpose(1, 2).contiguous().transpose(1, 2)  # odd strides
+    _merge_splits_kernel[(b * h * t,)](
+        acc.to(DEVICE), row_max.to(DEVICE), row_sum.to(DEVICE), out, *out.stride()[:3], h, t,
+        splits, D=d, D_PAD=128, SPLITS_PAD=4,
+    )  # fmt: skip
+    torch.testing.assert_close(out, merge_partials(acc, row_max, row_sum), atol=1e-6, rtol=1e-6)

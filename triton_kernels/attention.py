@@ -37,17 +37,16 @@ def _sparse_attention_kernel(
     K_WIN, V_WIN, stride_wk_b, stride_wk_h, stride_wk_t,
     SEL, stride_s_b, stride_s_h, stride_s_q,  # int32 [B, H_sel, n_query_blocks, G], -1 padded
     SLOT,  # with INDIRECT: int32 like SEL, the block-cache slot holding each selected block
-    NSEL,  # int32 [B, H_sel, n_query_blocks] contiguous: valid selected blocks (listed first)
-    WSTART,  # int64 [n_query_blocks]: window start of each query block
     OUT, stride_o_s, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, ...]
     M_OUT, L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, if SPLIT
-    tq, tk, h_prog, h_sel, rows_per_head, q_per_kv, sel_div, sink, win_offset, qk_scale,
-    num_splits,
+    tq, tk, h_prog, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
+    qk_scale, num_splits,
     HEADS: tl.constexpr,  # query heads per program
     BLOCK_Q: tl.constexpr,  # block_size_q
     BLOCK_M: tl.constexpr,  # rows of the tile: >= HEADS * rows_per_head
     BLOCK_N: tl.constexpr,  # keys per tile
     BK: tl.constexpr,  # block_size_k
+    SEL_PAD: tl.constexpr,  # sel_width padded to a power of two
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     INDIRECT: tl.constexpr,  # selected blocks are read from block-cache slots (offload)
@@ -86,8 +85,13 @@ def _sparse_attention_kernel(
     sel_row = (b * stride_s_b + sel_head * stride_s_h + qb * stride_s_q).to(tl.int64)
 
     n_sink = tl.minimum(sink, end)
-    n_sel = tl.load(NSEL + (b * h_sel + sel_head) * tl.num_programs(0) + qb) * BK
-    win = tl.load(WSTART + qb).to(tl.int32)
+    # the selection lists its blocks first, then -1 padding
+    sel_cols = tl.arange(0, SEL_PAD)
+    chosen = tl.load(SEL + sel_row + sel_cols, mask=sel_cols < sel_width, other=-1)
+    n_sel = tl.sum((chosen >= 0).to(tl.int32)) * BK
+    # hip_attn.geometry.query_blocks: the window starts at the block boundary at or before
+    # s - window (s: the block's first query), never inside the sinks
+    win = tl.maximum(sink, (tl.maximum(end - n_rows - window, 0) // BK) * BK)
     sink_tiles = tl.cdiv(n_sink, BLOCK_N)
     sel_tiles = tl.cdiv(n_sel, BLOCK_N)
     n_tiles = sink_tiles + sel_tiles + tl.cdiv(tl.maximum(end - win, 0), BLOCK_N)
@@ -195,7 +199,6 @@ def sparse_attention_triton(
     kv: KVSegments,
     tk: int,
     indices: torch.Tensor,
-    window_start: torch.Tensor,
     config: HiPConfig,
     scale: float,
     *,
@@ -207,23 +210,22 @@ def sparse_attention_triton(
     """Launch the kernel for queries ``q`` at positions ``tk - Tq .. tk - 1``.
 
     ``kv`` says where keys and values live (:meth:`KVSegments.full` for plain K/V),
-    ``indices``: the ``[B, H_sel, n_query_blocks, G]`` selection, ``window_start``:
-    ``[n_query_blocks]`` from :func:`hip_attn.geometry.query_blocks`.
+    ``indices``: the ``[B, H_sel, n_query_blocks, W]`` selection (blocks first, then ``-1``).
+    The kernel derives each query block's window and selected-block count itself, so the
+    launch reads nothing from the device and runs no other op.
     ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
     needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
-    key tiles into that many ranges merged afterwards (flash-decoding). The result is written
-    into ``out`` when given (shape and dtype of ``q``)."""
+    key tiles into that many ranges merged by a second kernel (flash-decoding). The result is
+    written into ``out`` when given (shape and dtype of ``q``)."""
     b, hq, tq, d = q.shape
     hkv = kv.sel_k.shape[1]
-    h_sel = indices.shape[1]
-    n_qb = indices.shape[2]
+    h_sel, n_qb, width = indices.shape[1:]
     bq = config.block_size_q
     rows_per_head = min(tq, bq)  # one short query block (decode) gets a short tile
     block_m = max(16, triton.next_power_of_2(heads_per_program * rows_per_head))
-    n_sel = (indices >= 0).sum(dim=-1, dtype=torch.int32).contiguous()
     slots = indices if kv.slots is None else kv.slots
-    if slots.stride() != indices.stride():
-        raise ValueError("kv.slots must have the shape and strides of indices")
+    if slots.stride() != indices.stride() or indices.stride(-1) != 1:
+        raise ValueError("kv.slots must have the shape and strides of indices, unit stride last")
     dot_dtype = dot_operand_dtype(q.dtype)
     split = num_splits > 1
     final = torch.empty_like(q) if out is None else out
@@ -236,22 +238,24 @@ def sparse_attention_triton(
         dest = final
         row_max = row_sum = final  # unused without splits
         o_strides = (0, *final.stride()[:3])
+    d_pad = max(16, triton.next_power_of_2(d))
     _sparse_attention_kernel[(n_qb, b * hq // heads_per_program, num_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         *kv.launch_args(),
         indices, indices.stride(0), indices.stride(1), indices.stride(2),
-        slots, n_sel, window_start,
+        slots,
         dest, *o_strides,
         row_max, row_sum,
-        tq, tk, hq // heads_per_program, h_sel, rows_per_head, hq // hkv, hq // h_sel,
-        config.sink_tokens, kv.window_offset, scale * _LOG2E, num_splits,
+        tq, tk, hq // heads_per_program, rows_per_head, hq // hkv, hq // h_sel,
+        config.sink_tokens, config.window, width, kv.window_offset, scale * _LOG2E, num_splits,
         HEADS=heads_per_program,
         BLOCK_Q=bq,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BK=config.block_size_k,
+        SEL_PAD=triton.next_power_of_2(width),
         D=d,
-        D_PAD=max(16, triton.next_power_of_2(d)),
+        D_PAD=d_pad,
         INDIRECT=kv.slots is not None,
         SPLIT=split,
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
@@ -259,13 +263,42 @@ def sparse_attention_triton(
         OFFSET=tl.int64 if needs_int64(q, dest, *kv.tensors()) else tl.int32,
     )  # fmt: skip
     if split:
-        final.copy_(merge_partials(dest, row_max, row_sum))
+        _merge_splits_kernel[(b * hq * tq,)](
+            dest, row_max, row_sum, final, *final.stride()[:3], hq, tq, num_splits,
+            D=d, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )  # fmt: skip
     return final
 
 
+@triton.jit
+def _merge_splits_kernel(
+    ACC, M, L,  # fp32 [S, B, Hq, Tq, D] and [S, B, Hq, Tq], contiguous
+    OUT, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D]
+    hq, tq, num_splits,
+    D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):  # fmt: skip
+    """One output row from its split partials. Reference: :func:`merge_partials`."""
+    row = tl.program_id(0)
+    rows = tl.num_programs(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, D_PAD)
+    ok = splits < num_splits
+    stat = splits.to(tl.int64) * rows + row
+    m = tl.load(M + stat, mask=ok, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    weight = tl.where(ok, tl.exp2(m - m_max), 0.0)
+    acc = tl.load(ACC + stat[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :],
+                  other=0.0)  # fmt: skip
+    den = tl.sum(weight * tl.load(L + stat, mask=ok, other=0.0), axis=0)
+    o = tl.sum(weight[:, None] * acc, axis=0) / den
+    b, h, t = row // (hq * tq), (row // tq) % hq, row % tq
+    out = OUT + b.to(tl.int64) * stride_o_b + h * stride_o_h + t * stride_o_t
+    tl.store(out + dims, o.to(OUT.dtype.element_ty), mask=dims < D)
+
+
 def merge_partials(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
-    """Combine split partials: ``acc`` ``[S, ..., D]`` unnormalized outputs, ``row_max``
-    ``[S, ...]`` their running maxima in log2 units (``-inf`` for a split that saw no key),
-    ``row_sum`` their softmax denominators."""
+    """What the split merge kernel computes: the combination of split partials ``acc``
+    ``[S, ..., D]`` (unnormalized outputs), ``row_max`` ``[S, ...]`` (their running maxima in log2
+    units, ``-inf`` for a split that saw no key) and ``row_sum`` (their softmax denominators)."""
     weight = torch.exp2(row_max - row_max.amax(dim=0, keepdim=True))
     return (weight[..., None] * acc).sum(dim=0) / (weight * row_sum).sum(dim=0)[..., None]

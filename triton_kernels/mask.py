@@ -21,58 +21,69 @@ import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, tree_capacity
+from hip_attn.geometry import first_candidate_block, num_query_blocks, tree_capacity
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
+from hip_attn.triton_kernels.tree import level_offset
 
 
 @triton.jit
-def _level_offset(levels, capacity):
-    """hip_attn.geometry.level_offset for a vector of levels (26 levels at most)."""
-    offset = tl.zeros_like(levels)
-    for i in tl.static_range(26):
-        offset += tl.where(i < levels, capacity >> i, 0)
-    return offset
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even), returned in fp32. bfloat16 is
+    rounded on the bits: Triton's interpreter truncates a bfloat16 cast, a GPU does not."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
 def _hip_mask_kernel(
-    QP,
-    stride_qp_b,
-    stride_qp_h,
-    stride_qp_t,  # pooled queries [B, Hq, TP, D]
+    Q,
+    stride_q_b,
+    stride_q_h,
+    stride_q_t,  # queries [B, Hq, Tq, D], pooled here
     S,
     stride_s_b,
     stride_s_h,
     stride_s_n,  # node summaries [B, Hkv, tree_rows(capacity), 2 * D]: max, then min
-    NCAND,  # int64 [n_query_blocks]: candidate blocks N of each query block
     OUT,
     stride_o_b,
     stride_o_h,
     stride_o_q,  # int32 [B, H_sel, n_query_blocks, G]
     SCORED,  # int32 [B, H_sel, n_query_blocks]: children scored
-    n_pooled,
     h_sel,
+    tq,
+    tk,
+    window,
     first,
     beam_width,
     q_per_kv,
     capacity,
     scale,
+    BLOCK_Q: tl.constexpr,  # block_size_q
+    BK: tl.constexpr,  # block_size_k
     HEADS_PER_SEL: tl.constexpr,
-    ROWS: tl.constexpr,  # pooled rows per query block
-    ROWS_PAD: tl.constexpr,  # ROWS padded for tl.dot (power of two >= 16)
+    STRIDE: tl.constexpr,  # query_pool_stride
+    ROWS: tl.constexpr,  # pooled rows per query block and head
+    ROWS_PAD: tl.constexpr,  # ROWS padded to a power of two
+    ALL_ROWS: tl.constexpr,  # HEADS_PER_SEL * ROWS_PAD padded for tl.dot (power of two >= 16)
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     G: tl.constexpr,
     NODES: tl.constexpr,  # the search width bound (beam * G, >= 32) padded to a power of two
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (16-bit inputs: tensor cores)
-    OFFSET: tl.constexpr,  # int32, or int64 when the pooled queries span 2^31 elements
+    OFFSET: tl.constexpr,  # int32, or int64 when the queries span 2^31 elements
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // h_sel).to(OFFSET)
     hs = bh % h_sel
-    n = tl.load(NCAND + qb).to(tl.int32)
+    # hip_attn.geometry.query_blocks: the candidates end at the block boundary at or before
+    # s - window (s: the block's first query) and start after the sinks
+    n = tl.maximum((tl.maximum(tk - tq + qb * BLOCK_Q - window, 0) // BK) - first, 0)
     out = OUT + b * stride_o_b + hs * stride_o_h + qb * stride_o_q
     slots = tl.arange(0, NODES)
 
@@ -111,9 +122,26 @@ def _hip_mask_kernel(
 
         q_head0 = (hs * HEADS_PER_SEL).to(OFFSET)
         summ = S + b * stride_s_b + (q_head0 // q_per_kv) * stride_s_h
-        rows = tl.arange(0, ROWS_PAD)
         dims = tl.arange(0, D_PAD)
-        row_ok = (rows < ROWS) & (qb * ROWS + rows < n_pooled)
+        # the sharing heads' pooled rows stacked into one operand, row r = (head, pooled row);
+        # pooled as hip_attn.geometry.pool_queries does: an fp32 sum in row order, divided by
+        # the rows present, rounded once to q's dtype
+        r = tl.arange(0, ALL_ROWS)
+        first_row = qb * BLOCK_Q + (r % ROWS_PAD) * STRIDE  # the group's first query row
+        row_ok = (r < HEADS_PER_SEL * ROWS_PAD) & (r % ROWS_PAD < ROWS) & (first_row < tq)
+        q_ptr = Q + b * stride_q_b + (q_head0 + r // ROWS_PAD)[:, None] * stride_q_h + dims[None, :]
+        qp = tl.zeros([ALL_ROWS, D_PAD], tl.float32)
+        for i in tl.static_range(STRIDE):
+            t = first_row + i
+            qp += tl.load(
+                q_ptr + t.to(OFFSET)[:, None] * stride_q_t,
+                mask=(row_ok & (t < tq))[:, None] & (dims[None, :] < D),
+                other=0.0,
+            ).to(tl.float32)
+        present = tl.minimum(STRIDE, tq - first_row).to(tl.float32)
+        qp = _round_to(qp / tl.where(row_ok, present, 1.0)[:, None], Q.dtype.element_ty)
+        q_pos = tl.maximum(qp, 0.0).to(DOT_DTYPE)  # split by sign in fp32: exact, every dtype
+        q_neg = tl.minimum(qp, 0.0).to(DOT_DTYPE)
         pair = tl.arange(0, 2)
         invalid_key = tl.full([2 * NODES], 1, tl.int64) << 63  # below every real key
         for level in range(levels):
@@ -125,31 +153,18 @@ def _hip_mask_kernel(
             )
             child_ok = tl.reshape(valid[:, None] & ((pair[None, :] == 0) | (lvl[:, None] > 0)),
                                   [2 * NODES])  # fmt: skip
-            node = (_level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
+            node = (level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
             load_ok = child_ok[:, None] & (dims[None, :] < D)
             row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
             k_max = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
             k_min = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
-            score = tl.zeros([2 * NODES], tl.float32)
-            for j in range(HEADS_PER_SEL):
-                qp = tl.load(
-                    QP
-                    + b * stride_qp_b
-                    + (q_head0 + j) * stride_qp_h
-                    + (qb * ROWS + rows).to(OFFSET)[:, None] * stride_qp_t
-                    + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < D),
-                    other=0.0,
-                ).to(tl.float32)  # split by sign in fp32: exact, and right for every dtype
-                bound = tl.dot(tl.maximum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_max),
-                               input_precision=PRECISION)  # fmt: skip
-                bound += tl.dot(tl.minimum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_min),
-                                input_precision=PRECISION)  # fmt: skip
-                bound = tl.where(child_ok[None, :], bound, float("-inf"))
-                # each row's softmax over the children, summed over rows (see the reference)
-                p = tl.exp((bound - tl.max(bound, axis=1)[:, None]) * scale)
-                p = p / tl.sum(p, axis=1)[:, None]
-                score += tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
+            bound = tl.dot(q_pos, tl.trans(k_max), input_precision=PRECISION)
+            bound += tl.dot(q_neg, tl.trans(k_min), input_precision=PRECISION)
+            bound = tl.where(child_ok[None, :], bound, float("-inf"))
+            # each row's softmax over the children, summed over rows (see the reference)
+            p = tl.exp((bound - tl.max(bound, axis=1)[:, None]) * scale)
+            p = p / tl.sum(p, axis=1)[:, None]
+            score = tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
             scored += tl.sum(child_ok.to(tl.int32))
 
             # (score, lower block first, level) in one int64 (26 bits of node start: 64M
@@ -170,56 +185,66 @@ def _hip_mask_kernel(
 
 
 def estimate_mask_triton(
-    pooled: torch.Tensor,
+    q: torch.Tensor,
     tree: torch.Tensor,
-    n_candidates: torch.Tensor,
+    tk: int,
     config: HiPConfig,
     h_sel: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the search kernel. ``pooled``: ``[B, Hq, TP, D]`` pooled queries, ``tree``:
-    ``[B, Hkv, rows, 2 * D]`` node summaries (:func:`hip_attn.geometry.node_summaries`),
-    ``n_candidates``: int64 ``[n_query_blocks]``. Bounds accumulate in fp32; when both inputs
+    """Run the search kernel for queries ``q`` ``[B, Hq, Tq, D]`` (pooled inside the kernel,
+    as :func:`hip_attn.geometry.pool_queries` pools them) over the ``[B, Hkv, rows, 2 * D]``
+    summary tree ``tree`` (:func:`hip_attn.geometry.node_summaries`) of ``tk`` keys; the kernel
+    derives each query block's candidates from ``Tq`` and ``tk``
+    (:func:`hip_attn.geometry.query_blocks`). Bounds accumulate in fp32; when both inputs
     share a 16-bit dtype the products run on tensor cores (exact, as 16-bit products are),
     otherwise in fp32.
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
-    b, hq, n_pooled, d = pooled.shape
+    b, hq, tq, d = q.shape
     hkv = tree.shape[1]
     g = config.blocks_per_query_block
-    n_qb = n_candidates.numel()
+    n_qb = num_query_blocks(tq, config)
     rows = config.block_size_q // config.query_pool_stride
-    out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=pooled.device)
-    scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=pooled.device)
+    rows_pad = triton.next_power_of_2(rows)
+    heads = hq // h_sel
+    out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=q.device)
+    scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=q.device)
     if tree.stride(-1) != 1:
         tree = tree.contiguous()
-    pooled = pooled.contiguous()
-    dot_dtype = dot_operand_dtype(pooled.dtype if pooled.dtype == tree.dtype else torch.float32)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    dot_dtype = dot_operand_dtype(q.dtype if q.dtype == tree.dtype else torch.float32)
     _hip_mask_kernel[(n_qb, b * h_sel)](
-        pooled,
-        pooled.stride(0),
-        pooled.stride(1),
-        pooled.stride(2),
+        q,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
         tree,
         tree.stride(0),
         tree.stride(1),
         tree.stride(2),
-        n_candidates,
         out,
         out.stride(0),
         out.stride(1),
         out.stride(2),
         scored,
-        n_pooled,
         h_sel,
+        tq,
+        tk,
+        config.window,
         first_candidate_block(config),
         config.beam * g,
         hq // hkv,
         tree_capacity(tree),
         scale,
-        HEADS_PER_SEL=hq // h_sel,
+        BLOCK_Q=config.block_size_q,
+        BK=config.block_size_k,
+        HEADS_PER_SEL=heads,
+        STRIDE=config.query_pool_stride,
         ROWS=rows,
-        ROWS_PAD=max(16, triton.next_power_of_2(rows)),
+        ROWS_PAD=rows_pad,
+        ALL_ROWS=max(16, triton.next_power_of_2(heads * rows_pad)),
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         G=g,
@@ -227,7 +252,7 @@ def estimate_mask_triton(
         NODES=max(32, triton.next_power_of_2(config.beam * g)),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=TL_DTYPES[dot_dtype],
-        OFFSET=tl.int64 if needs_int64(pooled, tree) else tl.int32,
+        OFFSET=tl.int64 if needs_int64(q, tree) else tl.int32,
         num_warps=8,
     )
     return out, scored

@@ -26,7 +26,7 @@ from hip_attn.cli_args import (
 )
 
 #: ``hip_attn.accuracy.methods.METHODS`` keys (kept here so that --help needs no torch).
-METHOD_NAMES = ("dense", "oracle", "hip", "quest", "streaming")
+METHOD_NAMES = ("dense", "oracle", "exact", "hip", "quest", "streaming")
 #: ``hip_attn.accuracy.model_eval.MODES``.
 EVAL_MODES = ("dense", "hip", "hip+offload")
 TASKS = ("passkey", "perplexity")
@@ -78,8 +78,8 @@ _ACCURACY_EPILOG = """metrics (per method and context, over the sampled query bl
   keys/query     keys in each query's softmax (the same budget for every sparse method)
   select reads   key-sized vectors the selection itself reads per query block and KV head
                  (HiP: the bound 2*beam*G*levels; quest: min+max of every candidate block;
-                 oracle: every key, it needs the true attention)
-  *              the best sparse method of the context (dense and the oracle excluded)
+                 oracle: every key, it needs the true attention; exact: every candidate key)
+  *              the best sparse method of the context (dense, oracle and exact excluded)
 
 examples:
   hip-attn accuracy                                 # 1K-64K, seeds 0 and 1, about 20 s on CPU

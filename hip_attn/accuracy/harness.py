@@ -231,7 +231,8 @@ def run_accuracy(
 
 
 def best_methods(methods: dict[str, dict[str, Any]], key: str, higher: bool) -> set[str]:
-    """The sparse methods (not dense, not the oracle) with the best ``key`` (ties: all)."""
+    """The sparse methods (not the references: dense, oracle, exact) with the best ``key``
+    (ties: all)."""
     values = {
         m: r[key] for m, r in methods.items() if m not in REFERENCE_METHODS and r[key] is not None
     }
@@ -258,7 +259,7 @@ def format_table(result: dict[str, Any]) -> str:
         + (f" (halo {result['span_halo']})" if result.get("span_halo") else "")
         + ", "
         f"seeds {', '.join(map(str, result['seeds']))}, {result['dtype']} on {result['device']}",
-        "* = best sparse method in this context (dense and the oracle excluded)",
+        "* = best sparse method in this context (dense, oracle and exact excluded)",
     ]
     header = (
         f"{'method':<12}{'mass recall':>13}{'(worst)':>9}{'span recall':>13}{'out rel err':>13}"

@@ -12,6 +12,11 @@ methods differ only in the blocks they pick:
   queries and the heads sharing the selection. It maximizes the attention-mass recall, so no
   method can beat it on that metric; it needs the full attention to choose, so it is an upper
   bound, not a method one could run.
+* ``exact``: the ``G`` blocks ranked like HiP ranks children (per-row softmax, summed over the
+  block's rows and sharing heads) but from each row's *exact* largest logit in the block
+  rather than a bound on it, every query row unpooled. It reads every candidate key, so it is a
+  reference, not a method: the gap between ``hip`` and ``exact`` is what the node summaries and
+  the query pooling lose.
 * ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes bounded by the
   elementwise max/min of their keys, children ranked by per-row softmax mass.
 * ``quest``: per key block the elementwise min and max of its keys; a block scores
@@ -168,6 +173,20 @@ def select_oracle(block: QueryBlock, config: HiPConfig) -> Selection:
     return Selection(top_blocks(scores, config, first), config, block.end)
 
 
+def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
+    """Top ``G`` blocks by the per-row softmax of each row's exact max logit in the block."""
+    bk, first, n = config.block_size_k, first_candidate_block(config), block.n_candidates
+    h_sel = selection_heads(block.q, block.k, config)
+    scale = block.q.shape[-1] ** -0.5
+    group = block.q.shape[1] // block.k.shape[1]
+    keys = _candidate_keys(block, config).repeat_interleave(group, dim=1)  # [B, Hq, N, bk, D]
+    logits = torch.einsum("bhrd,bhnkd->bhrnk", block.q.float(), keys).amax(-1)  # [B, Hq, r, N]
+    mass = (logits * scale).softmax(dim=-1).sum(dim=2)  # [B, Hq, N]
+    b, hq, _ = mass.shape
+    scores = mass.view(b, h_sel, hq // h_sel, n).sum(dim=2)
+    return Selection(top_blocks(scores, config, first), config, n * bk)
+
+
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
     """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
     ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (max, min)."""
@@ -187,10 +206,11 @@ def select_hip(block: QueryBlock, config: HiPConfig) -> Selection:
 METHODS: dict[str, tuple[str, SelectFn]] = {
     "dense": ("exact causal attention (every key)", select_dense),
     "oracle": ("top-G blocks by true softmax mass (upper bound, needs dense)", select_oracle),
+    "exact": ("top-G blocks by exact per-row max logit (reference, reads every key)", select_exact),
     "hip": ("HiP tree search over max/min node summaries", select_hip),
     "quest": ("top-G blocks by per-block min/max bound (Quest-like)", select_quest),
     "streaming": ("sinks + window grown by k (StreamingLLM-like)", select_streaming),
 }
 
 #: Methods that are not sparse competitors (excluded when marking the best method).
-REFERENCE_METHODS = ("dense", "oracle")
+REFERENCE_METHODS = ("dense", "oracle", "exact")

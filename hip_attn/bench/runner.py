@@ -36,7 +36,7 @@ from hip_attn.bench.sdpa import SdpaUnavailable, prepare_sdpa
 from hip_attn.bench.timing import Timing, TimingSettings, measure
 from hip_attn.bench.work import Work, dense_work, hip_work
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import node_summaries, pool_queries, query_blocks
+from hip_attn.geometry import node_summaries
 from hip_attn.perf.attention_floor import AttentionFloor, Method, Phase, attention_floor
 from hip_attn.perf.hardware import GPUSpec
 
@@ -127,11 +127,10 @@ def select(
     if uses_triton(device):
         from hip_attn.triton_kernels.mask import estimate_mask_triton
 
-        geo = query_blocks(case.queries, case.context, cfg, device)
         return estimate_mask_triton(
-            pool_queries(q, cfg),
+            q,
             node_summaries(k, cfg),
-            geo.n_candidates,
+            case.context,
             cfg,
             _selection_heads(q, k.shape[1], cfg),
             q.shape[-1] ** -0.5,
@@ -265,15 +264,14 @@ def run_case(
         if uses_triton(device):
             from hip_attn.triton_kernels.mask import estimate_mask_triton
 
-            pooled, tree = pool_queries(q, cfg), node_summaries(k, cfg)
-            n_cand = query_blocks(case.queries, case.context, cfg, device).n_candidates
+            tree = node_summaries(k, cfg)
             h_sel = _selection_heads(q, k.shape[1], cfg)
             timed(
                 "hip_mask_kernel",
-                lambda: estimate_mask_triton(pooled, tree, n_cand, cfg, h_sel, scale),
+                lambda: estimate_mask_triton(q, tree, case.context, cfg, h_sel, scale),
                 work.search,
             )
-            del pooled, tree
+            del tree
         if want_attention:
             calls["hip"] = lambda: _sparse(q, k, v, indices, cfg, scale)
             timed("hip_sparse", calls["hip"], work.sparse)

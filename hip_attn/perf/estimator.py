@@ -54,11 +54,11 @@ class LaunchProfile:
     """Kernel launches per layer of each attention path (docs/roofline.md, "Latency floors").
 
     ``today`` counts what ``hip_attn.hip_attention`` launches on a GPU in bf16
-    (``tests/test_perf_launches.py`` recounts it from the code):
-    the sparse kernel, the search kernel and the PyTorch ops around them (the query-block
-    geometry twice, query pooling, the count of selected blocks, and the flash-decoding merge
-    of split partials, which a one-token decode takes at batch 1). ``fused`` is one search
-    kernel and one attention kernel, what a fused decode path would launch.
+    (``tests/test_perf_launches.py`` recounts it from the code): a decode step runs the
+    sparse kernel and the merge of its flash-decoding splits (which a one-token decode takes at
+    batch 1), a refreshing step also extends the summary tree and searches; a prefill builds the
+    tree with PyTorch reductions (two per level) before searching and attending. ``fused`` is
+    one search kernel and one attention kernel, what a fully fused path would launch.
 
     Attributes:
         name: ``today``, ``fused`` or a label.
@@ -77,7 +77,7 @@ class LaunchProfile:
 
 
 LAUNCH_PROFILES: dict[str, LaunchProfile] = {
-    p.name: p for p in (LaunchProfile("today", 25, 69, 66), LaunchProfile("fused", 1, 2, 2))
+    p.name: p for p in (LaunchProfile("today", 2, 4, 35), LaunchProfile("fused", 1, 2, 2))
 }
 
 
