@@ -11,7 +11,7 @@ logit per block) show what a rule could reach; ``hip`` and ``quest`` what the bo
 Slow (CPU, PyTorch reference, one method at a time: 2-4 minutes per method at 8K tokens)::
 
     python bench/selection_perplexity.py --tokens 8192 --methods dense,oracle,exact,hip,quest
-    python bench/selection_perplexity.py --tokens 8192 --methods exact --query-pool-stride 2
+    python bench/selection_perplexity.py --tokens 2048 --methods dense,hip --block-size-q 32
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ class HiPDecodeState:
             tree is not None
             and 0 < done <= blocks <= tree_capacity(tree)
             and tree.device == k.device
+            and tree.shape[:2] == k.shape[:2]
+            and k.stride(-1) == 1
             and uses_triton(k.device)
         ):
             from hip_attn.triton_kernels.tree import extend_tree_triton

@@ -126,11 +126,11 @@ def test_hip(sc: Scenario) -> None:
     assert est.prefill.flops == flops
     assert est.prefill.bound == "compute"
     # Latency per layer: 35 launches; the search's chain (N = 4056 candidates: 7 levels, each a
-    # 0.5 us round trip and a 28-stage bitonic top-k of 128 children at 20 ns a stage, after
-    # one round trip for N); the sparse kernel's two dependent loads.
+    # 0.5 us round trip and a 28-stage bitonic top-k of 128 children at 20 ns a stage; N comes
+    # from the arguments); the sparse kernel's dependent load of its selection row.
     assert levels_of(4056) == 7
-    chain = 0.5e-6 + 7 * (0.5e-6 + 28 * 20e-9)
-    prefill_latency = L * (35 * LAUNCH + chain + 2 * 0.5e-6)
+    chain = 7 * (0.5e-6 + 28 * 20e-9)
+    prefill_latency = L * (35 * LAUNCH + chain + 0.5e-6)
     assert est.prefill.latency_s == pytest.approx(prefill_latency, rel=1e-12)
     assert est.prefill.time_s == pytest.approx(flops / PEAK + prefill_latency, rel=1e-12)
     # Attention is 38% of dense prefill FLOPs at 32K and a few % with HiP: ~1.5x overall.
@@ -153,9 +153,9 @@ def test_hip(sc: Scenario) -> None:
     )
     assert est.decode.hbm_bytes == pytest.approx(step_bytes, rel=1e-12)
     # Latency per layer: 2 launches of a reuse step (attention, split merge) and the sparse
-    # kernel's two round trips, plus an eighth of what a refreshing step adds (2 launches: the
-    # tree extension and the search, and the search chain).
-    decode_latency = L * (2 * LAUNCH + 2 * 0.5e-6 + (2 * LAUNCH + chain) / 8)
+    # kernel's round trip for its selection row, plus an eighth of what a refreshing step
+    # adds (2 launches, the tree extension and the search, and the search chain).
+    decode_latency = L * (2 * LAUNCH + 0.5e-6 + (2 * LAUNCH + chain) / 8)
     assert est.decode.latency_s == pytest.approx(decode_latency, rel=1e-12)
     assert est.decode.time_s == pytest.approx(step_bytes / BW + decode_latency, rel=1e-12)
     # With 2-4 launches a layer, a batch-1 HiP step beats dense at 32K (25 launches did not).

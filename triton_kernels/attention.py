@@ -229,6 +229,8 @@ def sparse_attention_triton(
     dot_dtype = dot_operand_dtype(q.dtype)
     split = num_splits > 1
     final = torch.empty_like(q) if out is None else out
+    if final.stride(-1) != 1:
+        raise ValueError("out must have unit stride on the last dimension")
     if split:
         dest = torch.empty((num_splits, b, hq, tq, d), dtype=torch.float32, device=q.device)
         row_max = torch.empty((num_splits, b, hq, tq), dtype=torch.float32, device=q.device)

@@ -39,6 +39,28 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _pooled_rows(
+    q, stride_q_t, qb, tq, rows, dims, BLOCK_Q, STRIDE, ROWS, ROWS_PAD, D, D_PAD, OFFSET
+):
+    """Query block ``qb``'s pooled rows of one head (``q`` points at the head), in fp32 and
+    row mask: as :func:`hip_attn.geometry.pool_queries` pools, an fp32 sum in row order divided
+    by the rows present, rounded once to q's dtype."""
+    first_row = qb * BLOCK_Q + rows * STRIDE
+    row_ok = (rows < ROWS) & (first_row < tq)
+    total = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
+    for i in tl.static_range(STRIDE):
+        t = first_row + i
+        total += tl.load(
+            q + t.to(OFFSET)[:, None] * stride_q_t + dims[None, :],
+            mask=(row_ok & (t < tq))[:, None] & (dims[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+    present = tl.minimum(STRIDE, tq - first_row).to(tl.float32)
+    pooled = _round_to(total / tl.where(row_ok, present, 1.0)[:, None], q.dtype.element_ty)
+    return pooled, row_ok
+
+
+@triton.jit
 def _hip_mask_kernel(
     Q,
     stride_q_b,
@@ -66,9 +88,8 @@ def _hip_mask_kernel(
     BK: tl.constexpr,  # block_size_k
     HEADS_PER_SEL: tl.constexpr,
     STRIDE: tl.constexpr,  # query_pool_stride
-    ROWS: tl.constexpr,  # pooled rows per query block and head
-    ROWS_PAD: tl.constexpr,  # ROWS padded to a power of two
-    ALL_ROWS: tl.constexpr,  # HEADS_PER_SEL * ROWS_PAD padded for tl.dot (power of two >= 16)
+    ROWS: tl.constexpr,  # pooled rows per query block
+    ROWS_PAD: tl.constexpr,  # ROWS padded for tl.dot (power of two >= 16)
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     G: tl.constexpr,
@@ -123,25 +144,7 @@ def _hip_mask_kernel(
         q_head0 = (hs * HEADS_PER_SEL).to(OFFSET)
         summ = S + b * stride_s_b + (q_head0 // q_per_kv) * stride_s_h
         dims = tl.arange(0, D_PAD)
-        # the sharing heads' pooled rows stacked into one operand, row r = (head, pooled row);
-        # pooled as hip_attn.geometry.pool_queries does: an fp32 sum in row order, divided by
-        # the rows present, rounded once to q's dtype
-        r = tl.arange(0, ALL_ROWS)
-        first_row = qb * BLOCK_Q + (r % ROWS_PAD) * STRIDE  # the group's first query row
-        row_ok = (r < HEADS_PER_SEL * ROWS_PAD) & (r % ROWS_PAD < ROWS) & (first_row < tq)
-        q_ptr = Q + b * stride_q_b + (q_head0 + r // ROWS_PAD)[:, None] * stride_q_h + dims[None, :]
-        qp = tl.zeros([ALL_ROWS, D_PAD], tl.float32)
-        for i in tl.static_range(STRIDE):
-            t = first_row + i
-            qp += tl.load(
-                q_ptr + t.to(OFFSET)[:, None] * stride_q_t,
-                mask=(row_ok & (t < tq))[:, None] & (dims[None, :] < D),
-                other=0.0,
-            ).to(tl.float32)
-        present = tl.minimum(STRIDE, tq - first_row).to(tl.float32)
-        qp = _round_to(qp / tl.where(row_ok, present, 1.0)[:, None], Q.dtype.element_ty)
-        q_pos = tl.maximum(qp, 0.0).to(DOT_DTYPE)  # split by sign in fp32: exact, every dtype
-        q_neg = tl.minimum(qp, 0.0).to(DOT_DTYPE)
+        rows = tl.arange(0, ROWS_PAD)
         pair = tl.arange(0, 2)
         invalid_key = tl.full([2 * NODES], 1, tl.int64) << 63  # below every real key
         for level in range(levels):
@@ -158,13 +161,24 @@ def _hip_mask_kernel(
             row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
             k_max = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
             k_min = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
-            bound = tl.dot(q_pos, tl.trans(k_max), input_precision=PRECISION)
-            bound += tl.dot(q_neg, tl.trans(k_min), input_precision=PRECISION)
-            bound = tl.where(child_ok[None, :], bound, float("-inf"))
-            # each row's softmax over the children, summed over rows (see the reference)
-            p = tl.exp((bound - tl.max(bound, axis=1)[:, None]) * scale)
-            p = p / tl.sum(p, axis=1)[:, None]
-            score = tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
+            score = tl.zeros([2 * NODES], tl.float32)
+            # one head at a time: stacking the group's heads into one operand held across the
+            # levels needs 257 KB of shared memory for Llama-8B shapes on sm_90 (hip-attn aot)
+            for j in range(HEADS_PER_SEL):
+                qp, row_ok = _pooled_rows(
+                    Q + b * stride_q_b + (q_head0 + j) * stride_q_h, stride_q_t, qb, tq, rows,
+                    dims, BLOCK_Q, STRIDE, ROWS, ROWS_PAD, D, D_PAD, OFFSET,
+                )  # fmt: skip
+                # split by sign in fp32: exact, and right for every dtype
+                bound = tl.dot(tl.maximum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_max),
+                               input_precision=PRECISION)  # fmt: skip
+                bound += tl.dot(tl.minimum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_min),
+                                input_precision=PRECISION)  # fmt: skip
+                bound = tl.where(child_ok[None, :], bound, float("-inf"))
+                # each row's softmax over the children, summed over rows (see the reference)
+                p = tl.exp((bound - tl.max(bound, axis=1)[:, None]) * scale)
+                p = p / tl.sum(p, axis=1)[:, None]
+                score += tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
             scored += tl.sum(child_ok.to(tl.int32))
 
             # (score, lower block first, level) in one int64 (26 bits of node start: 64M
@@ -206,8 +220,6 @@ def estimate_mask_triton(
     g = config.blocks_per_query_block
     n_qb = num_query_blocks(tq, config)
     rows = config.block_size_q // config.query_pool_stride
-    rows_pad = triton.next_power_of_2(rows)
-    heads = hq // h_sel
     out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=q.device)
     scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=q.device)
     if tree.stride(-1) != 1:
@@ -240,11 +252,10 @@ def estimate_mask_triton(
         scale,
         BLOCK_Q=config.block_size_q,
         BK=config.block_size_k,
-        HEADS_PER_SEL=heads,
+        HEADS_PER_SEL=hq // h_sel,
         STRIDE=config.query_pool_stride,
         ROWS=rows,
-        ROWS_PAD=rows_pad,
-        ALL_ROWS=max(16, triton.next_power_of_2(heads * rows_pad)),
+        ROWS_PAD=max(16, triton.next_power_of_2(rows)),
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         G=g,
@@ -254,5 +265,7 @@ def estimate_mask_triton(
         DOT_DTYPE=TL_DTYPES[dot_dtype],
         OFFSET=tl.int64 if needs_int64(q, tree) else tl.int32,
         num_warps=8,
+        # 2 stages keep every 16-bit variant within sm_89's 99 KB of shared memory (3: 104 KB)
+        num_stages=2,
     )
     return out, scored

@@ -79,6 +79,10 @@ def extend_tree_triton(tree: torch.Tensor, k: torch.Tensor, done: int, config: H
     :func:`hip_attn.geometry.node_summaries`, which grows it)."""
     bk, first = config.block_size_k, first_candidate_block(config)
     b, h, tk, d = k.shape
+    if tree.shape[:2] != (b, h) or tree.shape[-1] != 2 * d:
+        raise ValueError(
+            f"the tree {tuple(tree.shape)} was built for other keys than {tuple(k.shape)}"
+        )
     n = max(0, tk // bk - first)
     capacity = tree_capacity(tree)
     if not done <= n <= capacity:

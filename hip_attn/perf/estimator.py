@@ -40,9 +40,9 @@ GATHER_OVERHEAD_BYTES = 128
 """Bytes of bandwidth a random run costs beyond its sectors (a DRAM row activation and bus
 turnaround, taken as four sectors): the half-efficiency run is 128 B (docs/roofline.md)."""
 
-SPARSE_DEPENDENT_LOADS = 2
-"""Dependent round trips of the sparse attention kernel beyond the launch: the count of selected
-blocks, then their indices, before the first gathered key can be requested."""
+SPARSE_DEPENDENT_LOADS = 1
+"""Dependent round trips of the sparse attention kernel beyond the launch: its row of the
+selection (the block count and the indices), before the first gathered key can be requested."""
 
 RANK_STAGE_S = 20e-9
 """Seconds of one compare-exchange stage of the search's in-register bitonic top-k (a shuffle or
@@ -483,13 +483,14 @@ def _attention_op(
 
 
 def _search_chain_s(sc: Scenario, levels: int) -> float:
-    """The search kernel's dependent chain: the candidate count, then per level one gather of
-    node summaries and a bitonic top-k over ``2 x NODES`` children."""
+    """The search kernel's dependent chain: per level one gather of node summaries and a
+    bitonic top-k over ``2 x NODES`` children (the candidate count comes from the launch's
+    arguments)."""
     if not levels:
         return 0.0
     nodes = max(16, 1 << (sc.hip.beam * sc.hip.blocks_per_query_block - 1).bit_length())
     per_level = sc.peak.memory_latency + bitonic_stages(2 * nodes) * RANK_STAGE_S
-    return sc.peak.memory_latency + levels * per_level
+    return levels * per_level
 
 
 def _search_op(
