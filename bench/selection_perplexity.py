@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -31,7 +30,7 @@ import hip_attn.patches.attention as patched_attention
 from hip_attn.accuracy.checkpoints import builtin_text
 from hip_attn.accuracy.methods import METHODS, QueryBlock
 from hip_attn.accuracy.metrics import dense_block
-from hip_attn.accuracy.model_eval import LoadedModel, load_model, text_tokens
+from hip_attn.accuracy.model_eval import LoadedModel, load_model, perplexity, text_tokens
 from hip_attn.attention import dense_attention
 from hip_attn.cli_args import add_hip_arguments, comma_list, hip_config_from_args, positive_int
 from hip_attn.config import HiPConfig
@@ -71,10 +70,8 @@ def method_attention(name: str) -> Any:
     return attend
 
 
-def perplexity(lm: LoadedModel, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = lm.model(ids[None]).logits[0, :-1]
-    return math.exp(float(F.cross_entropy(logits.float(), ids[1:])))
+def one_window_ppl(lm: LoadedModel, ids: torch.Tensor) -> float:
+    return float(perplexity(lm, ids, window=ids.numel(), stride=ids.numel())["ppl"])
 
 
 def run(lm: LoadedModel, ids: torch.Tensor, methods: list[str], config: HiPConfig) -> dict:
@@ -83,12 +80,12 @@ def run(lm: LoadedModel, ids: torch.Tensor, methods: list[str], config: HiPConfi
     for name in methods:
         began = time.perf_counter()
         if name == "dense":
-            ppl = perplexity(lm, ids)
+            ppl = one_window_ppl(lm, ids)
         else:
             hip_attn.patch(lm.model, config)
             patched_attention.hip_attention = method_attention(name)
             try:
-                ppl = perplexity(lm, ids)
+                ppl = one_window_ppl(lm, ids)
             finally:
                 patched_attention.hip_attention = original
                 hip_attn.unpatch(lm.model)
