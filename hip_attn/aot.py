@@ -86,22 +86,23 @@ class _Recorder:
 @contextmanager
 def recorded_launches() -> Iterator[list[Launch]]:
     """Within the block, the wrappers' kernel launches are recorded, not run."""
-    from hip_attn.triton_kernels import attention, mask
+    from hip_attn.triton_kernels import attention, mask, tree
 
     launches: list[Launch] = []
-    saved = (
-        mask._hip_mask_kernel,
-        attention._sparse_attention_kernel,
-        attention._merge_splits_kernel,
-    )
-    mask._hip_mask_kernel = _Recorder(saved[0], launches)
-    attention._sparse_attention_kernel = _Recorder(saved[1], launches)
-    attention._merge_splits_kernel = _Recorder(saved[2], launches)
+    slots = [
+        (mask, "_hip_mask_kernel"),
+        (attention, "_sparse_attention_kernel"),
+        (attention, "_merge_splits_kernel"),
+        (tree, "_extend_tree_kernel"),
+    ]
+    saved = [getattr(module, name) for module, name in slots]
+    for (module, name), kernel in zip(slots, saved, strict=True):
+        setattr(module, name, _Recorder(kernel, launches))
     try:
         yield launches
     finally:
-        (mask._hip_mask_kernel, attention._sparse_attention_kernel,
-         attention._merge_splits_kernel) = saved  # fmt: skip
+        for (module, name), kernel in zip(slots, saved, strict=True):
+            setattr(module, name, kernel)
 
 
 def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], Any]]:
@@ -211,7 +212,7 @@ def _record_hip(
     import torch
 
     from hip_attn.attention import BLOCK_N, launch_shape
-    from hip_attn.geometry import node_summaries
+    from hip_attn.geometry import node_summaries, tree_blocks
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
@@ -219,9 +220,17 @@ def _record_hip(
     h_sel = 8 if config.head_sharing == "kv_group" else 32
     with recorded_launches() as launches:
         scale = q.shape[-1] ** -0.5
-        indices, _ = estimate_mask_triton(
-            q, node_summaries(k, config), tk, config, h_sel, scale
-        )  # fmt: skip
+        if tq <= config.block_size_q:  # a decode refresh: the search extends the tree first
+            before = tk - config.block_size_k
+            blocks = tree_blocks(before, config)
+            tree = node_summaries(k[:, :, :before], config, min_capacity=blocks + blocks // 4)
+            indices, _ = estimate_mask_triton(
+                q, tree, tk, config, h_sel, scale, keys=k, done=blocks
+            )  # fmt: skip
+        else:
+            indices, _ = estimate_mask_triton(
+                q, node_summaries(k, config), tk, config, h_sel, scale
+            )  # fmt: skip
         kv = KVSegments.full(k, v)
         if offload:  # sinks, slots and window in their own buffers, read through the table
             cache_k = torch.empty(
@@ -252,6 +261,37 @@ def _record_hip(
     return launches
 
 
+def _record_device_decode(
+    batch: int, tk: int, dtype: torch.dtype, head_dim: int, config: HiPConfig, sms: int
+) -> list[Launch]:
+    """The launches of one ``hip_attention(..., length=)`` step over a ``tk``-token buffer."""
+    import torch
+
+    from hip_attn.attention import BLOCK_N, launch_shape
+    from hip_attn.geometry import tree_blocks, tree_rows
+    from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+    from hip_attn.triton_kernels.mask import decode_search_triton
+
+    q, k, v = _llama_qkv(batch, 1, tk, dtype, head_dim)
+    h_sel = 8 if config.head_sharing == "kv_group" else 32
+    tree_shape = (batch, 8, tree_rows(tree_blocks(tk, config)), 2 * head_dim)
+    tree = torch.empty(tree_shape, dtype=dtype, device="meta")
+
+    def ints(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.int32, device="meta")
+
+    length, anchor, done = ints(1), ints(1), ints(batch, 8)
+    indices = ints(batch, h_sel, 1, config.blocks_per_query_block)
+    scale = head_dim**-0.5
+    with recorded_launches() as launches:
+        decode_search_triton(q, tree, k, length, done, anchor, config, scale, indices)
+        heads, splits = launch_shape(batch, 32, h_sel, 1, config, sms)
+        kv = KVSegments.full(k, v)
+        sparse_attention_triton(q, kv, length, indices, config, scale, num_splits=splits,
+                                heads_per_program=heads, block_n=BLOCK_N)  # fmt: skip
+    return launches
+
+
 def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
     """The launch variants to compile. ``sms``: multiprocessors of the target GPU (the
     decode split count depends on it; 132 is an H100 SXM or H200)."""
@@ -275,6 +315,8 @@ def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
                         continue
                     launches = _record_hip(batch, tq, tk, dtype, d, config, sms, offload)
                     out.append(Variant(f"{mode}, {tag}", launches))
+                launches = _record_device_decode(1, 1 << 20, dtype, d, config, sms)
+                out.append(Variant(f"device decode at 1M (CUDA-graph step), {tag}", launches))
     return out
 
 

@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,13 @@ from hip_attn.geometry import (
     tree_capacity,
 )
 from hip_attn.reference import hip_attention_reference, search_reference
-from hip_attn.validation import check_config, check_inference_only, check_qkv, check_scale
+from hip_attn.validation import (
+    check_config,
+    check_device_length,
+    check_inference_only,
+    check_qkv,
+    check_scale,
+)
 
 if TYPE_CHECKING:
     from hip_attn.triton_kernels.attention import KVSegments
@@ -80,6 +86,33 @@ def uses_triton(device: torch.device) -> bool:
     return True
 
 
+class SummaryTree(NamedTuple):
+    """A summary tree (:func:`~hip_attn.geometry.node_summaries`) as the search gets it.
+
+    Attributes:
+        tree: the ``[B, Hkv, rows, 2 * D]`` tree.
+        keys: ``None`` when the tree is complete; else the keys it summarizes, of which only
+            the blocks before ``done`` are in it yet: the search summarizes the rest in place
+            before it reads the tree.
+        done: see ``keys``.
+    """
+
+    tree: torch.Tensor
+    keys: torch.Tensor | None = None
+    done: int = 0
+
+
+class _DeviceDecode(NamedTuple):
+    """What a device decode step reads and updates in device memory (see
+    :func:`~hip_attn.triton_kernels.mask.decode_search_triton`)."""
+
+    key: tuple[object, ...]  # the key buffer and configuration it was set up for
+    tree: torch.Tensor  # the summary tree, with room for every block of the buffer
+    done: torch.Tensor  # int32 [B, Hkv]: blocks summarized per row
+    anchor: torch.Tensor  # int32 [1]: the keys before the first device step
+    indices: torch.Tensor  # the selection, written in place on the steps that search
+
+
 class HiPDecodeState:
     """The selection one attention layer reuses between decode steps.
 
@@ -96,6 +129,11 @@ class HiPDecodeState:
     last estimate, so a decode refresh does not re-read the whole cache; it therefore belongs to
     one layer of one sequence batch whose keys only grow.
 
+    Device decode (``hip_attention(..., length=)``, one token per step over K/V buffers) keeps
+    the refresh rule, the tree's progress and the selection in device memory instead: its
+    first call sets them up from the state's history, the steps after it only launch kernels,
+    and ``tokens_since_refresh`` and ``refreshes`` stop counting.
+
     Attributes:
         indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
         tokens_since_refresh: queries served by ``indices`` so far.
@@ -109,11 +147,53 @@ class HiPDecodeState:
         self._tree: torch.Tensor | None = None
         self._tree_blocks = 0
         self._keys = 0  # keys of the last call
+        self._device: _DeviceDecode | None = None
+        self._device_current = False  # no host-driven call since the device buffers were set
 
     def reset(self) -> None:
         self.indices = None
         self.tokens_since_refresh = 0
         self._tree, self._tree_blocks, self._keys = None, 0, 0
+        self._device_current = False
+
+    def leave_device(self) -> None:
+        """Note a host-driven call (a prefill, a host decode step, a dense one): the next
+        device step sets its buffers up again from the state's history."""
+        self._device_current = False
+
+    def device_buffers(
+        self, k: torch.Tensor, length: torch.Tensor, config: HiPConfig, h_sel: int
+    ) -> _DeviceDecode:
+        """The device-resident state of a device decode over the key buffer ``k``. The first
+        device step after a host-driven call (or ever) sets it up from the keys in use: it
+        reads ``length`` once and fills the buffers, in place when they exist for this key
+        buffer (a CUDA graph captured before keeps its addresses); the steps after it return
+        it as is. The first step after a setup searches, as the first decode step after a
+        prefill does, then every ``refresh_interval`` steps."""
+        key = (k.data_ptr(), tuple(k.shape), k.stride(), h_sel, config)
+        dev = self._device
+        if dev is not None and dev.key == key and self._device_current:
+            return dev
+        n = int(length.reshape(-1)[0])
+        b, hkv = k.shape[:2]
+        tree = node_summaries(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
+        if dev is None or dev.key != key:
+            dev = self._device = _DeviceDecode(
+                key,
+                tree,
+                torch.empty((b, hkv), dtype=torch.int32, device=k.device),
+                torch.empty(1, dtype=torch.int32, device=k.device),
+                torch.empty(
+                    (b, h_sel, 1, config.blocks_per_query_block), dtype=torch.int32, device=k.device
+                ),  # fmt: skip
+            )
+        else:
+            dev.tree.copy_(tree)
+        dev.done.fill_(tree_blocks(n, config))
+        dev.anchor.copy_(length.reshape(1) - 1)
+        dev.indices.fill_(-1)
+        self.indices, self._device_current = dev.indices, True
+        return dev
 
     def follow(self, tq: int, tk: int, config: HiPConfig) -> None:
         """Note a call of ``tq`` new queries over ``tk`` keys. Keys before ``tk - tq`` are the
@@ -125,12 +205,15 @@ class HiPDecodeState:
             self._tree_blocks = min(self._tree_blocks, tree_blocks(tk - tq, config))
         self._keys = tk
 
-    def summaries(self, k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
-        """The summary tree of ``k``, extended from the one kept since the last call: in place
-        by one kernel launch when its allocation holds the new blocks (a decode refresh), else
-        rebuilt or grown (:func:`~hip_attn.geometry.node_summaries`)."""
+    def summaries(self, k: torch.Tensor, config: HiPConfig) -> SummaryTree:
+        """The summary tree of ``k``, from the one kept since the last call. When its
+        allocation holds the new blocks and the kernels run (a decode refresh), the blocks
+        completed since are left for the search kernel to summarize in place (the search then
+        extends and reads the tree in one launch); otherwise it is rebuilt or grown
+        (:func:`~hip_attn.geometry.node_summaries`)."""
         blocks = tree_blocks(k.shape[2], config)
         tree, done = self._tree, self._tree_blocks
+        self._tree_blocks = blocks
         if (
             tree is not None
             and 0 < done <= blocks <= tree_capacity(tree)
@@ -139,13 +222,10 @@ class HiPDecodeState:
             and k.stride(-1) == 1
             and uses_triton(k.device)
         ):
-            from hip_attn.triton_kernels.tree import extend_tree_triton
-
-            extend_tree_triton(tree, k, done, config)
-        else:
-            tree = self._tree = node_summaries(k, config, tree, done)
-        self._tree_blocks = blocks
-        return tree
+            return SummaryTree(tree, k, done)
+        room = blocks + blocks // 4  # a fresh tree's first decode refresh extends in place
+        self._tree = node_summaries(k, config, tree, done, min_capacity=room)
+        return SummaryTree(self._tree)
 
     def __repr__(self) -> str:
         shape = None if self.indices is None else tuple(self.indices.shape)
@@ -180,32 +260,38 @@ def _selection_heads(q: torch.Tensor, kv_heads: int, config: HiPConfig) -> int:
 
 
 def search_tree(
-    q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, scale: float
+    q: torch.Tensor, tree: torch.Tensor | SummaryTree, tk: int, config: HiPConfig, scale: float
 ) -> torch.Tensor:
     """The selection of ``q`` over ``tk`` keys from their summary tree ``tree``
-    (:func:`~hip_attn.geometry.node_summaries`): all the search reads, on or off the GPU.
+    (:func:`~hip_attn.geometry.node_summaries`, or a :class:`SummaryTree` still to extend):
+    all the search reads, on or off the GPU.
 
     The selection is at most as wide as the context has candidates
     (:func:`~hip_attn.geometry.selection_config`)."""
+    summary = tree if isinstance(tree, SummaryTree) else SummaryTree(tree)
     config = selection_config(q.shape[2], tk, config)
     if not uses_triton(q.device):
-        return search_reference(q, tree, tk, config, scale)[0]
+        if summary.keys is not None:  # HiPDecodeState leaves none to the reference
+            raise ValueError("the PyTorch reference searches complete summary trees only")
+        return search_reference(q, summary.tree, tk, config, scale)[0]
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
     indices, _ = estimate_mask_triton(
         q,
-        tree,
+        summary.tree,
         tk,
         config,
-        _selection_heads(q, tree.shape[1], config),
+        _selection_heads(q, summary.tree.shape[1], config),
         scale,
+        keys=summary.keys,
+        done=summary.done,
     )
     return indices
 
 
 def select_blocks(
     q: torch.Tensor,
-    summaries: Callable[[], torch.Tensor],
+    summaries: Callable[[], torch.Tensor | SummaryTree],
     tk: int,
     config: HiPConfig,
     scale: float,
@@ -310,7 +396,7 @@ def _sparse(
 def launch_sparse(
     q: torch.Tensor,
     kv: KVSegments,
-    tk: int,
+    tk: int | torch.Tensor,
     indices: torch.Tensor,
     config: HiPConfig,
     scale: float,
@@ -335,6 +421,7 @@ def hip_attention(
     *,
     scale: float | None = None,
     state: HiPDecodeState | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over sinks + the hierarchically selected key blocks + a window.
 
@@ -346,6 +433,15 @@ def hip_attention(
         scale: softmax scale, ``D ** -0.5`` by default.
         state: a :class:`HiPDecodeState` to reuse the selection across decode steps of one
             layer; without it every call estimates its own selection.
+        length: device decode (with ``state``, one query token): ``k`` and ``v`` are buffers
+            ``[B, Hkv, capacity, D]`` whose first ``length`` keys (an int32 tensor of one
+            element on their device, the new token's key included) are in use. The kernels
+            read it from device memory, refresh on the device and launch the same way at every
+            step, without a host sync: the step can be captured in a CUDA graph and replayed
+            (warm up one step first: the first call on a state sets up its device buffers). It
+            always runs the sparse kernels (exact where the budget covers the context, no
+            ``dense_threshold``); without the Triton kernels it reads ``length`` and runs the
+            reference.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys
@@ -362,6 +458,10 @@ def hip_attention(
     scale = check_scale(scale, q.shape[-1])
     if state is not None and not isinstance(state, HiPDecodeState):
         raise TypeError(f"state must be a HiPDecodeState or None, got {type(state).__name__}")
+    if length is not None:
+        return _device_decode(q, k, v, length, config, scale, state)
+    if state is not None:
+        state.leave_device()
     if k.shape[2] <= config.effective_dense_threshold:
         return dense_attention(q, k, v, scale)
     if uses_triton(q.device):  # before any launch: the kernels have no backward
@@ -369,3 +469,28 @@ def hip_attention(
     tree = (lambda: state.summaries(k, config)) if state else (lambda: node_summaries(k, config))
     indices = select_blocks(q, tree, k.shape[2], config, scale, state, k.shape[1])
     return _sparse(q, k, v, indices, config, scale)
+
+
+def _device_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    config: HiPConfig,
+    scale: float,
+    state: HiPDecodeState | None,
+) -> torch.Tensor:
+    """``hip_attention(..., length=)``: a decode step whose launches do not depend on it."""
+    check_device_length(q, k, length, state)
+    assert state is not None
+    config = config.replace(dense_threshold=0)
+    if not uses_triton(q.device):  # the reference: read the length, attend what it covers
+        n = int(length.reshape(-1)[0])
+        return hip_attention(q, k[:, :, :n], v[:, :, :n], config, scale=scale, state=state)
+    check_inference_only(q, k, v)
+    from hip_attn.triton_kernels.attention import KVSegments
+    from hip_attn.triton_kernels.mask import decode_search_triton
+
+    dev = state.device_buffers(k, length, config, _selection_heads(q, k.shape[1], config))
+    decode_search_triton(q, dev.tree, k, length, dev.done, dev.anchor, config, scale, dev.indices)
+    return launch_sparse(q, KVSegments.full(k, v), length, dev.indices, config, scale)

@@ -121,7 +121,12 @@ def tree_blocks(tk: int, config: HiPConfig) -> int:
 
 
 def node_summaries(
-    k: torch.Tensor, config: HiPConfig, tree: torch.Tensor | None = None, done: int = 0
+    k: torch.Tensor,
+    config: HiPConfig,
+    tree: torch.Tensor | None = None,
+    done: int = 0,
+    *,
+    min_capacity: int = 0,
 ) -> torch.Tensor:
     """The summary tree the search reads: ``[B, Hkv, tree_rows(capacity), 2 * D]`` in ``k``'s
     dtype, which is ``2 * D`` values per block and level: about half the size of ``k``.
@@ -134,13 +139,15 @@ def node_summaries(
     complete nodes are written (the search reads no others), so a node's summary never depends
     on keys after it.
 
-    ``tree`` with ``done`` blocks already summarized is extended (see :func:`extend_summaries`).
+    ``tree`` with ``done`` blocks already summarized is extended (see :func:`extend_summaries`;
+    a new allocation holds at least ``min_capacity`` blocks: room to extend in place).
     """
     bk, first = config.block_size_k, first_candidate_block(config)
     n = tree_blocks(k.shape[-2], config)
     if tree is None or done > n:
         done = 0
-    return extend_summaries(tree, k[..., (first + done) * bk : (first + n) * bk, :], done, config)
+    keys = k[..., (first + done) * bk : (first + n) * bk, :]
+    return extend_summaries(tree, keys, done, config, min_capacity=min_capacity)
 
 
 def tree_capacity(tree: torch.Tensor | None) -> int:
@@ -159,19 +166,25 @@ def tree_capacity(tree: torch.Tensor | None) -> int:
 
 
 def extend_summaries(
-    tree: torch.Tensor | None, keys: torch.Tensor, done: int, config: HiPConfig
+    tree: torch.Tensor | None,
+    keys: torch.Tensor,
+    done: int,
+    config: HiPConfig,
+    *,
+    min_capacity: int = 0,
 ) -> torch.Tensor:
     """A summary tree of ``done`` blocks (``None`` when ``done`` is 0) extended by ``keys``
     ``[B, Hkv, whole blocks, D]``, the blocks that follow them. A new tree is allocated for
-    exactly its blocks; a tree that grows (decode and offload append a block at a time) is
-    extended in place while its capacity holds the blocks, else copied into one with a quarter
-    more room, so appending costs O(1) amortized per block."""
+    its blocks, or ``min_capacity`` when that is more (a tree that decode will extend:
+    its first refresh then extends in place); a tree that grows (decode and offload append a
+    block at a time) is extended in place while its capacity holds the blocks, else copied
+    into one with a quarter more room, so appending costs O(1) amortized per block."""
     bk = config.block_size_k
     b, h, new_keys, d = keys.shape
     n = done + new_keys // bk
     capacity = tree_capacity(tree)
     if tree is None or capacity < n:
-        grown_capacity = n if tree is None else n + n // 4
+        grown_capacity = max(n if tree is None else n + n // 4, min_capacity)
         grown = keys.new_zeros(b, h, tree_rows(grown_capacity), 2 * d)
         if tree is not None and done:  # copy the old levels to their new rows
             for level in range(done.bit_length()):

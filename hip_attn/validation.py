@@ -25,6 +25,15 @@ def check_config(config: HiPConfig | None) -> HiPConfig:
     return config
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int`` of at least 1; ``name`` is what the error calls it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
 def check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
@@ -123,3 +132,20 @@ def check_inference_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
                 "backward); run under torch.no_grad() or torch.inference_mode(), or pass "
                 "detached tensors"
             )
+
+
+def check_device_length(q: torch.Tensor, k: torch.Tensor, length: object, state: object) -> None:
+    """``hip_attention``'s ``length``: an int32 tensor of one element on the device of ``k``,
+    with a decode state and one query token."""
+    if not isinstance(length, torch.Tensor):
+        raise TypeError(f"length must be a torch.Tensor or None, got {type(length).__name__}")
+    if length.dtype != torch.int32 or length.numel() != 1 or length.device != k.device:
+        raise ValueError(
+            f"length must be an int32 tensor of one element on {k.device}, got "
+            f"{length.dtype} of shape {tuple(length.shape)} on {length.device}"
+        )
+    if state is None or q.shape[2] != 1:
+        raise ValueError(
+            f"length (device decode) needs a HiPDecodeState and one query token; got "
+            f"state={type(state).__name__}, {q.shape[2]} queries"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -126,28 +127,74 @@ def patch(
             )
     for m in modules:
         LAYER_CONFIGS[m] = config
-    model.__dict__.pop("generate", None)
-    if offload:
-        _offload_generate(model, config, options)
+    _shadow_generate(model, config, options if offload else None)
     return model
 
 
-def _offload_generate(model: Any, config: HiPConfig, options: dict[str, Any]) -> None:
-    """Shadow ``model.generate`` with one that brings its own offloading cache."""
-    from hip_attn.patches.compat import cache_kwarg, given_cache
-    from hip_attn.patches.offload import HiPOffloadCache
+def _hip_cache_tokens(call: dict[str, Any]) -> int | None:
+    """Tokens to preallocate for a ``generate`` call (its arguments by name): the prompt plus
+    ``max_new_tokens`` up to one growth step (a caller's generous ``max_new_tokens`` must not
+    reserve memory an early end of sequence never uses), ``None`` when the prompt is unknown."""
+    from hip_attn.patches.cache import GROW_TOKENS
 
-    options.setdefault("max_chunk", 4096)
+    settings = call.get("generation_config")
+    new = call.get("max_new_tokens", getattr(settings, "max_new_tokens", None))
+    for x in (call.get("inputs"), call.get("input_ids"), call.get("inputs_embeds")):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            extra = min(new, GROW_TOKENS) if isinstance(new, int) and new > 0 else 0
+            return int(x.shape[1]) + extra
+    return None
+
+
+def _wants_default_cache(model: Any, call: dict[str, Any]) -> bool:
+    """Whether ``generate`` (its arguments by name) would build its default dynamic cache:
+    caching on, no ``cache_implementation`` in the call or either generation config, not an
+    assistant (draft) model, whose cache transformers prepares for rollback itself."""
+    configs = (call.get("generation_config"), model.generation_config)
+
+    def setting(name: str, default: Any) -> Any:  # the call's, its config's, the model's
+        values = (call.get(name), *(getattr(c, name, None) for c in configs))
+        return next((v for v in values if v is not None), default)
+
+    supported = getattr(model, "_supports_default_dynamic_cache", lambda: True)()
+    return (
+        supported
+        and setting("use_cache", True) is not False
+        and setting("cache_implementation", None) is None
+        and not setting("is_assistant", False)
+    )
+
+
+def _shadow_generate(model: Any, config: HiPConfig, offload: dict[str, Any] | None) -> None:
+    """Shadow ``model.generate`` with one that brings its own cache when the caller passes none:
+    a :class:`~hip_attn.patches.cache.HiPCache` (sized for prompt + ``max_new_tokens`` when
+    both are known), or with ``offload`` options a
+    :class:`~hip_attn.patches.offload.HiPOffloadCache` and prefill in chunks."""
+    from hip_attn.patches.cache import HiPCache
+    from hip_attn.patches.compat import cache_kwarg, given_cache
+
     original = type(model).generate
+    signature = inspect.signature(original)
     name = cache_kwarg(model)
+    if offload is not None:
+        offload.setdefault("max_chunk", 4096)
 
     def generate(*args: Any, **kwargs: Any) -> Any:
         cache = given_cache(kwargs)
         for n in ("cache", "past_key_values"):
             kwargs.pop(n, None)  # passed on under the installed release's name only
-        kwargs[name] = cache if cache is not None else HiPOffloadCache(model.config, config,
-                                                                       **options)  # fmt: skip
-        kwargs.setdefault("prefill_chunk_size", options["max_chunk"])
+        if cache is None and offload is not None:
+            from hip_attn.patches.offload import HiPOffloadCache
+
+            cache = HiPOffloadCache(model.config, config, **offload)
+            kwargs.setdefault("prefill_chunk_size", offload["max_chunk"])
+        elif cache is None:
+            bound = signature.bind_partial(model, *args, **kwargs).arguments
+            call = {**bound.pop("kwargs", {}), **bound}  # generate(**kwargs) collects the rest
+            if _wants_default_cache(model, call):
+                cache = HiPCache(model.config, max_tokens=_hip_cache_tokens(call))
+        if cache is not None:
+            kwargs[name] = cache
         return original(model, *args, **kwargs)
 
     generate.__doc__ = original.__doc__

@@ -102,6 +102,18 @@ def test_prefill_attention_matches_reference(rand_qkv, hq, hkv, tq, tk, sharing,
     )
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_query_blocks_beyond_the_grid_axis_limit_take_the_first_axis(rand_qkv, monkeypatch, splits):
+    from hip_attn.triton_kernels import attention
+
+    monkeypatch.setattr(attention, "MAX_QUERY_BLOCKS", 3)  # 5 query blocks: the other order
+    q, k, v = rand_qkv(2, 4, 2, 140, 300, 64, device=DEVICE, seed=5)
+    idx, _ = estimate_mask_reference(q, k, CFG)
+    expected = hip_attention_reference(q, k, v, CFG, indices=idx)
+    out = run_attention(q, k, v, idx, CFG, num_splits=splits)
+    torch.testing.assert_close(out.cpu(), expected.cpu(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tq", [1, 3, 32])
 @pytest.mark.parametrize("heads,splits", [(1, 1), (2, 1), (1, 3), (2, 4)])
 def test_decode_attention_split_and_packed_heads(rand_qkv, tq, heads, splits):
@@ -201,6 +213,31 @@ def test_tree_kernel_extends_like_the_reference(rand_qkv, dtype):
             assert torch.equal(got, want)
     with pytest.raises(ValueError, match="holds 61 blocks"):
         extend_tree_triton(tree, k[:, :, :520], done, CFG)
+
+
+@pytest.mark.parametrize(
+    "sharing,tq,dtype",
+    [
+        ("kv_group", 1, torch.bfloat16),  # decode: the search program extends its own tree
+        ("kv_group", 1, torch.float32),
+        ("head", 1, torch.float32),  # several programs read one tree: extended by a launch first
+        ("kv_group", 40, torch.float32),  # two query blocks: likewise
+    ],
+)
+def test_search_extends_the_tree_before_reading_it(rand_qkv, sharing, tq, dtype):
+    cfg = CFG.replace(head_sharing=sharing)
+    q, k, _ = rand_qkv(2, 4, 2, tq, 520, 64, dtype=dtype, device=DEVICE, seed=32)
+    tree = node_summaries(k[:, :, :400], cfg, min_capacity=60)  # 48 blocks
+    h_sel = 2 if sharing == "kv_group" else 4
+    keys = k[:, :, :496]  # 12 blocks more
+    got, _ = estimate_mask_triton(q, tree, 496, cfg, h_sel, 0.125, keys=keys, done=48)
+    fresh = node_summaries(keys, cfg)
+    want, _ = estimate_mask_triton(q, fresh, 496, cfg, h_sel, 0.125)
+    for a, b in zip(_tree_levels(tree, 60), _tree_levels(fresh, 60), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="holds 60 blocks"):  # beyond the room: no launch
+        estimate_mask_triton(q, tree, 520, cfg, h_sel, 0.125, keys=k, done=60)
 
 
 def test_split_merge_kernel_matches_its_reference():

@@ -36,6 +36,9 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps):
     expected = hip_attention(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], cfg)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     ours, theirs = HiPDecodeState(), HiPDecodeState()
+    lookups = []  # the block cache is consulted when the selection changes, not on reuse steps
+    ensure = off.cache.ensure
+    off.cache.ensure = lambda *a: (lookups.append(ours.refreshes), ensure(*a))  # type: ignore
     for t in range(t0, t0 + steps):
         off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         got = off.attend(q[:, :, t : t + 1], state=ours)
@@ -44,6 +47,7 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps):
         assert torch.equal(ours.indices, theirs.indices)  # the same selection, from R alone
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert ours.refreshes == -(-steps // cfg.refresh_interval)
+    assert lookups == list(range(1, ours.refreshes + 1))
     stats = off.stats()
     assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
     assert stats["hits"] > 0 and stats["misses"] > 0

@@ -3,7 +3,11 @@ syncs of a decode step, none): every PyTorch op
 that launches a kernel (not a view, not an allocation, not on an empty tensor) and every Triton
 launch of one ``hip_attention`` call on a GPU-shaped problem (Llama-3.1-8B heads, bf16, the
 default ``HiPConfig``, an H100's 132 SMs for the launch shape). The Triton kernels are counted,
-not run, so this takes a second on the CPU."""
+not run, so this takes a second on the CPU.
+
+The bytes a patched model's decode step writes are counted the same way (what those PyTorch ops
+produce; the Triton kernels write their fixed-size outputs: the selection, the attention
+output, the summaries of a completed block)."""
 
 from __future__ import annotations
 
@@ -32,26 +36,46 @@ class _Kernels(TorchDispatchMode):
         super().__init__()
         self.count = 0
         self.syncs = 0
+        self.bytes = 0
+        self.grids: dict[str, Any] = {}
+        self.launches: list[Any] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.syncs += str(func.overloadpacket) in _SYNCS
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, tuple | list) else [out]
         launches = not func.is_view and str(func.overloadpacket) not in _ALLOCATIONS
-        if launches and any(isinstance(o, torch.Tensor) and o.numel() for o in outs):
+        written = [o for o in outs if isinstance(o, torch.Tensor) and o.numel()]
+        if launches and written:
             self.count += 1
+            self.bytes += sum(o.numel() * o.element_size() for o in written)
         return out
 
 
-class _Launch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` counts and returns."""
+def _signature(args: Any) -> Any:
+    """A launch's arguments as a CUDA graph captures them, but for the addresses of tensors
+    (fresh allocations, e.g. outputs, come from the graph's pool: fixed across replays)."""
+    if isinstance(args, dict):
+        return tuple(sorted((k, _signature(v)) for k, v in args.items()))
+    if isinstance(args, tuple | list):
+        return tuple(_signature(a) for a in args)
+    if isinstance(args, torch.Tensor):
+        return ("tensor", args.dtype, tuple(args.shape), args.stride())
+    return args
 
-    def __init__(self, counter: _Kernels) -> None:
-        self.counter = counter
+
+class _Launch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` counts, notes the grid
+    and returns."""
+
+    def __init__(self, counter: _Kernels, name: str) -> None:
+        self.counter, self.name = counter, name
 
     def __getitem__(self, grid: Any) -> Any:
         def launch(*args: Any, **kwargs: Any) -> None:
             self.counter.count += 1
+            self.counter.grids[self.name] = grid
+            self.counter.launches.append((self.name, grid, _signature(args), _signature(kwargs)))
 
         return launch
 
@@ -67,10 +91,12 @@ def counter(monkeypatch: pytest.MonkeyPatch) -> _Kernels:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(attention, "uses_triton", lambda device: True)
     monkeypatch.setattr(attention, "_multiprocessors", lambda device: 132)
-    monkeypatch.setattr(mask, "_hip_mask_kernel", _Launch(counter))
-    monkeypatch.setattr(sparse, "_sparse_attention_kernel", _Launch(counter))
-    monkeypatch.setattr(sparse, "_merge_splits_kernel", _Launch(counter))
-    monkeypatch.setattr(tree, "_extend_tree_kernel", _Launch(counter))
+    monkeypatch.setattr(mask, "_hip_mask_kernel", _Launch(counter, "_hip_mask_kernel"))
+    monkeypatch.setattr(
+        sparse, "_sparse_attention_kernel", _Launch(counter, "_sparse_attention_kernel")
+    )
+    monkeypatch.setattr(sparse, "_merge_splits_kernel", _Launch(counter, "_merge_splits_kernel"))
+    monkeypatch.setattr(tree, "_extend_tree_kernel", _Launch(counter, "_extend_tree_kernel"))
     return counter
 
 
@@ -87,10 +113,9 @@ def test_decode_launches(counter: _Kernels) -> None:
     today = LAUNCH_PROFILES["today"]
     q, k, v = _qkv(1, 4106, 32, 8)
     state = HiPDecodeState()
-    # as in generation: the prefill builds the summary tree the decode steps extend, and each
-    # step appends one token; the first step completes a block and grows the tree's allocation
-    # (amortized: a quarter more room), the refresh 8 steps later completes the next block in
-    # place, the steady state counted here
+    # as in generation: the prefill builds the summary tree (with room to grow) that the decode
+    # steps extend, and each step appends one token; the refreshes at 4096 and 4104 keys
+    # each complete a block, which the search kernel summarizes in its own launch
     prompt, _, _ = _qkv(128, 4095, 32, 8)
     hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
     counts = []
@@ -100,10 +125,10 @@ def test_decode_launches(counter: _Kernels) -> None:
             hip_attention(q, k[:, :, :keys], v[:, :, :keys], state=state)
         counts.append(counter.count)
     assert counter.syncs == 0  # no step reads the device from the host
-    assert state.refreshes == 2  # at 4096 and 4104 keys
-    steady = [counts[4104 - 4096], *counts[4105 - 4096 :], *counts[1 : 4104 - 4096]]
-    expected = [today.hip_decode_refresh] + [today.hip_decode_reuse] * 9
-    assert steady == expected, f"{STALE}: decode launches {counts}"
+    assert state.refreshes == 2
+    refresh, reuse = today.hip_decode_refresh, today.hip_decode_reuse
+    expected = [refresh] + [reuse] * 7 + [refresh] + [reuse] * 2
+    assert counts == expected, f"{STALE}: decode launches {counts}"
 
 
 def test_prefill_launches(counter: _Kernels) -> None:
@@ -113,3 +138,74 @@ def test_prefill_launches(counter: _Kernels) -> None:
     with counter:
         hip_attention(q, k, v)
     assert counter.count == LAUNCH_PROFILES["today"].hip_prefill, f"{STALE}: {counter.count}"
+    # (batch x query heads, query blocks, splits): in launch order the two heads sharing one
+    # KV head, hence one selection, are adjacent programs and read the same blocks together
+    assert counter.grids["_sparse_attention_kernel"] == (2, 2048 // 64, 1)
+
+
+@pytest.mark.parametrize("cache", ["HiPCache", "DynamicCache"])
+@torch.no_grad()
+def test_decode_step_writes_do_not_grow_with_the_context(counter: _Kernels, cache: str) -> None:
+    """``generate``'s cache under ``patch`` (HiPCache) writes the new token in place; transformers'
+    DynamicCache, the control, copies the whole cache every step."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    import hip_attn
+    from hip_attn.patches.cache import HiPCache
+    from hip_attn.patches.compat import cache_kwarg
+    from hip_attn.tiny_model import random_llama
+
+    model = random_llama(0, layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
+    config = hip_attn.HiPConfig(k=64, block_size_q=16, block_size_k=8, sink_tokens=16,
+                                window=32, refresh_interval=4, dense_threshold=0)  # fmt: skip
+    hip_attn.patch(model, config)
+    make = {"HiPCache": HiPCache, "DynamicCache": lambda c: transformers.DynamicCache(config=c)}
+    token = torch.zeros(1, 1, dtype=torch.long)
+    name = cache_kwarg(model)
+    written = {}
+    for context in (600, 1800):
+        past = make[cache](model.config)
+        model(torch.randint(3, 128, (1, context)), **{name: past})
+        steps = []
+        for _ in range(9):  # two refreshes, one completing a block
+            counter.bytes = counter.syncs = 0
+            with counter:
+                model(token, **{name: past})
+            steps.append(counter.bytes)
+            assert counter.syncs == 0
+        written[context] = steps
+    growth = [b - a for a, b in zip(written[600], written[1800], strict=True)]
+    if cache == "HiPCache":
+        assert growth == [0] * 9, written
+    else:  # 1,200 more tokens of K and V, fp32, 2 KV heads of 16 dims, 2 layers, copied
+        assert min(growth) >= 1200 * 2 * 2 * 16 * 4 * 2, written
+
+
+def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) -> None:
+    """hip_attention(..., length=): after the step that sets the state up, every step (reusing
+    or refreshing) makes the same launches with the same arguments, reads nothing back and runs
+    no PyTorch op: what a CUDA graph can capture once and replay."""
+    from hip_attn.attention import HiPDecodeState, hip_attention
+
+    q, k, v = _qkv(1, 8192, 32, 8)  # buffers for 8K tokens
+    state = HiPDecodeState()
+    prompt, _, _ = _qkv(128, 4095, 32, 8)
+    hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
+    length = torch.tensor([4095], dtype=torch.int32)
+    steps, buffers = [], []
+    for _ in range(12):  # 4096 .. 4107 keys: refreshes at 4096 and 4104, blocks complete
+        length += 1
+        counter.count = counter.syncs = 0
+        counter.launches = []
+        with counter:
+            hip_attention(q, k, v, state=state, length=length)
+        steps.append((counter.count, counter.syncs, counter.launches))
+        buffers.append(state._device)
+    _, *rest = steps
+    assert all(b is buffers[0] for b in buffers)  # set up once, then only read and updated
+    names = [name for name, *_ in rest[0][2]]
+    assert names == ["_hip_mask_kernel", "_sparse_attention_kernel", "_merge_splits_kernel"]
+    for count, syncs, launches in rest:
+        assert syncs == 0 and count == len(launches) == 3  # Triton launches only
+        assert launches == rest[0][2]

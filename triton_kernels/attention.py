@@ -21,8 +21,12 @@ import triton.language as tl
 
 from hip_attn.config import HiPConfig
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
+from hip_attn.triton_kernels.lengths import keys_in_use
 
 _LOG2E = 1.4426950408889634
+#: CUDA's limit on the second launch-grid axis (query blocks, while they fit: 4.2M tokens at
+#: block_size_q=64).
+MAX_QUERY_BLOCKS = 65535
 
 
 @triton.jit
@@ -54,9 +58,18 @@ def _sparse_attention_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the input dtype but for the interpreter)
     OFFSET: tl.constexpr,  # int32, or int64 when a tensor spans 2^31 elements (K/V of 1M tokens)
+    TK_ON_DEVICE: tl.constexpr,  # tk points at the keys in use (int32 in device memory)
+    HEADS_FIRST: tl.constexpr,  # grid (heads, query blocks, splits), else query blocks first
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    tk = keys_in_use(tk, TK_ON_DEVICE)
+    if HEADS_FIRST:  # a GQA group's heads, which read the same K/V, run side by side
+        bh = tl.program_id(0)
+        qb = tl.program_id(1)
+        n_b = tl.num_programs(0) // h_prog
+    else:
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        n_b = tl.num_programs(1) // h_prog
     split = tl.program_id(2)
     b = (bh // h_prog).to(OFFSET)
     head0 = (bh % h_prog) * HEADS
@@ -72,7 +85,8 @@ def _sparse_attention_kernel(
     row_ok = (rows < HEADS * rows_per_head) & (rows % rows_per_head < n_rows)
     dim_ok = dims < D
     qpos = tk - tq + t
-    end = tk - tq + qb * BLOCK_Q + n_rows
+    first_q = tk - tq + qb * BLOCK_Q  # the block's first query position
+    end = first_q + n_rows
 
     q = tl.load(
         Q + b * stride_q_b + head[:, None] * stride_q_h + t[:, None] * stride_q_t + dims[None, :],
@@ -105,12 +119,14 @@ def _sparse_attention_kernel(
         if tile < sink_tiles:
             kpos = tile * BLOCK_N + cols
             k_ok = kpos < n_sink
+            last = tl.minimum((tile + 1) * BLOCK_N, n_sink) - 1  # the tile's last key
             offs = sink_off + kpos.to(OFFSET)[:, None] * stride_sk_t + dims[None, :]
             k_ptr = K_SINK + offs
             v_ptr = V_SINK + offs
         elif tile < sink_tiles + sel_tiles:
             j = (tile - sink_tiles) * BLOCK_N + cols
             k_ok = j < n_sel
+            last = first_q - 1  # selected blocks end before the window, before every query
             kpos = tl.load(SEL + sel_row + j // BK, mask=k_ok, other=0) * BK + j % BK
             if INDIRECT:
                 krow = tl.load(SLOT + sel_row + j // BK, mask=k_ok, other=0) * BK + j % BK
@@ -122,13 +138,19 @@ def _sparse_attention_kernel(
         else:
             kpos = win + (tile - sink_tiles - sel_tiles) * BLOCK_N + cols
             k_ok = kpos < end
+            last = tl.minimum(win + (tile - sink_tiles - sel_tiles + 1) * BLOCK_N, end) - 1
             offs = win_off + (kpos - win_offset).to(OFFSET)[:, None] * stride_wk_t + dims[None, :]
             k_ptr = K_WIN + offs
             v_ptr = V_WIN + offs
         kv_mask = k_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        qk = tl.where(k_ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
+        # only a tile reaching the block's first query needs the causal mask: the window's
+        # last tiles, or sinks of a block that starts inside them; selected blocks never do
+        if last >= first_q:
+            qk = tl.where(k_ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
+        else:
+            qk = tl.where(k_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
         p = tl.exp2(qk - m_safe[:, None])
@@ -141,7 +163,6 @@ def _sparse_attention_kernel(
     out = OUT + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
     if SPLIT:
         tl.store(out[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
-        n_b = tl.num_programs(1) // h_prog
         stat = ((split * n_b + b) * h_prog * HEADS + head) * tq + t
         tl.store(M_OUT + stat, m_i, mask=row_ok)
         tl.store(L_OUT + stat, l_i, mask=row_ok)
@@ -197,7 +218,7 @@ class KVSegments:
 def sparse_attention_triton(
     q: torch.Tensor,
     kv: KVSegments,
-    tk: int,
+    tk: int | torch.Tensor,
     indices: torch.Tensor,
     config: HiPConfig,
     scale: float,
@@ -207,10 +228,14 @@ def sparse_attention_triton(
     block_n: int = 64,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel for queries ``q`` at positions ``tk - Tq .. tk - 1``.
+    """Launch the kernel for queries ``q`` at positions ``tk - Tq .. tk - 1``. ``tk`` may be
+    an int32 device tensor of one element, read by the kernel: the launch is then the same
+    whatever the length (what a CUDA graph replays).
 
     ``kv`` says where keys and values live (:meth:`KVSegments.full` for plain K/V),
-    ``indices``: the ``[B, H_sel, n_query_blocks, W]`` selection (blocks first, then ``-1``).
+    ``indices``: the ``[B, H_sel, n_query_blocks, W]`` selection (blocks first, then ``-1``),
+    each block inside its query block's candidate region (before the window: no causal mask
+    is applied to them).
     The kernel derives each query block's window and selected-block count itself, so the
     launch reads nothing from the device and runs no other op.
     ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
@@ -241,7 +266,13 @@ def sparse_attention_triton(
         row_max = row_sum = final  # unused without splits
         o_strides = (0, *final.stride()[:3])
     d_pad = max(16, triton.next_power_of_2(d))
-    _sparse_attention_kernel[(n_qb, b * hq // heads_per_program, num_splits)](
+    # programs run in launch order, heads before query blocks: the query heads that read the
+    # same K/V (and, sharing a selection, the same blocks) run together and share L2; past
+    # the second grid axis's limit the query blocks take the first axis
+    heads_first = n_qb <= MAX_QUERY_BLOCKS
+    programs = b * hq // heads_per_program
+    grid = (programs, n_qb, num_splits) if heads_first else (n_qb, programs, num_splits)
+    _sparse_attention_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *kv.launch_args(),
         indices, indices.stride(0), indices.stride(1), indices.stride(2),
@@ -263,6 +294,8 @@ def sparse_attention_triton(
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=TL_DTYPES[dot_dtype],
         OFFSET=tl.int64 if needs_int64(q, dest, *kv.tensors()) else tl.int32,
+        TK_ON_DEVICE=isinstance(tk, torch.Tensor),
+        HEADS_FIRST=heads_first,
     )  # fmt: skip
     if split:
         _merge_splits_kernel[(b * hq * tq,)](

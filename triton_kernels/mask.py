@@ -21,9 +21,16 @@ import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, num_query_blocks, tree_capacity
+from hip_attn.geometry import first_candidate_block, num_query_blocks, tree_blocks, tree_capacity
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
-from hip_attn.triton_kernels.tree import level_offset
+from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
+from hip_attn.triton_kernels.tree import (
+    check_extension,
+    extend_tree,
+    extend_tree_device,
+    extend_tree_triton,
+    level_offset,
+)
 
 
 @triton.jit
@@ -75,6 +82,13 @@ def _hip_mask_kernel(
     stride_o_h,
     stride_o_q,  # int32 [B, H_sel, n_query_blocks, G]
     SCORED,  # int32 [B, H_sel, n_query_blocks]: children scored
+    K,
+    stride_k_b,
+    stride_k_h,
+    stride_k_t,  # with EXTEND: keys [B, Hkv, Tk, D] whose blocks after `done` join the tree
+    done,  # with ON_DEVICE: int32 [B, Hkv] in device memory, updated here
+    anchor,  # with ON_DEVICE: int32 in device memory, see refresh_due
+    interval,
     h_sel,
     tq,
     tk,
@@ -97,11 +111,32 @@ def _hip_mask_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (16-bit inputs: tensor cores)
     OFFSET: tl.constexpr,  # int32, or int64 when the queries span 2^31 elements
+    EXTEND: tl.constexpr,  # summarize the new key blocks first (one program per KV head)
+    ON_DEVICE: tl.constexpr,  # a decode step reading tk (and done) from device memory, which
+    # searches only when refresh_due says so and leaves the selection in place otherwise
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // h_sel).to(OFFSET)
     hs = bh % h_sel
+    tk = keys_in_use(tk, ON_DEVICE)
+    if ON_DEVICE:  # noqa: SIM102 (one `and` would compile refresh_due without a pointer)
+        if not refresh_due(tk, anchor, interval):
+            return
+    if EXTEND:  # this program alone owns its KV head's tree (decode, kv_group sharing)
+        kv = (hs * HEADS_PER_SEL // q_per_kv).to(OFFSET)
+        n_tree = tl.maximum(tk // BK - first, 0)
+        keys = K + b * stride_k_b + kv * stride_k_h
+        tree = S + b * stride_s_b + kv * stride_s_h
+        if ON_DEVICE:
+            slot = done + b * (h_sel * HEADS_PER_SEL // q_per_kv) + kv
+            extend_tree(keys, stride_k_t, tree, stride_s_n, tl.load(slot), n_tree, capacity,
+                        first * BK, b * 0, BK, D, D_PAD)  # fmt: skip
+            tl.store(slot, n_tree)
+        else:
+            extend_tree(keys, stride_k_t, tree, stride_s_n, done, n_tree, capacity, first * BK,
+                        b * 0, BK, D, D_PAD)  # fmt: skip
+        tl.debug_barrier()  # the search below reads what was written
     # hip_attn.geometry.query_blocks: the candidates end at the block boundary at or before
     # s - window (s: the block's first query) and start after the sinks
     n = tl.maximum((tl.maximum(tk - tq + qb * BLOCK_Q - window, 0) // BK) - first, 0)
@@ -205,6 +240,9 @@ def estimate_mask_triton(
     config: HiPConfig,
     h_sel: int,
     scale: float,
+    *,
+    keys: torch.Tensor | None = None,
+    done: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the search kernel for queries ``q`` ``[B, Hq, Tq, D]`` (pooled inside the kernel,
     as :func:`hip_attn.geometry.pool_queries` pools them) over the ``[B, Hkv, rows, 2 * D]``
@@ -213,17 +251,84 @@ def estimate_mask_triton(
     (:func:`hip_attn.geometry.query_blocks`). Bounds accumulate in fp32; when both inputs
     share a 16-bit dtype the products run on tensor cores (exact, as 16-bit products are),
     otherwise in fp32.
+    With ``keys`` (the ``[B, Hkv, tk, D]`` keys of a tree whose first ``done`` blocks are
+    summarized, a decode refresh), the blocks completed since are summarized into ``tree``
+    first (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`): inside this launch when
+    each program owns one KV head's tree (one query block, ``h_sel == Hkv``), else by a launch
+    before it.
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
-    b, hq, tq, d = q.shape
-    hkv = tree.shape[1]
-    g = config.blocks_per_query_block
+    b, _, tq, _ = q.shape
     n_qb = num_query_blocks(tq, config)
-    rows = config.block_size_q // config.query_pool_stride
-    out = torch.empty((b, h_sel, n_qb, g), dtype=torch.int32, device=q.device)
-    scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=q.device)
+    out = torch.empty((b, h_sel, n_qb, config.blocks_per_query_block), dtype=torch.int32,
+                      device=q.device)  # fmt: skip
+    extend = keys is not None and check_extension(tree, keys, done, config) > done
+    fuse = extend and n_qb == 1 and h_sel == tree.shape[1]
+    if extend and not fuse:
+        extend_tree_triton(tree, keys, done, config)
     if tree.stride(-1) != 1:
         tree = tree.contiguous()
+    k_args = (keys, *keys.stride()[:3], done) if fuse and keys is not None else (tree, 0, 0, 0, 0)
+    scored = _launch(q, tree, tk, out, k_args, (0, 1), config, scale, fuse, on_device=False)
+    return out, scored
+
+
+def decode_search_triton(
+    q: torch.Tensor,
+    tree: torch.Tensor,
+    keys: torch.Tensor,
+    tk: torch.Tensor,
+    done: torch.Tensor,
+    anchor: torch.Tensor,
+    config: HiPConfig,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """One decode step's search with every length in device memory, so that its launches do not
+    depend on the step (a CUDA graph replays them): ``tk`` (int32, one element) keys of the
+    ``[B, Hkv, capacity, D]`` buffer ``keys`` are in use; ``tree`` (room for the buffer's blocks)
+    holds ``done[b, h]`` (int32 ``[B, Hkv]``) blocks of each row. When ``refresh_due`` (the
+    first step after ``anchor`` keys and every ``refresh_interval`` steps after), the kernel
+    summarizes the blocks completed since into ``tree`` (updating ``done``) and writes the
+    selection of the one-token ``q`` into ``out`` (``[B, H_sel, 1, G]``, ``-1`` padded);
+    otherwise it leaves ``out`` as it is. Reference: the host-side rule of
+    :class:`hip_attn.HiPDecodeState` with :func:`estimate_mask_triton`."""
+    b, hkv = tree.shape[:2]
+    h_sel = out.shape[1]
+    if q.shape[2] != 1 or tuple(out.shape) != (b, h_sel, 1, config.blocks_per_query_block):
+        raise ValueError(
+            f"a device decode step takes one query token and a [B, H_sel, 1, G] selection; got "
+            f"q {tuple(q.shape)}, out {tuple(out.shape)}"
+        )
+    if tree_capacity(tree) < tree_blocks(keys.shape[2], config) or tree.stride(-1) != 1:
+        raise ValueError("the tree needs room for every block of the key buffer, unit stride")
+    interval = config.refresh_interval
+    fuse = h_sel == hkv
+    if not fuse:  # several programs read one tree: summarize in a launch of its own first
+        extend_tree_device(tree, keys, tk, done, anchor, config)
+    k_args = (keys, *keys.stride()[:3], done) if fuse else (tree, 0, 0, 0, done)
+    _launch(q, tree, tk, out, k_args, (anchor, interval), config, scale, fuse, on_device=True)
+
+
+def _launch(
+    q: torch.Tensor,
+    tree: torch.Tensor,
+    tk: int | torch.Tensor,
+    out: torch.Tensor,
+    k_args: tuple[object, ...],
+    gate: tuple[object, int],
+    config: HiPConfig,
+    scale: float,
+    extend: bool,
+    *,
+    on_device: bool,
+) -> torch.Tensor:
+    """The search kernel over ``q``'s query blocks into ``out``; returns the children scored."""
+    b, hq, tq, d = q.shape
+    hkv = tree.shape[1]
+    h_sel, n_qb, g = out.shape[1:]
+    rows = config.block_size_q // config.query_pool_stride
+    scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=q.device)
     if q.stride(-1) != 1:
         q = q.contiguous()
     dot_dtype = dot_operand_dtype(q.dtype if q.dtype == tree.dtype else torch.float32)
@@ -241,6 +346,8 @@ def estimate_mask_triton(
         out.stride(1),
         out.stride(2),
         scored,
+        *k_args,
+        *gate,
         h_sel,
         tq,
         tk,
@@ -263,9 +370,11 @@ def estimate_mask_triton(
         NODES=max(32, triton.next_power_of_2(config.beam * g)),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=TL_DTYPES[dot_dtype],
-        OFFSET=tl.int64 if needs_int64(q, tree) else tl.int32,
+        OFFSET=tl.int64 if needs_int64(q, tree, k_args[0]) else tl.int32,  # type: ignore[arg-type]
+        EXTEND=extend,
+        ON_DEVICE=on_device,
         num_warps=8,
         # 2 stages keep every 16-bit variant within sm_89's 99 KB of shared memory (3: 104 KB)
         num_stages=2,
     )
-    return out, scored
+    return scored

@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, tree_capacity
+from hip_attn.geometry import first_candidate_block, tree_blocks, tree_capacity
 from hip_attn.triton_kernels.dtypes import needs_int64
+from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 
 
 @triton.jit
@@ -28,29 +29,24 @@ def level_offset(levels, capacity):
 
 
 @triton.jit
-def _extend_tree_kernel(
-    K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
-    T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 2 * D]
-    heads, done, n, capacity, first_key,
-    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, OFFSET: tl.constexpr,
+def extend_tree(
+    keys, stride_k_t, tree, stride_t_n, done, n, capacity, first_key, zero,
+    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    b = (bh // heads).to(OFFSET)
-    h = (bh % heads).to(OFFSET)
+    """Summarize blocks ``done .. n - 1`` of one (batch, KV head): ``keys`` and ``tree`` point at
+    its keys and its tree; ``zero`` is a 0 of the offset width. The caller's program must be the
+    only one writing this tree; its later loads of the tree may follow a ``tl.debug_barrier``."""
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
-    keys = K + b * stride_k_b + h * stride_k_h
-    tree = T + b * stride_t_b + h * stride_t_h
     rows = tl.arange(0, BK)
-    zero = b * 0  # loop counters are added to it: offsets in OFFSET's width
     for block in range(done, n):  # the leaves: one key block each
         t = zero + first_key + block * BK + rows
         # compared in fp32 (exact: every value is one of the keys), stored in the tree's dtype
         k = tl.load(keys + t[:, None] * stride_k_t + dims[None, :], mask=dim_ok[None, :])
         k = k.to(tl.float32)
         node = tree + (zero + block) * stride_t_n
-        tl.store(node + dims, tl.max(k, axis=0).to(T.dtype.element_ty), mask=dim_ok)
-        tl.store(node + D + dims, tl.min(k, axis=0).to(T.dtype.element_ty), mask=dim_ok)
+        tl.store(node + dims, tl.max(k, axis=0).to(tree.dtype.element_ty), mask=dim_ok)
+        tl.store(node + D + dims, tl.min(k, axis=0).to(tree.dtype.element_ty), mask=dim_ok)
     level = 1
     while (n >> level) > 0:  # the parents of what changed, level by level
         tl.debug_barrier()  # the level below is written
@@ -68,33 +64,92 @@ def _extend_tree_kernel(
                 tl.load(left + D + dims, mask=dim_ok).to(tl.float32),
                 tl.load(right + D + dims, mask=dim_ok).to(tl.float32),
             )
-            tl.store(node + dims, hi.to(T.dtype.element_ty), mask=dim_ok)
-            tl.store(node + D + dims, lo.to(T.dtype.element_ty), mask=dim_ok)
+            tl.store(node + dims, hi.to(tree.dtype.element_ty), mask=dim_ok)
+            tl.store(node + D + dims, lo.to(tree.dtype.element_ty), mask=dim_ok)
         level += 1
+
+
+@triton.jit
+def _extend_tree_kernel(
+    K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
+    T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 2 * D]
+    heads, done, tk, capacity, first, anchor, interval,
+    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, OFFSET: tl.constexpr,
+    ON_DEVICE: tl.constexpr,  # tk and done point at device memory, done per (batch, KV head)
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b = (bh // heads).to(OFFSET)
+    h = (bh % heads).to(OFFSET)
+    tk = keys_in_use(tk, ON_DEVICE)
+    if ON_DEVICE:  # a decode step: summarize only when it searches (see refresh_due)
+        if refresh_due(tk, anchor, interval):
+            n = tl.maximum(tk // BK - first, 0)
+            extend_tree(
+                K + b * stride_k_b + h * stride_k_h, stride_k_t,
+                T + b * stride_t_b + h * stride_t_h, stride_t_n, tl.load(done + bh), n,
+                capacity, first * BK, b * 0, BK, D, D_PAD,
+            )  # fmt: skip
+            tl.store(done + bh, n)
+    else:
+        extend_tree(
+            K + b * stride_k_b + h * stride_k_h, stride_k_t, T + b * stride_t_b + h * stride_t_h,
+            stride_t_n, done, tl.maximum(tk // BK - first, 0), capacity, first * BK, b * 0,
+            BK, D, D_PAD,
+        )  # fmt: skip
+
+
+def check_extension(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> int:
+    """The blocks ``tree`` will hold once extended from ``done`` by the keys ``k``; raises
+    ``ValueError`` when they do not fit or ``tree`` belongs to other keys."""
+    b, h, tk, d = k.shape
+    if tree.shape[:2] != (b, h) or tree.shape[-1] != 2 * d:
+        raise ValueError(
+            f"the tree {tuple(tree.shape)} was built for other keys than {tuple(k.shape)}"
+        )
+    n = tree_blocks(tk, config)
+    capacity = tree_capacity(tree)
+    if not done <= n <= capacity:
+        raise ValueError(f"the tree holds {capacity} blocks and {done} done; cannot extend to {n}")
+    if k.stride(-1) != 1 or tree.stride(-1) != 1:
+        raise ValueError("keys and tree need unit stride on the last dimension")
+    return n
 
 
 def extend_tree_triton(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> None:
     """Summarize in ``tree`` the blocks of ``k`` ``[B, Hkv, Tk, D]`` after the first ``done``,
     up to the last complete one; ``tree``'s capacity must hold them (else use
     :func:`hip_attn.geometry.node_summaries`, which grows it)."""
-    bk, first = config.block_size_k, first_candidate_block(config)
-    b, h, tk, d = k.shape
-    if tree.shape[:2] != (b, h) or tree.shape[-1] != 2 * d:
-        raise ValueError(
-            f"the tree {tuple(tree.shape)} was built for other keys than {tuple(k.shape)}"
-        )
-    n = max(0, tk // bk - first)
-    capacity = tree_capacity(tree)
-    if not done <= n <= capacity:
-        raise ValueError(f"the tree holds {capacity} blocks and {done} done; cannot extend to {n}")
+    n = check_extension(tree, k, done, config)
     if n == done:
         return
-    if k.stride(-1) != 1 or tree.stride(-1) != 1:
-        raise ValueError("keys and tree need unit stride on the last dimension")
+    b, h, _, d = k.shape
     _extend_tree_kernel[(b * h,)](
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, n, capacity, first * bk,
-        BK=bk, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
-        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32,
+        h, done, k.shape[2], tree_capacity(tree), first_candidate_block(config), 0, 1,
+        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=False,
+    )  # fmt: skip
+
+
+def extend_tree_device(
+    tree: torch.Tensor,
+    k: torch.Tensor,
+    tk: torch.Tensor,
+    done: torch.Tensor,
+    anchor: torch.Tensor,
+    config: HiPConfig,
+) -> None:
+    """:func:`extend_tree_triton` for a decode step with its lengths in device memory (see
+    :func:`hip_attn.triton_kernels.mask.decode_search_triton`): on a step that searches, row
+    ``(b, h)`` of ``tree`` is extended from ``done[b, h]`` blocks to those of the first ``tk``
+    keys of the buffer ``k``; other steps launch and return at once."""
+    b, h, _, d = k.shape
+    _extend_tree_kernel[(b * h,)](
+        k, k.stride(0), k.stride(1), k.stride(2),
+        tree, tree.stride(0), tree.stride(1), tree.stride(2),
+        h, done, tk, tree_capacity(tree), first_candidate_block(config), anchor,
+        config.refresh_interval,
+        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=True,
     )  # fmt: skip

@@ -161,6 +161,7 @@ _COLUMNS: dict[str, list[Column]] = {
     "decode": [
         ("context", _context),
         ("HiP ms", _ms("hip_amortized")),
+        ("HiP wall ms", _field("hip_amortized", "wall_ms", lambda v: f"{v:.3g}")),
         ("step ms", _ms("hip")),
         *_STAGES_VS_BASELINES,
         ("sparse GB/s", _rate("hip_sparse", "gbps")),
@@ -186,8 +187,9 @@ COLUMN_NOTES = {
     "prefill": "HiP = mask + sparse (hip_attention); vs SDPA = SDPA ms / HiP ms; flex/sparse = "
     "flex ms / HiP sparse ms on the same selection; floor = analytic attention-only floor; "
     "x floor = measured / floor",
-    "decode": "HiP = per step over refresh_interval steps (one refresh); step = a step that "
-    "re-estimates; vs SDPA = SDPA ms / HiP ms; x floor = measured / floor",
+    "decode": "HiP = per step over refresh_interval steps (one refresh), GPU time by events; "
+    "wall = the same between device synchronizations (host launch time included); step = a "
+    "step that re-estimates; vs SDPA = SDPA ms / HiP ms; x floor = measured / floor",
     "mask": "mask = hip_attention's estimation (pooling, summary tree, search); kernel = the "
     "search kernel alone; x floor = measured / floor",
 }

@@ -17,7 +17,7 @@ Methods (keys of a record's ``results``):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -242,13 +242,12 @@ def run_case(
                 say(f"{case.label}: hip_amortized")
                 try:
                     t = measure(decode_steps, device, opts.timing)
-                    per_step = Timing(
-                        t.ms / steps,
-                        t.p20_ms / steps,
-                        t.p80_ms / steps,
-                        t.runs,
-                        t.peak_mem_bytes,
-                        t.extra_mem_bytes,
+                    per_step = replace(
+                        t,
+                        ms=t.ms / steps,
+                        p20_ms=t.p20_ms / steps,
+                        p80_ms=t.p80_ms / steps,
+                        wall_ms=None if t.wall_ms is None else t.wall_ms / steps,
                     )
                     results["hip_amortized"] = _entry(
                         per_step, amortized, steps_per_run=steps, refreshes_per_run=1

@@ -4,8 +4,12 @@ CUDA (the method of ``triton.testing.do_bench``, with a floor on the run count):
 compile and autotune, one call under ``torch.cuda.reset_peak_memory_stats`` for the peak memory,
 a short estimate of the time per call, then warm-up calls for ``warmup_ms`` and timed calls for
 ``rep_ms`` (at least ``min_runs``, at most ``max_runs``), each bracketed by CUDA events after the
-L2 cache is flushed by writing a 256 MiB buffer. The CPU uses the wall clock (``perf_counter``)
-over ``cpu_runs`` calls after ``cpu_warmup``.
+L2 cache is flushed by writing a 256 MiB buffer. Events time the GPU's work only: the flush
+queued before the start event lets the host run ahead, so a call's launch time (up to ~85 µs for
+a chain of small kernels) is hidden from them. The same runs are therefore also timed on the
+wall clock with the device synchronized before and after each call (``wall_ms``), which is
+what a caller waiting for the result sees. The CPU uses the wall clock (``perf_counter``) over
+``cpu_runs`` calls after ``cpu_warmup``.
 
 Calls that change state (a decode step appends a token and may refresh its selection) cannot be
 repeated blindly: :class:`StepClock` marks points within a sequence of such calls (CUDA events,
@@ -61,6 +65,8 @@ class Timing:
         peak_mem_bytes: ``torch.cuda.max_memory_allocated`` during one call (inputs and
             everything else already allocated included); ``None`` on the CPU.
         extra_mem_bytes: that peak minus the memory allocated before the call.
+        wall_ms: median wall-clock milliseconds per call between two device synchronizations
+            (host launch time included); ``None`` on the CPU, where ``ms`` is already that.
     """
 
     ms: float
@@ -69,6 +75,7 @@ class Timing:
     runs: int
     peak_mem_bytes: int | None = None
     extra_mem_bytes: int | None = None
+    wall_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,15 +89,15 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def summarize(times_ms: list[float], **memory: int | None) -> Timing:
-    """Median and percentiles of ``times_ms`` (and the peak memory given, if any)."""
+def summarize(times_ms: list[float], **extra: Any) -> Timing:
+    """Median and percentiles of ``times_ms`` (and the other :class:`Timing` fields given)."""
     ordered = sorted(times_ms)
     return Timing(
         ms=statistics.median(ordered),
         p20_ms=_quantile(ordered, 0.2),
         p80_ms=_quantile(ordered, 0.8),
         runs=len(ordered),
-        **memory,
+        **extra,
     )
 
 
@@ -123,9 +130,22 @@ def time_cuda(fn: Callable[[], Any], settings: TimingSettings) -> Timing:
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    del flush
     times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    return summarize(times, peak_mem_bytes=peak, extra_mem_bytes=peak - before)
+    walls = []
+    for _ in range(runs):
+        flush.zero_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    del flush
+    return summarize(
+        times,
+        peak_mem_bytes=peak,
+        extra_mem_bytes=peak - before,
+        wall_ms=statistics.median(walls),
+    )
 
 
 def time_cpu(fn: Callable[[], Any], settings: TimingSettings) -> Timing:

@@ -129,6 +129,9 @@ class OffloadedKV:
         # the search's summary tree, grown by a quarter when full
         self.tree: torch.Tensor | None = None
         self.length = 0
+        # the selection whose blocks the cache holds now, and their slots: a decode step that
+        # reuses it (the same tensor) needs no lookup, no copy and no host sync
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- appending -----------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -200,12 +203,16 @@ class OffloadedKV:
         q = q.to(self.device)
         tk, config = self.length, self.config
         indices = select_blocks(q, self._summaries, tk, config, scale, state, self.kv_heads)
-        rows = self._fetch(indices)
+        if self._resident is None or self._resident[0] is not indices:
+            rows = self._fetch(indices)
+            self._resident = indices, self.cache.slots_of(indices, rows)
+        else:
+            self.cache.stats.last_step_bytes = 0
         if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
             return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
                                            scale=scale, indices=indices)  # fmt: skip
-        return self._sparse(q, indices, rows, scale)
+        return self._sparse(q, indices, self._resident[1], scale)
 
     def _summaries(self) -> torch.Tensor:
         if self.tree is None:  # no block after the sinks yet: nothing to select from
@@ -229,14 +236,14 @@ class OffloadedKV:
         return rows
 
     def _sparse(
-        self, q: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, scale: float
+        self, q: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, scale: float
     ) -> torch.Tensor:
         from hip_attn.attention import launch_sparse
         from hip_attn.triton_kernels.attention import KVSegments
 
         kv = KVSegments(
             self.sink_k, self.sink_v, self.cache.k, self.cache.v, self.recent_k, self.recent_v,
-            slots=self.cache.slots_of(indices, rows), window_offset=self.recent_start,
+            slots=slots, window_offset=self.recent_start,
         )  # fmt: skip
         return launch_sparse(q, kv, self.length, indices, self.config, scale)
 

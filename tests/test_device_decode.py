@@ -1,0 +1,127 @@
+"""Device decode (``hip_attention(..., length=)``): the same results as the host-driven decode
+state, with every length in device memory and the same launches at every step."""
+
+import pytest
+import torch
+
+from hip_attn import HiPConfig, HiPDecodeState, hip_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
+                refresh_interval=4, dense_threshold=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,sharing,dtype",
+    [
+        (4, 2, "kv_group", torch.float32),  # the search extends its own tree
+        (4, 2, "head", torch.float32),  # a gated extension launch first
+        (2, 1, "kv_group", torch.bfloat16),
+    ],
+)
+def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dtype):
+    cfg = CFG.replace(head_sharing=sharing)
+    prompt, steps, capacity = 411, 14, 512
+    q, k, v = rand_qkv(1, hq, hkv, prompt + steps, capacity, 64, dtype=dtype, device=DEVICE,
+                       seed=40)  # fmt: skip
+    k_buf, v_buf = k.clone(), v.clone()
+    k_buf[:, :, prompt:] = v_buf[:, :, prompt:] = 1e4  # not written yet: must never be read
+    host, dev = HiPDecodeState(), HiPDecodeState()
+    ctx = slice(0, prompt)
+    first = hip_attention(q[:, :, ctx], k[:, :, ctx], v[:, :, ctx], cfg, state=host)
+    assert torch.equal(first, hip_attention(q[:, :, ctx], k[:, :, ctx], v[:, :, ctx], cfg,
+                                            state=dev))  # fmt: skip
+    length = torch.tensor([prompt], dtype=torch.int32, device=DEVICE)
+    for t in range(prompt, prompt + steps):  # blocks complete at 416 and 424: refreshes too
+        k_buf[:, :, t], v_buf[:, :, t] = k[:, :, t], v[:, :, t]
+        length += 1
+        row = q[:, :, t : t + 1]
+        want = hip_attention(row, k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=host)
+        got = hip_attention(row, k_buf, v_buf, cfg, state=dev, length=length)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        expected = host.indices
+        assert expected is not None and dev.indices is not None
+        width = expected.shape[-1]
+        assert torch.equal(dev.indices[..., :width], expected)
+        assert (dev.indices[..., width:] == -1).all()
+    assert host.refreshes == -(-steps // cfg.refresh_interval)
+
+
+def test_a_new_sequence_in_the_same_buffers_starts_afresh_in_place(rand_qkv):
+    """A host-driven call (here the next sequence's prefill) makes the next device step set up
+    again: from the new keys, in the same tensors (a captured graph stays valid)."""
+    capacity = 448
+    _, k_buf, v_buf = rand_qkv(1, 2, 1, 1, capacity, 64, device=DEVICE, seed=42)
+    state = HiPDecodeState()
+    kept = None
+    for seq, prompt in ((0, 411), (1, 350)):
+        q, k, v = rand_qkv(1, 2, 1, prompt + 6, prompt + 6, 64, device=DEVICE, seed=43 + seq)
+        k_buf[:, :, : prompt + 6], v_buf[:, :, : prompt + 6] = k, v
+        host = HiPDecodeState()
+        for s in (host, state):
+            hip_attention(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], CFG, state=s)
+        length = torch.tensor([prompt], dtype=torch.int32, device=DEVICE)
+        for t in range(prompt, prompt + 6):
+            length += 1
+            row = q[:, :, t : t + 1]
+            want = hip_attention(row, k[:, :, : t + 1], v[:, :, : t + 1], CFG, state=host)
+            got = hip_attention(row, k_buf, v_buf, CFG, state=state, length=length)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        device = state._device
+        assert device is not None
+        kept = kept or device
+        assert device is kept  # the same tensors for the second sequence
+
+
+def test_bad_lengths_raise(rand_qkv):
+    q, k, v = rand_qkv(1, 2, 1, 1, 128, 64)
+    state = HiPDecodeState()
+    one = torch.tensor([100], dtype=torch.int32)
+    with pytest.raises(TypeError, match="length must be a torch.Tensor"):
+        hip_attention(q, k, v, CFG, state=state, length=100)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="int32 tensor of one element"):
+        hip_attention(q, k, v, CFG, state=state, length=one.long())
+    with pytest.raises(ValueError, match="needs a HiPDecodeState and one query token"):
+        hip_attention(q, k, v, CFG, length=one)
+    q2, _, _ = rand_qkv(1, 2, 1, 2, 128, 64)
+    with pytest.raises(ValueError, match="2 queries"):
+        hip_attention(q2, k, v, CFG, state=state, length=one)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_captured_in_a_cuda_graph_replays_like_the_host_decode(rand_qkv):
+    prompt, steps, capacity = 411, 12, 512
+    q, k, v = rand_qkv(1, 4, 2, prompt + steps, capacity, 64, device="cuda", seed=41)
+    k_buf, v_buf = k.clone(), v.clone()
+    k_buf[:, :, prompt:] = v_buf[:, :, prompt:] = 1e4
+    host, dev = HiPDecodeState(), HiPDecodeState()
+    for state in (host, dev):
+        hip_attention(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], CFG, state=state)
+    length = torch.tensor([prompt], dtype=torch.int32, device="cuda")
+    q_new, k_new, v_new = q[:, :, :1].clone(), k[:, :, :1].clone(), v[:, :, :1].clone()
+
+    def step() -> torch.Tensor:  # everything on the device: write the token, count it, attend
+        k_buf.index_copy_(2, length.long(), k_new)
+        v_buf.index_copy_(2, length.long(), v_new)
+        length.add_(1)
+        return hip_attention(q_new, k_buf, v_buf, CFG, state=dev, length=length)
+
+    def feed(t: int) -> torch.Tensor:
+        for new, full in ((q_new, q), (k_new, k), (v_new, v)):
+            new.copy_(full[:, :, t : t + 1])
+        return hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], CFG,
+                             state=host)  # fmt: skip
+
+    want = feed(prompt)
+    torch.testing.assert_close(step(), want, atol=1e-2, rtol=1e-2)  # warm-up: compiles, sets up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for t in range(prompt + 1, prompt + steps):  # refreshes at 416 and 420 keys
+        want = feed(t)
+        graph.replay()
+        torch.testing.assert_close(out, want, atol=1e-2, rtol=1e-2)
+        assert dev.indices is not None and host.indices is not None
+        assert torch.equal(dev.indices[..., : host.indices.shape[-1]], host.indices)
