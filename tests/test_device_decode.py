@@ -11,6 +11,16 @@ CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64
                 refresh_interval=4, dense_threshold=0)  # fmt: skip
 
 
+def _step_both(q, k, v, t, buffers, cfg, host, dev):
+    """Decode token ``t`` through the host-driven state on K/V views and through the device
+    path on the buffers (``length`` already counts it); the outputs must agree."""
+    k_buf, v_buf, length = buffers
+    row = q[:, :, t : t + 1]
+    want = hip_attention(row, k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=host)
+    got = hip_attention(row, k_buf, v_buf, cfg, state=dev, length=length)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "hq,hkv,sharing,dtype",
     [
@@ -35,10 +45,7 @@ def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dt
     for t in range(prompt, prompt + steps):  # blocks complete at 416 and 424: refreshes too
         k_buf[:, :, t], v_buf[:, :, t] = k[:, :, t], v[:, :, t]
         length += 1
-        row = q[:, :, t : t + 1]
-        want = hip_attention(row, k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=host)
-        got = hip_attention(row, k_buf, v_buf, cfg, state=dev, length=length)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        _step_both(q, k, v, t, (k_buf, v_buf, length), cfg, host, dev)
         expected = host.indices
         assert expected is not None and dev.indices is not None
         width = expected.shape[-1]
@@ -63,10 +70,7 @@ def test_a_new_sequence_in_the_same_buffers_starts_afresh_in_place(rand_qkv):
         length = torch.tensor([prompt], dtype=torch.int32, device=DEVICE)
         for t in range(prompt, prompt + 6):
             length += 1
-            row = q[:, :, t : t + 1]
-            want = hip_attention(row, k[:, :, : t + 1], v[:, :, : t + 1], CFG, state=host)
-            got = hip_attention(row, k_buf, v_buf, CFG, state=state, length=length)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            _step_both(q, k, v, t, (k_buf, v_buf, length), CFG, host, state)
         device = state._device
         assert device is not None
         kept = kept or device
