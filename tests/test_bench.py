@@ -96,6 +96,7 @@ def test_decode_smoke_appends_and_default_plot_path(
     assert first["queries"] == 1 and first["context"] == 600
     amortized = first["results"]["hip_amortized"]
     assert amortized["steps_per_run"] == CFG.refresh_interval and amortized["ms"] > 0
+    assert "needs CUDA" in first["results"]["hip_graph"]["skipped"]
     assert "flex" not in first["results"]
     assert set(first["speedup"]) >= {"hip_vs_sdpa", "hip_step_vs_sdpa"}
     assert first["prediction"]["phase"] == "decode" and "hip_amortized" in first["prediction"]["ms"]
@@ -112,11 +113,12 @@ def test_gpu_smoke_times_every_method(tmp_path: Path) -> None:
     assert main([*argv, *timing, "--plot"]) == 0
     (record,) = _records(out)
     assert record["device_type"] == "cuda" and record["timing"] == "cuda-events"
-    for name in ("hip", "hip_amortized", "hip_sparse", "sdpa", "flex"):
+    for name in ("hip", "hip_amortized", "hip_graph", "hip_sparse", "sdpa", "flex"):
         assert record["results"][name]["ms"] > 0, record["results"][name]
         assert record["results"][name]["peak_mem_bytes"] > 0
         assert record["results"][name]["wall_ms"] > 0  # launch time included
     assert record["accuracy"]["flex_vs_hip_max_abs"] < 2e-2
+    assert record["speedup"]["hip_graph_vs_sdpa"] > 0
     assert record["prediction"]["measured_over_floor"]["sdpa"] > 0.5
 
 

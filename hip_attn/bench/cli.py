@@ -566,7 +566,7 @@ def _summary(record: Record) -> str:
     if record.get("mode") == "offload":
         return _offload_summary(record)
     parts = []
-    for name in ("hip_amortized", "hip", "hip_mask", "hip_sparse", "sdpa", "flex"):
+    for name in ("hip_amortized", "hip_graph", "hip", "hip_mask", "hip_sparse", "sdpa", "flex"):
         result = record["results"].get(name)
         if not result:
             continue

@@ -162,6 +162,7 @@ _COLUMNS: dict[str, list[Column]] = {
         ("context", _context),
         ("HiP ms", _ms("hip_amortized")),
         ("HiP wall ms", _field("hip_amortized", "wall_ms", lambda v: f"{v:.3g}")),
+        ("graph ms", _ms("hip_graph")),
         ("step ms", _ms("hip")),
         *_STAGES_VS_BASELINES,
         ("sparse GB/s", _rate("hip_sparse", "gbps")),
@@ -188,8 +189,9 @@ COLUMN_NOTES = {
     "flex ms / HiP sparse ms on the same selection; floor = analytic attention-only floor; "
     "x floor = measured / floor",
     "decode": "HiP = per step over refresh_interval steps (one refresh), GPU time by events; "
-    "wall = the same between device synchronizations (host launch time included); step = a "
-    "step that re-estimates; vs SDPA = SDPA ms / HiP ms; x floor = measured / floor",
+    "wall = the same between device synchronizations (host launch time included); graph = the "
+    "same steps replayed from a CUDA graph (device decode); step = a step that re-estimates; "
+    "vs SDPA = SDPA ms / HiP ms; x floor = measured / floor",
     "mask": "mask = hip_attention's estimation (pooling, summary tree, search); kernel = the "
     "search kernel alone; x floor = measured / floor",
 }

@@ -6,6 +6,8 @@ Methods (keys of a record's ``results``):
   (for decode: a step that refreshes the selection);
 * ``hip_amortized`` (decode): ``refresh_interval`` steps through one :class:`HiPDecodeState`
   (one refresh, the rest reuse the selection), per step: what decoding costs on average;
+* ``hip_graph`` (decode, CUDA): the same steps as device decode (``hip_attention(...,
+  length=)``) captured once in a CUDA graph and replayed, per step: the launch overhead gone;
 * ``hip_mask``: mask estimation as ``hip_attention`` runs it (pooling the queries, building the
   summary tree, the search kernel);
 * ``hip_mask_kernel`` (Triton backends): the search kernel's wrapper alone, on prepared inputs;
@@ -111,6 +113,50 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return {"skipped": f"out of memory: {text[:300]}"}
     return {"error": f"{type(exc).__name__}: {text[:300]}"}
+
+
+def _graph_steps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: HiPConfig,
+    scale: float,
+    opts: Any,
+    work: Work,
+) -> dict[str, Any]:
+    """``refresh_interval`` device-decode steps over the last keys of ``k`` (each step counts
+    one more key in use, so one of them searches), captured in a CUDA graph and replayed; a
+    result per step. The length is reset before each replay of the cycle (one tiny copy)."""
+    if q.device.type != "cuda":
+        return {"skipped": "needs CUDA: a CUDA graph replays the device-decode step"}
+    steps = cfg.refresh_interval
+    start = k.shape[2] - steps
+    try:
+        first = torch.tensor([start], dtype=torch.int32, device=q.device)
+        length, state = first.clone(), HiPDecodeState()
+
+        def step() -> None:
+            length.add_(1)
+            hip_attention(q, k, v, cfg, scale=scale, state=state, length=length)
+
+        step()  # compiles the kernels and sets up the state's device buffers
+        length.copy_(first)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(steps):
+                step()
+
+        def cycle() -> None:
+            length.copy_(first)
+            graph.replay()
+
+        t = measure(cycle, q.device, opts.timing)
+        per_step = replace(t, ms=t.ms / steps, p20_ms=t.p20_ms / steps, p80_ms=t.p80_ms / steps,
+                           wall_ms=None if t.wall_ms is None else t.wall_ms / steps)  # fmt: skip
+        return _entry(per_step, work, steps_per_run=steps, refreshes_per_run=1)
+    except Exception as exc:
+        return _failure(exc)
 
 
 def _free(device: torch.device) -> None:
@@ -255,6 +301,9 @@ def run_case(
                 except Exception as exc:
                     results["hip_amortized"] = _failure(exc)
                 _free(device)
+                say(f"{case.label}: hip_graph")
+                results["hip_graph"] = _graph_steps(q, k, v, cfg, scale, opts, amortized)
+                _free(device)
         timed(
             "hip_mask",
             lambda: search_tree(q, node_summaries(k, cfg), k.shape[2], cfg, scale),
@@ -384,7 +433,8 @@ def _accuracy(
 def speedups(case: BenchCase, results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Ratios of medians: ``hip_vs_sdpa`` (SDPA time over the mode's headline HiP method:
     ``hip`` for prefill, ``hip_amortized`` for decode), ``hip_step_vs_sdpa`` (decode: over a
-    refreshing step), ``sparse_vs_flex`` (flex time over HiP's sparse attention on the same
+    refreshing step), ``hip_graph_vs_sdpa`` (decode: over a step replayed from a CUDA graph),
+    ``sparse_vs_flex`` (flex time over HiP's sparse attention on the same
     selection) and, in mask mode, ``mask_fraction_of_sdpa``."""
 
     def ms(name: str) -> float | None:
@@ -397,9 +447,11 @@ def speedups(case: BenchCase, results: dict[str, dict[str, Any]]) -> dict[str, f
         out["mask_fraction_of_sdpa" if case.mode == "mask" else "hip_vs_sdpa"] = (
             head / sdpa if case.mode == "mask" else sdpa / head
         )
-    step = ms("hip")
+    step, graph = ms("hip"), ms("hip_graph")
     if case.mode == "decode" and sdpa and step:
         out["hip_step_vs_sdpa"] = sdpa / step
+    if case.mode == "decode" and sdpa and graph:
+        out["hip_graph_vs_sdpa"] = sdpa / graph
     flex, sparse = ms("flex"), ms("hip_sparse")
     if flex and sparse:
         out["sparse_vs_flex"] = flex / sparse
