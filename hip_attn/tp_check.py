@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text_report)
+    dist.barrier()  # no rank tears gloo down while another still uses it (an abort at exit)
     dist.destroy_process_group()
     return 0 if ok else 1
 
