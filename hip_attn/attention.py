@@ -174,7 +174,7 @@ class HiPDecodeState:
         dev = self._device
         if dev is not None and dev.key == key and self._device_current:
             return dev
-        n = int(length.reshape(-1)[0])
+        n = int(length)
         b, hkv = k.shape[:2]
         tree = node_summaries(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
         if dev is None or dev.key != key:
@@ -485,7 +485,7 @@ def _device_decode(
     assert state is not None
     config = config.replace(dense_threshold=0)
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
-        n = int(length.reshape(-1)[0])
+        n = int(length)
         return hip_attention(q, k[:, :, :n], v[:, :, :n], config, scale=scale, state=state)
     check_inference_only(q, k, v)
     from hip_attn.triton_kernels.attention import KVSegments

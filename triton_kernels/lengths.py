@@ -12,10 +12,10 @@ import triton.language as tl
 
 
 @triton.jit
-def keys_in_use(tk, ON_DEVICE: tl.constexpr):
-    """``tk`` itself, or with ``ON_DEVICE`` the int32 it points at."""
+def keys_in_use(tk, ON_DEVICE: tl.constexpr, offset=0):
+    """``tk`` itself, or with ``ON_DEVICE`` the int32 at ``tk + offset`` (a count of a row)."""
     if ON_DEVICE:
-        return tl.load(tk)
+        return tl.load(tk + offset)
     else:
         return tk
 

@@ -128,14 +128,11 @@ def _hip_mask_kernel(
         n_tree = tl.maximum(tk // BK - first, 0)
         keys = K + b * stride_k_b + kv * stride_k_h
         tree = S + b * stride_s_b + kv * stride_s_h
+        row = b * (h_sel * HEADS_PER_SEL // q_per_kv) + kv  # of done, with ON_DEVICE
+        extend_tree(keys, stride_k_t, tree, stride_s_n, keys_in_use(done, ON_DEVICE, row),
+                    n_tree, capacity, first * BK, b * 0, BK, D, D_PAD)  # fmt: skip
         if ON_DEVICE:
-            slot = done + b * (h_sel * HEADS_PER_SEL // q_per_kv) + kv
-            extend_tree(keys, stride_k_t, tree, stride_s_n, tl.load(slot), n_tree, capacity,
-                        first * BK, b * 0, BK, D, D_PAD)  # fmt: skip
-            tl.store(slot, n_tree)
-        else:
-            extend_tree(keys, stride_k_t, tree, stride_s_n, done, n_tree, capacity, first * BK,
-                        b * 0, BK, D, D_PAD)  # fmt: skip
+            tl.store(done + row, n_tree)
         tl.debug_barrier()  # the search below reads what was written
     # hip_attn.geometry.query_blocks: the candidates end at the block boundary at or before
     # s - window (s: the block's first query) and start after the sinks

@@ -81,21 +81,19 @@ def _extend_tree_kernel(
     b = (bh // heads).to(OFFSET)
     h = (bh % heads).to(OFFSET)
     tk = keys_in_use(tk, ON_DEVICE)
-    if ON_DEVICE:  # a decode step: summarize only when it searches (see refresh_due)
-        if refresh_due(tk, anchor, interval):
-            n = tl.maximum(tk // BK - first, 0)
-            extend_tree(
-                K + b * stride_k_b + h * stride_k_h, stride_k_t,
-                T + b * stride_t_b + h * stride_t_h, stride_t_n, tl.load(done + bh), n,
-                capacity, first * BK, b * 0, BK, D, D_PAD,
-            )  # fmt: skip
-            tl.store(done + bh, n)
+    n = tl.maximum(tk // BK - first, 0)
+    if ON_DEVICE:  # noqa: SIM108 (a decode step summarizes only when it searches)
+        due = refresh_due(tk, anchor, interval)
     else:
+        due = True
+    if due:
         extend_tree(
             K + b * stride_k_b + h * stride_k_h, stride_k_t, T + b * stride_t_b + h * stride_t_h,
-            stride_t_n, done, tl.maximum(tk // BK - first, 0), capacity, first * BK, b * 0,
+            stride_t_n, keys_in_use(done, ON_DEVICE, bh), n, capacity, first * BK, b * 0,
             BK, D, D_PAD,
         )  # fmt: skip
+        if ON_DEVICE:
+            tl.store(done + bh, n)
 
 
 def check_extension(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> int:
