@@ -115,6 +115,13 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     return {"error": f"{type(exc).__name__}: {text[:300]}"}
 
 
+def _per_step(t: Timing, steps: int) -> Timing:
+    """A timing of ``steps`` decode steps per run, per step."""
+    wall = None if t.wall_ms is None else t.wall_ms / steps
+    return replace(t, ms=t.ms / steps, p20_ms=t.p20_ms / steps, p80_ms=t.p80_ms / steps,
+                   wall_ms=wall)  # fmt: skip
+
+
 def _graph_steps(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -151,9 +158,7 @@ def _graph_steps(
             length.copy_(first)
             graph.replay()
 
-        t = measure(cycle, q.device, opts.timing)
-        per_step = replace(t, ms=t.ms / steps, p20_ms=t.p20_ms / steps, p80_ms=t.p80_ms / steps,
-                           wall_ms=None if t.wall_ms is None else t.wall_ms / steps)  # fmt: skip
+        per_step = _per_step(measure(cycle, q.device, opts.timing), steps)
         return _entry(per_step, work, steps_per_run=steps, refreshes_per_run=1)
     except Exception as exc:
         return _failure(exc)
@@ -287,14 +292,7 @@ def run_case(
                 )
                 say(f"{case.label}: hip_amortized")
                 try:
-                    t = measure(decode_steps, device, opts.timing)
-                    per_step = replace(
-                        t,
-                        ms=t.ms / steps,
-                        p20_ms=t.p20_ms / steps,
-                        p80_ms=t.p80_ms / steps,
-                        wall_ms=None if t.wall_ms is None else t.wall_ms / steps,
-                    )
+                    per_step = _per_step(measure(decode_steps, device, opts.timing), steps)
                     results["hip_amortized"] = _entry(
                         per_step, amortized, steps_per_run=steps, refreshes_per_run=1
                     )
