@@ -236,12 +236,22 @@ class HiPDecodeState:
 
 
 def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact causal attention through SDPA, queries at the last ``Tq`` key positions."""
+    """Exact causal attention through SDPA, queries at the last ``Tq`` key positions (with
+    ``length``, an int32 device tensor: of the first ``length`` keys of the buffers ``k``,
+    ``v``; the mask is built on the device, so the shapes do not depend on it)."""
     tq, tk = q.shape[2], k.shape[2]
     mask = None
-    if tq != tk and tq > 1:
+    if length is not None:
+        qpos = (torch.arange(tq, device=q.device) + (length - tq))[:, None]
+        mask = torch.arange(tk, device=q.device)[None, :] <= qpos
+    elif tq != tk and tq > 1:
         qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
         mask = torch.arange(tk, device=q.device)[None, :] <= qpos
     return F.scaled_dot_product_attention(
@@ -249,7 +259,7 @@ def dense_attention(
         k,
         v,
         attn_mask=mask,
-        is_causal=tq == tk and tq > 1,
+        is_causal=mask is None and tq == tk and tq > 1,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )

@@ -57,6 +57,15 @@ def _offloaded_kv(module: torch.nn.Module) -> Any:
     return cache.offloaded(cast(int, module.layer_idx))
 
 
+def _keys_in_use(module: torch.nn.Module) -> torch.Tensor | None:
+    from hip_attn.patches.cache import HiPCache  # imports transformers
+
+    cache = LAYER_CACHES.get(module)
+    if not isinstance(cache, HiPCache):
+        return None
+    return cache.keys_in_use(cast(int, module.layer_idx))
+
+
 def hip_mask(**kwargs: Any) -> torch.Tensor | None:
     """Mask builder registered as ``"hip"`` with ``AttentionMaskInterface``."""
     from transformers.masking_utils import (
@@ -121,6 +130,17 @@ def hip_attention_forward(
         if attention_mask is not None:
             raise ValueError("hip attention with KV offload does not support padded batches yet")
         out = offloaded.attend(query, scale=scale, state=_state(module, None))
+        return out.transpose(1, 2).contiguous(), None
+    length = _keys_in_use(module)
+    if length is not None:  # K/V buffers on the device (HiPCache.enter_device): graph-capturable
+        if attention_mask is not None:
+            raise ValueError("hip attention over a cache on the device takes no padding mask")
+        if dense:
+            out = dense_attention(query, key, value, scale, length=length)
+        else:
+            out = hip_attention(
+                query, key, value, config, scale=scale, state=_state(module, None), length=length
+            )
         return out.transpose(1, 2).contiguous(), None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: int | None) -> torch.Tensor:

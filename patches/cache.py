@@ -8,6 +8,12 @@ writes the step's tokens into them and hands attention views of the filled prefi
 step writes what it adds, whatever the context. Buffers grow by half (rounded up to
 ``grow_tokens``) when full, so the copies a growth costs stay a constant per token, amortized;
 ``max_tokens`` sized for the whole generation never grows.
+
+For a decode step captured in a CUDA graph (:func:`~hip_attn.patches.graph_generate`), the
+layers go *on the device* (:meth:`HiPCache.enter_device`): the count of keys in use lives in an
+int32 device tensor, each update writes at that position and advances it, and attention gets
+the whole buffers with that tensor (``hip_attention(..., length=)``): shapes and host work no
+longer depend on the step.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ class PreallocatedLayer(DynamicLayer):
     """One full-attention layer's K/V in preallocated buffers ``[B, H, capacity, D]``.
 
     ``keys`` and ``values`` are views of the first ``get_seq_length()`` tokens (strided: the
-    attention kernels and SDPA read them in place).
+    attention kernels and SDPA read them in place); on the device (:meth:`enter_device`) they
+    are the whole buffers and :attr:`in_use` counts the tokens in use.
 
     Args:
         max_tokens: the initial capacity (``None``: the first update's tokens rounded up to a
@@ -41,6 +48,8 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        #: On the device: the tokens in use, an int32 tensor of one element; otherwise ``None``.
+        self.in_use: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -75,10 +84,27 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = keys, values
         return keys, values
 
+    def enter_device(self) -> None:
+        """Count the tokens in use on the device from now on; the buffers must hold the
+        tokens still to come (they cannot grow: a captured graph keeps their addresses)."""
+        if self._k is None:
+            raise RuntimeError("enter_device needs a layer that holds tokens (run the prefill)")
+        if self.in_use is None:
+            self.in_use = torch.tensor([self.length], dtype=torch.int32, device=self._k.device)
+
+    def leave_device(self) -> None:
+        """Back to host-counted views: reads the device count once."""
+        if self.in_use is not None:
+            self.length, self.in_use = int(self.in_use), None
+            self._view()
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys and values after the cached ones; returns views of all of them."""
+        """Write the new keys and values after the cached ones; returns views of all of them
+        (on the device: the whole buffers, written at :attr:`in_use`, which advances)."""
+        if self.in_use is not None:
+            return self._update_on_device(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[2]
@@ -89,17 +115,42 @@ class PreallocatedLayer(DynamicLayer):
         self.length = end
         return self._view()
 
+    def _update_on_device(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._k is not None and self._v is not None and self.in_use is not None
+        new = key_states.shape[2]
+        if self.length + new > self.capacity:  # the host count is exact when not replayed
+            raise RuntimeError(
+                f"a layer on the device holds {self.capacity} tokens; {self.length + new} needed"
+            )
+        at = torch.arange(new, device=self._k.device) + self.in_use
+        self._k.index_copy_(2, at, key_states)
+        self._v.index_copy_(2, at, value_states)
+        self.in_use += new
+        self.length += new
+        return self._k, self._v
+
     def get_seq_length(self) -> int:
         return self.length
 
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """On the device attention sees the whole buffers: the mask spans them (the ``"hip"``
+        mask of an unpadded batch is ``None`` at any size)."""
+        if self.in_use is not None:
+            return self.capacity, 0
+        sizes: tuple[int, int] = super().get_mask_sizes(*args, **kwargs)
+        return sizes
+
     def reset(self) -> None:
-        self._k = self._v = self.keys = self.values = None
+        self._k = self._v = self.keys = self.values = self.in_use = None
         self.length, self.is_initialized = 0, False
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a positive value is the length to keep,
         as transformers 5.17 still accepted); the buffers stay allocated."""
+        self.leave_device()
         keep = tokens_to_remove if tokens_to_remove > 0 else self.length + tokens_to_remove
         if self._k is None or keep >= self.length:
             return
@@ -109,6 +160,7 @@ class PreallocatedLayer(DynamicLayer):
     def _rebatch(self, pick: Any) -> None:
         if self._k is None or self._v is None:
             return
+        self.leave_device()
         self._k, self._v = pick(self._k), pick(self._v)
         self._view()
 
@@ -146,3 +198,22 @@ class HiPCache(DynamicCache):
             PreallocatedLayer(max_tokens, grow_tokens) if type(layer) is DynamicLayer else layer
             for layer in self.layers
         ]
+
+    def _preallocated(self) -> list[PreallocatedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, PreallocatedLayer)]
+
+    def enter_device(self) -> None:
+        """Put every preallocated layer on the device (:meth:`PreallocatedLayer.enter_device`)."""
+        for layer in self._preallocated():
+            layer.enter_device()
+
+    def leave_device(self) -> None:
+        """Bring every layer back to host-counted views (one device read per layer)."""
+        for layer in self._preallocated():
+            layer.leave_device()
+
+    def keys_in_use(self, layer_idx: int) -> torch.Tensor | None:
+        """The device count of a layer on the device (what attention passes as ``length``),
+        else ``None``."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        return layer.in_use if isinstance(layer, PreallocatedLayer) else None

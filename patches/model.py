@@ -23,6 +23,7 @@ _PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDict
 _HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[RemovableHandle, ...]] = (
     weakref.WeakKeyDictionary()
 )
+_OFFLOADED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # patched with offload=True
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -128,6 +129,7 @@ def patch(
     for m in modules:
         LAYER_CONFIGS[m] = config
     _shadow_generate(model, config, options if offload else None)
+    (_OFFLOADED.add if offload else _OFFLOADED.discard)(model)
     return model
 
 
@@ -208,6 +210,7 @@ def unpatch(model: ModelT) -> ModelT:
         return model
     model.set_attn_implementation(previous)
     model.__dict__.pop("generate", None)
+    _OFFLOADED.discard(model)
     for m in _attention_modules(model):
         for hook in _HOOKS.pop(m, ()):
             hook.remove()
@@ -219,3 +222,8 @@ def unpatch(model: ModelT) -> ModelT:
 def is_patched(model: torch.nn.Module) -> bool:
     """Whether :func:`patch` is in effect on ``model``."""
     return model in _PREVIOUS
+
+
+def patched_with_offload(model: torch.nn.Module) -> bool:
+    """Whether :func:`patch` is in effect on ``model`` with ``offload=True``."""
+    return model in _OFFLOADED

@@ -1,0 +1,193 @@
+"""``graph_generate``: greedy decoding of a patched model whose decode step is one CUDA graph.
+
+``generate()`` runs each decode step from Python: a few hundred eager launches per token for the
+model, and HiP's host-driven decode state. Here the prompt is prefilled into a
+:class:`~hip_attn.patches.cache.HiPCache` sized for the whole generation, the cache goes on the
+device (:meth:`~hip_attn.patches.cache.HiPCache.enter_device`: the count of keys in use is a
+device tensor, attention runs ``hip_attention(..., length=)``), and a decode step - the model's
+forward, the argmax, writing the token and advancing the position - reads and writes only
+tensors that stay in place. On a GPU that step is captured once in a ``torch.cuda.CUDAGraph``
+and replayed per token (gpt-fast's loop); elsewhere the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hip_attn.validation import check_positive_int
+
+
+class DecodeStep:
+    """One greedy decode step over tensors that stay in place (what a CUDA graph captures).
+
+    ``tokens[:, :position + 1]`` are known; :meth:`__call__` runs the model on the token at
+    ``position``, writes the argmax at ``position + 1`` and advances ``position``, all on the
+    device.
+
+    Args:
+        model: a model patched with :func:`~hip_attn.patches.patch`.
+        cache: its :class:`~hip_attn.patches.cache.HiPCache` holding the tokens before
+            ``position``, on the device.
+        tokens: ``[B, T]`` token buffer (long), filled up to ``position``.
+        position: the position of the last known token.
+    """
+
+    def __init__(self, model: Any, cache: Any, tokens: torch.Tensor, position: int) -> None:
+        from hip_attn.patches.compat import cache_kwarg
+
+        self.model, self.cache, self.tokens = model, cache, tokens
+        self.position = torch.tensor([position], dtype=torch.long, device=tokens.device)
+        self.token = tokens[:, position : position + 1].clone()
+        self._cache_kwarg = cache_kwarg(model)
+
+    def __call__(self) -> None:
+        out = self.model(
+            input_ids=self.token,
+            position_ids=self.position.view(1, 1),
+            use_cache=True,
+            **{self._cache_kwarg: self.cache},
+        )
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.tokens.index_copy_(1, self.position + 1, token)
+        self.token.copy_(token)
+        self.position += 1
+
+
+def graph_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    cuda_graph: bool | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    check_every: int = 32,
+) -> torch.Tensor:
+    """Greedy decoding whose decode steps replay one CUDA graph.
+
+    Args:
+        model: a causal LM patched with :func:`~hip_attn.patches.patch` (without offload),
+            all of whose attention layers are full attention (no sliding-window layers).
+        input_ids: the prompts, ``[B, T]`` integer tokens, unpadded.
+        max_new_tokens: tokens to generate per sequence.
+        cuda_graph: capture the decode step in a CUDA graph and replay it (default: when the
+            model is on a CUDA device); ``False`` runs the same step eagerly.
+        eos_token_id: a sequence ends after this token (or any of a list); default: the
+            model's generation config's; ``None`` there too: generate ``max_new_tokens``.
+            Every ``check_every`` steps the host reads whether all sequences ended: the only
+            host sync of the loop.
+        pad_token_id: what follows an ended sequence (default: the generation config's, else
+            the first end token), as in ``generate()``.
+        check_every: steps between the checks for the end of all sequences.
+
+    Returns:
+        ``[B, T + n]``: the prompts and ``n <= max_new_tokens`` new tokens each, what
+        ``model.generate(input_ids, max_new_tokens=..., do_sample=False)`` returns for a model
+        whose generation config asks for nothing but greedy decoding.
+
+    Raises:
+        ValueError: the model is not patched, is patched with offload or has sliding-window
+            layers; ``cuda_graph=True`` off CUDA; a bad ``input_ids``, ``max_new_tokens`` or
+            ``check_every``.
+    """
+    from hip_attn.patches.model import is_patched, patched_with_offload
+
+    if not is_patched(model):
+        raise ValueError("graph_generate needs a model patched with hip_attn.patch(model)")
+    if patched_with_offload(model):
+        raise ValueError("graph_generate does not run offloaded models; patch without offload")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
+        raise TypeError(
+            f"input_ids must be a [B, T] tensor, got {type(input_ids).__name__} of shape {shape}"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be non-empty integer tokens, got {input_ids.dtype}")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("check_every", check_every)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
+    device = model.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device; it is on {device}")
+    settings = model.generation_config
+    ends = _token_ids(eos_token_id if eos_token_id is not None else settings.eos_token_id)
+    pads = _token_ids(pad_token_id if pad_token_id is not None else settings.pad_token_id)
+    pad = (pads or ends or [0])[0]
+
+    with torch.no_grad():
+        step = prefill(model, input_ids.to(device), max_new_tokens)
+        prompt, steps, done = input_ids.shape[1], max_new_tokens - 1, 0
+        run: Callable[[], None] = step
+        if (device.type == "cuda" if cuda_graph is None else cuda_graph) and steps >= 2:
+            run, done = capture(step), 1  # the capture's warm-up ran one step
+        ends_at = torch.tensor(ends, dtype=torch.long, device=device)
+        while done < steps and not _all_ended(step.tokens[:, prompt : prompt + done + 1], ends_at):
+            for _ in range(min(check_every, steps - done)):
+                run()
+            done += min(check_every, steps - done)
+        step.cache.leave_device()
+    return _after_end(step.tokens[:, : prompt + done + 1], prompt, ends_at, pad)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeStep:
+    """Run the prompts through ``model`` into a :class:`~hip_attn.patches.cache.HiPCache` with
+    room for ``max_new_tokens`` more, write the first new token and put the cache on the
+    device; returns the decode step that continues from there."""
+    from hip_attn.patches.cache import HiPCache, PreallocatedLayer
+    from hip_attn.patches.compat import cache_kwarg
+
+    b, t = input_ids.shape
+    cache = HiPCache(model.config, max_tokens=t + max_new_tokens)
+    if not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+        raise ValueError(
+            f"graph_generate supports models whose layers are all full attention; "
+            f"{type(model).__name__} has sliding-window or other layers"
+        )
+    out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache})
+    tokens = torch.empty((b, t + max_new_tokens), dtype=torch.long, device=input_ids.device)
+    tokens[:, :t] = input_ids
+    tokens[:, t] = out.logits[:, -1].argmax(-1)
+    cache.enter_device()
+    return DecodeStep(model, cache, tokens, t)
+
+
+def capture(step: DecodeStep) -> Callable[[], None]:
+    """Run ``step`` once on a side stream (the warm-up: it sets up every layer's device state
+    and compiles the kernels), capture the next step in a CUDA graph and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _all_ended(new: torch.Tensor, ends: torch.Tensor) -> bool:
+    return bool(ends.numel()) and bool(torch.isin(new, ends).any(dim=1).all())
+
+
+def _after_end(tokens: torch.Tensor, prompt: int, ends: torch.Tensor, pad: int) -> torch.Tensor:
+    """``pad`` after each sequence's end token; the columns after the last sequence ended go."""
+    if not ends.numel():
+        return tokens
+    new = tokens[:, prompt:]
+    ended = torch.isin(new, ends).cumsum(dim=1) > 0
+    after = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=1)
+    new = new.masked_fill(after, pad)
+    keep = int((~after).any(dim=0).nonzero().max()) + 1  # column 0 is never after an end
+    return torch.cat([tokens[:, :prompt], new[:, :keep]], dim=1)
+
+
+def _token_ids(value: Any) -> list[int]:
+    """A generation setting's token ids (an id, a list of them, or ``None``)."""
+    if value is None:
+        return []
+    values = value.tolist() if isinstance(value, torch.Tensor) else value
+    return [int(v) for v in (values if isinstance(values, list | tuple) else [values])]

@@ -1,0 +1,101 @@
+"""graph_generate: greedy decoding whose decode step runs over a HiPCache on the device (the
+step a CUDA graph captures), token for token what generate() returns under the same patch."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hip_attn.patches import graph_generate, patch  # noqa: E402
+from hip_attn.patches.graph_generate import _after_end, prefill  # noqa: E402
+from tests.conftest import HAS_CUDA  # noqa: E402
+from tests.test_patches import SPARSE, greedy, make_model, prompt  # noqa: E402
+
+
+@torch.no_grad()
+def test_same_tokens_as_generate_with_hip_and_dense_layers():
+    # layer 0 runs HiP (the device decode: refreshes every 4 steps, blocks complete on the
+    # device), layer 1 dense over the buffers with a mask built from the device count
+    model = patch(make_model("llama", eos_token_id=None), SPARSE, dense_layers=[1])
+    ids = prompt(100, seed=30, batch=2)  # the budget covers 80 keys
+    want = greedy(model, ids, 14)
+    assert torch.equal(graph_generate(model, ids, 14, cuda_graph=False), want)
+
+
+@torch.no_grad()
+def test_stops_at_the_end_token_and_pads_as_generate_does():
+    model = patch(make_model("llama", eos_token_id=None), SPARSE)
+    ids = prompt(60, seed=31, batch=2)  # short: what is checked here is where it ends
+    free = graph_generate(model, ids, 12)
+    end = int(free[0, 60 + 3])  # sequence 0 ends at its 4th new token
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=end)
+    got = graph_generate(model, ids, 12, eos_token_id=end, pad_token_id=0, check_every=2)
+    assert torch.equal(got, want)
+    assert (got[0, 60 + 4 :] == 0).all()  # padded after its end
+
+
+def test_after_end_pads_each_sequence_and_drops_the_columns_after_the_last_end():
+    tokens = torch.tensor([[9, 5, 2, 7, 7, 7], [9, 5, 6, 6, 2, 4]])  # prompt of 1, end token 2
+    got = _after_end(tokens, 1, torch.tensor([2]), 0)
+    assert torch.equal(got, torch.tensor([[9, 5, 2, 0, 0], [9, 5, 6, 6, 2]]))
+    assert torch.equal(_after_end(tokens, 1, torch.tensor([], dtype=torch.long), 0), tokens)
+
+
+@torch.no_grad()
+def test_the_cache_is_counted_on_the_device_during_the_steps():
+    model = patch(make_model("llama"), SPARSE)
+    step = prefill(model, prompt(100, seed=32), 8)
+    layer = step.cache.layers[0]
+    assert int(layer.in_use) == 100 and layer.capacity == 108
+    for _ in range(3):
+        step()
+    assert int(layer.in_use) == 103 and int(step.position) == 103
+    assert layer.get_mask_sizes(1) == (108, 0)  # attention sees the whole buffers
+    step.cache.leave_device()
+    assert layer.in_use is None and layer.keys.shape[2] == 103
+    # the buffers hold what the steps wrote: the keys of a plain forward over the tokens
+    plain = model(step.tokens[:, :103], use_cache=True)
+    keys = plain.past_key_values if hasattr(plain, "past_key_values") else plain.cache
+    torch.testing.assert_close(layer.keys, keys.layers[0].keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "build,kwargs,exc,match",
+    [
+        ("plain", {}, ValueError, "patched with hip_attn.patch"),
+        ("offload", {}, ValueError, "does not run offloaded models"),
+        ("sliding", {}, ValueError, "all full attention"),
+        ("llama", {"input_ids": torch.zeros(5, dtype=torch.long)}, TypeError, r"\[B, T\]"),
+        ("llama", {"input_ids": torch.zeros(1, 5)}, ValueError, "integer tokens"),
+        ("llama", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
+        ("llama", {"check_every": 1.5}, TypeError, "check_every must be an int"),
+        ("llama", {"cuda_graph": "yes"}, TypeError, "cuda_graph must be a bool"),
+    ],
+)
+def test_bad_input_raises(build, kwargs, exc, match):
+    model = {
+        "plain": lambda: make_model("llama"),
+        "offload": lambda: patch(make_model("llama"), SPARSE, offload=True),
+        "sliding": lambda: patch(make_model("gemma3"), SPARSE),
+        "llama": lambda: patch(make_model("llama"), SPARSE),
+    }[build]()
+    call = {"input_ids": prompt(20), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(exc, match=match):
+        graph_generate(model, **call)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error off CUDA")
+def test_cuda_graph_needs_cuda():
+    model = patch(make_model("llama"), SPARSE)
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        graph_generate(model, prompt(20), 2, cuda_graph=True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: captures the decode step in a CUDA graph")
+@torch.no_grad()
+def test_replayed_graph_gives_the_eager_tokens_cuda():
+    model = patch(make_model("llama", eos_token_id=None).cuda(), SPARSE, dense_layers=[1])
+    ids = prompt(300, seed=33, batch=2).cuda()
+    want = greedy(model, ids, 40)
+    assert torch.equal(graph_generate(model, ids, 40, cuda_graph=False), want)
+    assert torch.equal(graph_generate(model, ids, 40, cuda_graph=True), want)
