@@ -2,7 +2,9 @@
 //
 // Pinned host memory is mapped into the device address space (unified virtual addressing), so
 // the kernel reads it over PCIe with plain loads: one CUDA block per (row, block) pair, 16-byte
-// loads, no staging buffer and no extra copy on the GPU.
+// loads, no staging buffer and no extra copy on the GPU. The list has a fixed length (the block
+// cache's request); entries with slot -1 are not to be copied and return at once, so the host
+// never reads how many blocks missed.
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -13,7 +15,7 @@ __global__ void gather_blocks_kernel(
     const int64_t* __restrict__ v_chunks,  // host addresses of the V chunks
     const int64_t* __restrict__ rows,      // (batch, kv head) row of each block to copy
     const int64_t* __restrict__ blocks,    // its block index
-    const int64_t* __restrict__ slots,     // the slot it goes to
+    const int64_t* __restrict__ slots,     // the slot it goes to; -1: nothing to copy
     char* __restrict__ k_slots,            // [rows, slots, block_bytes]
     char* __restrict__ v_slots,
     int64_t chunk_blocks,     // blocks per chunk and row
@@ -22,6 +24,7 @@ __global__ void gather_blocks_kernel(
     int64_t slots_per_row) {
   const int64_t i = blockIdx.x;
   const int64_t row = rows[i], block = blocks[i], slot = slots[i];
+  if (slot < 0) return;
   const int64_t chunk = block / chunk_blocks;
   const int64_t src = row * chunk_row_bytes + (block % chunk_blocks) * block_bytes;
   const int64_t dst = (row * slots_per_row + slot) * block_bytes;

@@ -89,9 +89,7 @@ def test_lru_evicts_the_least_recently_used_block():
     gather = lambda rows, blocks, slots: gather_torch(host, cache, rows, blocks, slots)  # noqa: E731
 
     def need(*blocks):
-        mask = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
-        mask[0, list(blocks)] = True
-        cache.ensure(mask, gather)
+        cache.ensure(torch.tensor([[*blocks, -1]], device=DEVICE), 8, gather)
 
     need(1)
     need(2)
@@ -105,6 +103,61 @@ def test_lru_evicts_the_least_recently_used_block():
     s = cache.stats
     assert (s.hits, s.misses, s.evictions) == (1, 3, 1)
     assert s.bytes_moved == 3 * cache.block_bytes
+
+
+def _lru(slots, requests):
+    """A readable LRU over one row: ``requests`` lists per step (repeats and -1 allowed);
+    returns ``{block: slot}``, (hits, misses, evictions) and the (block, slot) copies."""
+    table, holds, last, counts, copies = {}, [-1] * slots, [0] * slots, [0, 0, 0], []
+    for step, request in enumerate(requests, 1):
+        need = sorted({b for b in request if b >= 0})
+        hits, misses = [b for b in need if b in table], [b for b in need if b not in table]
+        for b in hits:
+            last[table[b]] = step
+        busy = {table[b] for b in hits}
+        free = sorted((s for s in range(slots) if s not in busy), key=lambda s: (last[s], s))
+        for b, s in zip(misses, free, strict=False):
+            if holds[s] >= 0:
+                del table[holds[s]]
+                counts[2] += 1
+            table[b], holds[s], last[s] = s, b, step
+            copies.append((b, s))
+        counts[0] += len(hits)
+        counts[1] += len(misses)
+    return table, tuple(counts), copies
+
+
+@pytest.mark.parametrize("width", [5, 9])  # within the slots (no host read) and beyond
+def test_device_lru_matches_a_readable_lru_on_random_requests(width):
+    slots, n_blocks, rows = 6, 20, 2
+    cache = BlockCache(1, rows, slots=slots, block_size=8, head_dim=16, dtype=torch.float32,
+                       device=torch.device(DEVICE))  # fmt: skip
+    gen = torch.Generator().manual_seed(width)
+    requests = []
+    for _ in range(30):
+        r = torch.randint(-1, n_blocks, (rows, width), generator=gen)
+        for row in range(rows):  # at most `slots` distinct blocks per row and step
+            distinct = r[row][r[row] >= 0].unique()
+            r[row][torch.isin(r[row], distinct[slots:])] = -1
+        requests.append(r)
+    copies = [[] for _ in range(rows)]
+
+    def gather(row_ids, blocks, slot_ids):
+        entries = zip(row_ids.tolist(), blocks.tolist(), slot_ids.tolist(), strict=True)
+        for row, block, slot in entries:
+            if slot >= 0:
+                copies[row].append((block, slot))
+
+    for r in requests:
+        cache.ensure(r.to(DEVICE), n_blocks, gather)
+    totals = [0, 0, 0]
+    for row in range(rows):
+        table, counts, want_copies = _lru(slots, [r[row].tolist() for r in requests])
+        got = {b: int(s) for b, s in enumerate(cache.table[row, :n_blocks].tolist()) if s >= 0}
+        assert got == table and copies[row] == want_copies
+        totals = [a + b for a, b in zip(totals, counts, strict=True)]
+    s = cache.stats
+    assert [s.hits, s.misses, s.evictions] == totals and s.steps == len(requests)
 
 
 def test_host_storage_grows_in_chunks_and_reads_back():

@@ -244,3 +244,31 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(counter: _Kernel
     assert any("scaled_dot_product" in op for op, *_ in first[1])  # the dense layer
     for syncs, ops, launches in steps:
         assert syncs == 0 and ops == first[1] and launches == first[2]
+
+
+@torch.no_grad()
+def test_offloaded_decode_steps_read_nothing_back() -> None:
+    """KV offload's decode steps: appending a token, and on a refresh step the block cache's
+    lookup, LRU and eviction (device tensors of fixed shapes) and the gather of the misses
+    (a fixed-length list, the entries not to copy marked) read nothing back to the host."""
+    from hip_attn import HiPConfig, HiPDecodeState
+    from hip_attn.offload import OffloadedKV
+
+    config = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
+                       refresh_interval=4, dense_threshold=0)  # fmt: skip
+    off = OffloadedKV(config, 1, 2, 64, torch.float32, "cpu", cache_blocks=64, max_chunk=128,
+                      host_chunk_tokens=256)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 532, 64, generator=gen) for h in (4, 2, 2))
+    off.prefill(q[:, :, :520], k[:, :, :520], v[:, :, :520])
+    gathers = []
+    off._gather = lambda rows, blocks, slots: gathers.append(slots.clone())  # the host's part
+    state, counter = HiPDecodeState(), _Kernels()
+    for t in range(520, 532):  # refreshes at 520, 524, 528; blocks complete at 528
+        with counter:
+            off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+            off.attend(q[:, :, t : t + 1], state=state)
+    assert counter.syncs == 0
+    assert state.refreshes == len(gathers) == 3
+    assert all(g.shape == gathers[0].shape for g in gathers)  # one fixed-length list
+    assert (gathers[0] >= 0).any()  # the first decode selection brought blocks in

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-#: gather(rows, blocks, slots): copy host blocks into the given cache slots (K and V)
+#: gather(rows, blocks, slots): copy host blocks into the given cache slots (K and V); entries
+#: whose slot is -1 are skipped
 GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -34,6 +35,11 @@ class BlockCache:
     ``k``/``v`` are ``[B, Hkv, slots * block_size, D]``: slot ``s`` of a row holds tokens
     ``[s * block_size, (s + 1) * block_size)`` of that row, which is how the attention kernel
     addresses it. ``table[row, block]`` is the slot holding ``block`` or ``-1``.
+
+    The bookkeeping (lookup, LRU, eviction, counters) is device tensors of fixed shapes: a
+    lookup reads nothing back to the host (see :meth:`ensure`). ``table`` and the slot arrays
+    carry one spare column each that entries with nothing to write write to, so every update
+    is one scatter over the whole request.
     """
 
     def __init__(
@@ -52,15 +58,24 @@ class BlockCache:
         shape = (batch, kv_heads, slots * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.table = torch.full((self.rows, 0), -1, dtype=torch.int32, device=device)
-        self.slot_block = torch.full((self.rows, slots), -1, dtype=torch.int64, device=device)
-        self.last_used = torch.zeros((self.rows, slots), dtype=torch.int64, device=device)
-        self.stats = CacheStats()
+        self.table = torch.full((self.rows, 1), -1, dtype=torch.int32, device=device)
+        # per slot (and the spare column): the block it holds, -1 if none; when last used
+        self.slot_block = torch.full((self.rows, slots + 1), -1, dtype=torch.int64, device=device)
+        self.last_used = torch.zeros((self.rows, slots + 1), dtype=torch.int64, device=device)
+        self._step = torch.zeros(1, dtype=torch.int64, device=device)
+        self._counters = torch.zeros(4, dtype=torch.int64, device=device)  # see stats
 
     @property
     def block_bytes(self) -> int:
         """Bytes of one block of K plus V."""
         return 2 * self.block_size * self.k.shape[-1] * self.k.element_size()
+
+    @property
+    def stats(self) -> CacheStats:
+        """The counters so far (reads them from the device)."""
+        hits, misses, evictions, last = self._counters.tolist()
+        moved = misses * self.block_bytes
+        return CacheStats(hits, misses, evictions, moved, last * self.block_bytes, int(self._step))
 
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[rows, slots, block_size, D]`` views of the K and V slots."""
@@ -68,58 +83,67 @@ class BlockCache:
         return self.k.view(shape), self.v.view(shape)
 
     def _grow_table(self, n_blocks: int) -> None:
-        if n_blocks > self.table.shape[1]:
-            grown = torch.full((self.rows, max(n_blocks, 2 * self.table.shape[1])), -1,
+        width = self.table.shape[1] - 1  # the last column is the spare one
+        if n_blocks > width:
+            grown = torch.full((self.rows, max(n_blocks, 2 * width) + 1), -1,
                                dtype=torch.int32, device=self.table.device)  # fmt: skip
-            grown[:, : self.table.shape[1]] = self.table
+            grown[:, :width] = self.table[:, :width]
             self.table = grown
 
-    def ensure(self, needed: torch.Tensor, gather: GatherFn) -> None:
-        """Make every block marked in ``needed`` (``[rows, n_blocks]`` bool) resident.
+    def ensure(self, requested: torch.Tensor, n_blocks: int, gather: GatherFn) -> None:
+        """Make the blocks listed in ``requested`` resident.
+
+        Args:
+            requested: ``[rows, L]`` block indices per (batch, KV head) row, ``-1`` for none;
+                repeats count once.
+            n_blocks: the blocks the keys have so far (every index is below it).
+            gather: copies the missing blocks in; it gets ``[rows * L]`` lists whose entries
+                with slot ``-1`` are not to be copied.
 
         Missing blocks go to free slots or evict the least recently used blocks that this step
-        does not need; ``gather`` copies them in. Raises ``ValueError`` when one step needs more
-        blocks of a row than there are slots."""
-        self.stats.steps += 1
-        step = self.stats.steps
-        self._grow_table(needed.shape[1])
-        table = self.table[:, : needed.shape[1]]
-        resident = table >= 0
-        hit_rows, hit_blocks = (needed & resident).nonzero(as_tuple=True)
-        miss_rows, miss_blocks = (needed & ~resident).nonzero(as_tuple=True)
-        hit_slots = table[hit_rows, hit_blocks].long()
-        self.last_used[hit_rows, hit_slots] = step
-        n_miss = miss_rows.numel()
-        self.stats.hits += hit_rows.numel()
-        self.stats.misses += n_miss
-        self.stats.last_step_bytes = n_miss * self.block_bytes
-        self.stats.bytes_moved += self.stats.last_step_bytes
-        if n_miss == 0:
-            return
-        in_use = torch.zeros((self.rows, self.slots), dtype=torch.bool, device=table.device)
-        in_use[hit_rows, hit_slots] = True
-        counts = torch.bincount(miss_rows, minlength=self.rows)
-        free = self.slots - in_use.sum(dim=1)
-        if bool((counts > free).any()):
-            need = int(needed.sum(dim=1).max())
-            raise ValueError(
-                f"cache_blocks={self.slots} is too small: one step needs {need} key blocks of a "
-                f"(batch, KV head) row in the block cache at once; use cache_blocks >= {need}"
-            )
-        # least recently used first among the slots this step does not need (empty slots: 0)
-        age = torch.where(in_use, torch.iinfo(torch.int64).max, self.last_used)
+        does not need (in ascending block order; empty slots count as used at step 0). All of
+        it runs on the device; only when ``L`` exceeds the slots does one host read check that
+        no row needs more blocks than there are slots (``ValueError`` naming ``cache_blocks``).
+        """
+        rows, width = requested.shape
+        self._grow_table(n_blocks)
+        spare_block, spare_slot = self.table.shape[1] - 1, self.slots
+        blocks = requested.long().sort(dim=1).values
+        repeat = torch.zeros_like(blocks, dtype=torch.bool)
+        repeat[:, 1:] = blocks[:, 1:] == blocks[:, :-1]
+        wanted = (blocks >= 0) & ~repeat
+        if width > self.slots:
+            need = int(wanted.sum(dim=1).max())
+            if need > self.slots:
+                raise ValueError(
+                    f"cache_blocks={self.slots} is too small: one step needs {need} key blocks "
+                    f"of a (batch, KV head) row in the block cache at once; use cache_blocks "
+                    f">= {need}"
+                )
+        slot = self.table.gather(1, torch.where(wanted, blocks, spare_block)).long()
+        hit, miss = wanted & (slot >= 0), wanted & (slot < 0)
+        self._step += 1
+        step = self._step.expand(rows, width)
+        hit_slots = torch.where(hit, slot, spare_slot)
+        self.last_used.scatter_(1, hit_slots, step)
+        in_use = torch.zeros_like(self.last_used, dtype=torch.bool).scatter_(1, hit_slots, True)
+        # the least recently used first among the slots this step does not need
+        age = torch.where(in_use, torch.iinfo(torch.int64).max, self.last_used)[:, : self.slots]
         order = torch.sort(age, dim=1, stable=True).indices
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(n_miss, device=table.device) - first[miss_rows]
-        slots = order[miss_rows, rank]
-        old = self.slot_block[miss_rows, slots]
+        rank = (miss.cumsum(dim=1) - 1).clamp(0, self.slots - 1)
+        victims = torch.where(miss, order.gather(1, rank), spare_slot)
+        old = self.slot_block.gather(1, victims)  # the spare column holds -1
         evicted = old >= 0
-        self.stats.evictions += int(evicted.sum())
-        self.table[miss_rows[evicted], old[evicted]] = -1
-        self.table[miss_rows, miss_blocks] = slots.to(torch.int32)
-        self.slot_block[miss_rows, slots] = miss_blocks
-        self.last_used[miss_rows, slots] = step
-        gather(miss_rows, miss_blocks, slots)
+        self.table.scatter_(1, torch.where(evicted, old, spare_block), -1)
+        new_slot = torch.where(miss, victims, -1)
+        self.table.scatter_(1, torch.where(miss, blocks, spare_block), new_slot.int())
+        self.slot_block.scatter_(1, victims, torch.where(miss, blocks, -1))
+        self.last_used.scatter_(1, victims, step)
+        misses = miss.sum()
+        self._counters[:3] += torch.stack([hit.sum(), misses, evicted.sum()])
+        self._counters[3] = misses  # the last step's
+        row_ids = torch.arange(rows, device=blocks.device)[:, None].expand(rows, width)
+        gather(row_ids.flatten(), blocks.clamp(min=0).flatten(), new_slot.flatten())
 
     def slots_of(self, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Slots of the selected blocks ``indices`` (``[B, H_sel, n_qb, G]``, ``-1`` padded)

@@ -43,7 +43,10 @@ def cuda_extension() -> Any | None:
 def gather_torch(
     host: HostKV, cache: BlockCache, rows: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Host gather into pinned staging memory, one non-blocking copy, scatter into slots."""
+    """Host gather into pinned staging memory, one non-blocking copy, scatter into slots (the
+    entries whose slot is ``-1`` are skipped: this path reads the list on the host)."""
+    copy = (slots >= 0).nonzero().flatten()
+    rows, blocks, slots = rows[copy], blocks[copy], slots[copy]
     k, v = host.gather(rows.cpu(), blocks.cpu())
     k_slots, v_slots = cache.slot_views()
     device = k_slots.device
@@ -56,18 +59,40 @@ def gather_torch(
     v_slots[rows, slots] = v
 
 
+class ChunkPointers:
+    """The device addresses of the host K and V chunks as int64 device tensors (what the
+    kernel indexes), rebuilt only when a chunk was added: a gather copies nothing else to
+    the device."""
+
+    def __init__(self, host: HostKV, device: torch.device) -> None:
+        self.host, self.device = host, device
+        self._chunks = -1
+        self.k = self.v = torch.empty(0, dtype=torch.int64, device=device)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._chunks != len(self.host.k_chunks):
+            self._chunks = len(self.host.k_chunks)
+            self.k, self.v = (
+                torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64, device=self.device)
+                for chunks in (self.host.k_chunks, self.host.v_chunks)
+            )
+        return self.k, self.v
+
+
 def gather_cuda(
     ext: Any,
     host: HostKV,
     cache: BlockCache,
+    pointers: ChunkPointers,
     rows: torch.Tensor,
     blocks: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    """The ``csrc/`` kernel: blocks read from pinned host memory straight into the slots."""
+    """The ``csrc/`` kernel: blocks read from pinned host memory straight into the slots; one
+    program per list entry, those with slot ``-1`` return at once. Nothing is read back."""
     device = cache.k.device
-    k_ptrs = torch.tensor([c.data_ptr() for c in host.k_chunks], dtype=torch.int64, device=device)
-    v_ptrs = torch.tensor([c.data_ptr() for c in host.v_chunks], dtype=torch.int64, device=device)
+    k_ptrs, v_ptrs = pointers()
+    host.wait_appends(torch.cuda.current_stream(device))
     elem = cache.k.element_size()
     block_bytes = host.block_size * host.head_dim * elem
     ext.gather_blocks(
@@ -95,5 +120,5 @@ def make_gather(host: HostKV, cache: BlockCache, method: str = "auto") -> Any:
     if method == "cuda" and ext is None:
         raise RuntimeError("the CUDA block gather needs CUDA, pinned host KV and a build")
     if ext is not None:
-        return functools.partial(gather_cuda, ext, host, cache)
+        return functools.partial(gather_cuda, ext, host, cache, ChunkPointers(host, cache.k.device))
     return functools.partial(gather_torch, host, cache)

@@ -132,6 +132,7 @@ class OffloadedKV:
         # the selection whose blocks the cache holds now, and their slots: a decode step that
         # reuses it (the same tensor) needs no lookup, no copy and no host sync
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fetched = False  # whether the last attend consulted the block cache
 
     # -- appending -----------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -203,11 +204,10 @@ class OffloadedKV:
         q = q.to(self.device)
         tk, config = self.length, self.config
         indices = select_blocks(q, self._summaries, tk, config, scale, state, self.kv_heads)
+        self._fetched = self._resident is None or self._resident[0] is not indices
         if self._resident is None or self._resident[0] is not indices:
             rows = self._fetch(indices)
             self._resident = indices, self.cache.slots_of(indices, rows)
-        else:
-            self.cache.stats.last_step_bytes = 0
         if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
             return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
@@ -221,19 +221,18 @@ class OffloadedKV:
 
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
         """Bring the selected blocks into the block cache; returns the (batch, KV head) row of
-        every selection entry, broadcastable to ``indices``."""
+        every selection entry, broadcastable to ``indices``. Reads nothing back to the host
+        when one call's selections of a row fit the cache (a decode step's do)."""
         b, h_sel = indices.shape[:2]
+        # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
+        requested = indices.reshape(b * self.kv_heads, -1)
+        n_blocks = self.length // self.config.block_size_k + 1
+        self.cache.ensure(requested, n_blocks, self._gather)
         device = indices.device
         kv_of_sel = torch.arange(h_sel, device=device) * self.kv_heads // h_sel
-        rows = (torch.arange(b, device=device)[:, None] * self.kv_heads + kv_of_sel)[
+        return (torch.arange(b, device=device)[:, None] * self.kv_heads + kv_of_sel)[
             ..., None, None
         ]
-        n_blocks = self.length // self.config.block_size_k + 1
-        needed = torch.zeros((self.cache.rows, n_blocks), dtype=torch.bool, device=device)
-        valid = indices >= 0
-        needed[rows.expand_as(indices)[valid], indices[valid].long()] = True
-        self.cache.ensure(needed, self._gather)
-        return rows
 
     def _sparse(
         self, q: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, scale: float
@@ -282,7 +281,7 @@ class OffloadedKV:
             "hit_rate": s.hit_rate,
             "evictions": s.evictions,
             "bytes_moved": s.bytes_moved,
-            "bytes_moved_last_step": s.last_step_bytes,
+            "bytes_moved_last_step": s.last_step_bytes if self._fetched else 0,
             "device_bytes": self.device_bytes,
             "host_bytes": self.host_bytes,
         }
