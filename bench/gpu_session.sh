@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh install-and-test   # install, CUDA test suite, aot on the real arch
 #   bash bench/gpu_session.sh bench              # prefill + decode against SDPA and flex
 #   bash bench/gpu_session.sh offload            # KV offload memory growth and decode latency
+#   bash bench/gpu_session.sh generate           # a model's decode: dense, HiP, HiP in a CUDA graph
 #
 # The editable install builds with the image's setuptools, which must be >= 77 (PEP 639 licence
 # field); for an older one, build a wheel here first (python -m build --wheel) and carry dist/.
@@ -12,7 +13,7 @@
 # package first: a GPU machine may be fresh at each call. No downloads happen: the GPU image
 # must already hold torch, triton and (for the model tests) transformers.
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_session.sh install-and-test|bench|offload}"
+step="${1:?usage: bash bench/gpu_session.sh install-and-test|bench|offload|generate}"
 out="${OUT:-bench/results/session}"
 mkdir -p "$out"
 unset TRITON_INTERPRET
@@ -47,6 +48,9 @@ bench)
     ;;
 offload)
     hip-attn bench offload --plot 2>&1 | tee "$out/offload.log" | tail -20
+    ;;
+generate)
+    "$py" bench/generate_speed.py --context 8k,32k,128k --layers 4 2>&1 | tee "$out/generate.log" | tail -20
     ;;
 *)
     echo "unknown step $step" >&2

@@ -13,6 +13,7 @@ and replayed per token (gpt-fast's loop); elsewhere the same step runs eagerly.
 from __future__ import annotations
 
 from collections.abc import Callable
+from inspect import signature
 from typing import Any
 
 import torch
@@ -147,7 +148,9 @@ def prefill(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeS
             f"graph_generate supports models whose layers are all full attention; "
             f"{type(model).__name__} has sliding-window or other layers"
         )
-    out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache})
+    # the prompt's last logits only: all of them would be T x vocab (25 GB at 128K on SmolLM2)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}
+    out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache}, **last)
     tokens = torch.empty((b, t + max_new_tokens), dtype=torch.long, device=input_ids.device)
     tokens[:, :t] = input_ids
     tokens[:, t] = out.logits[:, -1].argmax(-1)

@@ -133,14 +133,21 @@ def patch(
     return model
 
 
-def _hip_cache_tokens(call: dict[str, Any]) -> int | None:
+def _setting(model: Any, call: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A generation setting as ``generate`` resolves it: the call's keyword, else its
+    ``generation_config``'s, else the model's generation config's, else ``default``."""
+    configs = (call.get("generation_config"), model.generation_config)
+    values = (call.get(name), *(getattr(c, name, None) for c in configs))
+    return next((v for v in values if v is not None), default)
+
+
+def _hip_cache_tokens(model: Any, call: dict[str, Any]) -> int | None:
     """Tokens to preallocate for a ``generate`` call (its arguments by name): the prompt plus
     ``max_new_tokens`` up to one growth step (a caller's generous ``max_new_tokens`` must not
     reserve memory an early end of sequence never uses), ``None`` when the prompt is unknown."""
     from hip_attn.patches.cache import GROW_TOKENS
 
-    settings = call.get("generation_config")
-    new = call.get("max_new_tokens", getattr(settings, "max_new_tokens", None))
+    new = _setting(model, call, "max_new_tokens")
     for x in (call.get("inputs"), call.get("input_ids"), call.get("inputs_embeds")):
         if isinstance(x, torch.Tensor) and x.dim() >= 2:
             extra = min(new, GROW_TOKENS) if isinstance(new, int) and new > 0 else 0
@@ -152,18 +159,12 @@ def _wants_default_cache(model: Any, call: dict[str, Any]) -> bool:
     """Whether ``generate`` (its arguments by name) would build its default dynamic cache:
     caching on, no ``cache_implementation`` in the call or either generation config, not an
     assistant (draft) model, whose cache transformers prepares for rollback itself."""
-    configs = (call.get("generation_config"), model.generation_config)
-
-    def setting(name: str, default: Any) -> Any:  # the call's, its config's, the model's
-        values = (call.get(name), *(getattr(c, name, None) for c in configs))
-        return next((v for v in values if v is not None), default)
-
     supported = getattr(model, "_supports_default_dynamic_cache", lambda: True)()
     return (
         supported
-        and setting("use_cache", True) is not False
-        and setting("cache_implementation", None) is None
-        and not setting("is_assistant", False)
+        and _setting(model, call, "use_cache", True) is not False
+        and _setting(model, call, "cache_implementation") is None
+        and not _setting(model, call, "is_assistant", False)
     )
 
 
@@ -194,7 +195,7 @@ def _shadow_generate(model: Any, config: HiPConfig, offload: dict[str, Any] | No
             bound = signature.bind_partial(model, *args, **kwargs).arguments
             call = {**bound.pop("kwargs", {}), **bound}  # generate(**kwargs) collects the rest
             if _wants_default_cache(model, call):
-                cache = HiPCache(model.config, max_tokens=_hip_cache_tokens(call))
+                cache = HiPCache(model.config, max_tokens=_hip_cache_tokens(model, call))
         if cache is not None:
             kwargs[name] = cache
         return original(model, *args, **kwargs)

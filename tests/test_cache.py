@@ -108,9 +108,14 @@ def test_generate_keeps_what_the_caller_asked_for():
     assert not _wants_default_cache(model, {"generation_config": draft})
     assert _wants_default_cache(model, {"generation_config": GenerationConfig()})
     # a generous max_new_tokens reserves one growth step, not all of it
-    assert _hip_cache_tokens({"inputs": ids, "max_new_tokens": 10**6}) == 40 + GROW_TOKENS
-    assert _hip_cache_tokens({"input_ids": ids, "max_new_tokens": 7}) == 47
-    assert _hip_cache_tokens({"generation_config": GenerationConfig(max_new_tokens=5)}) is None
+    assert _hip_cache_tokens(model, {"inputs": ids, "max_new_tokens": 10**6}) == 40 + GROW_TOKENS
+    assert _hip_cache_tokens(model, {"input_ids": ids, "max_new_tokens": 7}) == 47
+    settings = {"generation_config": GenerationConfig(max_new_tokens=5)}
+    assert _hip_cache_tokens(model, settings) is None  # no prompt
+    assert _hip_cache_tokens(model, {**settings, "inputs": ids}) == 45
+    model.generation_config.max_new_tokens = 9  # the model's own default counts too
+    assert _hip_cache_tokens(model, {"inputs": ids}) == 49
+    assert _hip_cache_tokens(model, {"inputs": ids, "max_new_tokens": 2}) == 42
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,15 @@ def test_the_cache_is_counted_on_the_device_during_the_steps():
     torch.testing.assert_close(layer.keys, keys.layers[0].keys, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_the_prefill_computes_the_last_logits_only():
+    model = patch(make_model("llama"), SPARSE)
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    prefill(model, prompt(40, seed=34), 4)
+    assert rows == [1]  # not 40 x vocab logits (T x vocab is GBs at long contexts)
+
+
 @pytest.mark.parametrize(
     "build,kwargs,exc,match",
     [
@@ -99,3 +108,30 @@ def test_replayed_graph_gives_the_eager_tokens_cuda():
     want = greedy(model, ids, 40)
     assert torch.equal(graph_generate(model, ids, 40, cuda_graph=False), want)
     assert torch.equal(graph_generate(model, ids, 40, cuda_graph=True), want)
+
+
+def test_generate_speed_bench_runs_and_records(tmp_path):
+    """bench/generate_speed.py (what a GPU session runs) on a tiny model: a record per context
+    with the three paths' times, and the two HiP paths' tokens compared."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "generate_speed.py"
+    out = tmp_path / "generate.json"
+    argv = ["generate_speed.py", "--tiny", "--layers", "1", "--context", "100",
+            "--new-tokens", "2", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    old, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert done.value.code == 0
+    record = json.loads(out.read_text())
+    (row,) = record["results"]
+    assert row["context"] == 100 and row["hip_graph_tokens_equal_hip"] is True
+    for name in ("dense", "hip", "hip_graph"):
+        assert row[name]["ms_per_token"] > 0
+    assert record["environment"]["device_type"] in ("cpu", "cuda")
