@@ -111,6 +111,7 @@ class _DeviceDecode(NamedTuple):
     done: torch.Tensor  # int32 [B, Hkv]: blocks summarized per row
     anchor: torch.Tensor  # int32 [1]: the keys before the first device step
     indices: torch.Tensor  # the selection, written in place on the steps that search
+    scratch: dict[str, torch.Tensor]  # the kernels' scratch: a step allocates only its output
 
 
 class HiPDecodeState:
@@ -186,6 +187,7 @@ class HiPDecodeState:
                 torch.empty(
                     (b, h_sel, 1, config.blocks_per_query_block), dtype=torch.int32, device=k.device
                 ),  # fmt: skip
+                {},
             )
         else:
             dev.tree.copy_(tree)
@@ -410,16 +412,18 @@ def launch_sparse(
     indices: torch.Tensor,
     config: HiPConfig,
     scale: float,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The sparse attention kernel with the launch shape for this call: for decode (one query
-    block) the query heads of a selection share a tile and the key range is split."""
+    block) the query heads of a selection share a tile and the key range is split (the split
+    partials kept in ``scratch`` when given)."""
     from hip_attn.triton_kernels.attention import sparse_attention_triton
 
     b, hq, tq, _ = q.shape
     heads, splits = launch_shape(b, hq, indices.shape[1], tq, config, _multiprocessors(q.device))
     return sparse_attention_triton(
         q, kv, tk, indices, config, scale,
-        num_splits=splits, heads_per_program=heads, block_n=BLOCK_N,
+        num_splits=splits, heads_per_program=heads, block_n=BLOCK_N, scratch=scratch,
     )  # fmt: skip
 
 
@@ -493,14 +497,15 @@ def _device_decode(
     """``hip_attention(..., length=)``: a decode step whose launches do not depend on it."""
     check_device_length(q, k, length, state)
     assert state is not None
-    config = config.replace(dense_threshold=0)
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
-        n = int(length)
-        return hip_attention(q, k[:, :, :n], v[:, :, :n], config, scale=scale, state=state)
+        n, sparse = int(length), config.replace(dense_threshold=0)
+        return hip_attention(q, k[:, :, :n], v[:, :, :n], sparse, scale=scale, state=state)
     check_inference_only(q, k, v)
     from hip_attn.triton_kernels.attention import KVSegments
     from hip_attn.triton_kernels.mask import decode_search_triton
 
     dev = state.device_buffers(k, length, config, _selection_heads(q, k.shape[1], config))
-    decode_search_triton(q, dev.tree, k, length, dev.done, dev.anchor, config, scale, dev.indices)
-    return launch_sparse(q, KVSegments.full(k, v), length, dev.indices, config, scale)
+    decode_search_triton(q, dev.tree, k, length, dev.done, dev.anchor, config, scale, dev.indices,
+                         dev.scratch)  # fmt: skip
+    kv = KVSegments.full(k, v)
+    return launch_sparse(q, kv, length, dev.indices, config, scale, dev.scratch)

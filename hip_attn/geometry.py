@@ -18,6 +18,7 @@ The window start is rounded down to a block boundary so that the partial key blo
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -106,13 +107,16 @@ def search_levels(n_candidates: int, config: HiPConfig) -> int:
 
 def level_offset(level: int, capacity: int) -> int:
     """Row of the first node of ``level`` in a summary tree allocated for ``capacity`` blocks:
-    level ``l`` has ``capacity >> l`` rows, after those of the levels below it."""
-    return sum(capacity >> i for i in range(level))
+    level ``l`` has ``capacity >> l`` rows, after those of the levels below it (the rows of
+    the levels from ``level`` up are the tree of ``capacity >> level`` blocks)."""
+    return tree_rows(capacity) - tree_rows(capacity >> level)
 
 
 def tree_rows(capacity: int) -> int:
-    """Rows of a summary tree allocated for ``capacity`` blocks (all levels)."""
-    return level_offset(capacity.bit_length(), capacity)
+    """Rows of a summary tree allocated for ``capacity`` blocks (all levels):
+    ``sum(capacity >> l for l >= 0)``, which is ``2 * capacity - popcount(capacity)`` (a set
+    bit of weight ``2^j`` contributes ``2^(j+1) - 1``). Decode calls this every step: O(1)."""
+    return 2 * capacity - capacity.bit_count()
 
 
 def tree_blocks(tk: int, config: HiPConfig) -> int:
@@ -152,9 +156,11 @@ def node_summaries(
 
 def tree_capacity(tree: torch.Tensor | None) -> int:
     """The blocks ``tree`` was allocated for (the largest capacity with its row count)."""
-    if tree is None:
-        return 0
-    rows = tree.shape[-2]
+    return 0 if tree is None else _capacity_of_rows(tree.shape[-2])
+
+
+@functools.lru_cache(maxsize=256)
+def _capacity_of_rows(rows: int) -> int:
     lo, hi = 0, rows  # tree_rows is increasing: binary search its inverse
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -10,6 +10,7 @@ from hip_attn.geometry import (
     pool_queries,
     tree_blocks,
     tree_capacity,
+    tree_rows,
 )
 from hip_attn.reference import (
     dense_attention_reference,
@@ -187,6 +188,17 @@ def test_needs_int64_counts_the_furthest_element_offset():
     assert needs_int64(torch.empty((3, 8, 1 << 20, 128), device="meta"))
     # a strided view spans its strides, not its element count
     assert needs_int64(torch.empty((4, 8, 1 << 20, 128), device="meta")[:, :1, :1])
+
+
+def test_tree_layout_closed_forms_match_their_definitions():
+    # tree_rows and level_offset are O(1) (decode asks every step); the layout they describe:
+    # level l holds capacity >> l rows after the levels below it
+    for capacity in range(2050):
+        levels = [capacity >> lv for lv in range(capacity.bit_length())]
+        assert tree_rows(capacity) == sum(levels)
+        for lv in range(capacity.bit_length() + 1):
+            assert level_offset(lv, capacity) == sum(levels[:lv])
+        assert tree_capacity(torch.empty(1, 1, tree_rows(capacity), 2)) == capacity
 
 
 def _tree_levels(tree, n):

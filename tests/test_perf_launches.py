@@ -40,10 +40,12 @@ class _Kernels(TorchDispatchMode):
         self.grids: dict[str, Any] = {}
         self.launches: list[Any] = []
         self.ops: list[Any] = []  # every PyTorch op with its arguments (see _signature)
+        self.allocations = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.syncs += str(func.overloadpacket) in _SYNCS
         self.ops.append((str(func), _signature(args), _signature(kwargs)))
+        self.allocations += str(func.overloadpacket) in _ALLOCATIONS
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, tuple | list) else [out]
         launches = not func.is_view and str(func.overloadpacket) not in _ALLOCATIONS
@@ -186,8 +188,9 @@ def test_decode_step_writes_do_not_grow_with_the_context(counter: _Kernels, cach
 
 def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) -> None:
     """hip_attention(..., length=): after the step that sets the state up, every step (reusing
-    or refreshing) makes the same launches with the same arguments, reads nothing back and runs
-    no PyTorch op: what a CUDA graph can capture once and replay."""
+    or refreshing) makes the same launches with the same arguments, reads nothing back, runs
+    no PyTorch op and allocates only its output: what a CUDA graph can capture once and
+    replay."""
     from hip_attn.attention import HiPDecodeState, hip_attention
 
     q, k, v = _qkv(1, 8192, 32, 8)  # buffers for 8K tokens
@@ -198,19 +201,20 @@ def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) ->
     steps, buffers = [], []
     for _ in range(12):  # 4096 .. 4107 keys: refreshes at 4096 and 4104, blocks complete
         length += 1
-        counter.count = counter.syncs = 0
+        counter.count = counter.syncs = counter.allocations = 0
         counter.launches = []
         with counter:
             hip_attention(q, k, v, state=state, length=length)
-        steps.append((counter.count, counter.syncs, counter.launches))
+        steps.append((counter.count, counter.syncs, counter.launches, counter.allocations))
         buffers.append(state._device)
     _, *rest = steps
     assert all(b is buffers[0] for b in buffers)  # set up once, then only read and updated
     names = [name for name, *_ in rest[0][2]]
     assert names == ["_hip_mask_kernel", "_sparse_attention_kernel", "_merge_splits_kernel"]
-    for count, syncs, launches in rest:
+    for count, syncs, launches, allocations in rest:
         assert syncs == 0 and count == len(launches) == 3  # Triton launches only
         assert launches == rest[0][2]
+        assert allocations == 1  # the output: the split partials and counters are kept
 
 
 @torch.no_grad()

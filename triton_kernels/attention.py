@@ -22,6 +22,7 @@ import triton.language as tl
 from hip_attn.config import HiPConfig
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
 from hip_attn.triton_kernels.lengths import keys_in_use
+from hip_attn.triton_kernels.scratch import scratch_tensor
 
 _LOG2E = 1.4426950408889634
 #: CUDA's limit on the second launch-grid axis (query blocks, while they fit: 4.2M tokens at
@@ -227,6 +228,7 @@ def sparse_attention_triton(
     heads_per_program: int = 1,
     block_n: int = 64,
     out: torch.Tensor | None = None,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel for queries ``q`` at positions ``tk - Tq .. tk - 1``. ``tk`` may be
     an int32 device tensor of one element, read by the kernel: the launch is then the same
@@ -241,7 +243,8 @@ def sparse_attention_triton(
     ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
     needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
     key tiles into that many ranges merged by a second kernel (flash-decoding). The result is
-    written into ``out`` when given (shape and dtype of ``q``)."""
+    written into ``out`` when given (shape and dtype of ``q``); the split partials are kept in
+    ``scratch`` when given (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`)."""
     b, hq, tq, d = q.shape
     hkv = kv.sel_k.shape[1]
     h_sel, n_qb, width = indices.shape[1:]
@@ -257,9 +260,14 @@ def sparse_attention_triton(
     if final.stride(-1) != 1:
         raise ValueError("out must have unit stride on the last dimension")
     if split:
-        dest = torch.empty((num_splits, b, hq, tq, d), dtype=torch.float32, device=q.device)
-        row_max = torch.empty((num_splits, b, hq, tq), dtype=torch.float32, device=q.device)
-        row_sum = torch.empty_like(row_max)
+        dest, row_max, row_sum = (
+            scratch_tensor(scratch, name, shape, torch.float32, q.device)
+            for name, shape in (
+                ("split_acc", (num_splits, b, hq, tq, d)),
+                ("split_max", (num_splits, b, hq, tq)),
+                ("split_sum", (num_splits, b, hq, tq)),
+            )
+        )
         o_strides = dest.stride()[:4]
     else:
         dest = final

@@ -25,6 +25,7 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     compute offsets in int64 (K of a 1M-token sequence with 8 heads of 128 dims spans 2^30
     elements; a batch of three overflows int32). Otherwise int32 offsets keep registers free."""
     return any(
-        sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31
+        t.untyped_storage().nbytes() >= 2**31 * t.element_size()  # else no offset can reach it
+        and sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31
         for t in tensors
     )

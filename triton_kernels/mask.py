@@ -24,6 +24,7 @@ from hip_attn.config import HiPConfig
 from hip_attn.geometry import first_candidate_block, num_query_blocks, tree_blocks, tree_capacity
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
+from hip_attn.triton_kernels.scratch import scratch_tensor
 from hip_attn.triton_kernels.tree import (
     check_extension,
     extend_tree,
@@ -280,6 +281,7 @@ def decode_search_triton(
     config: HiPConfig,
     scale: float,
     out: torch.Tensor,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """One decode step's search with every length in device memory, so that its launches do not
     depend on the step (a CUDA graph replays them): ``tk`` (int32, one element) keys of the
@@ -288,8 +290,9 @@ def decode_search_triton(
     first step after ``anchor`` keys and every ``refresh_interval`` steps after), the kernel
     summarizes the blocks completed since into ``tree`` (updating ``done``) and writes the
     selection of the one-token ``q`` into ``out`` (``[B, H_sel, 1, G]``, ``-1`` padded);
-    otherwise it leaves ``out`` as it is. Reference: the host-side rule of
-    :class:`hip_attn.HiPDecodeState` with :func:`estimate_mask_triton`."""
+    otherwise it leaves ``out`` as it is. ``scratch`` keeps the kernel's counters between
+    steps (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`). Reference: the host-side
+    rule of :class:`hip_attn.HiPDecodeState` with :func:`estimate_mask_triton`."""
     b, hkv = tree.shape[:2]
     h_sel = out.shape[1]
     if q.shape[2] != 1 or tuple(out.shape) != (b, h_sel, 1, config.blocks_per_query_block):
@@ -304,7 +307,8 @@ def decode_search_triton(
     if not fuse:  # several programs read one tree: summarize in a launch of its own first
         extend_tree_device(tree, keys, tk, done, anchor, config)
     k_args = (keys, *keys.stride()[:3], done) if fuse else (tree, 0, 0, 0, done)
-    _launch(q, tree, tk, out, k_args, (anchor, interval), config, scale, fuse, on_device=True)
+    _launch(q, tree, tk, out, k_args, (anchor, interval), config, scale, fuse, on_device=True,
+            scratch=scratch)  # fmt: skip
 
 
 def _launch(
@@ -319,13 +323,14 @@ def _launch(
     extend: bool,
     *,
     on_device: bool,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The search kernel over ``q``'s query blocks into ``out``; returns the children scored."""
     b, hq, tq, d = q.shape
     hkv = tree.shape[1]
     h_sel, n_qb, g = out.shape[1:]
     rows = config.block_size_q // config.query_pool_stride
-    scored = torch.empty((b, h_sel, n_qb), dtype=torch.int32, device=q.device)
+    scored = scratch_tensor(scratch, "scored", (b, h_sel, n_qb), torch.int32, q.device)
     if q.stride(-1) != 1:
         q = q.contiguous()
     dot_dtype = dot_operand_dtype(q.dtype if q.dtype == tree.dtype else torch.float32)

@@ -1,0 +1,29 @@
+"""Scratch tensors a caller keeps across launches (a decode step's split-K partials, the
+search's counters), so that a step allocates nothing but its output."""
+
+from __future__ import annotations
+
+import torch
+
+
+def scratch_tensor(
+    scratch: dict[str, torch.Tensor] | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """``scratch[name]`` when it has this shape, dtype and device; otherwise a new tensor
+    (kept in ``scratch`` when one is given). The contents are not initialized."""
+    held = None if scratch is None else scratch.get(name)
+    if (
+        held is not None
+        and tuple(held.shape) == shape
+        and held.dtype == dtype
+        and held.device == device
+    ):
+        return held
+    fresh = torch.empty(shape, dtype=dtype, device=device)
+    if scratch is not None:
+        scratch[name] = fresh
+    return fresh
