@@ -177,6 +177,7 @@ class HiPDecodeState:
             return dev
         n = int(length)
         b, hkv = k.shape[:2]
+        g = config.blocks_per_query_block
         tree = node_summaries(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
         if dev is None or dev.key != key:
             dev = self._device = _DeviceDecode(
@@ -184,18 +185,36 @@ class HiPDecodeState:
                 tree,
                 torch.empty((b, hkv), dtype=torch.int32, device=k.device),
                 torch.empty(1, dtype=torch.int32, device=k.device),
-                torch.empty(
-                    (b, h_sel, 1, config.blocks_per_query_block), dtype=torch.int32, device=k.device
-                ),  # fmt: skip
+                torch.empty((b, h_sel, 1, g), dtype=torch.int32, device=k.device),
                 {},
             )
         else:
             dev.tree.copy_(tree)
+        held = None if self.indices is None else self.indices.clone()  # may be dev.indices
         dev.done.fill_(tree_blocks(n, config))
-        dev.anchor.copy_(length.reshape(1) - 1)
         dev.indices.fill_(-1)
+        dev.anchor.fill_(self._device_anchor(n, config, held, dev.indices))
         self.indices, self._device_current = dev.indices, True
         return dev
+
+    def _device_anchor(
+        self, n: int, config: HiPConfig, held: torch.Tensor | None, indices: torch.Tensor
+    ) -> int:
+        """The device refresh rule's phase (see ``refresh_due``) for a first device step over
+        ``n`` keys that continues this state's host history, so that the device refreshes
+        exactly when the host rule would: at or below ``dense_threshold`` keys (the host runs
+        dense) every step until the first step past it; with a selection ``held`` in use for
+        ``tokens_since_refresh`` queries (copied into ``indices``) when that reaches
+        ``refresh_interval``; without one at once."""
+        threshold = config.effective_dense_threshold
+        if n <= threshold:
+            return threshold
+        if held is None or self.tokens_since_refresh < 1:
+            return n - 1
+        if tuple(held.shape[:3]) != tuple(indices.shape[:3]) or held.shape[3] > indices.shape[3]:
+            return n - 1
+        indices[..., : held.shape[3]] = held
+        return n - 1 - min(self.tokens_since_refresh, config.refresh_interval)
 
     def follow(self, tq: int, tk: int, config: HiPConfig) -> None:
         """Note a call of ``tq`` new queries over ``tk`` keys. Keys before ``tk - tq`` are the
@@ -452,10 +471,12 @@ def hip_attention(
             element on their device, the new token's key included) are in use. The kernels
             read it from device memory, refresh on the device and launch the same way at every
             step, without a host sync: the step can be captured in a CUDA graph and replayed
-            (warm up one step first: the first call on a state sets up its device buffers). It
-            always runs the sparse kernels (exact where the budget covers the context, no
-            ``dense_threshold``); without the Triton kernels it reads ``length`` and runs the
-            reference.
+            (warm up one step first: the first call on a state sets up its device buffers and
+            takes over the state's refresh schedule, so the steps refresh when host-driven
+            ones would). It always runs the sparse kernels: at or below ``dense_threshold``
+            keys it re-estimates every step, which equals dense attention where the budget
+            covers the context (the derived threshold); without the Triton kernels it reads
+            ``length`` and runs the host-driven path.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys
@@ -498,8 +519,8 @@ def _device_decode(
     check_device_length(q, k, length, state)
     assert state is not None
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
-        n, sparse = int(length), config.replace(dense_threshold=0)
-        return hip_attention(q, k[:, :, :n], v[:, :, :n], sparse, scale=scale, state=state)
+        n = int(length)
+        return hip_attention(q, k[:, :, :n], v[:, :, :n], config, scale=scale, state=state)
     check_inference_only(q, k, v)
     from hip_attn.triton_kernels.attention import KVSegments
     from hip_attn.triton_kernels.mask import decode_search_triton

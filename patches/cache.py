@@ -87,10 +87,14 @@ class PreallocatedLayer(DynamicLayer):
     def enter_device(self) -> None:
         """Count the tokens in use on the device from now on; the buffers must hold the
         tokens still to come (they cannot grow: a captured graph keeps their addresses)."""
-        if self._k is None:
+        if self._k is None or self._v is None:
             raise RuntimeError("enter_device needs a layer that holds tokens (run the prefill)")
         if self.in_use is None:
             self.in_use = torch.tensor([self.length], dtype=torch.int32, device=self._k.device)
+            # attention now gets the whole buffers: what it masks out must still be finite
+            # (SDPA turns a masked NaN into NaN), and torch.empty may have left NaNs there
+            self._k[:, :, self.length :].zero_()
+            self._v[:, :, self.length :].zero_()
 
     def leave_device(self) -> None:
         """Back to host-counted views: reads the device count once."""

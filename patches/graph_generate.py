@@ -20,6 +20,10 @@ import torch
 
 from hip_attn.validation import check_positive_int
 
+#: RoPE types whose frequencies follow the sequence length: their forward reads it from the
+#: device every step (and swaps buffers), which a CUDA graph cannot replay.
+SEQUENCE_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
 
 class DecodeStep:
     """One greedy decode step over tensors that stay in place (what a CUDA graph captures).
@@ -90,9 +94,12 @@ def graph_generate(
         whose generation config asks for nothing but greedy decoding.
 
     Raises:
-        ValueError: the model is not patched, is patched with offload or has sliding-window
-            layers; ``cuda_graph=True`` off CUDA; a bad ``input_ids``, ``max_new_tokens`` or
-            ``check_every``.
+        ValueError: the model is not patched, is patched with offload, has sliding-window
+            layers or a RoPE that depends on the sequence length (``dynamic``, ``longrope``);
+            ``cuda_graph=True`` off CUDA; ``input_ids`` not integer tokens;
+            ``max_new_tokens`` or ``check_every`` below 1.
+        TypeError: ``input_ids`` not a ``[B, T]`` tensor, ``max_new_tokens`` or
+            ``check_every`` not an int, ``cuda_graph`` not a bool.
     """
     from hip_attn.patches.model import is_patched, patched_with_offload
 
@@ -100,6 +107,12 @@ def graph_generate(
         raise ValueError("graph_generate needs a model patched with hip_attn.patch(model)")
     if patched_with_offload(model):
         raise ValueError("graph_generate does not run offloaded models; patch without offload")
+    rope = _rope_types(model) & SEQUENCE_DEPENDENT_ROPE
+    if rope:
+        raise ValueError(
+            f"graph_generate cannot capture a RoPE that depends on the sequence length "
+            f"(rope_type {sorted(rope)[0]!r} re-reads it every step); use model.generate()"
+        )
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
         raise TypeError(
@@ -161,15 +174,26 @@ def prefill(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeS
 def capture(step: DecodeStep) -> Callable[[], None]:
     """Run ``step`` once on a side stream (the warm-up: it sets up every layer's device state
     and compiles the kernels), capture the next step in a CUDA graph and return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    with torch.cuda.device(step.tokens.device):  # the model's GPU, whichever is current
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
     return graph.replay
+
+
+def _rope_types(model: Any) -> set[str]:
+    """The RoPE types of the model's rotary modules (Gemma-3 keeps one per layer type)."""
+    found: set[str] = set()
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)
+        kinds = kind.values() if isinstance(kind, dict) else [kind]
+        found.update(k for k in kinds if isinstance(k, str))
+    return found
 
 
 def _all_ended(new: torch.Tensor, ends: torch.Tensor) -> bool:

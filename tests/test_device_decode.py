@@ -54,6 +54,44 @@ def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dt
     assert host.refreshes == -(-steps // cfg.refresh_interval)
 
 
+@pytest.mark.parametrize(
+    "history",
+    [
+        "mid_cycle",  # host decode steps first: the device continues their selection
+        "short_chunk",  # a chunk shorter than a query block: its selection serves 3 queries
+        "dense",  # at or below dense_threshold the host runs dense, then refreshes
+    ],
+)
+def test_device_steps_take_over_the_host_refresh_schedule(rand_qkv, history):
+    cfg = CFG.replace(dense_threshold=None) if history == "dense" else CFG
+    prompt, host_steps, steps = {"mid_cycle": (400, 6, 12), "short_chunk": (380, 0, 12),
+                                 "dense": (130, 0, 24)}[history]  # fmt: skip
+    chunk = 3 if history == "short_chunk" else 0
+    total = prompt + chunk + host_steps + steps
+    q, k, v = rand_qkv(1, 4, 2, total, total, 64, device=DEVICE, seed=44)
+    k_buf, v_buf = k.clone(), v.clone()
+    host, dev = HiPDecodeState(), HiPDecodeState()
+    for s in (host, dev):  # the same host-driven history for both
+        ctx = slice(0, prompt)
+        hip_attention(q[:, :, ctx], k[:, :, ctx], v[:, :, ctx], cfg, state=s)
+        if chunk:
+            rows, ctx = slice(prompt, prompt + chunk), slice(0, prompt + chunk)
+            hip_attention(q[:, :, rows], k[:, :, ctx], v[:, :, ctx], cfg, state=s)
+        for t in range(prompt + chunk, prompt + chunk + host_steps):
+            row = slice(t, t + 1)
+            hip_attention(q[:, :, row], k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=s)
+    start = prompt + chunk + host_steps
+    length = torch.tensor([start], dtype=torch.int32, device=DEVICE)
+    refreshed = host.refreshes
+    for t in range(start, total):  # the dense case crosses 144 keys (sinks + k + window)
+        length += 1
+        _step_both(q, k, v, t, (k_buf, v_buf, length), cfg, host, dev)
+        if host.indices is not None:
+            width = host.indices.shape[-1]
+            assert torch.equal(dev.indices[..., :width], host.indices)
+    assert host.refreshes > refreshed  # the steps compared span refreshes
+
+
 def test_a_new_sequence_in_the_same_buffers_starts_afresh_in_place(rand_qkv):
     """A host-driven call (here the next sequence's prefill) makes the next device step set up
     again: from the new keys, in the same tensors (a captured graph stays valid)."""

@@ -13,9 +13,17 @@ from tests.test_patches import SPARSE, greedy, make_model, prompt  # noqa: E402
 
 
 @torch.no_grad()
-def test_same_tokens_as_generate_with_hip_and_dense_layers():
+def test_same_tokens_as_generate_with_hip_and_dense_layers(monkeypatch):
     # layer 0 runs HiP (the device decode: refreshes every 4 steps, blocks complete on the
-    # device), layer 1 dense over the buffers with a mask built from the device count
+    # device), layer 1 dense over the buffers with a mask built from the device count; the
+    # buffers start as NaN (what torch.empty may hold on a GPU): masked keys must not leak
+    from hip_attn.patches.cache import PreallocatedLayer
+
+    def nan_buffers(self, like, tokens):
+        b, h, _, d = like.shape
+        return torch.full((b, h, tokens, d), float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(PreallocatedLayer, "_allocate", nan_buffers)
     model = patch(make_model("llama", eos_token_id=None), SPARSE, dense_layers=[1])
     ids = prompt(100, seed=30, batch=2)  # the budget covers 80 keys
     want = greedy(model, ids, 14)
@@ -74,6 +82,7 @@ def test_the_prefill_computes_the_last_logits_only():
         ("plain", {}, ValueError, "patched with hip_attn.patch"),
         ("offload", {}, ValueError, "does not run offloaded models"),
         ("sliding", {}, ValueError, "all full attention"),
+        ("dynamic_rope", {}, ValueError, "RoPE that depends on the sequence length"),
         ("llama", {"input_ids": torch.zeros(5, dtype=torch.long)}, TypeError, r"\[B, T\]"),
         ("llama", {"input_ids": torch.zeros(1, 5)}, ValueError, "integer tokens"),
         ("llama", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
@@ -86,6 +95,9 @@ def test_bad_input_raises(build, kwargs, exc, match):
         "plain": lambda: make_model("llama"),
         "offload": lambda: patch(make_model("llama"), SPARSE, offload=True),
         "sliding": lambda: patch(make_model("gemma3"), SPARSE),
+        "dynamic_rope": lambda: patch(
+            make_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), SPARSE
+        ),
         "llama": lambda: patch(make_model("llama"), SPARSE),
     }[build]()
     call = {"input_ids": prompt(20), "max_new_tokens": 2, **kwargs}

@@ -22,7 +22,8 @@ def keys_in_use(tk, ON_DEVICE: tl.constexpr, offset=0):
 
 @triton.jit
 def refresh_due(tk, anchor, interval):
-    """Whether a one-token decode step over ``tk`` keys re-estimates its selection: the first
-    step after the prefill of ``*anchor`` keys and every ``interval`` steps after it (the rule
-    :class:`hip_attn.HiPDecodeState` applies on the host)."""
-    return (tk - tl.load(anchor) - 1) % interval == 0
+    """Whether a one-token decode step over ``tk`` keys re-estimates its selection: every step
+    up to ``*anchor + 1`` keys, then every ``interval`` steps (the rule
+    :class:`hip_attn.HiPDecodeState` applies on the host, its phase set by ``*anchor``)."""
+    since = tk - tl.load(anchor) - 1
+    return (since <= 0) | (since % interval == 0)

@@ -51,10 +51,12 @@ def gather_torch(
     k_slots, v_slots = cache.slot_views()
     device = k_slots.device
     if device.type == "cuda":
-        side = torch.cuda.Stream(device)
+        side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
         with torch.cuda.stream(side):
             k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
-        torch.cuda.current_stream(device).wait_stream(side)
+        current.wait_stream(side)
+        for x in (k, v):  # allocated on the side stream, read on this one: not free before
+            x.record_stream(current)
     k_slots[rows, slots] = k
     v_slots[rows, slots] = v
 
