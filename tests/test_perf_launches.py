@@ -276,3 +276,47 @@ def test_offloaded_decode_steps_read_nothing_back() -> None:
     assert state.refreshes == len(gathers) == 3
     assert all(g.shape == gathers[0].shape for g in gathers)  # one fixed-length list
     assert (gathers[0] >= 0).any()  # the first decode selection brought blocks in
+
+
+class _Noop:
+    """A ``@triton.jit`` kernel's stand-in that does nothing (no bookkeeping of its own)."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def test_device_decode_host_work_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's share of an eager device decode step, counted as the Python and builtin
+    calls it makes (kernels stubbed): per layer and token this is what runs between launches.
+    723 calls before the tree layout's closed forms (a binary search over an O(levels) sum,
+    twice per step), about 300 after; the bound leaves room for other torch/Triton releases."""
+    import sys
+
+    import hip_attn.attention as attention
+    import hip_attn.triton_kernels.attention as sparse
+    import hip_attn.triton_kernels.mask as mask
+    from hip_attn.attention import HiPDecodeState, hip_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(attention, "_multiprocessors", lambda device: 132)
+    for module, name in ((mask, "_hip_mask_kernel"), (sparse, "_sparse_attention_kernel"),
+                         (sparse, "_merge_splits_kernel")):  # fmt: skip
+        monkeypatch.setattr(module, name, _Noop())
+    q, k, v = _qkv(1, 8192, 32, 8)
+    state = HiPDecodeState()
+    prompt, _, _ = _qkv(128, 4095, 32, 8)
+    hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
+    length = torch.tensor([4096], dtype=torch.int32)
+    hip_attention(q, k, v, state=state, length=length)  # sets the device state up
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        hip_attention(q, k, v, state=state, length=length)
+    finally:
+        sys.setprofile(None)
+    assert 0 < calls <= 450, calls
