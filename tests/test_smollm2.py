@@ -73,3 +73,25 @@ def test_patched_generation_keeps_decode_state(smollm2, reference_path):
         unpatch(smollm2.model)
     states = decode_states(output_cache(out))
     assert len(states) == 30 and all(s.refreshes >= 1 for s in states.values())
+
+
+@torch.no_grad()
+def test_graph_generate_answers_the_passkey_as_generate_does(smollm2, reference_path):
+    """graph_generate on a real checkpoint (its eager step; attention through the reference):
+    30 layers with the cache on the device past the dense threshold, the same tokens as the
+    patched generate(), passkey included."""
+    from hip_attn.accuracy.model_eval import FILLERS, passkey_digits, passkey_prompt
+    from hip_attn.patches import graph_generate
+
+    key = passkey_digits(0, 1200, 0.5, 5)
+    filler = text_tokens(smollm2, FILLERS["classic"], 1200, 0)
+    ids = passkey_prompt(smollm2, filler, 1200, 0.5, key).ids  # past the dense threshold, 832
+    patch(smollm2.model, HiPConfig())
+    try:
+        want = smollm2.model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                      pad_token_id=0)  # fmt: skip
+        got = graph_generate(smollm2.model, ids, 8, eos_token_id=[], pad_token_id=0)
+    finally:
+        unpatch(smollm2.model)
+    assert torch.equal(got, want)
+    assert key in smollm2.tokenizer.decode(got[0, ids.shape[1] :])
