@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
+    extends_in_place,
     node_summaries,
     selection_config,
     tree_blocks,
-    tree_capacity,
 )
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import (
@@ -237,10 +237,8 @@ class HiPDecodeState:
         self._tree_blocks = blocks
         if (
             tree is not None
-            and 0 < done <= blocks <= tree_capacity(tree)
-            and tree.device == k.device
-            and tree.shape[:2] == k.shape[:2]
-            and k.stride(-1) == 1
+            and done > 0
+            and extends_in_place(tree, k, done, config)
             and uses_triton(k.device)
         ):
             return SummaryTree(tree, k, done)

@@ -154,6 +154,21 @@ def node_summaries(
     return extend_summaries(tree, keys, done, config, min_capacity=min_capacity)
 
 
+def extends_in_place(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> bool:
+    """Whether ``tree``, holding its first ``done`` blocks, can take every complete block of
+    the keys ``k`` ``[B, Hkv, Tk, D]`` in its own allocation: built for their batch, heads and
+    head dim on their device, room for the blocks, unit stride on the last dimension."""
+    b, h, tk, d = k.shape
+    return (
+        tuple(tree.shape[:2]) == (b, h)
+        and tree.shape[-1] == 2 * d
+        and tree.device == k.device
+        and done <= tree_blocks(tk, config) <= tree_capacity(tree)
+        and k.stride(-1) == 1
+        and tree.stride(-1) == 1
+    )
+
+
 def tree_capacity(tree: torch.Tensor | None) -> int:
     """The blocks ``tree`` was allocated for (the largest capacity with its row count)."""
     return 0 if tree is None else _capacity_of_rows(tree.shape[-2])

@@ -14,7 +14,12 @@ import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, tree_blocks, tree_capacity
+from hip_attn.geometry import (
+    extends_in_place,
+    first_candidate_block,
+    tree_blocks,
+    tree_capacity,
+)
 from hip_attn.triton_kernels.dtypes import needs_int64
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 
@@ -98,18 +103,14 @@ def _extend_tree_kernel(
 
 def check_extension(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> int:
     """The blocks ``tree`` will hold once extended from ``done`` by the keys ``k``; raises
-    ``ValueError`` when they do not fit or ``tree`` belongs to other keys."""
-    b, h, tk, d = k.shape
-    if tree.shape[:2] != (b, h) or tree.shape[-1] != 2 * d:
+    ``ValueError`` unless it can (:func:`~hip_attn.geometry.extends_in_place`)."""
+    n = tree_blocks(k.shape[2], config)
+    if not extends_in_place(tree, k, done, config):
         raise ValueError(
-            f"the tree {tuple(tree.shape)} was built for other keys than {tuple(k.shape)}"
+            f"cannot extend the tree {tuple(tree.shape)} (room for {tree_capacity(tree)} blocks, "
+            f"{done} done) to the {n} blocks of keys {tuple(k.shape)} on {k.device}: it must "
+            "be built for these keys, hold them, and both need unit stride last"
         )
-    n = tree_blocks(tk, config)
-    capacity = tree_capacity(tree)
-    if not done <= n <= capacity:
-        raise ValueError(f"the tree holds {capacity} blocks and {done} done; cannot extend to {n}")
-    if k.stride(-1) != 1 or tree.stride(-1) != 1:
-        raise ValueError("keys and tree need unit stride on the last dimension")
     return n
 
 
