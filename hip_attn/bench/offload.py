@@ -11,11 +11,12 @@
   the first: the claim is that the device grows only by ``R``.
 * ``decode`` (one record per context): after the fill, ``warmup_steps`` and then ``steps`` decode
   steps, each appending one random token and attending one random query through one
-  :class:`HiPDecodeState`, so the selection is re-estimated every ``refresh_interval`` steps as
-  in generation. Every step runs alone (synchronized before and after; the L2 cache flushed
-  before it on CUDA), its ``append`` and its ``attend`` timed apart, and it is classified by
-  whether the state refreshed. Bytes moved host->device and block-cache hits come from the
-  layer's counters around each step. The same steps (same K/V, same inputs) then run without
+  :class:`HiPDecodeState`, so the selection is re-estimated every ``refresh_interval`` steps as in
+  generation. Every step runs alone (synchronized before and after; the L2 cache flushed before it
+  on CUDA), its ``append`` and its ``attend`` timed apart (on CUDA an append only queues its copies
+  to the host on a side stream; they are timed within ``attend``, which waits for them), and it is
+  classified by whether the state refreshed. Bytes moved host->device and block-cache hits come from
+  the layer's counters around each step. The same steps (same K/V, same inputs) then run without
   offload, ``hip_attention`` on device-resident K/V with its own ``HiPDecodeState``, where that
   fits in device memory.
 """
@@ -502,7 +503,10 @@ def _offload_decode(
         return s.bytes_moved, s.hits, s.misses
 
     def attend(q: torch.Tensor) -> torch.Tensor:
-        return layer.attend(q, scale=scale, state=state)
+        out = layer.attend(q, scale=scale, state=state)
+        if device.type == "cuda":  # the step ends when the appends' copies (a side stream) do
+            layer.host.wait_appends(torch.cuda.current_stream(device))
+        return out
 
     steps, out, memory = _timed(layer.append, attend, plan, inputs, state, device, counters)
     results = summarize_steps("offload", steps, cfg.refresh_interval, memory, traffic=True)
