@@ -76,9 +76,12 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def generate_ms(model: Any, ids: torch.Tensor, new: int, repeats: int) -> dict[str, Any]:
-    """``generate()``'s prefill (one new token) and its milliseconds per further token."""
+    """``generate()``'s prefill (one new token) and its milliseconds per further token: the
+    difference of two medians, so noise can make it small or even negative where a token costs
+    little next to the prefill (a tiny model on a CPU); on a GPU it is the decode's cost."""
     kw = {"do_sample": False}
     device = ids.device
+    model.generate(ids, max_new_tokens=2, **kw)  # warm-up: first-call costs are not decode
     prefills, totals, tokens = [], [], None
     for _ in range(repeats):
         prefills.append(_timed(lambda: model.generate(ids, max_new_tokens=1, **kw), device)[0])
