@@ -132,8 +132,9 @@ class HiPDecodeState:
 
     Device decode (``hip_attention(..., length=)``, one token per step over K/V buffers) keeps
     the refresh rule, the tree's progress and the selection in device memory instead: its
-    first call sets them up from the state's history, the steps after it only launch kernels,
-    and ``tokens_since_refresh`` and ``refreshes`` stop counting.
+    first call sets them up from the state's history (continuing its selection and refresh
+    phase), the steps after it only launch kernels, and ``refreshes`` stops counting; the next
+    host-driven call takes ``tokens_since_refresh`` back from the device rule's phase.
 
     Attributes:
         indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
@@ -150,6 +151,7 @@ class HiPDecodeState:
         self._keys = 0  # keys of the last call
         self._device: _DeviceDecode | None = None
         self._device_current = False  # no host-driven call since the device buffers were set
+        self._anchor = 0  # the device refresh rule's phase, as set up (see _device_anchor)
 
     def reset(self) -> None:
         self.indices = None
@@ -157,10 +159,24 @@ class HiPDecodeState:
         self._tree, self._tree_blocks, self._keys = None, 0, 0
         self._device_current = False
 
-    def leave_device(self) -> None:
-        """Note a host-driven call (a prefill, a host decode step, a dense one): the next
-        device step sets its buffers up again from the state's history."""
+    def leave_device(self, keys_before: int | None = None, config: HiPConfig | None = None) -> None:
+        """Note a host-driven call (a prefill, a host decode step, a dense one) after
+        ``keys_before`` keys: the host counters take over from the device steps (computed from
+        the device rule's phase, nothing read back), and the next device step sets its buffers
+        up again from the state's history."""
+        if self._device_current and keys_before is not None and config is not None:
+            self._resume_host_counts(keys_before, config)
         self._device_current = False
+
+    def _resume_host_counts(self, keys_before: int, config: HiPConfig) -> None:
+        """``tokens_since_refresh`` and the key count as the host rule would have them after
+        device steps up to ``keys_before`` keys (the steps do not count on the host)."""
+        since = keys_before - self._anchor - 1  # the last device step's, see refresh_due
+        if keys_before <= config.effective_dense_threshold:  # the host would have run dense
+            self.indices, self.tokens_since_refresh = None, 0
+        elif since >= 0 and self.indices is not None:
+            self.tokens_since_refresh = since % config.refresh_interval + 1
+        self._keys = max(self._keys, keys_before)
 
     def device_buffers(
         self, k: torch.Tensor, length: torch.Tensor, config: HiPConfig, h_sel: int
@@ -176,6 +192,8 @@ class HiPDecodeState:
         if dev is not None and dev.key == key and self._device_current:
             return dev
         n = int(length)
+        self.leave_device(n - 1, config)  # other buffers without a host call: counts first
+        self.follow(1, n, config)  # a rollback or a new sequence: no selection to continue
         b, hkv = k.shape[:2]
         g = config.blocks_per_query_block
         tree = node_summaries(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
@@ -193,12 +211,18 @@ class HiPDecodeState:
         held = None if self.indices is None else self.indices.clone()  # may be dev.indices
         dev.done.fill_(tree_blocks(n, config))
         dev.indices.fill_(-1)
-        dev.anchor.fill_(self._device_anchor(n, config, held, dev.indices))
+        self._anchor = self._device_anchor(n, k.shape[2], config, held, dev.indices)
+        dev.anchor.fill_(self._anchor)
         self.indices, self._device_current = dev.indices, True
         return dev
 
     def _device_anchor(
-        self, n: int, config: HiPConfig, held: torch.Tensor | None, indices: torch.Tensor
+        self,
+        n: int,
+        capacity: int,
+        config: HiPConfig,
+        held: torch.Tensor | None,
+        indices: torch.Tensor,
     ) -> int:
         """The device refresh rule's phase (see ``refresh_due``) for a first device step over
         ``n`` keys that continues this state's host history, so that the device refreshes
@@ -208,7 +232,7 @@ class HiPDecodeState:
         ``refresh_interval``; without one at once."""
         threshold = config.effective_dense_threshold
         if n <= threshold:
-            return threshold
+            return min(threshold, capacity)  # every step: no step has more keys than that
         if held is None or self.tokens_since_refresh < 1:
             return n - 1
         if tuple(held.shape[:3]) != tuple(indices.shape[:3]) or held.shape[3] > indices.shape[3]:
@@ -478,7 +502,8 @@ def hip_attention(
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys
-        this is exact dense attention.
+        this is exact dense attention (device decode: see ``length``; with an explicit
+        threshold above ``sink_tokens + k + window`` it is sparse there).
 
     Raises:
         NotImplementedError: the Triton kernels would run (CUDA, or ``TRITON_INTERPRET=1``)
@@ -494,8 +519,10 @@ def hip_attention(
     if length is not None:
         return _device_decode(q, k, v, length, config, scale, state)
     if state is not None:
-        state.leave_device()
+        state.leave_device(k.shape[2] - q.shape[2], config)
     if k.shape[2] <= config.effective_dense_threshold:
+        if state is not None and q.shape[2] > config.block_size_q:
+            state.reset()  # a prefill clears the state, dense or not (a new sequence's)
         return dense_attention(q, k, v, scale)
     if uses_triton(q.device):  # before any launch: the kernels have no backward
         check_inference_only(q, k, v)

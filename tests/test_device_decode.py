@@ -54,42 +54,85 @@ def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dt
     assert host.refreshes == -(-steps // cfg.refresh_interval)
 
 
+def _host_call(states, q, k, v, rows, keys, cfg):
+    for s in states:  # the same host-driven call on each state
+        hip_attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], cfg, state=s)
+
+
+def _device_steps(q, k, v, start, steps, cfg, host, dev, buffers=None):
+    """Decode ``steps`` tokens from ``start`` keys on both paths; the device path's buffers
+    are filled as it goes. Returns the buffers and how often the host path refreshed."""
+    if buffers is None:  # the keys so far, then what must never be read
+        buffers = (k.clone(), v.clone())
+        buffers[0][:, :, start:] = buffers[1][:, :, start:] = 1e4
+    k_buf, v_buf = buffers
+    length = torch.tensor([start], dtype=torch.int32, device=DEVICE)
+    refreshed = host.refreshes
+    for t in range(start, start + steps):
+        k_buf[:, :, t], v_buf[:, :, t] = k[:, :, t], v[:, :, t]
+        length += 1
+        _step_both(q, k, v, t, (k_buf, v_buf, length), cfg, host, dev)
+        if host.indices is not None:
+            width = host.indices.shape[-1]
+            assert torch.equal(dev.indices[..., :width], host.indices), t
+    return (k_buf, v_buf), host.refreshes - refreshed
+
+
 @pytest.mark.parametrize(
     "history",
     [
         "mid_cycle",  # host decode steps first: the device continues their selection
         "short_chunk",  # a chunk shorter than a query block: its selection serves 3 queries
         "dense",  # at or below dense_threshold the host runs dense, then refreshes
+        "rollback",  # the cache cropped after host steps: the selection is stale
+        "new_sequence",  # a second sequence's prompt, dense, in the same state
+        "mixed",  # device steps, one host step, device steps again
     ],
 )
 def test_device_steps_take_over_the_host_refresh_schedule(rand_qkv, history):
-    cfg = CFG.replace(dense_threshold=None) if history == "dense" else CFG
-    prompt, host_steps, steps = {"mid_cycle": (400, 6, 12), "short_chunk": (380, 0, 12),
-                                 "dense": (130, 0, 24)}[history]  # fmt: skip
-    chunk = 3 if history == "short_chunk" else 0
-    total = prompt + chunk + host_steps + steps
-    q, k, v = rand_qkv(1, 4, 2, total, total, 64, device=DEVICE, seed=44)
-    k_buf, v_buf = k.clone(), v.clone()
-    host, dev = HiPDecodeState(), HiPDecodeState()
-    for s in (host, dev):  # the same host-driven history for both
-        ctx = slice(0, prompt)
-        hip_attention(q[:, :, ctx], k[:, :, ctx], v[:, :, ctx], cfg, state=s)
-        if chunk:
-            rows, ctx = slice(prompt, prompt + chunk), slice(0, prompt + chunk)
-            hip_attention(q[:, :, rows], k[:, :, ctx], v[:, :, ctx], cfg, state=s)
-        for t in range(prompt + chunk, prompt + chunk + host_steps):
-            row = slice(t, t + 1)
-            hip_attention(q[:, :, row], k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=s)
-    start = prompt + chunk + host_steps
-    length = torch.tensor([start], dtype=torch.int32, device=DEVICE)
-    refreshed = host.refreshes
-    for t in range(start, total):  # the dense case crosses 144 keys (sinks + k + window)
-        length += 1
-        _step_both(q, k, v, t, (k_buf, v_buf, length), cfg, host, dev)
-        if host.indices is not None:
-            width = host.indices.shape[-1]
-            assert torch.equal(dev.indices[..., :width], host.indices)
-    assert host.refreshes > refreshed  # the steps compared span refreshes
+    """Whatever host-driven history a state has, device steps refresh when the host rule
+    would (and the host rule picks up after device steps): the same outputs and selections
+    step by step."""
+    cfg = CFG.replace(dense_threshold=None) if history in ("dense", "new_sequence") else CFG
+    both = (host, dev) = HiPDecodeState(), HiPDecodeState()
+    q, k, v = rand_qkv(1, 4, 2, 440, 440, 64, device=DEVICE, seed=44)
+    if history == "new_sequence":  # the first sequence: a prefill and host decode steps
+        _host_call(both, q, k, v, slice(0, 300), 300, cfg)
+        for t in range(300, 310):
+            _host_call(both, q, k, v, slice(t, t + 1), t + 1, cfg)
+        q, k, v = rand_qkv(1, 4, 2, 440, 440, 64, device=DEVICE, seed=45)
+    prompt = {"dense": 130, "new_sequence": cfg.effective_dense_threshold}.get(history, 400)
+    _host_call(both, q, k, v, slice(0, prompt), prompt, cfg)
+    start, steps = prompt, 12
+    if history == "mid_cycle":
+        for t in range(prompt, prompt + 6):
+            _host_call(both, q, k, v, slice(t, t + 1), t + 1, cfg)
+        start = prompt + 6
+    elif history == "short_chunk":
+        _host_call(both, q, k, v, slice(prompt, prompt + 3), prompt + 3, cfg)
+        start = prompt + 3
+    elif history == "dense":
+        steps = 24  # crosses sinks + k + window = 144 keys
+    elif history == "rollback":
+        for t in range(prompt, prompt + 18):
+            _host_call(both, q, k, v, slice(t, t + 1), t + 1, cfg)
+        start = prompt + 4  # cropped to 404 keys: what follows is new
+        _, k_new, v_new = rand_qkv(1, 4, 2, 1, 440, 64, device=DEVICE, seed=46)
+        k[:, :, start:], v[:, :, start:] = k_new[:, :, start:], v_new[:, :, start:]
+    elif history == "mixed":
+        buffers, refreshes = _device_steps(q, k, v, prompt, 6, cfg, host, dev)
+        assert refreshes == 2
+        _host_call(both, q, k, v, slice(prompt + 6, prompt + 7), prompt + 7, cfg)
+        buffers[0][:, :, prompt + 6], buffers[1][:, :, prompt + 6] = (
+            k[:, :, prompt + 6],
+            v[:, :, prompt + 6],
+        )
+        start = prompt + 7
+        _, refreshes = _device_steps(q, k, v, start, steps, cfg, host, dev, buffers)
+        assert refreshes >= 3
+        return
+    _, refreshes = _device_steps(q, k, v, start, steps, cfg, host, dev)
+    assert refreshes >= 2  # the steps compared span refreshes
 
 
 def test_a_new_sequence_in_the_same_buffers_starts_afresh_in_place(rand_qkv):

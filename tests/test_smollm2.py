@@ -88,9 +88,8 @@ def test_graph_generate_answers_the_passkey_as_generate_does(smollm2, reference_
     ids = passkey_prompt(smollm2, filler, 1200, 0.5, key).ids  # past the dense threshold, 832
     patch(smollm2.model, HiPConfig())
     try:
-        want = smollm2.model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                      pad_token_id=0)  # fmt: skip
-        got = graph_generate(smollm2.model, ids, 8, eos_token_id=[], pad_token_id=0)
+        want = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        got = graph_generate(smollm2.model, ids, 8, pad_token_id=0)  # both end at the EOS
     finally:
         unpatch(smollm2.model)
     assert torch.equal(got, want)
