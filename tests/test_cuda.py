@@ -6,7 +6,7 @@ import torch
 
 from hip_attn import HiPConfig
 from hip_attn.offload import OffloadedKV
-from hip_attn.offload.gather import cuda_extension, gather_cuda, gather_torch
+from hip_attn.offload.gather import ChunkPointers, cuda_extension, gather_cuda, gather_torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,7 +29,8 @@ def test_cuda_gather_matches_torch_gather():
     slots = torch.tensor([2, 9, 15, 0], device="cuda")
     torch_off, cuda_off = caches
     gather_torch(torch_off.host, torch_off.cache, rows, blocks, slots)
-    gather_cuda(cuda_extension(), cuda_off.host, cuda_off.cache, rows, blocks, slots)
+    pointers = ChunkPointers(cuda_off.host, cuda_off.cache.k.device)
+    gather_cuda(cuda_extension(), cuda_off.host, cuda_off.cache, pointers, rows, blocks, slots)
     torch.cuda.synchronize()
     assert torch.equal(torch_off.cache.k, cuda_off.cache.k)
     assert torch.equal(torch_off.cache.v, cuda_off.cache.v)

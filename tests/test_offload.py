@@ -165,14 +165,50 @@ def test_host_storage_grows_in_chunks_and_reads_back():
     k, v = torch.randn(2, 3, 100, 16).half(), torch.randn(2, 3, 100, 16).half()
     for start in range(0, 100, 30):  # appends that straddle chunk boundaries
         host.append(k[:, :, start : start + 30], v[:, :, start : start + 30])
-    assert len(host.k_chunks) == 4 and host.length == 100
+    assert len(host.chunks) == 4 and host.length == 100
     got_k, got_v = host.read()
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
     rows, blocks = torch.tensor([0, 5, 3]), torch.tensor([11, 0, 6])
     gk, gv = host.gather(rows, blocks)
     flat_k = k.reshape(6, 100, 16)
+    flat_v = v.reshape(6, 100, 16)
     for i, (r, blk) in enumerate(zip(rows.tolist(), blocks.tolist(), strict=True)):
         assert torch.equal(gk[i], flat_k[r, blk * 8 : blk * 8 + 8])
+        assert torch.equal(gv[i], flat_v[r, blk * 8 : blk * 8 + 8])
+    assert gk.is_contiguous() and gv.is_contiguous()  # what a non-blocking upload needs
+
+
+def test_an_append_is_one_copy_per_chunk_it_lands_in():
+    """Host writes per append, counted: a decode token of every row and head, K and V, is one
+    copy into the host storage (it was ``2 * B * Hkv`` copies when each row was its own run);
+    an append straddling a chunk boundary is two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host = HostKV(2, 4, 16, torch.float32, 8, chunk_tokens=32, pin=False)
+
+    class HostWrites(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            storages = {c.untyped_storage().data_ptr() for c in host.chunks}
+            if func is torch.ops.aten.copy_.default:
+                self.count += args[0].untyped_storage().data_ptr() in storages
+            return func(*args, **(kwargs or {}))
+
+    k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
+    counts = []
+    for start, end in ((0, 30), (30, 31), (31, 32), (32, 40)):  # then one straddling: 40 -> 72
+        with HostWrites() as writes:
+            host.append(k[:, :, start:end], v[:, :, start:end])
+        counts.append(writes.count)
+    with HostWrites() as writes:
+        host.append(k[:, :, 8:40], v[:, :, 8:40])
+    assert counts == [1, 1, 1, 1] and writes.count == 2
+    got_k, got_v = host.read()
+    assert torch.equal(got_k, torch.cat([k, k[:, :, 8:]], dim=2))
+    assert torch.equal(got_v, torch.cat([v, v[:, :, 8:]], dim=2))
 
 
 def test_device_bytes_grow_only_by_the_summary_tree():

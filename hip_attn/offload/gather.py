@@ -62,23 +62,21 @@ def gather_torch(
 
 
 class ChunkPointers:
-    """The device addresses of the host K and V chunks as int64 device tensors (what the
-    kernel indexes), rebuilt only when a chunk was added: a gather copies nothing else to
-    the device."""
+    """The device addresses of the host chunks as an int64 device tensor (what the kernel
+    indexes), rebuilt only when a chunk was added: a gather copies nothing else to the
+    device."""
 
     def __init__(self, host: HostKV, device: torch.device) -> None:
         self.host, self.device = host, device
         self._chunks = -1
-        self.k = self.v = torch.empty(0, dtype=torch.int64, device=device)
+        self.table = torch.empty(0, dtype=torch.int64, device=device)
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._chunks != len(self.host.k_chunks):
-            self._chunks = len(self.host.k_chunks)
-            self.k, self.v = (
-                torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64, device=self.device)
-                for chunks in (self.host.k_chunks, self.host.v_chunks)
-            )
-        return self.k, self.v
+    def __call__(self) -> torch.Tensor:
+        if self._chunks != len(self.host.chunks):
+            self._chunks = len(self.host.chunks)
+            self.table = torch.tensor([c.data_ptr() for c in self.host.chunks],
+                                      dtype=torch.int64, device=self.device)  # fmt: skip
+        return self.table
 
 
 def gather_cuda(
@@ -93,14 +91,12 @@ def gather_cuda(
     """The ``csrc/`` kernel: blocks read from pinned host memory straight into the slots; one
     program per list entry, those with slot ``-1`` return at once. Nothing is read back."""
     device = cache.k.device
-    k_ptrs, v_ptrs = pointers()
+    table = pointers()
     host.wait_appends(torch.cuda.current_stream(device))
-    elem = cache.k.element_size()
-    block_bytes = host.block_size * host.head_dim * elem
+    row_bytes = host.head_dim * cache.k.element_size()
     ext.gather_blocks(
-        k_ptrs, v_ptrs, rows.long().contiguous(), blocks.long().contiguous(),
-        slots.long().contiguous(), cache.k, cache.v, host.chunk_blocks,
-        host.chunk_tokens * host.head_dim * elem, block_bytes,
+        table, rows.long().contiguous(), blocks.long().contiguous(), slots.long().contiguous(),
+        *cache.slot_views(), host.chunk_blocks, 2 * host.rows * row_bytes, row_bytes,
         torch.cuda.current_stream(device).cuda_stream,
     )  # fmt: skip
 
@@ -116,8 +112,7 @@ def make_gather(host: HostKV, cache: BlockCache, method: str = "auto") -> Any:
     ``"auto"`` (the kernel when the cache is on CUDA, the host is pinned and it builds)."""
     if method not in GATHER_METHODS:
         raise ValueError(f"gather method must be one of {GATHER_METHODS}, got {method!r}")
-    usable = cache.k.is_cuda and host.pin and (host.block_size * host.head_dim
-                                                * cache.k.element_size()) % 16 == 0  # fmt: skip
+    usable = cache.k.is_cuda and host.pin and host.head_dim * cache.k.element_size() % 16 == 0
     ext = cuda_extension() if method != "torch" and usable else None
     if method == "cuda" and ext is None:
         raise RuntimeError("the CUDA block gather needs CUDA, pinned host KV and a build")

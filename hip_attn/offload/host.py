@@ -9,8 +9,10 @@ class HostKV:
     """K and V ``[B, Hkv, T, D]`` kept on the host in fixed-size chunks of tokens.
 
     Storage grows one chunk at a time and is never reallocated or copied as tokens arrive. A
-    chunk holds ``[B * Hkv, chunk_tokens, D]`` so that every key block (``block_size`` tokens
-    of one batch row and head) is one contiguous run of memory: a gather moves whole blocks.
+    chunk holds ``[chunk_tokens, 2, B * Hkv, D]``: each token's keys then values of every batch
+    row and head are adjacent, so appending ``n`` tokens is one contiguous copy per chunk they
+    land in (a decode step: one copy per layer, whatever ``B * Hkv``). A key block (``block_size``
+    tokens of one row) is ``block_size`` runs of ``D`` values, as many as a gather reads.
     """
 
     def __init__(
@@ -31,8 +33,7 @@ class HostKV:
         self.batch, self.kv_heads = batch, kv_heads
         self.block_size, self.chunk_tokens = block_size, chunk_tokens
         self.pin = torch.cuda.is_available() if pin is None else pin
-        self.k_chunks: list[torch.Tensor] = []
-        self.v_chunks: list[torch.Tensor] = []
+        self.chunks: list[torch.Tensor] = []
         self.length = 0
         # appends from a GPU copy on their own stream; readers wait for the last one
         self._copies: torch.cuda.Stream | None = None
@@ -43,48 +44,44 @@ class HostKV:
         return self.chunk_tokens // self.block_size
 
     def _new_chunk(self) -> torch.Tensor:
-        shape = (self.rows, self.chunk_tokens, self.head_dim)
+        shape = (self.chunk_tokens, 2, self.rows, self.head_dim)
         return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append ``[B, Hkv, n, D]`` keys and values (from any device). From a GPU into pinned
-        chunks the copies are asynchronous, on a copy stream that first waits for the work
-        that produced ``k`` and ``v``: the host does not wait for the GPU. Readers of the
-        storage wait for them (:meth:`wait_appends`, :meth:`gather`, :meth:`read`)."""
-        k = k.reshape(self.rows, -1, self.head_dim)
-        v = v.reshape(self.rows, -1, self.head_dim)
-        if self.pin and k.is_cuda:
-            self._append_async(k, v)
+        """Append ``[B, Hkv, n, D]`` keys and values (from any device). They are laid out as
+        the chunks hold them where they are (one small copy on their device), then copied with
+        one copy per chunk they land in. From a GPU into pinned chunks that copy is
+        asynchronous, on a copy stream that first waits for the work that produced ``k`` and
+        ``v``: the host does not wait for the GPU. Readers of the storage wait for them
+        (:meth:`wait_appends`, :meth:`gather`, :meth:`read`)."""
+        n = k.shape[2]
+        tokens = torch.stack((k, v)).reshape(2, self.rows, n, self.head_dim)
+        tokens = tokens.permute(2, 0, 1, 3).contiguous()  # [n, 2, rows, D]
+        if self.pin and tokens.is_cuda:
+            self._append_async(tokens)
         else:
-            self._append(k, v, non_blocking=False)
+            self._append(tokens, non_blocking=False)
 
-    def _append_async(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _append_async(self, tokens: torch.Tensor) -> None:
         if self._copies is None:
-            self._copies = torch.cuda.Stream(k.device)
-        self._copies.wait_stream(torch.cuda.current_stream(k.device))
+            self._copies = torch.cuda.Stream(tokens.device)
+        self._copies.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(self._copies):
-            self._append(k, v, non_blocking=True)
-        for x in (k, v):  # keep their memory until the copies ran
-            x.record_stream(self._copies)
+            self._append(tokens, non_blocking=True)
+        tokens.record_stream(self._copies)  # keep its memory until the copies ran
         self._appended = torch.cuda.Event()
         self._appended.record(self._copies)
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor, *, non_blocking: bool) -> None:
-        done, n = 0, k.shape[1]
+    def _append(self, tokens: torch.Tensor, *, non_blocking: bool) -> None:
+        done, n = 0, tokens.shape[0]
         while done < n:
             chunk, offset = divmod(self.length, self.chunk_tokens)
-            if chunk == len(self.k_chunks):
-                self.k_chunks.append(self._new_chunk())
-                self.v_chunks.append(self._new_chunk())
+            if chunk == len(self.chunks):
+                self.chunks.append(self._new_chunk())
             take = min(n - done, self.chunk_tokens - offset)
-            for dst, src in ((self.k_chunks[chunk], k), (self.v_chunks[chunk], v)):
-                if non_blocking:  # one contiguous copy per row: a strided one would stage
-                    for row in range(self.rows):
-                        dst[row, offset : offset + take].copy_(
-                            src[row, done : done + take], non_blocking=True
-                        )
-                else:
-                    dst[:, offset : offset + take].copy_(src[:, done : done + take])
+            self.chunks[chunk][offset : offset + take].copy_(
+                tokens[done : done + take], non_blocking=non_blocking
+            )
             done += take
             self.length += take
 
@@ -103,29 +100,27 @@ class HostKV:
         on the host (pinned when the storage is)."""
         self.wait_appends()
         n, bk = rows.numel(), self.block_size
-        k = torch.empty((n, bk, self.head_dim), dtype=self.dtype, pin_memory=self.pin)
-        v = torch.empty_like(k, pin_memory=self.pin)
+        kv = torch.empty((2, n, bk, self.head_dim), dtype=self.dtype, pin_memory=self.pin)
         chunk = torch.div(blocks, self.chunk_blocks, rounding_mode="floor")
         for c in chunk.unique().tolist():
             pick = (chunk == c).nonzero().flatten()
             local = blocks[pick] - c * self.chunk_blocks
-            k_blocks = self.k_chunks[c].view(self.rows, self.chunk_blocks, bk, self.head_dim)
-            v_blocks = self.v_chunks[c].view(self.rows, self.chunk_blocks, bk, self.head_dim)
-            k[pick] = k_blocks[rows[pick], local]
-            v[pick] = v_blocks[rows[pick], local]
-        return k, v
+            # [K or V, rows, blocks, bk, D] view of the chunk
+            by_row = self.chunks[c].view(self.chunk_blocks, bk, 2, self.rows, self.head_dim)
+            kv[:, pick] = by_row.permute(2, 3, 0, 1, 4)[:, rows[pick], local]
+        return kv[0], kv[1]
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All of K and V as ``[B, Hkv, T, D]`` host tensors (a copy; for tests and fallbacks)."""
         self.wait_appends()
         shape = (self.batch, self.kv_heads, self.length, self.head_dim)
-        if not self.k_chunks:
+        if not self.chunks:
             return torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
-        k = torch.cat(self.k_chunks, dim=1)[:, : self.length].reshape(shape)
-        v = torch.cat(self.v_chunks, dim=1)[:, : self.length].reshape(shape)
+        tokens = torch.cat(self.chunks)[: self.length]  # [T, 2, rows, D]
+        k, v = (tokens[:, i].transpose(0, 1).reshape(shape) for i in range(2))
         return k, v
 
     @property
     def nbytes(self) -> int:
         """Host bytes held (allocated chunks of K and V)."""
-        return sum(c.numel() * c.element_size() for c in self.k_chunks + self.v_chunks)
+        return sum(c.numel() * c.element_size() for c in self.chunks)
