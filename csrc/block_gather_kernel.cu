@@ -11,32 +11,43 @@
 
 namespace {
 
-__global__ void gather_blocks_kernel(
-    const int64_t* __restrict__ chunks,  // host addresses of the chunks
-    const int64_t* __restrict__ rows,    // (batch, kv head) row of each block to copy
-    const int64_t* __restrict__ blocks,  // its block index
-    const int64_t* __restrict__ slots,   // the slot it goes to; -1: nothing to copy
-    char* __restrict__ k_slots,          // [rows, slots, block_bytes]
-    char* __restrict__ v_slots,
-    int64_t chunk_blocks,   // blocks per chunk
-    int64_t token_bytes,    // bytes of one token of a chunk: K then V of every row
-    int64_t row_bytes,      // bytes of one row's D values (a multiple of 16)
-    int64_t block_bytes,    // bytes of one block in a slot
-    int64_t slots_per_row) {
-  const int64_t i = blockIdx.x;
-  const int64_t row = rows[i], block = blocks[i], slot = slots[i];
+struct GatherArgs {
+  const int64_t* chunks;  // host addresses of the chunks
+  const int64_t* rows;    // (batch, kv head) row of each block to copy
+  const int64_t* blocks;  // its block index
+  const int64_t* slots;   // the slot it goes to; -1: nothing to copy
+  char* k_slots;          // [rows, slots, block_bytes]
+  char* v_slots;
+  int64_t chunk_blocks;   // blocks per chunk
+  int64_t token_bytes;    // bytes of one token of a chunk: K then V of every row
+  int64_t row_bytes;      // bytes of one row's D values (a multiple of 16)
+  int64_t block_bytes;    // bytes of one block in a slot
+  int64_t slots_per_row;
+};
+
+// Entry i's block, K and V, 16 bytes at a time from byte `first` on, every `step` bytes: all
+// a thread of the kernel does, in a function of its own so that a test runs it on the host
+// (tests/csrc/gather_on_host.cu).
+__host__ __device__ inline void gather_entry(const GatherArgs& a, int64_t i, int64_t first,
+                                             int64_t step) {
+  const int64_t row = a.rows[i], block = a.blocks[i], slot = a.slots[i];
   if (slot < 0) return;
-  const int64_t block_tokens = block_bytes / row_bytes;
-  const char* k_src = reinterpret_cast<const char*>(chunks[block / chunk_blocks]) +
-                      (block % chunk_blocks) * block_tokens * token_bytes + row * row_bytes;
-  const char* v_src = k_src + token_bytes / 2;
-  const int64_t dst = (row * slots_per_row + slot) * block_bytes;
-  for (int64_t off = 16 * threadIdx.x; off < block_bytes; off += 16 * blockDim.x) {
-    const int64_t token = off / row_bytes;
-    const int64_t src = token * token_bytes + (off - token * row_bytes);
-    *reinterpret_cast<uint4*>(k_slots + dst + off) = *reinterpret_cast<const uint4*>(k_src + src);
-    *reinterpret_cast<uint4*>(v_slots + dst + off) = *reinterpret_cast<const uint4*>(v_src + src);
+  const int64_t block_tokens = a.block_bytes / a.row_bytes;
+  const char* k_block = reinterpret_cast<const char*>(a.chunks[block / a.chunk_blocks]) +
+                        (block % a.chunk_blocks) * block_tokens * a.token_bytes + row * a.row_bytes;
+  char* k_dst = a.k_slots + (row * a.slots_per_row + slot) * a.block_bytes;
+  char* v_dst = a.v_slots + (row * a.slots_per_row + slot) * a.block_bytes;
+  for (int64_t off = first; off < a.block_bytes; off += step) {
+    const int64_t token = off / a.row_bytes;
+    const char* k_src = k_block + token * a.token_bytes + (off - token * a.row_bytes);
+    *reinterpret_cast<uint4*>(k_dst + off) = *reinterpret_cast<const uint4*>(k_src);
+    *reinterpret_cast<uint4*>(v_dst + off) =
+        *reinterpret_cast<const uint4*>(k_src + a.token_bytes / 2);
   }
+}
+
+__global__ void gather_blocks_kernel(GatherArgs a) {
+  gather_entry(a, blockIdx.x, 16 * threadIdx.x, 16 * blockDim.x);
 }
 
 }  // namespace
@@ -47,10 +58,18 @@ int hip_attn_gather_blocks(const int64_t* chunks, const int64_t* rows, const int
                            int64_t chunk_blocks, int64_t token_bytes, int64_t row_bytes,
                            int64_t block_bytes, int64_t slots_per_row, void* stream) {
   if (n == 0) return 0;
-  const int threads = 128;
-  gather_blocks_kernel<<<static_cast<unsigned int>(n), threads, 0,
-                         static_cast<cudaStream_t>(stream)>>>(
-      chunks, rows, blocks, slots, static_cast<char*>(k_slots), static_cast<char*>(v_slots),
-      chunk_blocks, token_bytes, row_bytes, block_bytes, slots_per_row);
+  const GatherArgs args{chunks,
+                        rows,
+                        blocks,
+                        slots,
+                        static_cast<char*>(k_slots),
+                        static_cast<char*>(v_slots),
+                        chunk_blocks,
+                        token_bytes,
+                        row_bytes,
+                        block_bytes,
+                        slots_per_row};
+  gather_blocks_kernel<<<static_cast<unsigned int>(n), 128, 0,
+                         static_cast<cudaStream_t>(stream)>>>(args);
   return static_cast<int>(cudaGetLastError());
 }

@@ -1,6 +1,10 @@
 """KV offload: the offloaded cache gives the on-GPU results with only R, sinks, the window and a
 bounded block cache on the device."""
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -209,6 +213,47 @@ def test_an_append_is_one_copy_per_chunk_it_lands_in():
     got_k, got_v = host.read()
     assert torch.equal(got_k, torch.cat([k, k[:, :, 8:]], dim=2))
     assert torch.equal(got_v, torch.cat([v, v[:, :, 8:]], dim=2))
+
+
+def _raw(x: torch.Tensor) -> bytes:
+    return x.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CI has it)")
+def test_the_csrc_gather_copies_what_the_host_gather_copies(tmp_path: Path) -> None:
+    """The CUDA gather kernel's addressing, run on the host: ``gather_entry`` (all a thread of
+    the kernel does) over the host chunks fills the slots as the PyTorch gather does, across
+    chunk boundaries, for every row, skipping the entries marked not to copy."""
+    exe = tmp_path / "gather_on_host"
+    source = Path(__file__).parent / "csrc" / "gather_on_host.cu"
+    subprocess.run(["nvcc", "-std=c++17", "-O1", str(source), "-o", str(exe)], check=True)
+    host = HostKV(2, 3, 64, torch.float16, 8, chunk_tokens=32, pin=False)
+    k, v = torch.randn(2, 3, 100, 64).half(), torch.randn(2, 3, 100, 64).half()
+    for start in range(0, 100, 30):
+        host.append(k[:, :, start : start + 30], v[:, :, start : start + 30])
+    rows = torch.tensor([0, 5, 3, 2, 4, 1])
+    blocks = torch.tensor([11, 0, 6, 3, 12, 4])
+    slots = torch.tensor([2, 5, -1, 0, 1, 3])
+    caches = [BlockCache(2, 3, 6, 8, 64, torch.float16, torch.device("cpu")) for _ in range(2)]
+    before = torch.randn(2, *caches[0].k.shape).half()  # slots not written keep their contents
+    for cache in caches:
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+    ours, ref = caches
+    gather_torch(host, ref, rows, blocks, slots)
+    assert not torch.equal(ref.k, before[0]) and not torch.equal(ref.v, before[1])
+    row_bytes = 64 * 2
+    params = [len(host.chunks), rows.numel(), host.chunk_blocks, 2 * host.rows * row_bytes,
+              row_bytes, 8 * row_bytes, ours.slots]  # fmt: skip
+    (tmp_path / "params").write_text(" ".join(map(str, params)))
+    for c, chunk in enumerate(host.chunks):
+        (tmp_path / f"chunk{c}").write_bytes(_raw(chunk))
+    for name, x in (("rows", rows), ("blocks", blocks), ("slots", slots), ("k", ours.k),
+                    ("v", ours.v)):  # fmt: skip
+        (tmp_path / name).write_bytes(_raw(x))
+    subprocess.run([str(exe), str(tmp_path)], check=True)
+    for name, want in (("k_out", ref.k), ("v_out", ref.v)):
+        got = torch.frombuffer(bytearray((tmp_path / name).read_bytes()), dtype=torch.float16)
+        assert torch.equal(got.view(want.shape), want), name
 
 
 def test_device_bytes_grow_only_by_the_summary_tree():
