@@ -1,13 +1,14 @@
-"""``graph_generate``: greedy decoding of a patched model whose decode step is one CUDA graph.
+"""``graph_generate``: decoding a patched model whose decode step is one CUDA graph.
 
 ``generate()`` runs each decode step from Python: a few hundred eager launches per token for the
 model, and HiP's host-driven decode state. Here the prompt is prefilled into a
 :class:`~hip_attn.patches.cache.HiPCache` sized for the whole generation, the cache goes on the
 device (:meth:`~hip_attn.patches.cache.HiPCache.enter_device`: the count of keys in use is a
 device tensor, attention runs ``hip_attention(..., length=)``), and a decode step - the model's
-forward, the argmax, writing the token and advancing the position - reads and writes only
-tensors that stay in place. On a GPU that step is captured once in a ``torch.cuda.CUDAGraph``
-and replayed per token (gpt-fast's loop); elsewhere the same step runs eagerly.
+forward, picking the token (greedy or sampled, :mod:`~hip_attn.patches.sampling`), writing it
+and advancing the position - reads and writes only tensors that stay in place. On a GPU that
+step is captured once in a ``torch.cuda.CUDAGraph`` and replayed per token (gpt-fast's loop);
+elsewhere the same step runs eagerly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hip_attn.patches.sampling import Sampling
 from hip_attn.validation import check_positive_int
 
 #: RoPE types whose frequencies follow the sequence length: their forward reads it from the
@@ -26,11 +28,11 @@ SEQUENCE_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
 
 
 class DecodeStep:
-    """One greedy decode step over tensors that stay in place (what a CUDA graph captures).
+    """One decode step over tensors that stay in place (what a CUDA graph captures).
 
     ``tokens[:, :position + 1]`` are known; :meth:`__call__` runs the model on the token at
-    ``position``, writes the argmax at ``position + 1`` and advances ``position``, all on the
-    device.
+    ``position``, writes the next token (``sampling``) at ``position + 1`` and advances
+    ``position``, all on the device.
 
     Args:
         model: a model patched with :func:`~hip_attn.patches.patch`.
@@ -38,12 +40,15 @@ class DecodeStep:
             ``position``, on the device.
         tokens: ``[B, T]`` token buffer (long), filled up to ``position``.
         position: the position of the last known token.
+        sampling: how the next token is picked.
     """
 
-    def __init__(self, model: Any, cache: Any, tokens: torch.Tensor, position: int) -> None:
+    def __init__(
+        self, model: Any, cache: Any, tokens: torch.Tensor, position: int, sampling: Sampling
+    ) -> None:
         from hip_attn.patches.compat import cache_kwarg
 
-        self.model, self.cache, self.tokens = model, cache, tokens
+        self.model, self.cache, self.tokens, self.sampling = model, cache, tokens, sampling
         self.position = torch.tensor([position], dtype=torch.long, device=tokens.device)
         self.token = tokens[:, position : position + 1].clone()
         self._cache_kwarg = cache_kwarg(model)
@@ -55,7 +60,7 @@ class DecodeStep:
             use_cache=True,
             **{self._cache_kwarg: self.cache},
         )
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = self.sampling.next_token(out.logits[:, -1])
         self.tokens.index_copy_(1, self.position + 1, token)
         self.token.copy_(token)
         self.position += 1
@@ -70,8 +75,12 @@ def graph_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     check_every: int = 32,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding whose decode steps replay one CUDA graph.
+    """Greedy or sampled decoding whose decode steps replay one CUDA graph.
 
     Args:
         model: a causal LM patched with :func:`~hip_attn.patches.patch` (without offload),
@@ -87,19 +96,25 @@ def graph_generate(
         pad_token_id: what follows an ended sequence (default: the generation config's, else
             the first end token), as in ``generate()``.
         check_every: steps between the checks for the end of all sequences.
+        do_sample, temperature, top_k, top_p: as ``generate()`` takes them (default: the
+            generation config's, else ``generate()``'s: greedy; when sampling, temperature 1,
+            top-k 50, top-p 1). A sample is drawn on the device from the default generator of
+            the model's device (seed it with ``torch.manual_seed``); the draws differ from
+            ``generate()``'s, the distribution they are drawn from does not.
 
     Returns:
-        ``[B, T + n]``: the prompts and ``n <= max_new_tokens`` new tokens each, what
-        ``model.generate(input_ids, max_new_tokens=..., do_sample=False)`` returns for a model
-        whose generation config asks for nothing but greedy decoding.
+        ``[B, T + n]``: the prompts and ``n <= max_new_tokens`` new tokens each; greedy, what
+        ``model.generate(input_ids, max_new_tokens=...)`` returns.
 
     Raises:
         ValueError: the model is not patched, is patched with offload, has sliding-window
             layers or a RoPE that depends on the sequence length (``dynamic``, ``longrope``);
-            ``cuda_graph=True`` off CUDA; ``input_ids`` not integer tokens;
-            ``max_new_tokens`` or ``check_every`` below 1.
-        TypeError: ``input_ids`` not a ``[B, T]`` tensor, ``max_new_tokens`` or
-            ``check_every`` not an int, ``cuda_graph`` not a bool.
+            its generation config asks for a logits processor besides temperature, top-k and
+            top-p (a repetition penalty, ``min_p``, ...); ``cuda_graph=True`` off CUDA;
+            ``input_ids`` not integer tokens; ``max_new_tokens`` or ``check_every`` below 1;
+            ``temperature <= 0``, ``top_k < 0`` or ``top_p`` outside ``(0, 1]``.
+        TypeError: ``input_ids`` not a ``[B, T]`` tensor, ``max_new_tokens``, ``check_every``
+            or ``top_k`` not an int, ``cuda_graph`` or ``do_sample`` not a bool.
     """
     from hip_attn.patches.model import is_patched, patched_with_offload
 
@@ -128,12 +143,15 @@ def graph_generate(
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device; it is on {device}")
     settings = model.generation_config
+    sampling = Sampling.resolve(
+        settings, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     ends = _token_ids(eos_token_id if eos_token_id is not None else settings.eos_token_id)
     pads = _token_ids(pad_token_id if pad_token_id is not None else settings.pad_token_id)
     pad = (pads or ends or [0])[0]
 
     with torch.no_grad():
-        step = prefill(model, input_ids.to(device), max_new_tokens)
+        step = prefill(model, input_ids.to(device), max_new_tokens, sampling)
         prompt, steps, done = input_ids.shape[1], max_new_tokens - 1, 0
         run: Callable[[], None] = step
         if (device.type == "cuda" if cuda_graph is None else cuda_graph) and steps >= 2:
@@ -147,10 +165,14 @@ def graph_generate(
     return _after_end(step.tokens[:, : prompt + done + 1], prompt, ends_at, pad)
 
 
-def prefill(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeStep:
+def prefill(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None
+) -> DecodeStep:
     """Run the prompts through ``model`` into a :class:`~hip_attn.patches.cache.HiPCache` with
-    room for ``max_new_tokens`` more, write the first new token and put the cache on the
-    device; returns the decode step that continues from there."""
+    room for ``max_new_tokens`` more, write the first new token (``sampling``; greedy by
+    default) and put the cache on the device; returns the decode step that continues from
+    there."""
+    sampling = Sampling() if sampling is None else sampling
     from hip_attn.patches.cache import HiPCache, PreallocatedLayer
     from hip_attn.patches.compat import cache_kwarg
 
@@ -166,9 +188,9 @@ def prefill(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeS
     out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache}, **last)
     tokens = torch.empty((b, t + max_new_tokens), dtype=torch.long, device=input_ids.device)
     tokens[:, :t] = input_ids
-    tokens[:, t] = out.logits[:, -1].argmax(-1)
+    tokens[:, t : t + 1] = sampling.next_token(out.logits[:, -1])
     cache.enter_device()
-    return DecodeStep(model, cache, tokens, t)
+    return DecodeStep(model, cache, tokens, t, sampling)
 
 
 def capture(step: DecodeStep) -> Callable[[], None]:

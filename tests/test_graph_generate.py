@@ -1,5 +1,5 @@
-"""graph_generate: greedy decoding whose decode step runs over a HiPCache on the device (the
-step a CUDA graph captures), token for token what generate() returns under the same patch."""
+"""graph_generate: decoding whose decode step runs over a HiPCache on the device (the step a
+CUDA graph captures); greedy, token for token what generate() returns under the same patch."""
 
 import pytest
 import torch
@@ -40,6 +40,26 @@ def test_stops_at_the_end_token_and_pads_as_generate_does():
     got = graph_generate(model, ids, 12, eos_token_id=end, pad_token_id=0, check_every=2)
     assert torch.equal(got, want)
     assert (got[0, 60 + 4 :] == 0).all()  # padded after its end
+
+
+@torch.no_grad()
+def test_samples_as_the_generation_config_or_the_call_asks():
+    model = patch(make_model("llama", eos_token_id=None), SPARSE)
+    ids = prompt(100, seed=35)
+    want = greedy(model, ids, 10)
+    model.generation_config.do_sample = True  # a chat model's config: generate() samples
+    model.generation_config.top_k = 1  # ... from the most likely token only
+    assert torch.equal(graph_generate(model, ids, 10, cuda_graph=False), want)
+    torch.manual_seed(1)
+    hot = graph_generate(model, ids, 10, temperature=5.0, top_k=0, cuda_graph=False)
+    torch.manual_seed(1)
+    again = graph_generate(model, ids, 10, temperature=5.0, top_k=0, cuda_graph=False)
+    assert torch.equal(hot, again) and not torch.equal(hot, want)  # seeded draws, not argmax
+    model.generation_config.temperature = 5.0
+    assert torch.equal(graph_generate(model, ids, 10, do_sample=False, cuda_graph=False), want)
+    model.generation_config.repetition_penalty = 1.3  # a processor graph_generate lacks
+    with pytest.raises(ValueError, match="sets repetition_penalty=1.3"):
+        graph_generate(model, ids, 10)
 
 
 def test_after_end_pads_each_sequence_and_drops_the_columns_after_the_last_end():
@@ -88,6 +108,8 @@ def test_the_prefill_computes_the_last_logits_only():
         ("llama", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
         ("llama", {"check_every": 1.5}, TypeError, "check_every must be an int"),
         ("llama", {"cuda_graph": "yes"}, TypeError, "cuda_graph must be a bool"),
+        ("llama", {"do_sample": True, "temperature": 0}, ValueError, "temperature must be > 0"),
+        ("llama", {"top_p": 2}, ValueError, r"top_p must be in \(0, 1\]"),
     ],
 )
 def test_bad_input_raises(build, kwargs, exc, match):
@@ -120,6 +142,9 @@ def test_replayed_graph_gives_the_eager_tokens_cuda():
     want = greedy(model, ids, 40)
     assert torch.equal(graph_generate(model, ids, 40, cuda_graph=False), want)
     assert torch.equal(graph_generate(model, ids, 40, cuda_graph=True), want)
+    # the captured draw: from the most likely token only, it is the argmax
+    got = graph_generate(model, ids, 40, cuda_graph=True, do_sample=True, top_k=1)
+    assert torch.equal(got, want)
 
 
 def test_generate_speed_bench_runs_and_records(tmp_path):

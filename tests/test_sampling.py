@@ -1,0 +1,93 @@
+"""graph_generate's token choice: the filters generate() applies (temperature, top-k, top-p),
+a draw that reads nothing back, and the settings resolved as generate() resolves them."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hip_attn.patches.sampling import Sampling, draw, filtered_logits
+
+transformers = pytest.importorskip("transformers")
+
+
+def _transformers_filtered(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = logits.float()
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    for warp in warpers:
+        scores = warp(None, scores)
+    return scores
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 5, 0.9), (1.0, 0, 0.5), (0.5, 200, 0.95), (2.0, 1, 1.0)],
+)
+def test_the_filters_keep_what_generates_filters_keep(temperature, top_k, top_p):
+    gen = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(4, 100, generator=gen) * 3
+    logits[0, :10] = logits[0, 10]  # ties at the top-k edge are kept, as generate() keeps them
+    sampling = Sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    ours, theirs = filtered_logits(logits, sampling), _transformers_filtered(logits, sampling)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1))
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_dropped_token():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0, 0.0])
+    torch.manual_seed(0)
+    tokens = draw(probs.expand(50_000, -1).contiguous())
+    assert tokens.shape == (50_000, 1) and tokens.dtype == torch.long
+    freq = torch.bincount(tokens.flatten(), minlength=6).float() / tokens.numel()
+    assert freq[4:].sum() == 0
+    # 50,000 draws: a frequency's standard deviation is at most 0.0023
+    assert (freq - probs).abs().max() < 0.01, freq
+
+
+def test_greedy_is_the_argmax_and_a_top_k_of_one_samples_it():
+    logits = torch.randn(3, 40)
+    want = logits.argmax(-1, keepdim=True)
+    assert torch.equal(Sampling().next_token(logits), want)
+    assert torch.equal(Sampling(do_sample=True, top_k=1, temperature=3.0).next_token(logits), want)
+
+
+def test_settings_resolve_as_generate_resolves_them():
+    plain = SimpleNamespace(do_sample=None, temperature=None, top_k=None, top_p=None)
+    assert Sampling.resolve(plain) == Sampling(do_sample=False, temperature=1.0, top_k=50, top_p=1)
+    chat = SimpleNamespace(do_sample=True, temperature=0.6, top_k=None, top_p=0.9)
+    assert Sampling.resolve(chat) == Sampling(True, 0.6, 50, 0.9)
+    assert Sampling.resolve(chat, do_sample=False, top_k=0).do_sample is False
+    assert Sampling.resolve(chat, temperature=1.5, top_k=0) == Sampling(True, 1.5, 0, 0.9)
+    neutral = SimpleNamespace(do_sample=False, repetition_penalty=1.0, min_p=None, num_beams=1)
+    assert Sampling.resolve(neutral) == Sampling()
+    with pytest.raises(ValueError, match=r"sets repetition_penalty=1\.2"):
+        Sampling.resolve(SimpleNamespace(repetition_penalty=1.2))
+    with pytest.raises(ValueError, match="sets min_p=0.05"):
+        Sampling.resolve(SimpleNamespace(min_p=0.05, do_sample=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
+        ({"top_k": -1}, ValueError, "top_k must be >= 0"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_k": 2.5}, TypeError, "top_k must be an int"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a number"),
+        ({"do_sample": 1}, TypeError, "do_sample must be a bool"),
+    ],
+)
+def test_bad_settings_raise(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Sampling(**kwargs)
