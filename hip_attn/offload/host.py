@@ -49,14 +49,16 @@ class HostKV:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``[B, Hkv, n, D]`` keys and values (from any device). They are laid out as
-        the chunks hold them where they are (one small copy on their device), then copied with
+        the chunks hold them where they are (one op on their device), then copied with
         one copy per chunk they land in. From a GPU into pinned chunks that copy is
         asynchronous, on a copy stream that first waits for the work that produced ``k`` and
         ``v``: the host does not wait for the GPU. Readers of the storage wait for them
         (:meth:`wait_appends`, :meth:`gather`, :meth:`read`)."""
         n = k.shape[2]
-        tokens = torch.stack((k, v)).reshape(2, self.rows, n, self.head_dim)
-        tokens = tokens.permute(2, 0, 1, 3).contiguous()  # [n, 2, rows, D]
+        # [n, 2, rows, D] in one op: each token's K, then V, of every row
+        tokens = torch.stack(
+            [x.reshape(self.rows, n, self.head_dim).transpose(0, 1) for x in (k, v)], dim=1
+        )
         if self.pin and tokens.is_cuda:
             self._append_async(tokens)
         else:
