@@ -35,7 +35,8 @@ install
 case "$step" in
 install-and-test)
     # the whole suite on CUDA: kernels vs reference, CUDA gather, offload memory bound, models
-    "$py" -m pytest -q -x --junitxml="$out/pytest.xml" tests 2>&1 | tail -40 >"$out/pytest.log" || true
+    # (up to 10 failures: a session is rare, one failure should not hide the others)
+    "$py" -m pytest -q --maxfail=10 --junitxml="$out/pytest.xml" tests 2>&1 | tail -40 >"$out/pytest.log" || true
     tail -5 "$out/pytest.log"
     arch=$("$py" -c "import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)")
     sms=$("$py" -c "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)")
@@ -43,11 +44,11 @@ install-and-test)
         >"$out/aot.log" 2>&1 || true
     ;;
 bench)
-    hip-attn bench prefill --context 8k,32k,128k --plot 2>&1 | tee "$out/prefill.log" | tail -20
-    hip-attn bench decode --context 8k,128k,512k,1m --plot 2>&1 | tee "$out/decode.log" | tail -20
+    "$py" -m hip_attn.cli bench prefill --context 8k,32k,128k --plot 2>&1 | tee "$out/prefill.log" | tail -20
+    "$py" -m hip_attn.cli bench decode --context 8k,128k,512k,1m --plot 2>&1 | tee "$out/decode.log" | tail -20
     ;;
 offload)
-    hip-attn bench offload --plot 2>&1 | tee "$out/offload.log" | tail -20
+    "$py" -m hip_attn.cli bench offload --plot 2>&1 | tee "$out/offload.log" | tail -20
     ;;
 generate)
     "$py" bench/generate_speed.py --context 8k,32k,128k --layers 4 2>&1 | tee "$out/generate.log" | tail -20

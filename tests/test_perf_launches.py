@@ -267,10 +267,12 @@ def test_offloaded_decode_steps_read_nothing_back() -> None:
 
     config = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
                        refresh_interval=4, dense_threshold=0)  # fmt: skip
-    off = OffloadedKV(config, 1, 2, 64, torch.float32, "cpu", cache_blocks=64, max_chunk=128,
+    # the kernels run: interpreted here, on the GPU where there is one (the reference reads back)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    off = OffloadedKV(config, 1, 2, 64, torch.float32, device, cache_blocks=64, max_chunk=128,
                       host_chunk_tokens=256)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, 532, 64, generator=gen) for h in (4, 2, 2))
+    q, k, v = (torch.randn(1, h, 532, 64, generator=gen).to(device) for h in (4, 2, 2))
     off.prefill(q[:, :, :520], k[:, :, :520], v[:, :, :520])
     gathers = []
     off._gather = lambda rows, blocks, slots: gathers.append(slots.clone())  # the host's part

@@ -63,7 +63,9 @@ def run_tp(checkpoint, tmp_path, offload):
         "-m", "hip_attn.tp_check", "--model", str(checkpoint), "--out", str(out),
         "--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW),
     ] + (["--offload"] if offload else [])  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the ranks run on the CPU with gloo, as this process does: on a GPU machine transformers
+    # would otherwise pick NCCL and one device per rank
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
