@@ -109,10 +109,12 @@ def graph_generate(
     Raises:
         ValueError: the model is not patched, is patched with offload, has sliding-window
             layers or a RoPE that depends on the sequence length (``dynamic``, ``longrope``);
-            its generation config asks for a logits processor besides temperature, top-k and
-            top-p (a repetition penalty, ``min_p``, ...); ``cuda_graph=True`` off CUDA;
-            ``input_ids`` not integer tokens; ``max_new_tokens`` or ``check_every`` below 1;
-            ``temperature <= 0``, ``top_k < 0`` or ``top_p`` outside ``(0, 1]``.
+            its generation config asks for a logits processor or stopping rule besides
+            temperature, top-k and top-p (a repetition penalty, ``stop_strings``, ``min_p``
+            when sampling, ...: :mod:`~hip_attn.patches.sampling`); ``cuda_graph=True`` off
+            CUDA; ``input_ids`` not integer tokens; ``max_new_tokens`` or ``check_every``
+            below 1; when sampling, ``temperature <= 0``, ``top_k < 0`` or ``top_p`` outside
+            ``[0, 1]``.
         TypeError: ``input_ids`` not a ``[B, T]`` tensor, ``max_new_tokens``, ``check_every``
             or ``top_k`` not an int, ``cuda_graph`` or ``do_sample`` not a bool.
     """

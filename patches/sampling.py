@@ -17,18 +17,19 @@ import torch
 #: ``generate()``'s values for the settings :class:`Sampling` applies, when nothing sets them.
 DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
-#: Generation settings that change the next token besides those, with their neutral values:
-#: a generation config that sets one is refused rather than silently ignored.
+#: Generation settings that change the tokens ``generate()`` returns, greedy or sampled, with
+#: their neutral values: a generation config that sets one is refused rather than ignored
+#: (``generate()`` passes a decoder-only model's prompt as ``encoder_input_ids`` too, so the
+#: ``encoder_*`` ones act on it).
 UNSUPPORTED = {
     "repetition_penalty": 1.0,
-    "typical_p": 1.0,
-    "min_p": 0.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
     "min_length": 0,
     "min_new_tokens": 0,
     "num_beams": 1,
+    "num_return_sequences": 1,
     "bad_words_ids": None,
     "sequence_bias": None,
     "suppress_tokens": None,
@@ -38,14 +39,26 @@ UNSUPPORTED = {
     "exponential_decay_length_penalty": None,
     "guidance_scale": 1.0,
     "penalty_alpha": None,
+    "dola_layers": None,
     "watermarking_config": None,
+    "remove_invalid_values": False,
+    "stop_strings": None,
+}
+#: ... and those ``generate()`` applies only when it samples.
+UNSUPPORTED_WHEN_SAMPLING = {
+    "typical_p": 1.0,
+    "min_p": 0.0,
+    "top_h": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
 }
 
 
 @dataclass(frozen=True)
 class Sampling:
     """Greedy decoding (``do_sample=False``) or sampling with ``temperature`` (> 0), ``top_k``
-    (``0``: off) and ``top_p`` (in ``(0, 1]``; ``1``: off)."""
+    (``0``: off) and ``top_p`` (in ``[0, 1]``; ``1``: off; ``0`` keeps the most likely token).
+    As in ``generate()``, the three are checked and used only when sampling."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -61,36 +74,43 @@ class Sampling:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__}")
+        if not self.do_sample:
+            return
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
 
     @classmethod
     def resolve(cls, settings: Any, **given: Any) -> Sampling:
         """The sampling ``generate()`` would use: ``given`` values (``None``: not given), else
         the generation config ``settings``' values, else ``generate()``'s defaults. Raises
-        ``ValueError`` when ``settings`` asks for a logits processor this does not apply."""
-        unsupported = sorted(
-            name
-            for name, neutral in UNSUPPORTED.items()
-            if getattr(settings, name, None) not in (None, neutral)
-        )
-        if unsupported:
-            name = unsupported[0]
-            raise ValueError(
-                f"graph_generate applies temperature, top_k and top_p only; the model's "
-                f"generation config sets {name}={getattr(settings, name)!r}: reset it "
-                f"(model.generation_config.{name} = None) or use model.generate()"
-            )
+        ``ValueError`` when ``settings`` asks for a logits processor or stopping rule this does
+        not apply (:data:`UNSUPPORTED`; :data:`UNSUPPORTED_WHEN_SAMPLING` when sampling)."""
         values: dict[str, Any] = {}
         for name, default in DEFAULTS.items():
             value = given.get(name)
             if value is None:
                 value = getattr(settings, name, None)
             values[name] = default if value is None else value
+        checked = dict(UNSUPPORTED)
+        if values["do_sample"] is True:
+            checked.update(UNSUPPORTED_WHEN_SAMPLING)
+        for name, neutral in checked.items():
+            value = getattr(settings, name, None)
+            if value not in (None, neutral) and not (isinstance(value, list | tuple | dict)
+                                                     and not value):  # fmt: skip
+                raise ValueError(
+                    f"graph_generate applies temperature, top_k and top_p only; the model's "
+                    f"generation config sets {name}={value!r}: reset it "
+                    f"(model.generation_config.{name} = None) or use model.generate()"
+                )
+        if values["do_sample"] is False:  # greedy: the config's are ignored, as generate() does
+            for name in ("temperature", "top_k", "top_p"):
+                if given.get(name) is None:
+                    values[name] = DEFAULTS[name]
         return cls(**values)
 
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_samples_as_the_generation_config_or_the_call_asks():
     torch.manual_seed(1)
     again = graph_generate(model, ids, 10, temperature=5.0, top_k=0, cuda_graph=False)
     assert torch.equal(hot, again) and not torch.equal(hot, want)  # seeded draws, not argmax
-    model.generation_config.temperature = 5.0
+    model.generation_config.temperature = 0.0  # unusable, but greedy ignores it as generate() does
     assert torch.equal(graph_generate(model, ids, 10, do_sample=False, cuda_graph=False), want)
     model.generation_config.repetition_penalty = 1.3  # a processor graph_generate lacks
     with pytest.raises(ValueError, match="sets repetition_penalty=1.3"):
@@ -109,7 +109,8 @@ def test_the_prefill_computes_the_last_logits_only():
         ("llama", {"check_every": 1.5}, TypeError, "check_every must be an int"),
         ("llama", {"cuda_graph": "yes"}, TypeError, "cuda_graph must be a bool"),
         ("llama", {"do_sample": True, "temperature": 0}, ValueError, "temperature must be > 0"),
-        ("llama", {"top_p": 2}, ValueError, r"top_p must be in \(0, 1\]"),
+        ("llama", {"do_sample": True, "top_p": 2}, ValueError, r"top_p must be in \[0, 1\]"),
+        ("llama", {"top_k": 2.5}, TypeError, "top_k must be an int"),
     ],
 )
 def test_bad_input_raises(build, kwargs, exc, match):

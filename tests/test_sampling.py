@@ -31,7 +31,15 @@ def _transformers_filtered(logits: torch.Tensor, sampling: Sampling) -> torch.Te
 
 @pytest.mark.parametrize(
     "temperature,top_k,top_p",
-    [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 5, 0.9), (1.0, 0, 0.5), (0.5, 200, 0.95), (2.0, 1, 1.0)],
+    [
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (1.3, 5, 0.9),
+        (1.0, 0, 0.5),
+        (0.5, 200, 0.95),
+        (2.0, 1, 1.0),
+        (1.0, 0, 0.0),
+    ],  # fmt: skip
 )
 def test_the_filters_keep_what_generates_filters_keep(temperature, top_k, top_p):
     gen = torch.Generator().manual_seed(top_k)
@@ -68,21 +76,31 @@ def test_settings_resolve_as_generate_resolves_them():
     assert Sampling.resolve(chat) == Sampling(True, 0.6, 50, 0.9)
     assert Sampling.resolve(chat, do_sample=False, top_k=0).do_sample is False
     assert Sampling.resolve(chat, temperature=1.5, top_k=0) == Sampling(True, 1.5, 0, 0.9)
-    neutral = SimpleNamespace(do_sample=False, repetition_penalty=1.0, min_p=None, num_beams=1)
+    neutral = SimpleNamespace(do_sample=False, repetition_penalty=1.0, min_p=None, num_beams=1,
+                              suppress_tokens=[], sequence_bias={})  # fmt: skip
     assert Sampling.resolve(neutral) == Sampling()
-    with pytest.raises(ValueError, match=r"sets repetition_penalty=1\.2"):
-        Sampling.resolve(SimpleNamespace(repetition_penalty=1.2))
-    with pytest.raises(ValueError, match="sets min_p=0.05"):
-        Sampling.resolve(SimpleNamespace(min_p=0.05, do_sample=True))
+    # greedy ignores the sampling settings, as generate() does, even ones it could not use
+    odd = SimpleNamespace(do_sample=False, temperature=0.0, top_p=7, min_p=0.05)
+    assert Sampling.resolve(odd) == Sampling()
+    assert Sampling.resolve(SimpleNamespace(do_sample=True, min_p=0.05), do_sample=False).top_k
+    assert Sampling.resolve(chat, top_p=0).top_p == 0  # keeps the most likely token only
+    for name, value in (("repetition_penalty", 1.2), ("encoder_repetition_penalty", 3.0),
+                        ("encoder_no_repeat_ngram_size", 1), ("num_return_sequences", 2),
+                        ("stop_strings", ["\n"]), ("suppress_tokens", [5])):  # fmt: skip
+        with pytest.raises(ValueError, match=f"sets {name}="):
+            Sampling.resolve(SimpleNamespace(**{name: value}))
+    for name, value in (("min_p", 0.05), ("top_h", 0.4), ("typical_p", 0.9)):
+        with pytest.raises(ValueError, match=f"sets {name}="):
+            Sampling.resolve(SimpleNamespace(do_sample=True, **{name: value}))
 
 
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
-        ({"top_k": -1}, ValueError, "top_k must be >= 0"),
-        ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
-        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"do_sample": True, "temperature": 0.0}, ValueError, "temperature must be > 0"),
+        ({"do_sample": True, "top_k": -1}, ValueError, "top_k must be >= 0"),
+        ({"do_sample": True, "top_p": -0.1}, ValueError, r"top_p must be in \[0, 1\]"),
+        ({"do_sample": True, "top_p": 1.5}, ValueError, r"top_p must be in \[0, 1\]"),
         ({"top_k": 2.5}, TypeError, "top_k must be an int"),
         ({"temperature": "hot"}, TypeError, "temperature must be a number"),
         ({"do_sample": 1}, TypeError, "do_sample must be a bool"),
