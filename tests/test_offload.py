@@ -1,6 +1,7 @@
 """KV offload: the offloaded cache gives the on-GPU results with only R, sinks, the window and a
 bounded block cache on the device."""
 
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -213,6 +214,53 @@ def test_an_append_is_one_copy_per_chunk_it_lands_in():
     got_k, got_v = host.read()
     assert torch.equal(got_k, torch.cat([k, k[:, :, 8:]], dim=2))
     assert torch.equal(got_v, torch.cat([v, v[:, :, 8:]], dim=2))
+
+
+def test_async_appends_keep_at_most_one_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU append's laid-out tokens live until its copy ran; the host waits for the previous
+    copy only when it has not finished, so at most two such buffers exist (unbounded before: a
+    host running ahead of the copies held one per prefill chunk). Streams and events faked;
+    the copies themselves are plain CPU copies here."""
+    log = []
+
+    class Event:
+        def __init__(self) -> None:
+            self.done = False
+
+        def record(self, stream: object) -> None:
+            events.append(self)
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            log.append(events.index(self))
+            self.done = True
+
+    class Stream:
+        def __init__(self, device: object = None) -> None:
+            pass
+
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    events: list[Event] = []
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    host = HostKV(1, 2, 16, torch.float32, 8, chunk_tokens=32, pin=False)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    for start in range(0, 40, 10):
+        if start == 30:
+            events[-1].done = True  # the copies caught up: no wait
+        host._append_async(
+            host.append_layout(k[:, :, start : start + 10], v[:, :, start : start + 10])
+        )
+    assert log == [0, 1]  # the second and third appends waited for the one before
+    got_k, got_v = host.read()
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
 
 
 def _raw(x: torch.Tensor) -> bytes:

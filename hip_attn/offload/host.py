@@ -54,19 +54,28 @@ class HostKV:
         asynchronous, on a copy stream that first waits for the work that produced ``k`` and
         ``v``: the host does not wait for the GPU. Readers of the storage wait for them
         (:meth:`wait_appends`, :meth:`gather`, :meth:`read`)."""
-        n = k.shape[2]
-        # [n, 2, rows, D] in one op: each token's K, then V, of every row
-        tokens = torch.stack(
-            [x.reshape(self.rows, n, self.head_dim).transpose(0, 1) for x in (k, v)], dim=1
-        )
+        tokens = self.append_layout(k, v)
         if self.pin and tokens.is_cuda:
             self._append_async(tokens)
         else:
             self._append(tokens, non_blocking=False)
 
+    def append_layout(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, n, D]`` keys and values as the chunks hold them, ``[n, 2, B * Hkv, D]``
+        (each token's K, then V, of every row), in one op on their device."""
+        n = k.shape[2]
+        return torch.stack(
+            [x.reshape(self.rows, n, self.head_dim).transpose(0, 1) for x in (k, v)], dim=1
+        )
+
     def _append_async(self, tokens: torch.Tensor) -> None:
         if self._copies is None:
             self._copies = torch.cuda.Stream(tokens.device)
+        # at most one append in flight: each holds its laid-out tokens until its copy ran, so
+        # a host running ahead of the copies (prefill chunks: MBs each) would hold one per
+        # append; a decode step's previous copy is long done (no wait, nothing read back)
+        if self._appended is not None and not self._appended.query():
+            self._appended.synchronize()
         self._copies.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(self._copies):
             self._append(tokens, non_blocking=True)
