@@ -159,12 +159,12 @@ class HiPDecodeState:
         self._tree, self._tree_blocks, self._keys = None, 0, 0
         self._device_current = False
 
-    def leave_device(self, keys_before: int | None = None, config: HiPConfig | None = None) -> None:
+    def leave_device(self, keys_before: int, config: HiPConfig) -> None:
         """Note a host-driven call (a prefill, a host decode step, a dense one) after
         ``keys_before`` keys: the host counters take over from the device steps (computed from
         the device rule's phase, nothing read back), and the next device step sets its buffers
         up again from the state's history."""
-        if self._device_current and keys_before is not None and config is not None:
+        if self._device_current:
             self._resume_host_counts(keys_before, config)
         self._device_current = False
 
