@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
+from hip_attn.accuracy.checkpoints import _publish
 from hip_attn.accuracy.model_eval import (
     EvalError,
     OffloadOptions,
@@ -245,3 +246,25 @@ def test_eval_errors(checkpoint, tmp_path, capsys):
         assert needle in err.splitlines()[-1] and "Traceback" not in err
     with pytest.raises(EvalError, match="no such folder"):
         load_model(str(tmp_path / "missing"), CPU, torch.float32)
+
+
+def test_a_converted_checkpoint_is_published_once_when_workers_race(tmp_path):
+    """Parallel test workers may both convert SmolLM2: the first rename wins, the second
+    conversion is dropped, and a half-written folder is never taken for a finished one."""
+    folder = tmp_path / "smollm2"
+
+    def staged(marker):
+        path = tmp_path / f"staged-{marker}"
+        path.mkdir()
+        (path / "model.safetensors").write_text(marker)
+        return path
+
+    _publish(staged("first"), folder)
+    _publish(staged("second"), folder)
+    assert (folder / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
+
+    broken = tmp_path / "broken"
+    (broken / "leftover").mkdir(parents=True)
+    with pytest.raises(OSError):
+        _publish(staged("third"), broken)

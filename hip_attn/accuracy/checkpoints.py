@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +97,24 @@ def _convert(gguf: Path, folder: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = folder.with_name(folder.name + ".partial")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # a private staging folder per process: parallel test workers may convert at the same time
+    partial = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.replace(folder)  # complete or absent, even if interrupted
+    _publish(partial, folder)
+
+
+def _publish(staged: Path, folder: Path) -> None:
+    """Move a finished conversion ``staged`` to ``folder`` in one rename (so ``folder`` is
+    complete or absent, even if interrupted); if another process published it first, keep
+    that copy and drop this one."""
+    try:
+        staged.replace(folder)
+    except OSError:
+        if not (folder / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(staged)
 
 
 def builtin_text(name: str) -> str:
