@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
-from hip_attn.accuracy.checkpoints import _publish
+from hip_attn.accuracy.checkpoints import _publish, _staging
 from hip_attn.accuracy.model_eval import (
     EvalError,
     OffloadOptions,
@@ -249,22 +249,35 @@ def test_eval_errors(checkpoint, tmp_path, capsys):
 
 
 def test_a_converted_checkpoint_is_published_once_when_workers_race(tmp_path):
-    """Parallel test workers may both convert SmolLM2: the first rename wins, the second
-    conversion is dropped, and a half-written folder is never taken for a finished one."""
-    folder = tmp_path / "smollm2"
+    """Parallel test workers may both convert SmolLM2: each stages in its own folder, the
+    first rename wins, the second conversion is dropped, and a half-written folder is never
+    taken for a finished one. Staging folders have the cache's permissions and never outlive
+    their conversion, finished or failed."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    folder = cache / "smollm2"
 
-    def staged(marker):
-        path = tmp_path / f"staged-{marker}"
-        path.mkdir()
-        (path / "model.safetensors").write_text(marker)
-        return path
+    def convert(marker):
+        with _staging(folder) as staged:
+            assert list(staged.iterdir()) == []
+            assert staged.stat().st_mode & 0o777 == cache.stat().st_mode & 0o777
+            (staged / "model.safetensors").write_text(marker)
+            _publish(staged, folder)
 
-    _publish(staged("first"), folder)
-    _publish(staged("second"), folder)
+    with _staging(folder) as one, _staging(folder) as two:
+        assert one != two and one.parent == two.parent == cache
+    convert("first")
+    convert("second")
     assert (folder / "model.safetensors").read_text() == "first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
+    assert [p.name for p in cache.iterdir()] == ["smollm2"]
 
-    broken = tmp_path / "broken"
+    with pytest.raises(RuntimeError), _staging(folder):
+        raise RuntimeError("the conversion failed")
+    assert [p.name for p in cache.iterdir()] == ["smollm2"]
+
+    broken = cache / "broken"
     (broken / "leftover").mkdir(parents=True)
-    with pytest.raises(OSError):
-        _publish(staged("third"), broken)
+    with pytest.raises(OSError), _staging(broken) as staged:
+        (staged / "model.safetensors").write_text("third")
+        _publish(staged, broken)
+    assert sorted(p.name for p in cache.iterdir()) == ["broken", "smollm2"]

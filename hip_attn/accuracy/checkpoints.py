@@ -18,6 +18,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,24 +99,35 @@ def _convert(gguf: Path, folder: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    with _staging(folder) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        _publish(partial, folder)
+
+
+@contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """A new empty folder beside ``folder``, private to this call (parallel test workers may
+    convert at the same time), with the cache folder's permissions; removed on the way out
+    unless :func:`_publish` moved it (a failed conversion leaves nothing behind)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # a private staging folder per process: parallel test workers may convert at the same time
     partial = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    _publish(partial, folder)
+    try:
+        partial.chmod(folder.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would stick
+        yield partial
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _publish(staged: Path, folder: Path) -> None:
     """Move a finished conversion ``staged`` to ``folder`` in one rename (so ``folder`` is
     complete or absent, even if interrupted); if another process published it first, keep
-    that copy and drop this one."""
+    that copy (``staged`` is left to its caller)."""
     try:
         staged.replace(folder)
     except OSError:
         if not (folder / "model.safetensors").is_file():
             raise
-        shutil.rmtree(staged)
 
 
 def builtin_text(name: str) -> str:
