@@ -38,15 +38,15 @@ an exactly scored child counts its keys; a quarter of Quest's ``2N`` is 4,072):
   (1,536 + 3,072).
 * ``rep2post``, ``rep2xpost``, ``rep4post``, ``rep8xpost``: the same with prototypes and
   projections in post-RoPE space (no un-rotation).
-* diagnostics: ``bnd`` (this file's search over the library's max/min tree: reproduces
-  ``hip``), ``bndx`` (max/min tree, exact last level), ``treeexact`` (every child scored by
-  its exact max logit: perfect summaries in the library's tree; a reference), ``treecoarse``
-  (exact on every level but the last, the last by 2 representatives), ``flat2`` (no tree:
-  every block by its 2 representatives, top ``G``; 16,288), ``flat2r4`` (``flat2``'s top
-  ``4G`` re-ranked exactly; 18,336).
+* diagnostics: ``bnd`` (this file's search over the max/min tree: reproduced the library's
+  ``hip`` before session 8), ``bndx`` (max/min tree, exact last level), ``treeexact`` (every
+  child scored by its exact max logit: perfect summaries in the library's tree; a
+  reference), ``treecoarse`` (exact on every level but the last, the last by 2
+  representatives), ``flat2`` (no tree: every block by its 2 representatives, top ``G``;
+  16,288), ``flat2r4`` (``flat2``'s top ``4G`` re-ranked exactly; 18,336).
 * Gaussian summaries (no representatives, no calibration, RoPE-free): a node stores its keys'
   mean ``mu`` and per-dimension population variance ``var`` (``2 * D`` values, the size of
-  the library's max/min; composable up the tree exactly from children's counts, means and
+  the library's old max/min; composable up the tree exactly from children's counts, means and
   variances; :func:`gaussian_tree` computes each level straight from the keys, which is the
   same). A child's score for a query row ``q`` is ``q . mu + c * sqrt(sum_d q_d**2 var_d)``,
   ``c = a * sqrt(2 ln m)``, ``m = 2**level * bk`` the child's key count (the expected max of
@@ -62,7 +62,7 @@ Results at 8K (SmolLM2-135M, pydoc, ``k=512``; dense 10.268; run on 2 CPU cores,
 ==============  ===========  ===========
 variant         s=2          s=1
 ==============  ===========  ===========
-hip / bnd       +10.3%       (+11.0%, docs)
+bnd (old hip)   +10.3%       (+11.0%, docs)
 rep2            +10.9%       +9.3%
 rep4            +10.0%       +7.4%
 rep8            +9.0%        +6.5%
@@ -120,7 +120,6 @@ from hip_attn.config import HiPConfig  # noqa: E402
 from hip_attn.geometry import (  # noqa: E402
     first_candidate_block,
     level_offset,
-    node_summaries,
     pool_queries,
     search_levels,
     search_width,
@@ -210,12 +209,10 @@ def representative_tree(
     return idx, n
 
 
-def gaussian_tree(k: torch.Tensor, config: HiPConfig, box: bool = False) -> torch.Tensor:
-    """``[B, Hkv, tree_rows(n), 2 * D]``: each node's mean key, then its per-dimension
-    (population) variance over the node's keys, laid out like
-    :func:`hip_attn.geometry.node_summaries` (capacity ``n``). Computed per level straight from
-    the keys, which equals composing children's counts/means/variances exactly. ``box``: the
-    variance replaced by ``(max - min)**2 / 4`` (the box half-width squared; mean kept)."""
+def _per_level(k: torch.Tensor, config: HiPConfig, summarize) -> torch.Tensor:  # noqa: ANN001
+    """``[B, Hkv, tree_rows(n), 2 * D]`` laid out like
+    :func:`hip_attn.geometry.node_summaries` (capacity ``n``), each node's row
+    ``summarize(keys [B, Hkv, count, m, D] of one level)`` computed straight from its keys."""
     bk, first = config.block_size_k, first_candidate_block(config)
     n = tree_blocks(k.shape[-2], config)
     b, h, _, d = k.shape
@@ -225,12 +222,27 @@ def gaussian_tree(k: torch.Tensor, config: HiPConfig, box: bool = False) -> torc
         count = n >> level
         x = kf[:, :, : count * (bk << level)].unflatten(2, (count, bk << level))
         row = level_offset(level, n)
-        tree[:, :, row : row + count, :d] = x.mean(dim=3)
-        if box:
-            tree[:, :, row : row + count, d:] = ((x.amax(3) - x.amin(3)) / 2) ** 2
-        else:
-            tree[:, :, row : row + count, d:] = x.var(dim=3, unbiased=False)
+        tree[:, :, row : row + count] = summarize(x)
     return tree.float()
+
+
+def gaussian_tree(k: torch.Tensor, config: HiPConfig, box: bool = False) -> torch.Tensor:
+    """Each node's mean key, then its per-dimension (population) variance over the node's keys
+    (what the library's :func:`hip_attn.geometry.node_summaries` holds since session 8, there
+    composed up the tree, which is the same). ``box``: the variance replaced by
+    ``(max - min)**2 / 4`` (the box half-width squared; mean kept)."""
+
+    def summarize(x: torch.Tensor) -> torch.Tensor:
+        spread = ((x.amax(3) - x.amin(3)) / 2) ** 2 if box else x.var(dim=3, unbiased=False)
+        return torch.cat([x.mean(dim=3), spread], dim=-1)
+
+    return _per_level(k, config, summarize)
+
+
+def bound_tree(k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
+    """Each node's elementwise max key, then its min: the library's summaries before session 8
+    (the ``bnd`` variants' tree)."""
+    return _per_level(k, config, lambda x: torch.cat([x.amax(3), x.amin(3)], dim=-1))
 
 
 def build_state(
@@ -567,7 +579,7 @@ def method_attention(name: str):  # noqa: ANN201
         inv_freq = None if select.unrotated else _INV_FREQ[0]  # type: ignore[attr-defined]
         _STATE["layer"] = build_state(q, k, config, select.r, inv_freq)  # type: ignore[attr-defined]
         if select.bound:  # type: ignore[attr-defined]
-            tree = node_summaries(k, config).float()
+            tree = bound_tree(k, config)
             assert tree_capacity(tree) == _STATE["layer"].n
             _STATE["layer"].bound = tree
         try:

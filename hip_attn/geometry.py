@@ -19,6 +19,7 @@ The window start is rounded down to a block boundary so that the partial key blo
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -138,10 +139,11 @@ def node_summaries(
     Node ``i`` of level ``l`` covers the candidate-area blocks ``[i * 2**l, (i + 1) * 2**l)``
     (block 0 is the first block after the sinks). Its row ``level_offset(l, capacity) + i``
     (``capacity`` is the last dimension's allocation in blocks, see :func:`extend_summaries`)
-    holds the elementwise max of the node's keys, then their elementwise min, so that for any
-    query row ``q`` and key of the node ``q . key <= relu(q) . max + min(q, 0) . min``. Only
-    complete nodes are written (the search reads no others), so a node's summary never depends
-    on keys after it.
+    holds the mean of the node's keys, then their per-dimension (population) variance: the
+    search estimates the largest logit of a query row ``q`` over the node's ``m`` keys as
+    ``q . mean + spread(l) * sqrt(q**2 . variance)`` (:func:`level_spreads`), what the largest
+    of ``m`` Gaussian logits with that mean and variance would be. Only complete nodes are
+    written (the search reads no others), so a node's summary never depends on keys after it.
 
     ``tree`` with ``done`` blocks already summarized is extended (see :func:`extend_summaries`;
     a new allocation holds at least ``min_capacity`` blocks: room to extend in place).
@@ -214,19 +216,63 @@ def extend_summaries(
                 grown[..., dst : dst + count, :] = tree[..., src : src + count, :]
         tree, capacity = grown, grown_capacity
     blocks = rearrange(keys, "b h (n t) d -> b h n t d", t=bk)  # the leaves: one block each
-    tree[..., done:n, :d] = blocks.amax(dim=-2)
-    tree[..., done:n, d:] = blocks.amin(dim=-2)
+    mean, var = leaf_moments(blocks)
+    tree[..., done:n, :d] = mean
+    tree[..., done:n, d:] = var
     for level in range(1, n.bit_length()):
         lo, hi = done >> level, n >> level
         if lo == hi:
             continue
         below = level_offset(level - 1, capacity)
-        children = tree[..., below + 2 * lo : below + 2 * hi, :]
+        children = tree[..., below + 2 * lo : below + 2 * hi, :].float()
         pairs = rearrange(children, "b h (n two) c -> b h n two c", two=2)  # a node's halves
+        mean, var = merged_moments(pairs[..., 0, :d], pairs[..., 0, d:], pairs[..., 1, :d],
+                                   pairs[..., 1, d:])  # fmt: skip
         row = level_offset(level, capacity)
-        tree[..., row + lo : row + hi, :d] = pairs[..., :d].amax(dim=-2)
-        tree[..., row + lo : row + hi, d:] = pairs[..., d:].amin(dim=-2)
+        tree[..., row + lo : row + hi, :d] = mean
+        tree[..., row + lo : row + hi, d:] = var
     return tree
+
+
+def leaf_moments(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and population variance over dim ``-2`` of ``blocks`` (one key block each), in
+    fp32, summed in row order (the order the tree kernel sums in, so both round alike)."""
+    rows = blocks.shape[-2]
+    total = blocks[..., 0, :].float()
+    for i in range(1, rows):
+        total = total + blocks[..., i, :].float()
+    mean = total / rows
+    spread = (blocks[..., 0, :].float() - mean) ** 2
+    for i in range(1, rows):
+        spread = spread + (blocks[..., i, :].float() - mean) ** 2
+    return mean, spread / rows
+
+
+def merged_moments(
+    mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the union of two equally large sets of keys, from theirs (exact):
+    the mean of the means, and the mean of the variances plus the squared half-difference of
+    the means."""
+    half = (mean_a - mean_b) * 0.5
+    return (mean_a + mean_b) * 0.5, (var_a + var_b) * 0.5 + half * half
+
+
+#: ``a`` in a node's spread ``a * sqrt(2 ln m)`` (:func:`level_spreads`); 1.25 ranked best among
+#: 0.5-1.5 on SmolLM2 at 8K (docs/accuracy.md, "Node summaries").
+SPREAD = 1.25
+#: levels of the summary tree a spread table covers (26 bits of node start in the mask kernel)
+MAX_LEVELS = 32
+
+
+@functools.lru_cache(maxsize=16)
+def level_spreads(block_size_k: int) -> tuple[float, ...]:
+    """Per tree level ``l``, the multiple of a node's logit standard deviation its largest
+    logit is estimated at: ``SPREAD * sqrt(2 ln m)`` for its ``m = block_size_k * 2**l`` keys
+    (the expected largest of ``m`` Gaussian samples, in standard deviations), each rounded to
+    fp32 once, so the reference and the kernels scale by the same numbers."""
+    spreads = [SPREAD * math.sqrt(2 * math.log(block_size_k << lv)) for lv in range(MAX_LEVELS)]
+    return tuple(torch.tensor(spreads, dtype=torch.float32).tolist())
 
 
 def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:

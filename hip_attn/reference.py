@@ -16,6 +16,7 @@ from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
     first_candidate_block,
     level_offset,
+    level_spreads,
     node_summaries,
     pool_queries,
     query_blocks,
@@ -71,10 +72,16 @@ def _start_nodes(n: int, width: int) -> list[tuple[int, int]]:
 
 
 def _search_one_block(
-    rows: torch.Tensor, tree: torch.Tensor, n: int, config: HiPConfig, scale: float
+    rows: torch.Tensor,
+    squares: torch.Tensor,
+    tree: torch.Tensor,
+    n: int,
+    config: HiPConfig,
+    scale: float,
 ) -> tuple[list[int], int]:
     """The tree search for one query block. ``rows`` holds its pooled query rows ``[P, D]``
-    (all heads of the group stacked), ``tree`` the node summaries (:func:`node_summaries`).
+    (all heads of the group stacked), ``squares`` their elementwise squares rounded to the
+    queries' dtype, ``tree`` the node summaries (:func:`node_summaries`).
     Returns the selected candidate blocks (relative to the first candidate, ascending) and the
     number of children scored."""
     g = config.blocks_per_query_block
@@ -85,7 +92,7 @@ def _search_one_block(
     nodes = _start_nodes(n, width)
     levels = search_levels(n, config)
     d = rows.shape[-1]
-    positive, negative = rows.clamp(min=0), rows.clamp(max=0)
+    spreads = torch.tensor(level_spreads(config.block_size_k), dtype=torch.float32)
     scored = 0
     for step in range(levels):
         children: list[tuple[int, int]] = []
@@ -93,11 +100,12 @@ def _search_one_block(
             halves = [lo, lo + (1 << level - 1)] if level else [lo]
             children += [(c, max(level - 1, 0)) for c in halves]
         summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
-        # [P, children]: each row's upper bound on its logits against the child's keys
-        bound = positive @ summary[:, :d].T + negative @ summary[:, d:].T
+        spread = spreads[[lv for _, lv in children]]
+        # [P, children]: each row's estimate of its largest logit against the child's keys
+        best = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
         # each row spreads one unit of estimated attention over the children, so rows that
         # match many children alike (filler) cannot outvote a row focused on a few
-        p = torch.exp((bound - bound.amax(dim=1, keepdim=True)) * scale)
+        p = torch.exp((best - best.amax(dim=1, keepdim=True)) * scale)
         child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
         scored += len(children)
         keep = g if step == levels - 1 else width
@@ -131,7 +139,9 @@ def search_reference(
     h_sel = hq // per_sel
     rows_per_block = config.block_size_q // config.query_pool_stride
 
-    pooled = pool_queries(q, config).float()  # [B, Hq, TP, D], rounded to q's dtype
+    pooled = pool_queries(q, config)  # [B, Hq, TP, D], rounded to q's dtype
+    squares = (pooled.float() ** 2).to(q.dtype).float()  # rounded as the kernel rounds them
+    pooled = pooled.float()
     tree = tree.float()
     geo = query_blocks(tq, tk, config)
     first = first_candidate_block(config)
@@ -144,11 +154,13 @@ def search_reference(
             heads = slice(hs * per_sel, (hs + 1) * per_sel)
             kv_head = hs * per_sel // group
             for j in range(n_qb):
-                rows = pooled[bi, heads, j * rows_per_block : (j + 1) * rows_per_block]
+                part = slice(j * rows_per_block, (j + 1) * rows_per_block)
+                rows, sq = pooled[bi, heads, part], squares[bi, heads, part]
                 n = int(geo.n_candidates[j])
                 blocks, work = _search_one_block(
-                    rows.reshape(-1, rows.shape[-1]), tree[bi, kv_head], n, config, scale
-                )
+                    rows.reshape(-1, rows.shape[-1]), sq.reshape(-1, sq.shape[-1]),
+                    tree[bi, kv_head], n, config, scale,
+                )  # fmt: skip
                 out[bi, hs, j, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32) + first
                 scored[bi, hs, j] = work
     n_cand = geo.n_candidates.expand(b, h_sel, n_qb).clone()

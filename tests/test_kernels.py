@@ -1,11 +1,14 @@
 """Triton kernels against the PyTorch reference on fresh random inputs (CPU: interpreter)."""
 
+import math
+
 import pytest
 import torch
 
 from hip_attn import HiPConfig
 from hip_attn.geometry import (
     level_offset,
+    level_spreads,
     node_summaries,
     pool_queries,
     tree_blocks,
@@ -208,6 +211,31 @@ def _tree_levels(tree, n):
         tree[..., level_offset(lv, cap) : level_offset(lv, cap) + (n >> lv), :]
         for lv in range(n.bit_length())
     ]
+
+
+def test_each_node_holds_the_mean_and_variance_of_its_keys(rand_qkv):
+    _, k, _ = rand_qkv(1, 1, 2, 1, 16 + 8 * 45 + 5, 64, seed=41)  # 45 blocks, a partial one
+    tree = node_summaries(k, CFG)
+    first, bk, cap = 16, CFG.block_size_k, tree_capacity(tree)
+    assert cap == 45
+    for level in range(cap.bit_length()):
+        for i in range(cap >> level):
+            keys = k[:, :, first + i * (bk << level) : first + (i + 1) * (bk << level)]
+            row = tree[:, :, level_offset(level, cap) + i]
+            torch.testing.assert_close(row[..., :64], keys.mean(dim=2), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                row[..., 64:], keys.var(dim=2, unbiased=False), atol=1e-5, rtol=1e-5
+            )
+
+
+def test_a_nodes_estimate_is_its_mean_logit_plus_a_spread_growing_with_its_keys():
+    """``level_spreads``: ``1.25 sqrt(2 ln m)`` standard deviations for ``m`` keys, the same
+    fp32 numbers for the reference and the kernels; a one-key node is scored exactly."""
+    spreads = level_spreads(8)
+    assert spreads[0] == pytest.approx(1.25 * math.sqrt(2 * math.log(8)), rel=1e-7)
+    assert spreads[3] == pytest.approx(1.25 * math.sqrt(2 * math.log(64)), rel=1e-7)
+    assert all(a < b for a, b in zip(spreads, spreads[1:], strict=False))
+    assert level_spreads(1)[0] == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,7 +23,7 @@ NORMS = (2 * L + 1) * H
 WEIGHTS = 2 * (P_MM + 2 * LM_HEAD + NORMS)  # untied embedding stored beside the LM head
 KV_TOKEN = 2 * L * HKV * D * 2  # 131,072 bytes
 # HiP's summary tree: per 8-token block about two nodes (leaves, then half as many per level)
-# of 2 * D values (max and min): 32,768 bytes per token
+# of 2 * D values (mean and variance): 32,768 bytes per token
 TREE_TOKEN = 2 * L * HKV * 2 * D * 2 / 8
 
 
@@ -140,7 +140,7 @@ def test_hip(sc: Scenario) -> None:
     # Decode at the mean context: sinks + k + window = 832 keys; N = (32892.5 - 320) // 8 = 4071
     # candidate blocks, 7 levels, 2 * 64 * 7 = 896 summaries per KV head, read once every 8
     # steps. Gathers: the 512 selected tokens come in 2 KB runs per head (2048 / (2048 + 128) of
-    # the bandwidth), each summary (max and min) is a 512 B run (512 / 640).
+    # the bandwidth), each summary (mean and variance) is a 512 B run (512 / 640).
     assert levels_of(4071) == 7
     reps_per_step = 896 / 8
     step_bytes = (

@@ -1,10 +1,11 @@
-"""The dtypes the kernels compute in: ``tl.dot`` operands and element offsets."""
+"""The dtypes the kernels compute in: ``tl.dot`` operands, element offsets, rounding."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -29,3 +30,15 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
         and sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31
         for t in tensors
     )
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even), returned in fp32. bfloat16 is
+    rounded on the bits: Triton's interpreter truncates a bfloat16 cast, a GPU does not."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)

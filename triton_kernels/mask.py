@@ -4,25 +4,33 @@
 Reference: :func:`hip_attn.reference.estimate_mask_reference`.
 
 How the tree is held in registers: a node is ``(lo, level)``, the aligned candidate-area blocks
-``[lo, lo + 2**level)``; its summary (elementwise max of its keys, then min) sits at row
+``[lo, lo + 2**level)``; its summary (the mean of its keys, then their variance) sits at row
 ``level_offset(level, capacity) + (lo >> level)`` of the summary tree
 (:func:`hip_attn.geometry.level_offset`). Every level splits each
-node into its two aligned halves (a one-block node has only itself), bounds each child's logits
-for every pooled query row (``relu(q) . max + min(q, 0) . min``: two tensor-core dots), turns
-each row's bounds into a softmax over the children and ranks the children by the summed
-probabilities. Ranking packs ``(score, lower block first, level)`` into one int64 so a single
-descending ``tl.topk`` ranks them.
+node into its two aligned halves (a one-block node has only itself), estimates each child's
+largest logit for every pooled query row (``q . mean + spread(level) * sqrt(q**2 . var)``: two
+tensor-core dots), turns each row's estimates into a softmax over the children and ranks the
+children by the summed probabilities. Ranking packs ``(score, lower block first, level)`` into
+one int64 so a single descending ``tl.topk`` ranks them.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, num_query_blocks, tree_blocks, tree_capacity
-from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
+from hip_attn.geometry import (
+    first_candidate_block,
+    level_spreads,
+    num_query_blocks,
+    tree_blocks,
+    tree_capacity,
+)
+from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64, round_to
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 from hip_attn.triton_kernels.scratch import scratch_tensor
 from hip_attn.triton_kernels.tree import (
@@ -32,18 +40,6 @@ from hip_attn.triton_kernels.tree import (
     extend_tree_triton,
     level_offset,
 )
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even), returned in fp32. bfloat16 is
-    rounded on the bits: Triton's interpreter truncates a bfloat16 cast, a GPU does not."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -64,7 +60,7 @@ def _pooled_rows(
             other=0.0,
         ).to(tl.float32)
     present = tl.minimum(STRIDE, tq - first_row).to(tl.float32)
-    pooled = _round_to(total / tl.where(row_ok, present, 1.0)[:, None], q.dtype.element_ty)
+    pooled = round_to(total / tl.where(row_ok, present, 1.0)[:, None], q.dtype.element_ty)
     return pooled, row_ok
 
 
@@ -77,7 +73,8 @@ def _hip_mask_kernel(
     S,
     stride_s_b,
     stride_s_h,
-    stride_s_n,  # node summaries [B, Hkv, tree_rows(capacity), 2 * D]: max, then min
+    stride_s_n,  # node summaries [B, Hkv, tree_rows(capacity), 2 * D]: mean, then variance
+    SPREADS,  # fp32 [MAX_LEVELS]: hip_attn.geometry.level_spreads
     OUT,
     stride_o_b,
     stride_o_h,
@@ -192,8 +189,9 @@ def _hip_mask_kernel(
             node = (level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
             load_ok = child_ok[:, None] & (dims[None, :] < D)
             row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
-            k_max = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
-            k_min = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+            k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
+            k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+            spread = tl.load(SPREADS + c_lvl)
             score = tl.zeros([2 * NODES], tl.float32)
             # one head at a time: stacking the group's heads into one operand held across the
             # levels needs 257 KB of shared memory for Llama-8B shapes on sm_90 (hip-attn aot)
@@ -202,14 +200,14 @@ def _hip_mask_kernel(
                     Q + b * stride_q_b + (q_head0 + j) * stride_q_h, stride_q_t, qb, tq, rows,
                     dims, BLOCK_Q, STRIDE, ROWS, ROWS_PAD, D, D_PAD, OFFSET,
                 )  # fmt: skip
-                # split by sign in fp32: exact, and right for every dtype
-                bound = tl.dot(tl.maximum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_max),
-                               input_precision=PRECISION)  # fmt: skip
-                bound += tl.dot(tl.minimum(qp, 0.0).to(DOT_DTYPE), tl.trans(k_min),
-                                input_precision=PRECISION)  # fmt: skip
-                bound = tl.where(child_ok[None, :], bound, float("-inf"))
+                # squares rounded to q's dtype, as the reference rounds them: 16-bit operands
+                sq = round_to(qp * qp, Q.dtype.element_ty)
+                var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
+                best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean), input_precision=PRECISION)
+                best = best + spread[None, :] * tl.sqrt_rn(var)
+                best = tl.where(child_ok[None, :], best, float("-inf"))
                 # each row's softmax over the children, summed over rows (see the reference)
-                p = tl.exp((bound - tl.max(bound, axis=1)[:, None]) * scale)
+                p = tl.exp((best - tl.max(best, axis=1)[:, None]) * scale)
                 p = p / tl.sum(p, axis=1)[:, None]
                 score += tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
             scored += tl.sum(child_ok.to(tl.int32))
@@ -311,6 +309,13 @@ def decode_search_triton(
             scratch=scratch)  # fmt: skip
 
 
+@functools.lru_cache(maxsize=16)
+def _spread_table(block_size_k: int, device: torch.device) -> torch.Tensor:
+    """:func:`~hip_attn.geometry.level_spreads` on ``device``, allocated once (a captured
+    decode step must not allocate)."""
+    return torch.tensor(level_spreads(block_size_k), dtype=torch.float32, device=device)
+
+
 def _launch(
     q: torch.Tensor,
     tree: torch.Tensor,
@@ -343,6 +348,7 @@ def _launch(
         tree.stride(0),
         tree.stride(1),
         tree.stride(2),
+        _spread_table(config.block_size_k, q.device),
         out,
         out.stride(0),
         out.stride(1),

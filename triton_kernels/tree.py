@@ -3,8 +3,10 @@ one launch per decode refresh instead of two reductions and copies per level.
 
 Reference: :func:`hip_attn.geometry.extend_summaries` (which also builds whole trees and grows
 their allocation; this kernel only fills a tree whose capacity already holds the new blocks).
-Node ``i`` of level ``l`` sits at row ``level_offset(l, capacity) + i`` and holds the
-elementwise max of its keys, then their min (:func:`hip_attn.geometry.node_summaries`).
+Node ``i`` of level ``l`` sits at row ``level_offset(l, capacity) + i`` and holds the mean of
+its keys, then their per-dimension variance (:func:`hip_attn.geometry.node_summaries`), computed
+with the reference's operations in its order (:func:`hip_attn.geometry.leaf_moments`,
+:func:`hip_attn.geometry.merged_moments`) so that both round alike.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hip_attn.geometry import (
     tree_blocks,
     tree_capacity,
 )
-from hip_attn.triton_kernels.dtypes import needs_int64
+from hip_attn.triton_kernels.dtypes import needs_int64, round_to
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 
 
@@ -34,6 +36,13 @@ def level_offset(levels, capacity):
 
 
 @triton.jit
+def _store_rounded(ptr, x, mask):
+    """Store fp32 ``x`` in ``ptr``'s dtype, rounded to nearest as PyTorch rounds (the
+    interpreter's bfloat16 cast would truncate)."""
+    tl.store(ptr, round_to(x, ptr.dtype.element_ty).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def extend_tree(
     keys, stride_k_t, tree, stride_t_n, done, n, capacity, first_key, zero,
     BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -43,15 +52,19 @@ def extend_tree(
     only one writing this tree; its later loads of the tree may follow a ``tl.debug_barrier``."""
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
-    rows = tl.arange(0, BK)
     for block in range(done, n):  # the leaves: one key block each
-        t = zero + first_key + block * BK + rows
-        # compared in fp32 (exact: every value is one of the keys), stored in the tree's dtype
-        k = tl.load(keys + t[:, None] * stride_k_t + dims[None, :], mask=dim_ok[None, :])
-        k = k.to(tl.float32)
+        row = keys + (zero + first_key + block * BK) * stride_k_t + dims
+        total = tl.zeros([D_PAD], tl.float32)
+        for i in tl.static_range(BK):  # in row order, in fp32
+            total += tl.load(row + i * stride_k_t, mask=dim_ok).to(tl.float32)
+        mean = total / BK
+        spread = tl.zeros([D_PAD], tl.float32)
+        for i in tl.static_range(BK):
+            dev = tl.load(row + i * stride_k_t, mask=dim_ok).to(tl.float32) - mean
+            spread += dev * dev
         node = tree + (zero + block) * stride_t_n
-        tl.store(node + dims, tl.max(k, axis=0).to(tree.dtype.element_ty), mask=dim_ok)
-        tl.store(node + D + dims, tl.min(k, axis=0).to(tree.dtype.element_ty), mask=dim_ok)
+        _store_rounded(node + dims, mean, dim_ok)
+        _store_rounded(node + D + dims, spread / BK, dim_ok)
     level = 1
     while (n >> level) > 0:  # the parents of what changed, level by level
         tl.debug_barrier()  # the level below is written
@@ -61,16 +74,14 @@ def extend_tree(
             left = tree + (zero + below + 2 * i) * stride_t_n
             right = left + stride_t_n
             node = tree + (zero + here + i) * stride_t_n
-            hi = tl.maximum(
-                tl.load(left + dims, mask=dim_ok).to(tl.float32),
-                tl.load(right + dims, mask=dim_ok).to(tl.float32),
-            )
-            lo = tl.minimum(
-                tl.load(left + D + dims, mask=dim_ok).to(tl.float32),
-                tl.load(right + D + dims, mask=dim_ok).to(tl.float32),
-            )
-            tl.store(node + dims, hi.to(tree.dtype.element_ty), mask=dim_ok)
-            tl.store(node + D + dims, lo.to(tree.dtype.element_ty), mask=dim_ok)
+            mean_a = tl.load(left + dims, mask=dim_ok).to(tl.float32)
+            mean_b = tl.load(right + dims, mask=dim_ok).to(tl.float32)
+            var_a = tl.load(left + D + dims, mask=dim_ok).to(tl.float32)
+            var_b = tl.load(right + D + dims, mask=dim_ok).to(tl.float32)
+            half = (mean_a - mean_b) * 0.5
+            var = (var_a + var_b) * 0.5 + half * half
+            _store_rounded(node + dims, (mean_a + mean_b) * 0.5, dim_ok)
+            _store_rounded(node + D + dims, var, dim_ok)
         level += 1
 
 

@@ -17,8 +17,9 @@ methods differ only in the blocks they pick:
   rather than a bound on it, every query row unpooled. It reads every candidate key, so it is a
   reference, not a method: the gap between ``hip`` and ``exact`` is what the node summaries and
   the query pooling lose.
-* ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes bounded by the
-  elementwise max/min of their keys, children ranked by per-row softmax mass.
+* ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes summarized by the
+  mean and variance of their keys, each row's largest logit in a child estimated from them,
+  children ranked by per-row softmax mass.
 * ``quest``: per key block the elementwise min and max of its keys; a block scores
   ``sum_d max(q_d min_d, q_d max_d)`` (an upper bound on ``q . k`` over the block), max over
   the block's pooled query rows (and heads sharing the selection); the top ``G`` blocks.
@@ -207,7 +208,7 @@ METHODS: dict[str, tuple[str, SelectFn]] = {
     "dense": ("exact causal attention (every key)", select_dense),
     "oracle": ("top-G blocks by true softmax mass (upper bound, needs dense)", select_oracle),
     "exact": ("top-G blocks by exact per-row max logit (reference, reads every key)", select_exact),
-    "hip": ("HiP tree search over max/min node summaries", select_hip),
+    "hip": ("HiP tree search over mean/variance node summaries", select_hip),
     "quest": ("top-G blocks by per-block min/max bound (Quest-like)", select_quest),
     "streaming": ("sinks + window grown by k (StreamingLLM-like)", select_streaming),
 }

@@ -7,8 +7,8 @@ search the children the tree search actually scored. The byte counts are the nec
 traffic under the analytic model's conventions (``docs/roofline.md``): each query block loads
 the keys and values it attends once per selection head (per KV head with
 ``head_sharing="kv_group"``), queries are read and outputs written once; the search reads one
-node summary (``2 * D`` values in the keys' dtype: max and min) per scored child and bounds it
-with two dot products of length ``D`` per pooled row; building the summary tree reads the keys
+node summary (``2 * D`` values in the keys' dtype: mean and variance) per scored child and
+scores it with two dot products of length ``D`` per pooled row; building the summary tree reads the keys
 once and writes about two summaries per block. A multiply-add counts two FLOPs.
 """
 
@@ -126,7 +126,7 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     search = Work(
         4.0 * d * search_dots,
         float(
-            int(scored64.sum()) * 2 * d * eb  # one summary (max and min) per scored child
+            int(scored64.sum()) * 2 * d * eb  # one summary (mean and variance) per scored child
             + sh.batch * sh.heads * n_pooled * d * eb  # each program reads its pooled rows
             + index_bytes  # the selection written
         ),

@@ -273,7 +273,7 @@ class Scenario:
     @property
     def rep_bytes_per_token_per_gpu(self) -> float:
         """HiP's search summary tree: per ``block_size_k`` tokens about two nodes (one per
-        level, halving) of ``2 * D`` values (max and min), i.e. half the keys' bytes at
+        level, halving) of ``2 * D`` values (mean and variance), i.e. half the keys' bytes at
         ``block_size_k = 8``."""
         m = self.model
         key_bytes = m.layers * self.kv_heads_per_gpu * m.head_dim * self.kv_bytes_per_elem
