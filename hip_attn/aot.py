@@ -171,7 +171,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
     src = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
     start = time.perf_counter()
     # launch options the wrapper chose (Triton's defaults otherwise)
-    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    chosen = ("num_warps", "num_stages", "enable_fp_fusion")
+    options = {k: launch.kwargs[k] for k in chosen if k in launch.kwargs}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
     return {

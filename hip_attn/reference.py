@@ -7,6 +7,7 @@ the fallback when neither CUDA nor the Triton interpreter is available.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from hip_attn.geometry import (
     node_summaries,
     pool_queries,
     query_blocks,
+    saturated,
     search_levels,
     search_width,
     selection_config,
@@ -32,8 +34,8 @@ from hip_attn.geometry import (
 class SearchStats:
     """Work done by the mask search, per ``[B, H_sel, n_query_blocks]``.
 
-    ``scored`` counts children scored: each costs one node summary read and one bound (a dot
-    product of length ``2 * D``) per pooled query row (and per query head of the group with
+    ``scored`` counts children scored: each costs one node summary read and one estimate (two
+    dot products of length ``D``) per pooled query row (and per query head of the group with
     ``head_sharing="kv_group"``).
     ``n_candidates`` is N, the candidate blocks each search ran over.
     """
@@ -71,6 +73,12 @@ def _start_nodes(n: int, width: int) -> list[tuple[int, int]]:
     return nodes
 
 
+@functools.cache
+def _spreads(block_size_k: int) -> torch.Tensor:
+    """:func:`~hip_attn.geometry.level_spreads` as a CPU tensor, built once."""
+    return torch.tensor(level_spreads(block_size_k), dtype=torch.float32)
+
+
 def _search_one_block(
     rows: torch.Tensor,
     squares: torch.Tensor,
@@ -92,7 +100,7 @@ def _search_one_block(
     nodes = _start_nodes(n, width)
     levels = search_levels(n, config)
     d = rows.shape[-1]
-    spreads = torch.tensor(level_spreads(config.block_size_k), dtype=torch.float32)
+    spreads = _spreads(config.block_size_k)
     scored = 0
     for step in range(levels):
         children: list[tuple[int, int]] = []
@@ -102,10 +110,10 @@ def _search_one_block(
         summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
         spread = spreads[[lv for _, lv in children]]
         # [P, children]: each row's estimate of its largest logit against the child's keys
-        best = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
+        estimate = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
         # each row spreads one unit of estimated attention over the children, so rows that
         # match many children alike (filler) cannot outvote a row focused on a few
-        p = torch.exp((best - best.amax(dim=1, keepdim=True)) * scale)
+        p = torch.exp((estimate - estimate.amax(dim=1, keepdim=True)) * scale)
         child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
         scored += len(children)
         keep = g if step == levels - 1 else width
@@ -140,7 +148,8 @@ def search_reference(
     rows_per_block = config.block_size_q // config.query_pool_stride
 
     pooled = pool_queries(q, config)  # [B, Hq, TP, D], rounded to q's dtype
-    squares = (pooled.float() ** 2).to(q.dtype).float()  # rounded as the kernel rounds them
+    # rounded (and capped in float16) as the kernel rounds them
+    squares = saturated(pooled.float() ** 2, q.dtype).to(q.dtype).float()
     pooled = pooled.float()
     tree = tree.float()
     geo = query_blocks(tq, tk, config)

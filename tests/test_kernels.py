@@ -238,6 +238,29 @@ def test_a_nodes_estimate_is_its_mean_logit_plus_a_spread_growing_with_its_keys(
     assert level_spreads(1)[0] == 0.0
 
 
+def test_half_precision_outliers_keep_summaries_finite_and_the_search_selective(rand_qkv):
+    """A float16 key dimension spread wider than sqrt(65504) would store an infinite variance;
+    its products make NaN estimates that tie every child (the first G would win). Capped at
+    float16's largest value, the tree stays finite and both searches still rank."""
+    q, k, _ = rand_qkv(1, 2, 1, 1, 600, 64, dtype=torch.float16, device=DEVICE, seed=12)
+    k[..., 5] *= 400  # standard deviation ~400 on one dimension
+    tree = node_summaries(k, CFG)
+    assert torch.isfinite(tree).all()
+    out, _ = run_mask(q, k, CFG)
+    ref, _ = estimate_mask_reference(q, k, CFG)
+    torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
+    g, first = CFG.blocks_per_query_block, CFG.sink_tokens // CFG.block_size_k
+    assert ref[0, 0, 0].tolist() != list(range(first, first + g))
+    grown = node_summaries(k[:, :, :400], CFG, min_capacity=tree_blocks(600, CFG))
+    extend_tree_triton(grown, k, tree_blocks(400, CFG), CFG)
+    for a, b in zip(
+        _tree_levels(grown, tree_blocks(600, CFG)),
+        _tree_levels(tree, tree_blocks(600, CFG)),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_kernel_extends_like_the_reference(rand_qkv, dtype):
     _, k, _ = rand_qkv(2, 2, 3, 1, 520, 64, dtype=dtype, device=DEVICE, seed=31)

@@ -108,7 +108,8 @@ def test_batch_split_does_not_change_results(rand_qkv):
 @pytest.mark.parametrize("seed", range(3))
 def test_search_finds_a_planted_span(seed):
     """An 8-block span of keys aligned with the queries, far back in a 2K context, is found
-    whole: the node summaries bound every key of a node, so no level can prune the span."""
+    whole: a node's mean and variance see every key of it, so a span that stands out in a
+    node raises the node's estimate at every level."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 1, 32, 32, generator=gen)
     k = torch.randn(1, 1, 2048, 32, generator=gen)

@@ -33,6 +33,17 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
 
 
 @triton.jit
+def saturate(x, dtype: tl.constexpr):
+    """fp32 ``x >= 0`` capped at ``dtype``'s largest value (only float16's is within fp32's
+    reach), so a square or variance stored in it is finite, not ``inf`` (whose products with
+    zeros make NaN scores): :func:`hip_attn.geometry.saturated` on the host."""
+    if dtype == tl.float16:
+        return tl.minimum(x, 65504.0)
+    else:
+        return x
+
+
+@triton.jit
 def round_to(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even), returned in fp32. bfloat16 is
     rounded on the bits: Triton's interpreter truncates a bfloat16 cast, a GPU does not."""

@@ -30,7 +30,13 @@ from hip_attn.geometry import (
     tree_blocks,
     tree_capacity,
 )
-from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64, round_to
+from hip_attn.triton_kernels.dtypes import (
+    TL_DTYPES,
+    dot_operand_dtype,
+    needs_int64,
+    round_to,
+    saturate,
+)
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 from hip_attn.triton_kernels.scratch import scratch_tensor
 from hip_attn.triton_kernels.tree import (
@@ -201,7 +207,7 @@ def _hip_mask_kernel(
                     dims, BLOCK_Q, STRIDE, ROWS, ROWS_PAD, D, D_PAD, OFFSET,
                 )  # fmt: skip
                 # squares rounded to q's dtype, as the reference rounds them: 16-bit operands
-                sq = round_to(qp * qp, Q.dtype.element_ty)
+                sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
                 var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
                 best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean), input_precision=PRECISION)
                 best = best + spread[None, :] * tl.sqrt_rn(var)
@@ -309,7 +315,7 @@ def decode_search_triton(
             scratch=scratch)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache  # never evicted: a captured graph may point at it
 def _spread_table(block_size_k: int, device: torch.device) -> torch.Tensor:
     """:func:`~hip_attn.geometry.level_spreads` on ``device``, allocated once (a captured
     decode step must not allocate)."""
@@ -384,5 +390,8 @@ def _launch(
         num_warps=8,
         # 2 stages keep every 16-bit variant within sm_89's 99 KB of shared memory (3: 104 KB)
         num_stages=2,
+        # no fused multiply-adds: the summaries it extends and its estimates round as the
+        # reference's, so a GPU selects the blocks the reference and the offloaded path select
+        enable_fp_fusion=False,
     )
     return scored

@@ -22,7 +22,7 @@ from hip_attn.geometry import (
     tree_blocks,
     tree_capacity,
 )
-from hip_attn.triton_kernels.dtypes import needs_int64, round_to
+from hip_attn.triton_kernels.dtypes import needs_int64, round_to, saturate
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 
 
@@ -64,7 +64,7 @@ def extend_tree(
             spread += dev * dev
         node = tree + (zero + block) * stride_t_n
         _store_rounded(node + dims, mean, dim_ok)
-        _store_rounded(node + D + dims, spread / BK, dim_ok)
+        _store_rounded(node + D + dims, saturate(spread / BK, tree.dtype.element_ty), dim_ok)
     level = 1
     while (n >> level) > 0:  # the parents of what changed, level by level
         tl.debug_barrier()  # the level below is written
@@ -81,7 +81,7 @@ def extend_tree(
             half = (mean_a - mean_b) * 0.5
             var = (var_a + var_b) * 0.5 + half * half
             _store_rounded(node + dims, (mean_a + mean_b) * 0.5, dim_ok)
-            _store_rounded(node + D + dims, var, dim_ok)
+            _store_rounded(node + D + dims, saturate(var, tree.dtype.element_ty), dim_ok)
         level += 1
 
 
@@ -139,6 +139,7 @@ def extend_tree_triton(tree: torch.Tensor, k: torch.Tensor, done: int, config: H
         h, done, k.shape[2], tree_capacity(tree), first_candidate_block(config), 0, 1,
         BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
         OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=False,
+        enable_fp_fusion=False,  # a GPU then rounds as the reference does (no fused multiply-adds)
     )  # fmt: skip
 
 
@@ -162,4 +163,5 @@ def extend_tree_device(
         config.refresh_interval,
         BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
         OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=True,
+        enable_fp_fusion=False,
     )  # fmt: skip

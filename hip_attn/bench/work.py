@@ -8,8 +8,8 @@ traffic under the analytic model's conventions (``docs/roofline.md``): each quer
 the keys and values it attends once per selection head (per KV head with
 ``head_sharing="kv_group"``), queries are read and outputs written once; the search reads one
 node summary (``2 * D`` values in the keys' dtype: mean and variance) per scored child and
-scores it with two dot products of length ``D`` per pooled row; building the summary tree reads the keys
-once and writes about two summaries per block. A multiply-add counts two FLOPs.
+scores it with two dot products of length ``D`` per pooled row; building the summary tree
+reads the keys once and writes about two summaries per block. A multiply-add counts two FLOPs.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ class HipWork:
 
     Attributes:
         sparse: the sparse attention over sinks + selected blocks + window.
-        search: the tree-search kernel (bounds of the node summaries).
+        search: the tree-search kernel (estimates from the node summaries).
         mask: the whole mask estimation: the search plus pooling the queries and building the
             summary tree from the keys.
         key_visits: (query row, key) pairs attended, summed over query heads and the batch.
         keys_per_query: mean keys a query row attends.
-        search_dots: bounds computed (one per scored child and pooled row, ``2 * D``
+        search_dots: estimates computed (one per scored child and pooled row, ``2 * D``
             multiply-adds each), summed over query heads and pooled rows.
         selected_blocks: mean key blocks selected per query block and selection head.
     """

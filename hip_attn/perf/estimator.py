@@ -334,7 +334,7 @@ class HipPrefillCounts:
     Attributes:
         key_visits: sum over query rows of the keys each row attends (QK and PV pairs).
         key_reads: sum over query blocks of the distinct keys each block loads.
-        search_dots: node bounds (two dot products of ``D`` each), summed over pooled query rows.
+        search_dots: node estimates (two dot products of ``D`` each), summed over pooled query rows.
         rep_reads: node summaries loaded, summed over query blocks.
         selected_tokens: tokens selected by the search, summed over query blocks.
     """
@@ -354,7 +354,7 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     ``block_size_k`` tokens, and the window ``[max(sink, s - window), e)`` causally, where
     ``N = (s - window - sink) // block_size_k`` candidate blocks and ``G = k / block_size_k``.
     Blocks with ``e <= dense_threshold`` run dense. When ``N > G`` the search costs
-    ``2 * beam * G * levels`` node bounds per pooled query row (:func:`search_levels`).
+    ``2 * beam * G * levels`` node estimates per pooled query row (:func:`search_levels`).
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
@@ -497,7 +497,7 @@ def _search_chain_s(sc: Scenario, levels: int) -> float:
 def _search_op(
     sc: Scenario, phase: str, dots: float, rep_reads: float, latency_s: float, kernels: float
 ) -> Operator:
-    """HiP's node scoring: ``dots`` bounds per query head (``2 * D`` multiply-adds each),
+    """HiP's node scoring: ``dots`` estimates per query head (``2 * D`` multiply-adds each),
     ``rep_reads`` summaries loaded per searching head (KV heads with ``kv_group`` sharing, else
     query heads), each a random ``2 * D``-element run; ``latency_s`` and ``kernels`` per
     layer."""
