@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
+    blocks_after,
+    extend_summaries,
     extends_in_place,
-    node_summaries,
     selection_config,
     tree_blocks,
+    with_room,
 )
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import (
@@ -84,6 +86,38 @@ def uses_triton(device: torch.device) -> bool:
         )
         return False
     return True
+
+
+def summary_tree(
+    k: torch.Tensor,
+    config: HiPConfig,
+    tree: torch.Tensor | None = None,
+    done: int = 0,
+    *,
+    min_capacity: int = 0,
+) -> torch.Tensor:
+    """:func:`~hip_attn.geometry.node_summaries`, built by the tree kernel when the kernels run
+    (two launches and the allocation, instead of a few PyTorch ops per key row and level)."""
+    keys, done = blocks_after(k, config, tree, done)
+    return extended_tree(tree, keys, done, config, min_capacity=min_capacity)
+
+
+def extended_tree(
+    tree: torch.Tensor | None,
+    keys: torch.Tensor,
+    done: int,
+    config: HiPConfig,
+    *,
+    min_capacity: int = 0,
+) -> torch.Tensor:
+    """:func:`~hip_attn.geometry.extend_summaries`, by the tree kernel when the kernels run."""
+    if not uses_triton(keys.device) or keys.stride(-1) != 1:
+        return extend_summaries(tree, keys, done, config, min_capacity=min_capacity)
+    from hip_attn.triton_kernels.tree import append_tree_triton
+
+    tree = with_room(tree, keys, done, config, min_capacity=min_capacity)
+    append_tree_triton(tree, keys, done, config)
+    return tree
 
 
 class SummaryTree(NamedTuple):
@@ -196,7 +230,7 @@ class HiPDecodeState:
         self.follow(1, n, config)  # a rollback or a new sequence: no selection to continue
         b, hkv = k.shape[:2]
         g = config.blocks_per_query_block
-        tree = node_summaries(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
+        tree = summary_tree(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
         if dev is None or dev.key != key:
             dev = self._device = _DeviceDecode(
                 key,
@@ -267,7 +301,7 @@ class HiPDecodeState:
         ):
             return SummaryTree(tree, k, done)
         room = blocks + blocks // 4  # a fresh tree's first decode refresh extends in place
-        self._tree = node_summaries(k, config, tree, done, min_capacity=room)
+        self._tree = summary_tree(k, config, tree, done, min_capacity=room)
         return SummaryTree(self._tree)
 
     def __repr__(self) -> str:
@@ -404,7 +438,7 @@ def estimate_mask(
     config = check_config(config)
     check_qkv(q, k)
     scale = check_scale(scale, q.shape[-1])
-    return search_tree(q, node_summaries(k, config), k.shape[2], config, scale)
+    return search_tree(q, summary_tree(k, config), k.shape[2], config, scale)
 
 
 def _multiprocessors(device: torch.device) -> int | None:
@@ -526,7 +560,7 @@ def hip_attention(
         return dense_attention(q, k, v, scale)
     if uses_triton(q.device):  # before any launch: the kernels have no backward
         check_inference_only(q, k, v)
-    tree = (lambda: state.summaries(k, config)) if state else (lambda: node_summaries(k, config))
+    tree = (lambda: state.summaries(k, config)) if state else (lambda: summary_tree(k, config))
     indices = select_blocks(q, tree, k.shape[2], config, scale, state, k.shape[1])
     return _sparse(q, k, v, indices, config, scale)
 

@@ -148,12 +148,20 @@ def node_summaries(
     ``tree`` with ``done`` blocks already summarized is extended (see :func:`extend_summaries`;
     a new allocation holds at least ``min_capacity`` blocks: room to extend in place).
     """
+    keys, done = blocks_after(k, config, tree, done)
+    return extend_summaries(tree, keys, done, config, min_capacity=min_capacity)
+
+
+def blocks_after(
+    k: torch.Tensor, config: HiPConfig, tree: torch.Tensor | None, done: int
+) -> tuple[torch.Tensor, int]:
+    """The whole key blocks of ``k`` a tree holding ``done`` of them lacks, and the blocks it
+    keeps: ``done``, or 0 when there is no tree or ``k`` has fewer blocks (a new sequence)."""
     bk, first = config.block_size_k, first_candidate_block(config)
     n = tree_blocks(k.shape[-2], config)
     if tree is None or done > n:
         done = 0
-    keys = k[..., (first + done) * bk : (first + n) * bk, :]
-    return extend_summaries(tree, keys, done, config, min_capacity=min_capacity)
+    return k[..., (first + done) * bk : (first + n) * bk, :], done
 
 
 def extends_in_place(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> bool:
@@ -202,19 +210,10 @@ def extend_summaries(
     its first refresh then extends in place); a tree that grows (decode and offload append a
     block at a time) is extended in place while its capacity holds the blocks, else copied
     into one with a quarter more room, so appending costs O(1) amortized per block."""
-    bk = config.block_size_k
-    b, h, new_keys, d = keys.shape
-    n = done + new_keys // bk
+    bk, d = config.block_size_k, keys.shape[-1]
+    n = done + keys.shape[-2] // bk
+    tree = with_room(tree, keys, done, config, min_capacity=min_capacity)
     capacity = tree_capacity(tree)
-    if tree is None or capacity < n:
-        grown_capacity = max(n if tree is None else n + n // 4, min_capacity)
-        grown = keys.new_zeros(b, h, tree_rows(grown_capacity), 2 * d)
-        if tree is not None and done:  # copy the old levels to their new rows
-            for level in range(done.bit_length()):
-                count = done >> level
-                src, dst = level_offset(level, capacity), level_offset(level, grown_capacity)
-                grown[..., dst : dst + count, :] = tree[..., src : src + count, :]
-        tree, capacity = grown, grown_capacity
     blocks = rearrange(keys, "b h (n t) d -> b h n t d", t=bk)  # the leaves: one block each
     mean, var = leaf_moments(blocks)
     tree[..., done:n, :d] = mean
@@ -232,6 +231,33 @@ def extend_summaries(
         tree[..., row + lo : row + hi, :d] = mean
         tree[..., row + lo : row + hi, d:] = saturated(var, tree.dtype)
     return tree
+
+
+def with_room(
+    tree: torch.Tensor | None,
+    keys: torch.Tensor,
+    done: int,
+    config: HiPConfig,
+    *,
+    min_capacity: int = 0,
+) -> torch.Tensor:
+    """``tree`` (``done`` blocks summarized) when its allocation holds the blocks of ``keys``
+    too (see :func:`extend_summaries`), else a new one with its ``done`` blocks' nodes copied
+    over (zeros elsewhere): room for those blocks, or ``min_capacity``, and a quarter more when
+    an existing tree grows."""
+    b, h, new_keys, d = keys.shape
+    n = done + new_keys // config.block_size_k
+    capacity = tree_capacity(tree)
+    if tree is not None and capacity >= n:
+        return tree
+    grown_capacity = max(n if tree is None else n + n // 4, min_capacity)
+    grown = keys.new_zeros(b, h, tree_rows(grown_capacity), 2 * d)
+    if tree is not None and done:  # copy the old levels to their new rows
+        for level in range(done.bit_length()):
+            count = done >> level
+            src, dst = level_offset(level, capacity), level_offset(level, grown_capacity)
+            grown[..., dst : dst + count, :] = tree[..., src : src + count, :]
+    return grown
 
 
 def leaf_moments(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

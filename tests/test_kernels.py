@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
+from hip_attn.attention import summary_tree
 from hip_attn.geometry import (
     level_offset,
     level_spreads,
@@ -276,6 +277,20 @@ def test_tree_kernel_extends_like_the_reference(rand_qkv, dtype):
             assert torch.equal(got, want)
     with pytest.raises(ValueError, match="cannot extend the tree .*room for 61 blocks"):
         extend_tree_triton(tree, k[:, :, :520], done, CFG)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tree_kernel_builds_whole_trees_like_the_reference(rand_qkv, dtype):
+    """A prefill's tree from the kernel (runs of 32 blocks in parallel, then the levels above,
+    16 nodes a step; head dim 40 pads to 64) is the reference's bit for bit, built whole and
+    extended from a prefix ending inside a run."""
+    _, k, _ = rand_qkv(2, 2, 3, 1, 16 + 8 * 150 + 3, 40, dtype=dtype, device=DEVICE, seed=33)
+    assert tree_blocks(k.shape[2], CFG) == 150  # five runs, levels 0-7
+    assert torch.equal(summary_tree(k, CFG), node_summaries(k, CFG))
+    prefix = k[:, :, : 16 + 8 * 45]
+    got = summary_tree(k, CFG, summary_tree(prefix, CFG, min_capacity=150), 45)
+    want = node_summaries(k, CFG, node_summaries(prefix, CFG, min_capacity=150), 45)
+    assert tree_capacity(got) == 150 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -136,12 +136,19 @@ def test_decode_launches(counter: _Kernels) -> None:
 
 
 def test_prefill_launches(counter: _Kernels) -> None:
+    from hip_attn import HiPConfig
     from hip_attn.attention import hip_attention
+    from hip_attn.geometry import tree_blocks
 
     q, k, v = _qkv(2048, 2048, 2, 1)
     with counter:
         hip_attention(q, k, v)
     assert counter.count == LAUNCH_PROFILES["today"].hip_prefill, f"{STALE}: {counter.count}"
+    # the tree: one program per run of 32 blocks (in parallel), then one per tree for the
+    # levels above; never a program walking every block
+    runs = -(-tree_blocks(2048, HiPConfig()) // 32)
+    trees = [grid for name, grid, *_ in counter.launches if name == "_extend_tree_kernel"]
+    assert runs > 1 and trees == [(1, runs), (1, 1)]
     # (batch x query heads, query blocks, splits): in launch order the two heads sharing one
     # KV head, hence one selection, are adjacent programs and read the same blocks together
     assert counter.grids["_sparse_attention_kernel"] == (2, 2048 // 64, 1)

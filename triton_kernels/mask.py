@@ -40,6 +40,8 @@ from hip_attn.triton_kernels.dtypes import (
 from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 from hip_attn.triton_kernels.scratch import scratch_tensor
 from hip_attn.triton_kernels.tree import (
+    ALL_LEVELS,
+    TILE,
     check_extension,
     extend_tree,
     extend_tree_device,
@@ -134,7 +136,8 @@ def _hip_mask_kernel(
         tree = S + b * stride_s_b + kv * stride_s_h
         row = b * (h_sel * HEADS_PER_SEL // q_per_kv) + kv  # of done, with ON_DEVICE
         extend_tree(keys, stride_k_t, tree, stride_s_n, keys_in_use(done, ON_DEVICE, row),
-                    n_tree, capacity, first * BK, b * 0, BK, D, D_PAD)  # fmt: skip
+                    n_tree, capacity, first * BK, b * 0, 0, ALL_LEVELS, BK, D, D_PAD,
+                    TILE)  # fmt: skip
         if ON_DEVICE:
             tl.store(done + row, n_tree)
         tl.debug_barrier()  # the search below reads what was written

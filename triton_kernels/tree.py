@@ -1,5 +1,7 @@
-"""Extending the search's summary tree in place by the key blocks completed since the last call:
-one launch per decode refresh instead of two reductions and copies per level.
+"""Building the search's summary tree, or extending it in place by the key blocks completed
+since the last call: a prefill's whole tree in two launches (every run of ``2**CHUNK_LEVELS``
+blocks up to its root in parallel, then the levels above), a decode refresh in one (or inside
+the search kernel), instead of PyTorch ops per key row and level.
 
 Reference: :func:`hip_attn.geometry.extend_summaries` (which also builds whole trees and grows
 their allocation; this kernel only fills a tree whose capacity already holds the new blocks).
@@ -42,46 +44,66 @@ def _store_rounded(ptr, x, mask):
     tl.store(ptr, round_to(x, ptr.dtype.element_ty).to(ptr.dtype.element_ty), mask=mask)
 
 
+#: every level of a tree (more than any capacity has)
+ALL_LEVELS = tl.constexpr(64)
+#: nodes a program summarizes at once: one ``[TILE, D]`` tile per step
+TILE = tl.constexpr(16)
+#: levels ``0 .. CHUNK_LEVELS`` of a whole build are summarized by one program per
+#: ``2**CHUNK_LEVELS`` blocks, in parallel; a second launch adds the levels above, one program
+#: per tree (``n / 2**CHUNK_LEVELS`` nodes at most, in tiles)
+CHUNK_LEVELS = 5
+
+
 @triton.jit
 def extend_tree(
-    keys, stride_k_t, tree, stride_t_n, done, n, capacity, first_key, zero,
-    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    keys, stride_k_t, tree, stride_t_n, done, n, capacity, key0, zero, first_level, last_level,
+    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    """Summarize blocks ``done .. n - 1`` of one (batch, KV head): ``keys`` and ``tree`` point at
-    its keys and its tree; ``zero`` is a 0 of the offset width. The caller's program must be the
-    only one writing this tree; its later loads of the tree may follow a ``tl.debug_barrier``."""
+    """Summarize blocks ``done .. n - 1`` of one (batch, KV head) at levels ``first_level ..
+    last_level`` (the leaves are level 0; nodes of a level covering any of those blocks, once
+    complete): ``keys`` and ``tree`` point at its keys and its tree, block ``j``'s keys start
+    at row ``key0 + j * BK``; ``zero`` is a 0 of the offset width. The caller's program must be
+    the only one writing these nodes; its later loads of the tree may follow a
+    ``tl.debug_barrier``. Each element is summed in the reference's order
+    (:func:`hip_attn.geometry.leaf_moments`), ``TILE`` nodes at a time."""
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
-    for block in range(done, n):  # the leaves: one key block each
-        row = keys + (zero + first_key + block * BK) * stride_k_t + dims
-        total = tl.zeros([D_PAD], tl.float32)
-        for i in tl.static_range(BK):  # in row order, in fp32
-            total += tl.load(row + i * stride_k_t, mask=dim_ok).to(tl.float32)
-        mean = total / BK
-        spread = tl.zeros([D_PAD], tl.float32)
-        for i in tl.static_range(BK):
-            dev = tl.load(row + i * stride_k_t, mask=dim_ok).to(tl.float32) - mean
-            spread += dev * dev
-        node = tree + (zero + block) * stride_t_n
-        _store_rounded(node + dims, mean, dim_ok)
-        _store_rounded(node + D + dims, saturate(spread / BK, tree.dtype.element_ty), dim_ok)
-    level = 1
-    while (n >> level) > 0:  # the parents of what changed, level by level
+    nodes = tl.arange(0, TILE)
+    if first_level == 0:
+        for start in range(done, n, TILE):  # the leaves: one key block each
+            block = start + nodes
+            ok = (block < n)[:, None] & dim_ok[None, :]
+            row = keys + (zero + key0 + block * BK)[:, None] * stride_k_t + dims[None, :]
+            total = tl.zeros([TILE, D_PAD], tl.float32)
+            for i in tl.static_range(BK):  # in row order, in fp32
+                total += tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32)
+            mean = total / BK
+            spread = tl.zeros([TILE, D_PAD], tl.float32)
+            for i in tl.static_range(BK):
+                dev = tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32) - mean
+                spread += dev * dev
+            node = tree + (zero + block)[:, None] * stride_t_n + dims[None, :]
+            _store_rounded(node, mean, ok)
+            _store_rounded(node + D, saturate(spread / BK, tree.dtype.element_ty), ok)
+    level = tl.maximum(first_level, 1)
+    while (level <= last_level) & ((n >> level) > 0):  # the parents of what changed
         tl.debug_barrier()  # the level below is written
         below = level_offset(level - 1, capacity)
         here = level_offset(level, capacity)
-        for i in range(done >> level, n >> level):
-            left = tree + (zero + below + 2 * i) * stride_t_n
+        for start in range(done >> level, n >> level, TILE):
+            i = start + nodes
+            ok = (i < (n >> level))[:, None] & dim_ok[None, :]
+            left = tree + (zero + below + 2 * i)[:, None] * stride_t_n + dims[None, :]
             right = left + stride_t_n
-            node = tree + (zero + here + i) * stride_t_n
-            mean_a = tl.load(left + dims, mask=dim_ok).to(tl.float32)
-            mean_b = tl.load(right + dims, mask=dim_ok).to(tl.float32)
-            var_a = tl.load(left + D + dims, mask=dim_ok).to(tl.float32)
-            var_b = tl.load(right + D + dims, mask=dim_ok).to(tl.float32)
+            mean_a = tl.load(left, mask=ok, other=0.0).to(tl.float32)
+            mean_b = tl.load(right, mask=ok, other=0.0).to(tl.float32)
+            var_a = tl.load(left + D, mask=ok, other=0.0).to(tl.float32)
+            var_b = tl.load(right + D, mask=ok, other=0.0).to(tl.float32)
             half = (mean_a - mean_b) * 0.5
             var = (var_a + var_b) * 0.5 + half * half
-            _store_rounded(node + dims, (mean_a + mean_b) * 0.5, dim_ok)
-            _store_rounded(node + D + dims, saturate(var, tree.dtype.element_ty), dim_ok)
+            node = tree + (zero + here + i)[:, None] * stride_t_n + dims[None, :]
+            _store_rounded(node, (mean_a + mean_b) * 0.5, ok)
+            _store_rounded(node + D, saturate(var, tree.dtype.element_ty), ok)
         level += 1
 
 
@@ -89,8 +111,10 @@ def extend_tree(
 def _extend_tree_kernel(
     K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
     T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 2 * D]
-    heads, done, tk, capacity, first, anchor, interval,
-    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, OFFSET: tl.constexpr,
+    heads, done, tk, capacity, first, key0, anchor, interval, first_level, last_level,
+    BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
+    OFFSET: tl.constexpr,
+    CHUNKED: tl.constexpr,  # program (bh, c) takes the c-th run of 2**last_level blocks
     ON_DEVICE: tl.constexpr,  # tk and done point at device memory, done per (batch, KV head)
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -103,10 +127,16 @@ def _extend_tree_kernel(
     else:
         due = True
     if due:
+        lo = keys_in_use(done, ON_DEVICE, bh)
+        hi = n
+        if CHUNKED:  # runs aligned to 2**last_level blocks: their nodes up to that level
+            run = ((lo >> last_level) + tl.program_id(1)) << last_level
+            lo = tl.maximum(lo, run)
+            hi = tl.minimum(hi, run + (1 << last_level))
         extend_tree(
             K + b * stride_k_b + h * stride_k_h, stride_k_t, T + b * stride_t_b + h * stride_t_h,
-            stride_t_n, keys_in_use(done, ON_DEVICE, bh), n, capacity, first * BK, b * 0,
-            BK, D, D_PAD,
+            stride_t_n, lo, hi, capacity, key0, b * 0, first_level, last_level,
+            BK, D, D_PAD, TILE,
         )  # fmt: skip
         if ON_DEVICE:
             tl.store(done + bh, n)
@@ -130,17 +160,63 @@ def extend_tree_triton(tree: torch.Tensor, k: torch.Tensor, done: int, config: H
     up to the last complete one; ``tree``'s capacity must hold them (else use
     :func:`hip_attn.geometry.node_summaries`, which grows it)."""
     n = check_extension(tree, k, done, config)
+    _extend(tree, k, done, n, k.shape[2], first_candidate_block(config) * config.block_size_k,
+            config)  # fmt: skip
+
+
+def append_tree_triton(
+    tree: torch.Tensor, keys: torch.Tensor, done: int, config: HiPConfig
+) -> None:
+    """Summarize in ``tree``, which holds ``done`` blocks, the whole key blocks ``keys``
+    ``[B, Hkv, whole blocks, D]`` that follow them (as
+    :func:`hip_attn.geometry.extend_summaries` takes them); ``tree``'s capacity must hold them."""
+    bk = config.block_size_k
+    n = done + keys.shape[2] // bk
+    if (
+        tree_capacity(tree) < n
+        or tuple(tree.shape[:2]) != tuple(keys.shape[:2])
+        or (tree.shape[-1] != 2 * keys.shape[-1] or keys.stride(-1) != 1 or tree.stride(-1) != 1)
+    ):
+        raise ValueError(
+            f"cannot append {keys.shape[2] // bk} blocks {tuple(keys.shape)} to the tree "
+            f"{tuple(tree.shape)} (room for {tree_capacity(tree)} blocks, {done} done)"
+        )
+    tk = (first_candidate_block(config) + n) * bk
+    _extend(tree, keys, done, n, tk, -done * bk, config)
+
+
+def _extend(
+    tree: torch.Tensor,
+    k: torch.Tensor,
+    done: int,
+    n: int,
+    tk: int,
+    key0: int,
+    config: HiPConfig,
+) -> None:
+    """Blocks ``done .. n - 1`` (block ``j`` at row ``key0 + j * block_size_k`` of ``k``; ``tk``
+    keys give ``n`` blocks): levels up to ``CHUNK_LEVELS`` by one program per run of blocks,
+    then, when the new blocks reach a higher node, the levels above by one program per tree."""
     if n == done:
         return
     b, h, _, d = k.shape
-    _extend_tree_kernel[(b * h,)](
+    chunk = 1 << CHUNK_LEVELS
+    runs = (n - 1) // chunk - done // chunk + 1
+    args = (
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, k.shape[2], tree_capacity(tree), first_candidate_block(config), 0, 1,
-        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        h, done, tk, tree_capacity(tree), first_candidate_block(config), key0, 0, 1,
+    )  # fmt: skip
+    constants = dict(
+        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
         OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=False,
         enable_fp_fusion=False,  # a GPU then rounds as the reference does (no fused multiply-adds)
     )  # fmt: skip
+    _extend_tree_kernel[(b * h, runs)](*args, 0, CHUNK_LEVELS, CHUNKED=True, **constants)
+    if done >> (CHUNK_LEVELS + 1) != n >> (CHUNK_LEVELS + 1):  # a node above the runs changed
+        _extend_tree_kernel[(b * h, 1)](
+            *args, CHUNK_LEVELS + 1, ALL_LEVELS.value, CHUNKED=False, **constants
+        )
 
 
 def extend_tree_device(
@@ -156,12 +232,13 @@ def extend_tree_device(
     ``(b, h)`` of ``tree`` is extended from ``done[b, h]`` blocks to those of the first ``tk``
     keys of the buffer ``k``; other steps launch and return at once."""
     b, h, _, d = k.shape
+    first = first_candidate_block(config)
     _extend_tree_kernel[(b * h,)](
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, tk, tree_capacity(tree), first_candidate_block(config), anchor,
-        config.refresh_interval,
-        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
-        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=True,
+        h, done, tk, tree_capacity(tree), first, first * config.block_size_k, anchor,
+        config.refresh_interval, 0, ALL_LEVELS.value,
+        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
+        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, CHUNKED=False, ON_DEVICE=True,
         enable_fp_fusion=False,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from hip_attn.attention import (
     _sparse,
     hip_attention,
     search_tree,
+    summary_tree,
     uses_triton,
 )
 from hip_attn.bench.cases import MODEL_DTYPE, BenchCase
@@ -38,7 +39,6 @@ from hip_attn.bench.sdpa import SdpaUnavailable, prepare_sdpa
 from hip_attn.bench.timing import Timing, TimingSettings, measure
 from hip_attn.bench.work import Work, dense_work, hip_work
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import node_summaries
 from hip_attn.perf.attention_floor import AttentionFloor, Method, Phase, attention_floor
 from hip_attn.perf.hardware import GPUSpec
 
@@ -180,7 +180,7 @@ def select(
 
         return estimate_mask_triton(
             q,
-            node_summaries(k, cfg),
+            summary_tree(k, cfg),
             case.context,
             cfg,
             _selection_heads(q, k.shape[1], cfg),
@@ -304,13 +304,13 @@ def run_case(
                 _free(device)
         timed(
             "hip_mask",
-            lambda: search_tree(q, node_summaries(k, cfg), k.shape[2], cfg, scale),
+            lambda: search_tree(q, summary_tree(k, cfg), k.shape[2], cfg, scale),
             work.mask,
         )
         if uses_triton(device):
             from hip_attn.triton_kernels.mask import estimate_mask_triton
 
-            tree = node_summaries(k, cfg)
+            tree = summary_tree(k, cfg)
             h_sel = _selection_heads(q, k.shape[1], cfg)
             timed(
                 "hip_mask_kernel",

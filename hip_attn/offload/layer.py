@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from hip_attn.attention import HiPDecodeState, select_blocks, uses_triton
+from hip_attn.attention import HiPDecodeState, extended_tree, select_blocks, uses_triton
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import extend_summaries, first_candidate_block, tree_blocks
+from hip_attn.geometry import first_candidate_block, tree_blocks
 from hip_attn.offload.block_cache import BlockCache
 from hip_attn.offload.gather import GATHER_METHODS, make_gather
 from hip_attn.offload.host import HostKV
@@ -176,7 +176,7 @@ class OffloadedKV:
         bk = self.config.block_size_k
         lo = (first_candidate_block(self.config) + done) * bk - self.recent_start
         keys = self.recent_k[:, :, lo : lo + (n - done) * bk]
-        self.tree = extend_summaries(self.tree, keys, done, self.config)
+        self.tree = extended_tree(self.tree, keys, done, self.config)
 
     # -- attention -----------------------------------------------------------------------
     def attend(
@@ -216,7 +216,7 @@ class OffloadedKV:
 
     def _summaries(self) -> torch.Tensor:
         if self.tree is None:  # no block after the sinks yet: nothing to select from
-            self.tree = extend_summaries(None, self.recent_k[:, :, :0], 0, self.config)
+            self.tree = extended_tree(None, self.recent_k[:, :, :0], 0, self.config)
         return self.tree
 
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:

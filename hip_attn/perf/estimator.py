@@ -57,8 +57,9 @@ class LaunchProfile:
     (``tests/test_perf_launches.py`` recounts it from the code): a decode step runs the
     sparse kernel and the merge of its flash-decoding splits (which a one-token decode takes at
     batch 1), a refreshing step also searches (the search kernel first extends the summary tree
-    by the completed blocks, with ``head_sharing="kv_group"``); a prefill builds the
-    tree with PyTorch reductions (two per level) before searching and attending. ``fused`` is
+    by the completed blocks, with ``head_sharing="kv_group"``); a prefill zeroes the tree's
+    allocation and builds it with two launches of the tree kernel (every run of 32 blocks up to
+    its root in parallel, then the levels above) before searching and attending. ``fused`` is
     one search kernel and one attention kernel, what a fully fused path would launch.
 
     Attributes:
@@ -78,7 +79,7 @@ class LaunchProfile:
 
 
 LAUNCH_PROFILES: dict[str, LaunchProfile] = {
-    p.name: p for p in (LaunchProfile("today", 2, 3, 35), LaunchProfile("fused", 1, 2, 2))
+    p.name: p for p in (LaunchProfile("today", 2, 3, 5), LaunchProfile("fused", 1, 2, 2))
 }
 
 
@@ -521,8 +522,10 @@ def _search_op(
 
 def _summary_tree_op(sc: Scenario, context: float) -> Operator:
     """The search summary tree's upkeep (``hip_attn.geometry.node_summaries``). A prefill builds
-    it from the whole K: K read (``b_kv`` per element), about ``4 / bk`` summary elements per key
-    element written, and those above the leaves read again one level up (``2 / bk``). Decode
+    it from the whole K: K read (``b_kv`` per element; the variance pass reads a block again
+    while it is in cache), 4 FLOPs per element (the sum, then a difference squared and summed),
+    about ``4 / bk`` summary elements per key element written, and those above the leaves read
+    again one level up (``2 / bk``). Decode
     extends it by the block a step completes (kept in the decode state): nothing that grows with
     the context, counted as free. Its launches are in the :class:`LaunchProfile` counts."""
     m, b, bk = sc.model, sc.kv_bytes_per_elem, sc.hip.block_size_k
@@ -530,7 +533,7 @@ def _summary_tree_op(sc: Scenario, context: float) -> Operator:
     return Operator(
         "hip_representatives",
         "prefill",
-        flops=m.layers * sc.batch * elems * 2,
+        flops=m.layers * sc.batch * elems * 4,
         hbm_bytes=m.layers * sc.batch * elems * b * (1 + 6 / bk),
     )
 
