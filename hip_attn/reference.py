@@ -74,9 +74,9 @@ def _start_nodes(n: int, width: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _spreads(block_size_k: int) -> torch.Tensor:
-    """:func:`~hip_attn.geometry.level_spreads` as a CPU tensor, built once."""
-    return torch.tensor(level_spreads(block_size_k), dtype=torch.float32)
+def _spreads(block_size_k: int, device: torch.device) -> torch.Tensor:
+    """:func:`~hip_attn.geometry.level_spreads` as a tensor on ``device``, built once."""
+    return torch.tensor(level_spreads(block_size_k), dtype=torch.float32, device=device)
 
 
 def _search_one_block(
@@ -100,7 +100,7 @@ def _search_one_block(
     nodes = _start_nodes(n, width)
     levels = search_levels(n, config)
     d = rows.shape[-1]
-    spreads = _spreads(config.block_size_k)
+    spreads = _spreads(config.block_size_k, tree.device)
     scored = 0
     for step in range(levels):
         children: list[tuple[int, int]] = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
-from hip_attn.attention import summary_tree
+from hip_attn.attention import summary_tree, uses_triton
 from hip_attn.geometry import (
     level_offset,
     level_spreads,
@@ -285,6 +285,7 @@ def test_tree_kernel_builds_whole_trees_like_the_reference(rand_qkv, dtype):
     16 nodes a step; head dim 40 pads to 64) is the reference's bit for bit, built whole and
     extended from a prefix ending inside a run."""
     _, k, _ = rand_qkv(2, 2, 3, 1, 16 + 8 * 150 + 3, 40, dtype=dtype, device=DEVICE, seed=33)
+    assert uses_triton(k.device)  # else summary_tree is the reference itself
     assert tree_blocks(k.shape[2], CFG) == 150  # five runs, levels 0-7
     assert torch.equal(summary_tree(k, CFG), node_summaries(k, CFG))
     prefix = k[:, :, : 16 + 8 * 45]

@@ -148,10 +148,26 @@ def test_prefill_launches(counter: _Kernels) -> None:
     # levels above; never a program walking every block
     runs = -(-tree_blocks(2048, HiPConfig()) // 32)
     trees = [grid for name, grid, *_ in counter.launches if name == "_extend_tree_kernel"]
-    assert runs > 1 and trees == [(1, runs), (1, 1)]
+    assert runs > 1 and trees == [(runs, 1), (1, 1)]
     # (batch x query heads, query blocks, splits): in launch order the two heads sharing one
     # KV head, hence one selection, are adjacent programs and read the same blocks together
     assert counter.grids["_sparse_attention_kernel"] == (2, 2048 // 64, 1)
+
+
+def test_a_refresh_crossing_a_run_extends_the_tree_in_one_launch(counter: _Kernels) -> None:
+    """A refresh's few blocks (here the 64th, which completes a level-6 node) take one
+    program per tree for every level, not the parallel build's two launches."""
+    from hip_attn import HiPConfig
+    from hip_attn.geometry import first_candidate_block, node_summaries
+    from hip_attn.triton_kernels.tree import extend_tree_triton
+
+    config = HiPConfig()
+    tk = (first_candidate_block(config) + 64) * config.block_size_k
+    _, k, _ = _qkv(1, tk, 1, 1)
+    tree = node_summaries(k[:, :, : tk - config.block_size_k], config, min_capacity=64)
+    with counter:
+        extend_tree_triton(tree, k, 63, config)
+    assert counter.count == 1 and counter.grids["_extend_tree_kernel"] == (1, 1)
 
 
 @pytest.mark.parametrize("cache", ["HiPCache", "DynamicCache"])

@@ -77,7 +77,7 @@ def extend_tree(
             total = tl.zeros([TILE, D_PAD], tl.float32)
             for i in tl.static_range(BK):  # in row order, in fp32
                 total += tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32)
-            mean = total / BK
+            mean = total / BK  # exact on a GPU too: BK is a power of two
             spread = tl.zeros([TILE, D_PAD], tl.float32)
             for i in tl.static_range(BK):
                 dev = tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32) - mean
@@ -114,10 +114,10 @@ def _extend_tree_kernel(
     heads, done, tk, capacity, first, key0, anchor, interval, first_level, last_level,
     BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
     OFFSET: tl.constexpr,
-    CHUNKED: tl.constexpr,  # program (bh, c) takes the c-th run of 2**last_level blocks
+    CHUNKED: tl.constexpr,  # program (c, bh) takes the c-th run of 2**last_level blocks
     ON_DEVICE: tl.constexpr,  # tk and done point at device memory, done per (batch, KV head)
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)  # runs on axis 0: CUDA caps the others at 65535
     b = (bh // heads).to(OFFSET)
     h = (bh % heads).to(OFFSET)
     tk = keys_in_use(tk, ON_DEVICE)
@@ -130,7 +130,7 @@ def _extend_tree_kernel(
         lo = keys_in_use(done, ON_DEVICE, bh)
         hi = n
         if CHUNKED:  # runs aligned to 2**last_level blocks: their nodes up to that level
-            run = ((lo >> last_level) + tl.program_id(1)) << last_level
+            run = ((lo >> last_level) + tl.program_id(0)) << last_level
             lo = tl.maximum(lo, run)
             hi = tl.minimum(hi, run + (1 << last_level))
         extend_tree(
@@ -195,8 +195,10 @@ def _extend(
     config: HiPConfig,
 ) -> None:
     """Blocks ``done .. n - 1`` (block ``j`` at row ``key0 + j * block_size_k`` of ``k``; ``tk``
-    keys give ``n`` blocks): levels up to ``CHUNK_LEVELS`` by one program per run of blocks,
-    then, when the new blocks reach a higher node, the levels above by one program per tree."""
+    keys give ``n`` blocks): within one run of ``2**CHUNK_LEVELS`` blocks (a decode refresh)
+    one program per tree does every level; otherwise levels up to ``CHUNK_LEVELS`` by one
+    program per run, then, when the new blocks reach a higher node, the levels above by one
+    program per tree."""
     if n == done:
         return
     b, h, _, d = k.shape
@@ -212,9 +214,12 @@ def _extend(
         OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=False,
         enable_fp_fusion=False,  # a GPU then rounds as the reference does (no fused multiply-adds)
     )  # fmt: skip
-    _extend_tree_kernel[(b * h, runs)](*args, 0, CHUNK_LEVELS, CHUNKED=True, **constants)
+    if runs == 1:
+        _extend_tree_kernel[(1, b * h)](*args, 0, ALL_LEVELS.value, CHUNKED=False, **constants)
+        return
+    _extend_tree_kernel[(runs, b * h)](*args, 0, CHUNK_LEVELS, CHUNKED=True, **constants)
     if done >> (CHUNK_LEVELS + 1) != n >> (CHUNK_LEVELS + 1):  # a node above the runs changed
-        _extend_tree_kernel[(b * h, 1)](
+        _extend_tree_kernel[(1, b * h)](
             *args, CHUNK_LEVELS + 1, ALL_LEVELS.value, CHUNKED=False, **constants
         )
 
@@ -233,7 +238,7 @@ def extend_tree_device(
     keys of the buffer ``k``; other steps launch and return at once."""
     b, h, _, d = k.shape
     first = first_candidate_block(config)
-    _extend_tree_kernel[(b * h,)](
+    _extend_tree_kernel[(1, b * h)](
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
         h, done, tk, tree_capacity(tree), first, first * config.block_size_k, anchor,

@@ -190,7 +190,7 @@ def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
 
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
     """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
-    ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (max, min)."""
+    ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (mean, variance)."""
     levels = search_levels(n_candidates, config)
     return 4 * min(config.beam * config.blocks_per_query_block, n_candidates) * levels
 

@@ -133,10 +133,11 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     )
     pool_adds = sh.batch * sh.heads * tq * d
     pool_bytes = sh.batch * sh.heads * (tq + n_pooled) * d * eb  # read q, write pooled
-    # the summary tree: every key read once, ~2 summaries of 2 * D values written per block
+    # the summary tree: every key read once (its mean, then its squared deviation: 4 FLOPs an
+    # element), ~2 summaries of 2 * D values zeroed (the allocation), then written, per block
     n_blocks = tk // cfg.block_size_k
-    tree_ops = sh.batch * sh.kv_heads * n_blocks * cfg.block_size_k * 2 * d
-    tree_bytes = sh.batch * sh.kv_heads * (n_blocks * cfg.block_size_k + 4 * n_blocks) * d * eb
+    tree_ops = sh.batch * sh.kv_heads * n_blocks * cfg.block_size_k * 4 * d
+    tree_bytes = sh.batch * sh.kv_heads * (n_blocks * cfg.block_size_k + 8 * n_blocks) * d * eb
     prep = Work(float(pool_adds + tree_ops), float(pool_bytes + tree_bytes))
     return HipWork(
         sparse=sparse,

@@ -59,7 +59,9 @@ class LaunchProfile:
     batch 1), a refreshing step also searches (the search kernel first extends the summary tree
     by the completed blocks, with ``head_sharing="kv_group"``); a prefill zeroes the tree's
     allocation and builds it with two launches of the tree kernel (every run of 32 blocks up to
-    its root in parallel, then the levels above) before searching and attending. ``fused`` is
+    its root in parallel, then the levels above) before searching and attending: 5 for a whole
+    prompt of at least 64 candidate blocks (a chunk that extends the tree in place skips the
+    allocation; one that grows it copies each level over). ``fused`` is
     one search kernel and one attention kernel, what a fully fused path would launch.
 
     Attributes:
@@ -524,17 +526,17 @@ def _summary_tree_op(sc: Scenario, context: float) -> Operator:
     """The search summary tree's upkeep (``hip_attn.geometry.node_summaries``). A prefill builds
     it from the whole K: K read (``b_kv`` per element; the variance pass reads a block again
     while it is in cache), 4 FLOPs per element (the sum, then a difference squared and summed),
-    about ``4 / bk`` summary elements per key element written, and those above the leaves read
-    again one level up (``2 / bk``). Decode
-    extends it by the block a step completes (kept in the decode state): nothing that grows with
-    the context, counted as free. Its launches are in the :class:`LaunchProfile` counts."""
+    about ``4 / bk`` summary elements per key element zeroed at allocation and as many written,
+    and those above the leaves read again one level up (``2 / bk``). Decode extends it by the
+    block a step completes (kept in the decode state): nothing that grows with the context,
+    counted as free. Its launches are in the :class:`LaunchProfile` counts."""
     m, b, bk = sc.model, sc.kv_bytes_per_elem, sc.hip.block_size_k
     elems = context * sc.kv_heads_per_gpu * m.head_dim
     return Operator(
         "hip_representatives",
         "prefill",
         flops=m.layers * sc.batch * elems * 4,
-        hbm_bytes=m.layers * sc.batch * elems * b * (1 + 6 / bk),
+        hbm_bytes=m.layers * sc.batch * elems * b * (1 + 10 / bk),
     )
 
 
