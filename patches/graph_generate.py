@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hip_attn.patches.sampling import Sampling
+from hip_attn.patches.sampling import NOT_GIVEN, NotGiven, Sampling
 from hip_attn.validation import check_positive_int
 
 #: RoPE types whose frequencies follow the sequence length: their forward reads it from the
@@ -72,13 +72,13 @@ def graph_generate(
     max_new_tokens: int,
     *,
     cuda_graph: bool | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | list[int] | None | NotGiven = NOT_GIVEN,
+    pad_token_id: int | None | NotGiven = NOT_GIVEN,
     check_every: int = 32,
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    do_sample: bool | None | NotGiven = NOT_GIVEN,
+    temperature: float | None | NotGiven = NOT_GIVEN,
+    top_k: int | None | NotGiven = NOT_GIVEN,
+    top_p: float | None | NotGiven = NOT_GIVEN,
 ) -> torch.Tensor:
     """Greedy or sampled decoding whose decode steps replay one CUDA graph.
 
@@ -89,17 +89,19 @@ def graph_generate(
         max_new_tokens: tokens to generate per sequence.
         cuda_graph: capture the decode step in a CUDA graph and replay it (default: when the
             model is on a CUDA device); ``False`` runs the same step eagerly.
-        eos_token_id: a sequence ends after this token (or any of a list); default: the
-            model's generation config's; ``None`` there too: generate ``max_new_tokens``.
+        eos_token_id: a sequence ends after this token (or any of a list); not given: the
+            model's generation config's; ``None`` (or ``None`` there): generate
+            ``max_new_tokens``.
             Every ``check_every`` steps the host reads whether all sequences ended: the only
             host sync of the loop.
-        pad_token_id: what follows an ended sequence (default: the generation config's, else
-            the first end token), as in ``generate()``.
+        pad_token_id: what follows an ended sequence (not given: the generation config's;
+            ``None`` there or here: the first end token), as in ``generate()``.
         check_every: steps between the checks for the end of all sequences.
-        do_sample, temperature, top_k, top_p: as ``generate()`` takes them (default: the
+        do_sample, temperature, top_k, top_p: as ``generate()`` takes them (not given: the
             generation config's, else ``generate()``'s: greedy; when sampling, temperature 1,
-            top-k 50, top-p 1). A sample is drawn on the device from the default generator of
-            the model's device (seed it with ``torch.manual_seed``); the draws differ from
+            top-k 50, top-p 1; ``None``: off, i.e. greedy, temperature 1, no top-k, no
+            top-p). A sample is drawn on the device from the default generator of the model's
+            device (seed it with ``torch.manual_seed``); the draws differ from
             ``generate()``'s, the distribution they are drawn from does not.
 
     Returns:
@@ -148,8 +150,8 @@ def graph_generate(
     sampling = Sampling.resolve(
         settings, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p
     )
-    ends = _token_ids(eos_token_id if eos_token_id is not None else settings.eos_token_id)
-    pads = _token_ids(pad_token_id if pad_token_id is not None else settings.pad_token_id)
+    ends = _token_ids(settings.eos_token_id if eos_token_id is NOT_GIVEN else eos_token_id)
+    pads = _token_ids(settings.pad_token_id if pad_token_id is NOT_GIVEN else pad_token_id)
     pad = (pads or ends or [0])[0]
 
     with torch.no_grad():

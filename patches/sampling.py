@@ -8,6 +8,7 @@ reads nothing back (no ``torch.multinomial`` validation): an exponential race, t
 
 from __future__ import annotations
 
+import enum
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,22 @@ import torch
 
 #: ``generate()``'s values for the settings :class:`Sampling` applies, when nothing sets them.
 DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+#: ... and what it makes of one passed as ``None``: that setting off (``generate(top_k=None)``
+#: keeps every token; the generation config's value is not used).
+OFF = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+class NotGiven(enum.Enum):
+    """The default of a ``generate()``-like argument the caller did not pass, which then comes
+    from the generation config (passing ``None`` means off, as in ``generate()``)."""
+
+    NOT_GIVEN = "not given"
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = NotGiven.NOT_GIVEN
 
 #: Generation settings that change the tokens ``generate()`` returns, greedy or sampled, with
 #: their neutral values: a generation config that sets one is refused rather than ignored
@@ -85,16 +102,19 @@ class Sampling:
 
     @classmethod
     def resolve(cls, settings: Any, **given: Any) -> Sampling:
-        """The sampling ``generate()`` would use: ``given`` values (``None``: not given), else
-        the generation config ``settings``' values, else ``generate()``'s defaults. Raises
+        """The sampling ``generate()`` would use: the ``given`` values (:data:`NOT_GIVEN`: not
+        given; ``None``: off, :data:`OFF`), else the generation config ``settings``' values,
+        else ``generate()``'s defaults. Raises
         ``ValueError`` when ``settings`` asks for a logits processor or stopping rule this does
         not apply (:data:`UNSUPPORTED`; :data:`UNSUPPORTED_WHEN_SAMPLING` when sampling)."""
         values: dict[str, Any] = {}
         for name, default in DEFAULTS.items():
-            value = given.get(name)
-            if value is None:
+            value = given.get(name, NOT_GIVEN)
+            if value is NOT_GIVEN:
                 value = getattr(settings, name, None)
-            values[name] = default if value is None else value
+                values[name] = default if value is None else value
+            else:
+                values[name] = OFF[name] if value is None else value
         checked = dict(UNSUPPORTED)
         if values["do_sample"] is True:
             checked.update(UNSUPPORTED_WHEN_SAMPLING)
@@ -109,7 +129,7 @@ class Sampling:
                 )
         if values["do_sample"] is False:  # greedy: the config's are ignored, as generate() does
             for name in ("temperature", "top_k", "top_p"):
-                if given.get(name) is None:
+                if given.get(name, NOT_GIVEN) is NOT_GIVEN:
                     values[name] = DEFAULTS[name]
         return cls(**values)
 

@@ -40,6 +40,10 @@ def test_stops_at_the_end_token_and_pads_as_generate_does():
     got = graph_generate(model, ids, 12, eos_token_id=end, pad_token_id=0, check_every=2)
     assert torch.equal(got, want)
     assert (got[0, 60 + 4 :] == 0).all()  # padded after its end
+    # the generation config's end token, unless the call passes None, as generate() does
+    model.generation_config.eos_token_id = end
+    assert torch.equal(graph_generate(model, ids, 12, pad_token_id=0), got)
+    assert torch.equal(graph_generate(model, ids, 12, eos_token_id=None), free)
 
 
 @torch.no_grad()

@@ -95,6 +95,40 @@ def test_settings_resolve_as_generate_resolves_them():
 
 
 @pytest.mark.parametrize(
+    "call",
+    [
+        {},
+        {"top_k": None},
+        {"top_p": None, "temperature": None},
+        {"do_sample": None},
+        {"do_sample": True, "top_k": None, "top_p": 0.5},
+        {"temperature": 2.0, "top_k": 7},
+    ],
+)
+def test_arguments_resolve_as_generate_resolves_them_none_included(call):
+    """Not given: the generation config's value; given as ``None``: off (``generate(top_k=None)``
+    keeps every token). Checked against the config ``generate()`` itself prepares."""
+    from tests.test_patches import make_model
+
+    model = make_model("llama")
+    model.generation_config.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.9)
+    prepared, _ = model._prepare_generation_config(None, **call)
+
+    def setting(name, off):
+        value = getattr(prepared, name)
+        return off if value is None else value
+
+    want = Sampling(prepared.do_sample is True, setting("temperature", 1.0),
+                    setting("top_k", 0), setting("top_p", 1.0))  # fmt: skip
+    got = Sampling.resolve(model.generation_config, **call)
+    assert got.do_sample == want.do_sample
+    if want.do_sample:
+        assert got == want
+    if not call:
+        assert got == Sampling(True, 0.6, 20, 0.9)
+
+
+@pytest.mark.parametrize(
     "kwargs,exc,match",
     [
         ({"do_sample": True, "temperature": 0.0}, ValueError, "temperature must be > 0"),
