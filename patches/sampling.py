@@ -31,6 +31,8 @@ class NotGiven(enum.Enum):
     def __repr__(self) -> str:
         return "NOT_GIVEN"
 
+    __str__ = __repr__
+
 
 NOT_GIVEN = NotGiven.NOT_GIVEN
 

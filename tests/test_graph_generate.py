@@ -44,6 +44,8 @@ def test_stops_at_the_end_token_and_pads_as_generate_does():
     model.generation_config.eos_token_id = end
     assert torch.equal(graph_generate(model, ids, 12, pad_token_id=0), got)
     assert torch.equal(graph_generate(model, ids, 12, eos_token_id=None), free)
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=None)
+    assert torch.equal(graph_generate(model, ids, 12, pad_token_id=None), want)  # pads with end
 
 
 @torch.no_grad()

@@ -95,6 +95,15 @@ def test_settings_resolve_as_generate_resolves_them():
 
 
 @pytest.mark.parametrize(
+    "config",
+    [
+        {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9},
+        {},
+        {"do_sample": False, "temperature": 0.3, "top_k": 5, "top_p": 0.5},
+    ],
+    ids=["sampling", "unset", "greedy"],
+)
+@pytest.mark.parametrize(
     "call",
     [
         {},
@@ -105,13 +114,13 @@ def test_settings_resolve_as_generate_resolves_them():
         {"temperature": 2.0, "top_k": 7},
     ],
 )
-def test_arguments_resolve_as_generate_resolves_them_none_included(call):
+def test_arguments_resolve_as_generate_resolves_them_none_included(config, call):
     """Not given: the generation config's value; given as ``None``: off (``generate(top_k=None)``
     keeps every token). Checked against the config ``generate()`` itself prepares."""
     from tests.test_patches import make_model
 
     model = make_model("llama")
-    model.generation_config.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.9)
+    model.generation_config.update(**config)
     prepared, _ = model._prepare_generation_config(None, **call)
 
     def setting(name, off):
@@ -124,7 +133,7 @@ def test_arguments_resolve_as_generate_resolves_them_none_included(call):
     assert got.do_sample == want.do_sample
     if want.do_sample:
         assert got == want
-    if not call:
+    if not call and config.get("do_sample"):
         assert got == Sampling(True, 0.6, 20, 0.9)
 
 
