@@ -212,11 +212,10 @@ def _record_hip(
 ) -> list[Launch]:
     import torch
 
-    from hip_attn.attention import BLOCK_N, launch_shape
-    from hip_attn.geometry import blocks_after, node_summaries, tree_blocks, with_room
+    from hip_attn.attention import BLOCK_N, launch_shape, summary_tree
+    from hip_attn.geometry import node_summaries, tree_blocks
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import estimate_mask_triton
-    from hip_attn.triton_kernels.tree import append_tree_triton
 
     q, k, v = _llama_qkv(batch, tq, tk, dtype, head_dim)
     h_sel = 8 if config.head_sharing == "kv_group" else 32
@@ -230,9 +229,7 @@ def _record_hip(
                 q, tree, tk, config, h_sel, scale, keys=k, done=blocks
             )  # fmt: skip
         else:
-            keys, _ = blocks_after(k, config, None, 0)  # the tree kernel builds it (meta)
-            tree = with_room(None, keys, 0, config)
-            append_tree_triton(tree, keys, 0, config)
+            tree = summary_tree(k, config, kernels=True)  # the tree kernel builds it (meta)
             indices, _ = estimate_mask_triton(q, tree, tk, config, h_sel, scale)
         kv = KVSegments.full(k, v)
         if offload:  # sinks, slots and window in their own buffers, read through the table

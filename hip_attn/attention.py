@@ -95,11 +95,13 @@ def summary_tree(
     done: int = 0,
     *,
     min_capacity: int = 0,
+    kernels: bool | None = None,
 ) -> torch.Tensor:
     """:func:`~hip_attn.geometry.node_summaries`, built by the tree kernel when the kernels run
-    (two launches and the allocation, instead of a few PyTorch ops per key row and level)."""
+    (two launches and the allocation, instead of a few PyTorch ops per key row and level);
+    ``kernels`` as in :func:`extended_tree`."""
     keys, done = blocks_after(k, config, tree, done)
-    return extended_tree(tree, keys, done, config, min_capacity=min_capacity)
+    return extended_tree(tree, keys, done, config, min_capacity=min_capacity, kernels=kernels)
 
 
 def extended_tree(
@@ -109,9 +111,14 @@ def extended_tree(
     config: HiPConfig,
     *,
     min_capacity: int = 0,
+    kernels: bool | None = None,
 ) -> torch.Tensor:
-    """:func:`~hip_attn.geometry.extend_summaries`, by the tree kernel when the kernels run."""
-    if not uses_triton(keys.device) or keys.stride(-1) != 1:
+    """:func:`~hip_attn.geometry.extend_summaries`, by the tree kernel when ``kernels`` (by
+    default, when the kernels run on ``keys``' device; ``hip-attn aot`` records the kernel's
+    launches on the meta device, where they do not)."""
+    if kernels is None:
+        kernels = uses_triton(keys.device) and keys.stride(-1) == 1
+    if not kernels:
         return extend_summaries(tree, keys, done, config, min_capacity=min_capacity)
     from hip_attn.triton_kernels.tree import append_tree_triton
 

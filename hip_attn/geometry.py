@@ -166,15 +166,22 @@ def blocks_after(
 
 def extends_in_place(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> bool:
     """Whether ``tree``, holding its first ``done`` blocks, can take every complete block of
-    the keys ``k`` ``[B, Hkv, Tk, D]`` in its own allocation: built for their batch, heads and
-    head dim on their device, room for the blocks, unit stride on the last dimension."""
-    b, h, tk, d = k.shape
+    the keys ``k`` ``[B, Hkv, Tk, D]`` in its own allocation (:func:`holds_blocks`)."""
+    return holds_blocks(tree, k, done, tree_blocks(k.shape[-2], config))
+
+
+def holds_blocks(tree: torch.Tensor, keys: torch.Tensor, done: int, n: int) -> bool:
+    """Whether ``tree``, holding its first ``done`` blocks, can take blocks ``done .. n - 1``
+    of keys like ``keys`` ``[B, Hkv, T, D]`` in its own allocation: built for their batch,
+    heads and head dim on their device, room for ``n`` blocks, unit stride on the last
+    dimension of both."""
+    b, h, _, d = keys.shape
     return (
         tuple(tree.shape[:2]) == (b, h)
         and tree.shape[-1] == 2 * d
-        and tree.device == k.device
-        and done <= tree_blocks(tk, config) <= tree_capacity(tree)
-        and k.stride(-1) == 1
+        and tree.device == keys.device
+        and done <= n <= tree_capacity(tree)
+        and keys.stride(-1) == 1
         and tree.stride(-1) == 1
     )
 

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from hip_attn import HiPConfig
 from hip_attn.attention import summary_tree, uses_triton
@@ -29,6 +31,8 @@ from hip_attn.triton_kernels.attention import (
 )
 from hip_attn.triton_kernels.mask import estimate_mask_triton
 from hip_attn.triton_kernels.tree import extend_tree_triton
+from hip_attn.triton_kernels.tree import level_offset as level_offset_kernel
+from tests import interpreter_sort
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
@@ -334,3 +338,64 @@ def test_split_merge_kernel_matches_its_reference():
     )  # fmt: skip
     expected = merge_partials(acc, row_max, row_sum)
     torch.testing.assert_close(out.cpu(), expected, atol=1e-6, rtol=1e-6)
+
+
+@triton.jit
+def _sort_kernel(X, TOP, ASC, N: tl.constexpr, K: tl.constexpr):
+    x = tl.load(X + tl.arange(0, N))
+    tl.store(TOP + tl.arange(0, K), tl.topk(x, K))
+    tl.store(ASC + tl.arange(0, N), tl.sort(x, descending=False))
+
+
+def _sorts(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top, asc = torch.empty_like(x[:k]), torch.empty_like(x)
+    _sort_kernel[(1,)](x, top, asc, N=x.numel(), K=k)
+    return top, asc
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32])
+@pytest.mark.parametrize("n,k", [(256, 128), (16, 4)])
+def test_numpy_sort_is_tritons_sort(dtype, n, k):
+    """The CPU tests run ``tl.sort``/``tl.topk`` by NumPy (tests/interpreter_sort.py); both
+    must give what Triton's bitonic network gives, which must be the sort, on keys as the
+    search makes them: the int64 minimum as the invalid key, ties, negatives."""
+    gen = torch.Generator().manual_seed(n + k)
+    if dtype.is_floating_point:
+        x = torch.randn(n, generator=gen).to(dtype)
+        x[::5] = x[1]  # ties
+    else:
+        x = torch.randint(-(2**20), 2**20, (n,), generator=gen, dtype=dtype)
+        x[::3] = torch.iinfo(dtype).min  # invalid keys, tied
+        x[1::7] = x[2]
+    x = x.to(DEVICE)
+    expected = (x.sort(descending=True).values[:k], x.sort().values)
+    got = _sorts(x, k)
+    if interpreter_sort.active():
+        interpreter_sort.use_tritons_sort()
+        try:
+            tritons = _sorts(x, k)
+        finally:
+            interpreter_sort.use_numpy_sort()
+        for want, have in zip(tritons, expected, strict=True):
+            torch.testing.assert_close(want, have, rtol=0, atol=0)
+    for want, have in zip(got, expected, strict=True):
+        torch.testing.assert_close(want, have, rtol=0, atol=0)
+
+
+@triton.jit
+def _level_offset_kernel(OUT, capacity, LEVELS: tl.constexpr):
+    levels = tl.arange(0, LEVELS)
+    tl.store(OUT + levels, level_offset_kernel(levels, capacity))
+
+
+def test_kernels_level_offset_is_the_references():
+    """The kernels' closed form (popcount by bit tricks) on capacities with every bit pattern
+    up to 2**26 blocks, all levels."""
+    gen = torch.Generator().manual_seed(3)
+    capacities = [0, 1, 2, 3, 5, 255, 256, 1000, 2**26 - 1, 2**26, 0x5555555, 0x2AAAAAA]
+    capacities += torch.randint(1, 2**26, (20,), generator=gen).tolist()
+    out = torch.empty(32, dtype=torch.int32, device=DEVICE)
+    for capacity in capacities:
+        _level_offset_kernel[(1,)](out, capacity, LEVELS=32)
+        levels = range(capacity.bit_length() + 1)
+        assert out[: len(levels)].tolist() == [level_offset(lv, capacity) for lv in levels]

@@ -21,6 +21,7 @@ from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
     extends_in_place,
     first_candidate_block,
+    holds_blocks,
     tree_blocks,
     tree_capacity,
 )
@@ -29,12 +30,26 @@ from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 
 
 @triton.jit
+def _popcount(x):
+    """Set bits of each non-negative int32 in ``x`` (bit tricks: the interpreter has no popc)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    return (x + (x >> 16)) & 0x3F
+
+
+@triton.jit
+def _tree_rows(capacity):
+    """hip_attn.geometry.tree_rows, elementwise."""
+    return 2 * capacity - _popcount(capacity)
+
+
+@triton.jit
 def level_offset(levels, capacity):
-    """hip_attn.geometry.level_offset, elementwise over a tensor of levels (26 levels at most)."""
-    offset = tl.zeros_like(levels)
-    for i in tl.static_range(26):
-        offset += tl.where(i < levels, capacity >> i, 0)
-    return offset
+    """hip_attn.geometry.level_offset, elementwise over a tensor of levels (closed form, as
+    the reference: a dozen integer operations instead of a loop over levels)."""
+    return _tree_rows(capacity) - _tree_rows(capacity >> levels)
 
 
 @triton.jit
@@ -172,11 +187,7 @@ def append_tree_triton(
     :func:`hip_attn.geometry.extend_summaries` takes them); ``tree``'s capacity must hold them."""
     bk = config.block_size_k
     n = done + keys.shape[2] // bk
-    if (
-        tree_capacity(tree) < n
-        or tuple(tree.shape[:2]) != tuple(keys.shape[:2])
-        or (tree.shape[-1] != 2 * keys.shape[-1] or keys.stride(-1) != 1 or tree.stride(-1) != 1)
-    ):
+    if not holds_blocks(tree, keys, done, n):
         raise ValueError(
             f"cannot append {keys.shape[2] // bk} blocks {tuple(keys.shape)} to the tree "
             f"{tuple(tree.shape)} (room for {tree_capacity(tree)} blocks, {done} done)"
