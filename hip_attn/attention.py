@@ -114,8 +114,8 @@ def extended_tree(
     kernels: bool | None = None,
 ) -> torch.Tensor:
     """:func:`~hip_attn.geometry.extend_summaries`, by the tree kernel when ``kernels`` (by
-    default, when the kernels run on ``keys``' device; ``hip-attn aot`` records the kernel's
-    launches on the meta device, where they do not)."""
+    default, when the kernels run on ``keys``' device and ``keys`` has unit stride last;
+    ``hip-attn aot`` records the kernel's launches on the meta device, where they do not)."""
     if kernels is None:
         kernels = uses_triton(keys.device) and keys.stride(-1) == 1
     if not kernels:

@@ -3,9 +3,11 @@
 Triton builds both from a bitonic network of ``log2(n)**2 / 2`` compare-and-swap stages; the
 interpreter runs each stage as a dozen NumPy calls on a ``[2] * log2(n)`` view, so the search
 kernel's one ``tl.topk`` per level was about half of the CPU suite's time. Under the
-interpreter the tests sort with NumPy instead: the same contract (the last dimension sorted,
-or its ``k`` largest, largest first), checked against Triton's own network on random keys by
-``tests/test_kernels.py::test_numpy_sort_is_tritons_sort``. A GPU compiles Triton's."""
+interpreter the tests sort with NumPy instead: the same contract for the integer keys the
+kernels sort (the last dimension sorted, or its ``k`` largest, largest first), checked against
+Triton's own network on random keys by
+``tests/test_kernels.py::test_numpy_sort_is_tritons_sort``; floats may order NaN and signed
+zeros differently. A GPU compiles Triton's."""
 
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ def _value(x: Any) -> Any:
 
 def _sorted(x: tl.tensor, k: Any, dim: Any, descending: Any) -> tl.tensor:
     dim, k, descending = _value(dim), _value(k), bool(_value(descending))
-    if dim not in (None, -1, len(x.shape) - 1):
+    n = x.shape[-1]
+    if dim not in (None, len(x.shape) - 1):  # what Triton's static asserts accept
         raise ValueError(f"sort: only the last dimension is supported, got dim={dim}")
+    if k is not None and not (0 < k <= n and k & (k - 1) == 0):
+        raise ValueError(f"topk: k must be a power of two in [1, {n}], got {k}")
     data = np.sort(x.handle.data, axis=-1, kind="stable")
     if descending:
         data = data[..., ::-1]

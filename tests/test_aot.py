@@ -15,14 +15,16 @@ def test_every_quick_variant_compiles_for_sm90_without_spilling():
     # the compiler, not the interpreter: TRITON_INTERPRET must be unset in the child
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick", "--max-stack-bytes", "64"]
+    # no stack at all: a spill is a regression (a popcount in level_offset once made three
+    # variants spill 8-32 bytes, within any tolerance)
+    cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick", "--max-stack-bytes", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = re.findall(r"^\s+(_\w+_kernel)\s+([\dx]+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout, re.M)
     kernels = [name for name, *_ in rows]
     assert kernels.count("_hip_mask_kernel") == kernels.count("_sparse_attention_kernel") == 7
     for _, _, warps, regs, stack in rows:
-        assert int(warps) >= 4 and 0 < int(regs) <= 255 and int(stack) <= 64
+        assert int(warps) >= 4 and 0 < int(regs) <= 255 and int(stack) == 0
     # decode at 1M on 132 SMs: 8 KV heads' packed tiles split into 7 key ranges
     assert ("_sparse_attention_kernel", "8x1x7") in [(n, g) for n, g, *_ in rows]
 

@@ -353,20 +353,16 @@ def _sorts(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, asc
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("n,k", [(256, 128), (16, 4)])
 def test_numpy_sort_is_tritons_sort(dtype, n, k):
     """The CPU tests run ``tl.sort``/``tl.topk`` by NumPy (tests/interpreter_sort.py); both
     must give what Triton's bitonic network gives, which must be the sort, on keys as the
     search makes them: the int64 minimum as the invalid key, ties, negatives."""
     gen = torch.Generator().manual_seed(n + k)
-    if dtype.is_floating_point:
-        x = torch.randn(n, generator=gen).to(dtype)
-        x[::5] = x[1]  # ties
-    else:
-        x = torch.randint(-(2**20), 2**20, (n,), generator=gen, dtype=dtype)
-        x[::3] = torch.iinfo(dtype).min  # invalid keys, tied
-        x[1::7] = x[2]
+    x = torch.randint(-(2**20), 2**20, (n,), generator=gen, dtype=dtype)
+    x[::3] = torch.iinfo(dtype).min  # invalid keys, tied
+    x[1::7] = x[2]
     x = x.to(DEVICE)
     expected = (x.sort(descending=True).values[:k], x.sort().values)
     got = _sorts(x, k)
@@ -389,13 +385,11 @@ def _level_offset_kernel(OUT, capacity, LEVELS: tl.constexpr):
 
 
 def test_kernels_level_offset_is_the_references():
-    """The kernels' closed form (popcount by bit tricks) on capacities with every bit pattern
-    up to 2**26 blocks, all levels."""
+    """On capacities up to 2**26 blocks (26 levels, as the search's keys allow), every level."""
     gen = torch.Generator().manual_seed(3)
     capacities = [0, 1, 2, 3, 5, 255, 256, 1000, 2**26 - 1, 2**26, 0x5555555, 0x2AAAAAA]
     capacities += torch.randint(1, 2**26, (20,), generator=gen).tolist()
     out = torch.empty(32, dtype=torch.int32, device=DEVICE)
     for capacity in capacities:
         _level_offset_kernel[(1,)](out, capacity, LEVELS=32)
-        levels = range(capacity.bit_length() + 1)
-        assert out[: len(levels)].tolist() == [level_offset(lv, capacity) for lv in levels]
+        assert out[:27].tolist() == [level_offset(lv, capacity) for lv in range(27)]

@@ -30,26 +30,14 @@ from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
 
 
 @triton.jit
-def _popcount(x):
-    """Set bits of each non-negative int32 in ``x`` (bit tricks: the interpreter has no popc)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    x = x + (x >> 8)
-    return (x + (x >> 16)) & 0x3F
-
-
-@triton.jit
-def _tree_rows(capacity):
-    """hip_attn.geometry.tree_rows, elementwise."""
-    return 2 * capacity - _popcount(capacity)
-
-
-@triton.jit
 def level_offset(levels, capacity):
-    """hip_attn.geometry.level_offset, elementwise over a tensor of levels (closed form, as
-    the reference: a dozen integer operations instead of a loop over levels)."""
-    return _tree_rows(capacity) - _tree_rows(capacity >> levels)
+    """hip_attn.geometry.level_offset, elementwise over a tensor of levels (26 levels at most).
+    A loop, not the reference's closed form: with a popcount the sm_90 search and tree
+    kernels spill registers (``hip-attn aot``)."""
+    offset = tl.zeros_like(levels)
+    for i in tl.static_range(26):
+        offset += tl.where(i < levels, capacity >> i, 0)
+    return offset
 
 
 @triton.jit
@@ -189,8 +177,10 @@ def append_tree_triton(
     n = done + keys.shape[2] // bk
     if not holds_blocks(tree, keys, done, n):
         raise ValueError(
-            f"cannot append {keys.shape[2] // bk} blocks {tuple(keys.shape)} to the tree "
-            f"{tuple(tree.shape)} (room for {tree_capacity(tree)} blocks, {done} done)"
+            f"cannot append {keys.shape[2] // bk} blocks {tuple(keys.shape)} on {keys.device} "
+            f"to the tree {tuple(tree.shape)} on {tree.device} (room for "
+            f"{tree_capacity(tree)} blocks, {done} done): it must be built for these keys, "
+            "on their device, and both need unit stride last"
         )
     tk = (first_candidate_block(config) + n) * bk
     _extend(tree, keys, done, n, tk, -done * bk, config)
