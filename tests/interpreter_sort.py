@@ -26,7 +26,7 @@ def _value(x: Any) -> Any:
 
 def _sorted(x: tl.tensor, k: Any, dim: Any, descending: Any) -> tl.tensor:
     dim, k, descending = _value(dim), _value(k), bool(_value(descending))
-    n = x.shape[-1]
+    n = _value(x.shape[-1])
     if dim not in (None, len(x.shape) - 1):  # what Triton's static asserts accept
         raise ValueError(f"sort: only the last dimension is supported, got dim={dim}")
     if k is not None and not (0 < k <= n and k & (k - 1) == 0):

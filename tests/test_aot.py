@@ -16,7 +16,7 @@ def test_every_quick_variant_compiles_for_sm90_without_spilling():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     # no stack at all: a spill is a regression (a popcount in level_offset once made three
-    # variants spill 8-32 bytes, within any tolerance)
+    # variants spill 8-32 bytes, under the 64-byte limit this test had then)
     cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick", "--max-stack-bytes", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -357,8 +357,9 @@ def _sorts(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("n,k", [(256, 128), (16, 4)])
 def test_numpy_sort_is_tritons_sort(dtype, n, k):
     """The CPU tests run ``tl.sort``/``tl.topk`` by NumPy (tests/interpreter_sort.py); both
-    must give what Triton's bitonic network gives, which must be the sort, on keys as the
-    search makes them: the int64 minimum as the invalid key, ties, negatives."""
+    must give what Triton's bitonic network gives, which must be the sort, on keys like the
+    search's: the dtype's minimum (the int64 search's invalid key), ties, negatives. On CUDA,
+    Triton's compiled sort against torch's."""
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randint(-(2**20), 2**20, (n,), generator=gen, dtype=dtype)
     x[::3] = torch.iinfo(dtype).min  # invalid keys, tied
@@ -376,6 +377,12 @@ def test_numpy_sort_is_tritons_sort(dtype, n, k):
             torch.testing.assert_close(want, have, rtol=0, atol=0)
     for want, have in zip(got, expected, strict=True):
         torch.testing.assert_close(want, have, rtol=0, atol=0)
+
+
+def test_numpy_sort_refuses_a_k_larger_than_the_dimension_as_triton_does():
+    # (a k that is not a power of two fails earlier, in the kernel's own tl.arange)
+    with pytest.raises(Exception, match="topk: k must"):
+        _sorts(torch.arange(16, device=DEVICE), 32)
 
 
 @triton.jit
