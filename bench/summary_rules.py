@@ -56,6 +56,18 @@ an exactly scored child counts its keys; a quarter of Quest's ``2N`` is 4,072):
   (1,792 + 1,024). ``gaussbox`` / ``gaussbox05`` / ``gaussbox15``: ``var`` replaced by the
   box half-width squared ``(max - min)**2 / 4`` per dimension (mean kept), a = 1 / 0.5 / 1.5
   (2,048).
+* Session 11 (moments at their limit, key-level leaves): ``gausspcfull`` (the exact variance
+  of ``q . k``: each node's full covariance, a diagnostic), ``gausspc1`` / ``gausspc2`` /
+  ``gausspc4`` (its top principal directions plus the diagonal left over; 2 + r vectors),
+  ``gausspair`` / ``gausspairx`` (one variance per RoPE pair ``(d, d + D/2)``; 1.5 vectors),
+  ``gaussiso`` / ``gaussisox`` (one variance per node; 1 vector), ``gausslse`` /
+  ``gausslsex`` (children ranked by their estimated softmax mass
+  ``q . mu + scale q**2 . var / 2 + ln m / scale``), ``gauss125l{05,075,1,15,2}`` (``a = 1.25``
+  on the coarse levels, another ``a`` on single blocks), ``gauss125r{125,15,2,3}`` (the last
+  level's top ``m * G`` by the estimates re-ranked by exact max logits). Results in
+  docs/accuracy.md ("Moment summaries at their limit"): none of the moment variants beats
+  ``gauss125`` by more than 0.2 points; ``beam = 2`` with exact leaves and unpooled rows
+  reaches +2.2% to +2.3%.
 
 Results at 8K (SmolLM2-135M, pydoc, ``k=512``; dense 10.268; run on 2 CPU cores, one thread):
 
@@ -226,7 +238,9 @@ def _per_level(k: torch.Tensor, config: HiPConfig, summarize) -> torch.Tensor:  
     return tree.float()
 
 
-def gaussian_tree(k: torch.Tensor, config: HiPConfig, box: bool = False) -> torch.Tensor:
+def gaussian_tree(
+    k: torch.Tensor, config: HiPConfig, box: bool = False, pair: bool = False, iso: bool = False
+) -> torch.Tensor:
     """Each node's mean key, then its per-dimension (population) variance over the node's keys
     (what the library's :func:`hip_attn.geometry.node_summaries` holds since session 8, there
     composed up the tree, which is the same). ``box``: the variance replaced by
@@ -234,9 +248,40 @@ def gaussian_tree(k: torch.Tensor, config: HiPConfig, box: bool = False) -> torc
 
     def summarize(x: torch.Tensor) -> torch.Tensor:
         spread = ((x.amax(3) - x.amin(3)) / 2) ** 2 if box else x.var(dim=3, unbiased=False)
+        if pair:  # one variance per RoPE pair (d, d + D/2): D/2 values stored
+            half = spread.shape[-1] // 2
+            mean = (spread[..., :half] + spread[..., half:]) / 2
+            spread = torch.cat([mean, mean], dim=-1)
+        if iso:  # one variance per node (its mean over dimensions): 1 vector + 1 value stored
+            spread = spread.mean(dim=-1, keepdim=True).expand_as(spread)
         return torch.cat([x.mean(dim=3), spread], dim=-1)
 
     return _per_level(k, config, summarize)
+
+
+def factor_tree(k: torch.Tensor, config: HiPConfig, rank: int) -> torch.Tensor:
+    """``[B, Hkv, tree_rows(n), (2 + rank) * D]``: each node's mean key, the diagonal of its
+    keys' covariance left over by its top ``rank`` principal directions, then those
+    directions scaled by the square roots of their variances, so that
+    ``q^T cov q ~= sum_r (q . f_r)**2 + q**2 . residual`` (exact at ``rank = D``)."""
+    bk, first = config.block_size_k, first_candidate_block(config)
+    n = tree_blocks(k.shape[-2], config)
+    b, h, _, d = k.shape
+    kf = k.double()[:, :, first * bk : (first + n) * bk]
+    tree = torch.zeros((b, h, tree_rows(n), (2 + rank) * d), dtype=torch.float64)
+    for level in range(n.bit_length()):
+        count = n >> level
+        x = kf[:, :, : count * (bk << level)].unflatten(2, (count, bk << level))
+        mu = x.mean(dim=3)
+        xc = x - mu[:, :, :, None]
+        cov = xc.transpose(-1, -2) @ xc / x.shape[3]  # [B, H, count, D, D]
+        lam, vec = torch.linalg.eigh(cov)  # ascending
+        lam, vec = lam[..., -rank:].clamp(min=0), vec[..., -rank:]  # [.., r], [.., D, r]
+        factors = (vec * lam.sqrt()[..., None, :]).transpose(-1, -2)  # [.., r, D]
+        residual = (torch.diagonal(cov, dim1=-2, dim2=-1) - (factors**2).sum(-2)).clamp(min=0)
+        row = level_offset(level, n)
+        tree[:, :, row : row + count] = torch.cat([mu, residual, factors.flatten(-2)], dim=-1)
+    return tree.float()
 
 
 def bound_tree(k: torch.Tensor, config: HiPConfig) -> torch.Tensor:
@@ -291,6 +336,10 @@ def search_one_block(
     exact_from: int = 0,
     bound: bool = False,
     gauss: float = 0.0,
+    lse: bool = False,
+    rerank: float = 0.0,
+    leaf: float = 0.0,
+    rank: int = 0,
 ) -> list[int]:
     """:func:`hip_attn.reference._search_one_block` with a child scored by
     ``max_j q . rep_j`` (``reps [rows, r, D]`` of one KV head), or on the last level, with
@@ -337,9 +386,16 @@ def search_one_block(
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             d = rows.shape[-1]
             m = torch.tensor([float((1 << lv) * bk) for _, lv in children])
-            c = gauss * torch.sqrt(2 * torch.log(m))
-            spread = ((rows * rows) @ summary[:, d:].T).clamp(min=0).sqrt()  # [P, children]
-            score = rows @ summary[:, :d].T + c[None, :] * spread
+            a = torch.tensor([leaf if leaf and lv == 0 else gauss for _, lv in children])
+            c = a * torch.sqrt(2 * torch.log(m))
+            var = ((rows * rows) @ summary[:, d : 2 * d].T).clamp(min=0)  # [P, children]
+            if rank:
+                factors = summary[:, 2 * d :].unflatten(1, (rank, d))  # [children, r, D]
+                var = var + (torch.einsum("pd,crd->pcr", rows, factors) ** 2).sum(-1)
+            if lse:  # log of the expected sum of exp(scale q.k) over m Gaussian keys, / scale
+                score = rows @ summary[:, :d].T + 0.5 * scale * var + torch.log(m)[None] / scale
+            else:
+                score = rows @ summary[:, :d].T + c[None, :] * var.sqrt()
         elif bound:
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             d = rows.shape[-1]
@@ -350,8 +406,18 @@ def search_one_block(
         p = torch.exp((score - score.amax(dim=1, keepdim=True)) * scale)
         child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
         keep = g if last else width
+        if last and rerank and all(lv == 0 for _, lv in children):
+            keep = int(rerank * g)
         best = sorted(range(len(children)), key=lambda i: (-child_scores[i], children[i][0]))
         nodes = [children[i] for i in best[:keep]]
+    if rerank and len(nodes) > g:  # the short list re-ranked by exact max logits
+        blocks = torch.tensor([lo for lo, _ in nodes])
+        pos = (first + blocks)[:, None] * bk + torch.arange(bk)
+        score = torch.einsum("pd,ckd->pck", rows, keys[pos]).amax(-1)
+        p = torch.exp((score - score.amax(dim=1, keepdim=True)) * scale)
+        child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
+        best = sorted(range(len(nodes)), key=lambda i: (-child_scores[i], nodes[i][0]))
+        nodes = [nodes[i] for i in best[:g]]
     return sorted(lo for lo, _ in nodes)
 
 
@@ -425,6 +491,12 @@ def make_select(  # noqa: ANN201
     bound: bool = False,
     gauss: float = 0.0,
     box: bool = False,
+    lse: bool = False,
+    rerank: float = 0.0,
+    leaf: float = 0.0,
+    rank: int = 0,
+    pair: bool = False,
+    iso: bool = False,
 ):
     """``gauss = a``: the Gaussian (mean/variance) tree with ``c = a sqrt(2 ln m)``; ``box``:
     its variance replaced by the box half-width squared. ``flat``: 0 = the tree; 1 = every
@@ -449,7 +521,8 @@ def make_select(  # noqa: ANN201
                     blocks = search_one_block(
                         rows, state.bound[bi, kv], state.keys[bi, kv],  # type: ignore[index]
                         block.n_candidates,
-                        state.n, config, scale, exact_last, gauss=gauss,
+                        state.n, config, scale, exact_last,
+                        gauss=gauss, lse=lse, rerank=rerank, leaf=leaf, rank=rank,
                     )  # fmt: skip
                 elif bound:  # the library's max/min summaries as r = 2 "representatives"
                     tree = state.bound[bi, kv]  # type: ignore[index]
@@ -472,8 +545,20 @@ def make_select(  # noqa: ANN201
 
     def reads(n: int, config: HiPConfig) -> int:
         """Key-sized vectors the selection reads per query block and selection head."""
+        if gauss and (pair or rank or iso):  # summaries of 1.5 (pair), 1 (iso), 2 + rank vectors
+            per_child = 1.5 if pair else 1 if iso else 2 + rank
+            summaries = representative_reads(n, config, 1, exact_last) - (
+                representative_reads(n, config, 0, exact_last)
+            )  # children scored by their summaries
+            keys = representative_reads(n, config, 0, exact_last)
+            return round(per_child * summaries) + keys
         if exact_from:
             return representative_reads(n, config, r, exact_last, exact_from)
+        if rerank:
+            g = config.blocks_per_query_block
+            return representative_reads(n, config, r, False) + int(
+                rerank * g
+            ) * config.block_size_k * (search_levels(n, config) > 0)
         if exact_all:
             return n * config.block_size_k  # a reference: every candidate key, at least
         if flat:
@@ -485,6 +570,7 @@ def make_select(  # noqa: ANN201
     select.reads = reads  # type: ignore[attr-defined]
     select.bound = bound  # type: ignore[attr-defined]
     select.gauss, select.box = gauss, box  # type: ignore[attr-defined]
+    select.rank, select.pair, select.iso = rank, pair, iso  # type: ignore[attr-defined]
     return select
 
 
@@ -554,6 +640,53 @@ VARIANTS = {
         )
         for tag, a in (("", 1.0), ("05", 0.5), ("15", 1.5))
     },
+    **{
+        f"gauss125r{tag}": (
+            f"gauss a=1.25, the last level's top {m} G re-ranked by exact max logits",
+            make_select(2, False, False, gauss=1.25, rerank=m),
+        )
+        for tag, m in (("125", 1.25), ("15", 1.5), ("2", 2.0), ("3", 3.0))
+    },
+    **{
+        f"gauss125l{tag}": (
+            f"gauss a=1.25 on the coarse levels, a={a} on single blocks",
+            make_select(2, False, False, gauss=1.25, leaf=a),
+        )
+        for tag, a in (("05", 0.5), ("075", 0.75), ("1", 1.0), ("15", 1.5), ("2", 2.0))
+    },
+    **{
+        f"gausspc{tag}": (
+            f"gauss a=1.25 with the variance of q.k from the top {r} principal directions of "
+            "each node's keys plus the diagonal left over (64: the exact q^T cov q)",
+            make_select(2, False, False, gauss=1.25, rank=r),
+        )
+        for tag, r in (("1", 1), ("2", 2), ("4", 4), ("full", 64))
+    },
+    "gausspairx": (
+        "gauss a=1.25 with one variance per RoPE pair (1.5 vectors a node), last level exact",
+        make_select(2, True, False, gauss=1.25, pair=True),
+    ),
+    "gausspair": (
+        "gauss a=1.25 with one variance per RoPE pair (1.5 vectors a node)",
+        make_select(2, False, False, gauss=1.25, pair=True),
+    ),
+    "gaussiso": (
+        "gauss a=1.25 with one variance per node, the mean over dimensions (1 vector a node)",
+        make_select(2, False, False, gauss=1.25, iso=True),
+    ),
+    "gaussisox": (
+        "gaussiso, last level exact",
+        make_select(2, True, False, gauss=1.25, iso=True),
+    ),
+    "gausslse": (
+        "mean/variance tree, children ranked by estimated softmax mass "
+        "(q.mu + scale q^2.var / 2 + ln m / scale)",
+        make_select(2, False, False, gauss=1.0, lse=True),
+    ),
+    "gausslsex": (
+        "gausslse, last level exact max logit",
+        make_select(2, True, False, gauss=1.0, lse=True),
+    ),
 }
 METHODS.update(VARIANTS)
 
@@ -569,7 +702,10 @@ def method_attention(name: str):  # noqa: ANN201
 
     def attend_with_state(q, k, v, config, *, scale=None, state=None):  # noqa: ANN001
         if select.gauss:  # type: ignore[attr-defined]
-            tree = gaussian_tree(k, config, box=select.box)  # type: ignore[attr-defined]
+            if select.rank:  # type: ignore[attr-defined]
+                tree = factor_tree(k, config, select.rank)  # type: ignore[attr-defined]
+            else:
+                tree = gaussian_tree(k, config, box=select.box, pair=select.pair, iso=select.iso)  # type: ignore[attr-defined]
             n = tree_blocks(k.shape[-2], config)
             _STATE["layer"] = LayerState(torch.empty(0), k.float(), n, tree)
             try:
