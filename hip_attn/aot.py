@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hip_attn.attention import interpreting
 from hip_attn.cli_args import arg_type, command_error, non_negative_int, positive_int
 from hip_attn.config import HiPConfig
 from hip_attn.progress import progress_bar, say
@@ -393,7 +394,7 @@ def _write_json(path: str, arch: int, compiled: list[Variant]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return command_error(
             "hip-attn aot", "unset TRITON_INTERPRET (the compiler, not the interpreter)"
         )

@@ -31,6 +31,7 @@ from hip_attn.validation import (
     check_inference_only,
     check_qkv,
     check_scale,
+    read_device_length,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +64,12 @@ def _warn_reference(device_type: str, why: str) -> None:
     logger.warning("hip_attn: running the PyTorch reference on %s (slow). %s", device_type, why)
 
 
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton for its interpreter, read as Triton reads it
+    (``1``, ``true``, ``yes``, ``on`` or ``y``, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "yes", "on", "y"}
+
+
 def uses_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` go through the Triton kernels (else the reference)."""
     version = _triton_version()
@@ -71,7 +78,7 @@ def uses_triton(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         _warn_reference(
             device.type,
             "The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to interpret them "
@@ -232,7 +239,7 @@ class HiPDecodeState:
         dev = self._device
         if dev is not None and dev.key == key and self._device_current:
             return dev
-        n = int(length)
+        n = read_device_length(length, k.shape[2])
         self.leave_device(n - 1, config)  # other buffers without a host call: counts first
         self.follow(1, n, config)  # a rollback or a new sequence: no selection to continue
         b, hkv = k.shape[:2]
@@ -539,7 +546,9 @@ def hip_attention(
             ones would). It always runs the sparse kernels: at or below ``dense_threshold``
             keys it re-estimates every step, which equals dense attention where the budget
             covers the context (the derived threshold); without the Triton kernels it reads
-            ``length`` and runs the host-driven path.
+            ``length`` and runs the host-driven path. ``length`` must be in
+            ``[1, capacity]``: checked where it is read on the host (the setup step and the
+            host-driven path), not on the steps that never read it.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys
@@ -547,6 +556,7 @@ def hip_attention(
         threshold above ``sink_tokens + k + window`` it is sparse there).
 
     Raises:
+        ValueError: ``length`` read as below 1 or beyond the buffers' size (where it is read).
         NotImplementedError: the Triton kernels would run (CUDA, or ``TRITON_INTERPRET=1``)
             while gradients are enabled and ``q``, ``k`` or ``v`` requires grad. The sparse
             path is inference-only: the kernels have no backward. The dense path (SDPA) and
@@ -585,7 +595,7 @@ def _device_decode(
     check_device_length(q, k, length, state)
     assert state is not None
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
-        n = int(length)
+        n = read_device_length(length, k.shape[2])
         return hip_attention(q, k[:, :, :n], v[:, :, :n], config, scale=scale, state=state)
     check_inference_only(q, k, v)
     from hip_attn.triton_kernels.attention import KVSegments

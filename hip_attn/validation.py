@@ -149,3 +149,12 @@ def check_device_length(q: torch.Tensor, k: torch.Tensor, length: object, state:
             f"length (device decode) needs a HiPDecodeState and one query token; got "
             f"state={type(state).__name__}, {q.shape[2]} queries"
         )
+
+
+def read_device_length(length: torch.Tensor, capacity: int) -> int:
+    """The value of ``hip_attention``'s ``length`` (a host read), checked against the key
+    buffers' ``capacity``: the keys in use must be at least one and fit the buffers."""
+    n = int(length)
+    if not 1 <= n <= capacity:
+        raise ValueError(f"length must be in [1, {capacity}] (the key buffers' size), got {n}")
+    return n

@@ -234,6 +234,18 @@ def test_gpu_offload_memory_grows_by_r_and_decode_is_timed(tmp_path: Path) -> No
     assert decode["accuracy"]["same_selection"] is True
 
 
+def test_offload_decode_without_a_timed_refresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # one timed step after the warm-up reuses the selection: no refresh, no complete cycle
+    argv = ["bench", "offload", *TINY_OFFLOAD, "--parts", "decode", "--context", "300"]
+    assert main([*argv, "--refresh-interval", "8", "--steps", "1", "--warmup-steps", "2",
+                 "--out", str(tmp_path / "o.jsonl")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "no refresh step among the timed steps" in out
+    assert "no complete refresh cycle" in out
+
+
 def test_offload_bad_input_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "offload", *TINY_OFFLOAD, "--cache-blocks", "4"]) == 2
     assert "--cache-blocks 4 cannot hold" in capsys.readouterr().err

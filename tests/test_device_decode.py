@@ -171,6 +171,10 @@ def test_bad_lengths_raise(rand_qkv):
     q2, _, _ = rand_qkv(1, 2, 1, 2, 128, 64)
     with pytest.raises(ValueError, match="2 queries"):
         hip_attention(q2, k, v, CFG, state=state, length=one)
+    for n in (-5, 0, 129):  # read at the setup step (and on the host-driven path)
+        bad = torch.tensor([n], dtype=torch.int32)
+        with pytest.raises(ValueError, match=rf"length must be in \[1, 128\].*got {n}"):
+            hip_attention(q, k, v, CFG, state=HiPDecodeState(), length=bad)
 
 
 @pytest.mark.cuda

@@ -223,8 +223,9 @@ def _cycle_means(steps: list[Step], interval: int) -> list[float]:
     """Milliseconds per step (append + attend) of every complete refresh cycle: a refreshing
     step and the ``interval - 1`` steps reusing its selection."""
     starts = [i for i, s in enumerate(steps) if s.refresh]
+    ends = [*starts[1:], len(steps)] if starts else []  # no refresh timed: no cycle
     means = []
-    for a, b in zip(starts, [*starts[1:], len(steps)], strict=True):
+    for a, b in zip(starts, ends, strict=True):
         cycle = steps[a:b]
         if len(cycle) == interval:
             means.append(sum(s.append_ms + s.attend_ms for s in cycle) / interval)
