@@ -20,6 +20,8 @@ from hip_attn.geometry import (
     blocks_after,
     extend_summaries,
     extends_in_place,
+    first_candidate_block,
+    most_candidates,
     selection_config,
     tree_blocks,
     with_room,
@@ -210,17 +212,24 @@ class HiPDecodeState:
     def leave_device(self, keys_before: int, config: HiPConfig) -> None:
         """Note a host-driven call (a prefill, a host decode step, a dense one) after
         ``keys_before`` keys: the host counters take over from the device steps (computed from
-        the device rule's phase, nothing read back), and the next device step sets its buffers
-        up again from the state's history."""
+        the device rule's phase; one read, of the selection's largest block, tells whether
+        the cache was rolled back behind it), and the next device step sets its buffers up
+        again from the state's history."""
         if self._device_current:
             self._resume_host_counts(keys_before, config)
         self._device_current = False
 
     def _resume_host_counts(self, keys_before: int, config: HiPConfig) -> None:
         """``tokens_since_refresh`` and the key count as the host rule would have them after
-        device steps up to ``keys_before`` keys (the steps do not count on the host)."""
+        device steps up to ``keys_before`` keys (the steps do not count on the host). The
+        device steps may have gone further and the cache been rolled back since: a selection
+        reaching past the candidates of a query at ``keys_before`` was made after the rollback
+        point, from keys that may have changed, and is dropped (one read of its largest
+        block)."""
         since = keys_before - self._anchor - 1  # the last device step's, see refresh_due
-        if keys_before <= config.effective_dense_threshold:  # the host would have run dense
+        end = first_candidate_block(config) + most_candidates(1, keys_before + 1, config)
+        past_rollback = self.indices is not None and int(self.indices.max()) >= end
+        if keys_before <= config.effective_dense_threshold or past_rollback:  # dense on the host
             self.indices, self.tokens_since_refresh = None, 0
         elif since >= 0 and self.indices is not None:
             self.tokens_since_refresh = since % config.refresh_interval + 1
@@ -574,6 +583,8 @@ def hip_attention(
     if k.shape[2] <= config.effective_dense_threshold:
         if state is not None and q.shape[2] > config.block_size_q:
             state.reset()  # a prefill clears the state, dense or not (a new sequence's)
+        elif state is not None:  # a rollback shows here first: the tree's keys after it changed
+            state.follow(q.shape[2], k.shape[2], config)
         return dense_attention(q, k, v, scale)
     if uses_triton(q.device):  # before any launch: the kernels have no backward
         check_inference_only(q, k, v)

@@ -49,7 +49,7 @@ def arg_type(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
     def convert(text: str) -> T:
         try:
             return parse(text)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: int() of an infinity
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     convert.__name__ = what
@@ -87,6 +87,23 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """A whole number >= 0."""
     return _whole_number(text, 0)
+
+
+def seed_int(text: str) -> int:
+    """A random seed: a whole number in [0, 2**63 - 1] (what ``torch.manual_seed`` takes)."""
+    value = _whole_number(text, 0)
+    if value >= 2**63:
+        raise ValueError(f"must be < 2**63, got {value}")
+    return value
+
+
+def file_path(text: str) -> str:
+    """A file's path: not empty, not an existing folder (the file itself may not exist)."""
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    if os.path.isdir(text):
+        raise ValueError(f"{text!r} is a folder, not a file")
+    return text
 
 
 def directory(text: str) -> str:
@@ -218,7 +235,9 @@ def add_device_arguments(
         help="torch dtype (default: bfloat16 on CUDA, float32 on CPU)",
     )
     if seed:
-        parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        parser.add_argument(
+            "--seed", type=arg_type(seed_int, "seed"), default=0, help="random seed (default: 0)"
+        )
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 HeadSharing = Literal["kv_group", "head"]
+
+
+#: The largest value of an int field: token positions are int32 in the kernels.
+_MAX_INT = 2**31 - 1
 
 
 def _is_pow2(x: int) -> bool:
@@ -60,8 +65,11 @@ class HiPConfig:
         )
         for name in ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise TypeError(f"HiPConfig.{name} must be an int, got {type(value).__name__}")
+            if not value <= _MAX_INT:
+                raise ValueError(f"HiPConfig.{name} must be <= 2**31 - 1, got {value}")
+            object.__setattr__(self, name, int(value))  # a NumPy integer becomes an int
         if not _is_pow2(self.block_size_k):
             raise ValueError(
                 f"HiPConfig.block_size_k must be a power of two, got {self.block_size_k}"
@@ -102,13 +110,17 @@ class HiPConfig:
                 f"HiPConfig.head_sharing must be 'kv_group' or 'head', got {self.head_sharing!r}"
             )
         threshold = self.dense_threshold
-        if threshold is not None and (
-            not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0
-        ):
-            raise ValueError(
-                "HiPConfig.dense_threshold must be None or an int >= 0, "
-                f"got {self.dense_threshold!r}"
-            )
+        if threshold is not None:
+            if not isinstance(threshold, numbers.Integral) or isinstance(threshold, bool):
+                raise TypeError(
+                    "HiPConfig.dense_threshold must be None or an int, "
+                    f"got {type(threshold).__name__}"
+                )
+            if not 0 <= threshold <= _MAX_INT:
+                raise ValueError(
+                    f"HiPConfig.dense_threshold must be in [0, 2**31 - 1], got {threshold}"
+                )
+            object.__setattr__(self, "dense_threshold", int(threshold))
         try:
             layers = tuple(self.dense_layers)
         except TypeError:

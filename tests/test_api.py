@@ -203,6 +203,28 @@ def test_selection_memory_does_not_grow_with_k_beyond_the_context(rand_qkv):
     assert torch.all(estimate_mask(q, k, small)[..., idx.shape[-1] :] == -1)
 
 
+def test_a_rollback_below_the_dense_threshold_is_followed(rand_qkv, monkeypatch):
+    """Cropped below ``dense_threshold``: the dense steps after the crop must tell the state,
+    else its first sparse refresh trusts summaries of replaced keys up to the threshold."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference: fast, and the same rule
+    cfg = HiPConfig(k=16, block_size_q=16, block_size_k=8, sink_tokens=8, window=16,
+                    refresh_interval=1)  # fmt: skip
+    threshold = cfg.effective_dense_threshold  # 40
+    q, k, v = rand_qkv(1, 1, 1, 200, 200, 32, seed=3)
+    state = HiPDecodeState()
+    hip_attention(q[:, :, :100], k[:, :, :100], v[:, :, :100], cfg, state=state)
+    for t in range(100, 120):
+        hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=state)
+    k2 = k.clone()  # crop to 30 keys, then other tokens; one of them matches query 60
+    k2[:, :, 30:] = torch.randn_like(k[:, :, 30:])
+    k2[:, :, 32:40] = 3 * q[:, :, 60:61]
+    for t in range(30, 61):
+        row, kk, vv = q[:, :, t : t + 1], k2[:, :, : t + 1], v[:, :, : t + 1]
+        hip_attention(row, kk, vv, cfg, state=state)
+        if t + 1 > threshold:  # refresh_interval=1: every sparse step searches
+            assert torch.equal(state.indices, estimate_mask(row, kk, cfg)), t
+
+
 def test_decode_state_follows_a_cache_rolled_back(rand_qkv, monkeypatch):
     """Assisted decoding crops the cache and appends other tokens: the state must not keep the
     old selection nor the summaries of the replaced keys."""

@@ -52,6 +52,27 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"
         (["eval", "--depths", "0.5,,1"], "argument --depths: empty item"),
         (["bench", "prefill", "--context", ",1k"], "argument --context: empty item"),
         (["bench", "decode", "--device", "tpu"], "argument --device: expected cpu, cuda"),
+        # found by review: an infinity, a seed beyond 64 bits, empty or folder paths, a size
+        # that rounds to zero, a truncated token count, a range that cannot hold
+        (["roofline", "--context", "1e400"], "argument --context: token count must be"),
+        (["roofline", "--hbm", "0.5b"], "argument --hbm: memory size must be at least one"),
+        (["roofline", "--plot", ""], "argument --plot: expected a file path"),
+        (["roofline", "--gpu-file", "/"], "argument --gpu-file: '/' is a folder"),
+        (["roofline", "--calibrate", ""], "argument --calibrate: expected a file path"),
+        (["accuracy", "--context", "inf"], "argument --context: not a token count"),
+        (["accuracy", "--context", "1000.9"], "argument --context: token count must be"),
+        (["accuracy", "--seeds", "1" + "0" * 22], "argument --seeds: must be < 2**63"),
+        (["accuracy", "--depth", "2"], "argument --depth: depths are fractions in [0, 1]"),
+        (["accuracy", "--sample-last", "0", "--sample-spread", "0"], "leave no query block"),
+        (["accuracy", "--json", "/nonexistent/x.json"], "--json '/nonexistent/x.json': not a"),
+        (["eval", "--model", ""], "argument --model: no such folder: ''"),
+        (["check", "--seed", "1" + "0" * 22], "argument --seed: must be < 2**63"),
+        (["check", "--window", "1" + "0" * 26], "HiPConfig.window must be <= 2**31 - 1"),
+        (["bench", "mask", "--device", "cpu", "--out", "/"], "argument --out: '/' is a folder"),
+        (
+            ["bench", "mask", "--device", "cpu", "--min-runs", "5", "--max-runs", "2"],
+            "--min-runs 5 exceeds --max-runs 2",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):

@@ -27,6 +27,8 @@ def test_defaults_follow_the_design():
         ({"refresh_interval": 0}, "refresh_interval"),
         ({"head_sharing": "group"}, "head_sharing"),
         ({"dense_threshold": -1}, "dense_threshold"),
+        ({"window": 10**26}, "window"),  # beyond int32 token positions, not an OverflowError
+        ({"dense_threshold": 2**31}, "dense_threshold"),
         ({"dense_layers": (1, -2)}, "dense_layers"),
     ],
 )
@@ -40,6 +42,14 @@ def test_wrong_types_raise_type_error():
         HiPConfig(k=64.0)
     with pytest.raises(TypeError, match="HiPConfig.window"):
         HiPConfig(window=True)
+    with pytest.raises(TypeError, match="HiPConfig.dense_threshold"):
+        HiPConfig(dense_threshold=1.5)
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    cfg = HiPConfig(k=np.int64(1024), dense_threshold=np.int32(0))
+    assert cfg == HiPConfig(k=1024, dense_threshold=0) and type(cfg.k) is int
 
 
 def test_frozen_and_serializable():

@@ -158,6 +158,28 @@ def test_a_new_sequence_in_the_same_buffers_starts_afresh_in_place(rand_qkv):
         assert device is kept  # the same tensors for the second sequence
 
 
+def test_a_host_call_after_device_steps_and_a_rollback_drops_their_selection(rand_qkv):
+    """Device steps to 233 keys, the cache cropped to 202 (``HiPCache.crop``), a host call:
+    the selection a device step made after the crop point must not be reused (it reaches past
+    the query's candidates, into keys that were replaced)."""
+    cfg = HiPConfig(k=32, block_size_q=16, block_size_k=8, sink_tokens=8, window=16,
+                    refresh_interval=16, dense_threshold=0)  # fmt: skip
+    q, k, v = rand_qkv(1, 2, 1, 256, 256, 32, seed=0)
+    k[:, :, 208:216] = 3 * q[:, :, 232].mean(1, keepdim=True)  # the step at 232 selects it
+    state = HiPDecodeState()
+    hip_attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], cfg, state=state)
+    length = torch.tensor([200], dtype=torch.int32, device=k.device)
+    for t in range(200, 233):
+        length += 1
+        hip_attention(q[:, :, t : t + 1], k, v, cfg, state=state, length=length)
+    assert state.indices is not None and int(state.indices.max()) >= 26  # past key 208
+    k[:, :, 202:], v[:, :, 202:] = torch.randn_like(k[:, :, 202:]), torch.randn_like(v[:, :, 202:])
+    row, kk, vv = q[:, :, 202:203], k[:, :, :203], v[:, :, :203]
+    got = hip_attention(row, kk, vv, cfg, state=state)
+    torch.testing.assert_close(got, hip_attention(row, kk, vv, cfg), atol=1e-5, rtol=1e-5)
+    assert int(state.indices.max()) < 23  # the candidates of a query at 202 end at block 23
+
+
 def test_bad_lengths_raise(rand_qkv):
     q, k, v = rand_qkv(1, 2, 1, 1, 128, 64)
     state = HiPDecodeState()

@@ -67,6 +67,20 @@ def test_cache_smaller_than_working_set_evicts_and_stays_exact():
     assert off.stats()["evictions"] > 0
 
 
+def test_one_attend_after_several_appends_sees_every_window():
+    """Appends of 40 + 40 + 20 tokens, then one call of 60 queries (<= max_chunk): the recent
+    buffer must still hold the window of the first query (position 40)."""
+    cfg = HiPConfig(k=16, block_size_q=16, block_size_k=8, sink_tokens=8, window=16,
+                    dense_threshold=0)  # fmt: skip
+    q, k, v = qkv(1, 1, 1, 100, seed=4)
+    off = offloaded(cfg, 1, 1, max_chunk=64)
+    for a, b in ((0, 40), (40, 80), (80, 100)):
+        off.append(k[:, :, a:b], v[:, :, a:b])
+    queries = q[:, :, 40:]
+    torch.testing.assert_close(off.attend(queries), hip_attention(queries, k, v, cfg),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
 def test_cache_blocks_below_one_query_blocks_selection_is_refused():
     with pytest.raises(ValueError, match=r"cache_blocks must be >= k // block_size_k = 8 .* 4$"):
         offloaded(CFG, 1, 1, cache_blocks=4)

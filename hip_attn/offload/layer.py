@@ -157,8 +157,9 @@ class OffloadedKV:
 
     def _push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
         bk, n = self.config.block_size_k, k.shape[2]
-        # the first query of the coming call sits at self.length: its window starts at or after
-        keep = max(0, (self.length - self.config.window) // bk * bk)
+        # a later call's <= max_chunk queries are among the last max_chunk appended: the first
+        # sits at or after length + n - max_chunk, its window starts at most `window` before
+        keep = max(0, (self.length + n - self.max_chunk - self.config.window) // bk * bk)
         keep = min(keep, self.length // bk * bk)  # the open block is needed for the tree too
         held = self.length - self.recent_start
         if held + n > self._recent_capacity:  # drop what no window can need any more

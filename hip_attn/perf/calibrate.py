@@ -113,18 +113,24 @@ def calibrate(path: str | Path, gpu: GPUSpec, launches: LaunchProfile) -> Calibr
     try:
         lines = Path(path).read_text().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
         raise ValueError(f"cannot read bench results {str(path)!r}: {exc}") from exc
     measured: list[tuple[str, str, float, dict[str, float]]] = []
-    for record in records:
-        phase = _phase(record) if isinstance(record, dict) else None
-        if phase is None:
-            continue
-        parts = _parts(record, phase, gpu, launches)
-        label = f"{phase} {short_tokens(int(record['context']))}"
-        for method, result in (record.get("results") or {}).items():
-            if (method in FITTED or method == "hip") and result.get("ms"):
-                measured.append((label, method, float(result["ms"]) / 1e3, parts))
+    for number, record in enumerate(records, 1):
+        try:
+            phase = _phase(record) if isinstance(record, dict) else None
+            if phase is None:
+                continue
+            parts = _parts(record, phase, gpu, launches)
+            label = f"{phase} {short_tokens(int(record['context']))}"
+            for method, result in (record.get("results") or {}).items():
+                if (method in FITTED or method == "hip") and result.get("ms"):
+                    measured.append((label, method, float(result["ms"]) / 1e3, parts))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(
+                f"bench results {str(path)!r}: record {number} is not a 'hip-attn bench' "
+                f"record ({exc!r})"
+            ) from exc
     ratios: dict[str, list[float]] = {}
     for _, method, seconds, parts in measured:
         op = FITTED.get(method)

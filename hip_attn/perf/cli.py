@@ -13,6 +13,7 @@ from hip_attn.cli_args import (
     add_hip_arguments,
     arg_type,
     comma_list,
+    file_path,
     hip_config_from_args,
     positive_float,
     positive_int,
@@ -61,7 +62,8 @@ in TFLOP/s. Printed sizes are decimal (1 GB = 1e9 bytes)."""
 EPILOG = """\
 examples:
   hip-attn roofline --model yi-34b --gpu a100-80g --context 4k,50000
-      Fu's running example: 0.93 s prefill at 4K; 250 tokens decode in 8.45 s at 4K, 9.83 s at 50K.
+      Fu's running example: 0.93 s prefill at 4K; 250 tokens decode in 8.52 s at 4K, 9.91 s at
+      50K (Fu's 8.45 s and 9.83 s, plus one 5 us launch per layer and token).
   hip-attn roofline --model llama-3.1-8b --gpu h100-sxm --context 4k,128k,1m \\
           --compare dense,hip,hip+offload
       the three attention modes side by side.
@@ -146,6 +148,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--gpu-file",
         metavar="PATH",
+        type=arg_type(file_path, "path"),
         help="JSON object overriding fields of --gpu (keys and units as the flags below)",
     )
     g.add_argument(
@@ -274,8 +277,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--launches",
         choices=list(LAUNCH_PROFILES),
         default="today",
-        help="kernel launches per layer of HiP: today (what hip_attention launches now: 25 a "
-        "decode step, 43 a refreshing step, 33 a prefill) or fused (1, 2, 2); default today",
+        help="kernel launches per layer of HiP: "
+        + " or ".join(
+            f"{p.name} ({p.hip_decode_reuse} a decode step, {p.hip_decode_refresh} a refreshing "
+            f"step, {p.hip_prefill} a prefill)"
+            for p in LAUNCH_PROFILES.values()
+        )
+        + "; today is what hip_attention launches now (default today)",
     )
 
     offload = OffloadConfig()
@@ -317,11 +325,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--plot",
         metavar="PNG",
+        type=arg_type(file_path, "path"),
         help="draw the roofline and time/memory versus context to this PNG (needs matplotlib)",
     )
     g.add_argument(
         "--calibrate",
         metavar="JSONL",
+        type=arg_type(file_path, "path"),
         help="fit per-operator efficiencies to 'hip-attn bench' results (JSON lines) and print "
         "predicted vs measured per case, for --gpu",
     )
@@ -336,7 +346,7 @@ class _InputError(ValueError):
 
 def _gpu(args: argparse.Namespace) -> GPUSpec:
     gpu: GPUSpec = args.gpu
-    if args.gpu_file:
+    if args.gpu_file is not None:  # '' is an error, not nothing
         gpu = load_gpu_file(args.gpu_file, gpu)
     return override_gpu(
         gpu,
@@ -418,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(_list_presets())
         return 0
-    if args.calibrate:
+    if args.calibrate is not None:
         from hip_attn.perf.calibrate import calibrate, calibration_table
 
         try:
@@ -455,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
         print(table(sc, estimates))
         if args.json is not None:
             print(f"JSON written to {args.json}", file=info)
-    if args.plot:
+    if args.plot is not None:
         from hip_attn.perf.plot import PlotUnavailable, plot
 
         try:

@@ -8,6 +8,7 @@ nominal link rates per direction; measured numbers go in through overrides or ``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -286,8 +287,12 @@ def override_gpu(gpu: GPUSpec, values: Mapping[str, Any]) -> GPUSpec:
         elif key == "hbm":
             changes["hbm"] = parse_size(str(value))
         elif key in _JSON_UNITS:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"GPU {key} must be a positive number, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
+                raise ValueError(f"GPU {key} must be a positive finite number, got {value!r}")
             changes[key] = float(value) * _JSON_UNITS[key]
         elif key != "note":
             valid = ", ".join(["name", "hbm", *_JSON_UNITS])
@@ -307,7 +312,7 @@ def load_gpu_file(path: str | Path, base: GPUSpec) -> GPUSpec:
     """
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
         raise ValueError(f"cannot read GPU file {str(path)!r}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"GPU file {str(path)!r} must hold a JSON object")

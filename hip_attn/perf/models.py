@@ -198,8 +198,8 @@ def model_from_hf_config(config: Mapping[str, Any], name: str = "config.json") -
             gated_mlp=model_type not in _UNGATED,
             max_context=int(max_context) if max_context is not None else None,
         )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+        raise ValueError(f"{name}: {exc!r} (every size must be a positive whole number)") from exc
 
 
 def load_hf_config(path: str | Path) -> ModelSpec:

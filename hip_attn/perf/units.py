@@ -42,7 +42,7 @@ def parse_tokens(text: str) -> int:
     if match is None or suffix not in _TOKEN_SUFFIX:
         raise ValueError(f"not a token count: {text!r} (use e.g. 4096, 4k, 128k, 1m)")
     value = float(match.group(1)) * _TOKEN_SUFFIX[suffix]
-    if value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:
         raise ValueError(f"token count must be a positive whole number, got {text!r}")
     return int(value)
 
@@ -66,8 +66,8 @@ def parse_size(text: str) -> int:
     if match is None or suffix not in _SIZE_SUFFIX:
         raise ValueError(f"not a memory size: {text!r} (use e.g. 80GiB, 141GB, 512)")
     value = float(match.group(1)) * _SIZE_SUFFIX[suffix]
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"memory size must be positive, got {text!r}")
+    if not value >= 1 or not math.isfinite(value):
+        raise ValueError(f"memory size must be at least one byte, got {text!r}")
     return int(value)
 
 
