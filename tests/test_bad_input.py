@@ -69,6 +69,13 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"
         (["check", "--seed", "1" + "0" * 22], "argument --seed: must be < 2**63"),
         (["check", "--window", "1" + "0" * 26], "HiPConfig.window must be <= 2**31 - 1"),
         (["bench", "mask", "--device", "cpu", "--out", "/"], "argument --out: '/' is a folder"),
+        (["bench", "decode", "--flex-kv-block", "24"], "must be a power of two >= 16, got 24"),
+        pytest.param(
+            ["bench", "offload", "--device", "cpu", "--gather", "cuda"],
+            "--gather cuda copies into GPU memory",
+            marks=NO_CUDA,
+        ),  # fmt: skip
+        (["roofline", "--hip-k", "32768"], "(16384 tokens, --block-cache) must hold"),
         (
             ["bench", "mask", "--device", "cpu", "--min-runs", "5", "--max-runs", "2"],
             "--min-runs 5 exceeds --max-runs 2",

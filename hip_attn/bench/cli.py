@@ -124,8 +124,8 @@ case failed, 2 on bad input."""
 
 def _at_least_16(text: str) -> int:
     value = positive_int(text)
-    if value < 16:
-        raise ValueError(f"must be >= 16, got {value}")
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"must be a power of two >= 16, got {value}")
     return value
 
 
@@ -510,6 +510,8 @@ def build_offload_plan(args: argparse.Namespace, device_type: str) -> OffloadPla
     """
     d, od = defaults_for(device_type), offload_defaults_for(device_type)
     parts = args.parts or OFFLOAD_PARTS
+    if args.gather == "cuda" and device_type != "cuda":
+        raise _InputError(f"--gather cuda copies into GPU memory; the device is {device_type}")
     try:
         shape = Shape(
             batch=args.batch or d.batch,

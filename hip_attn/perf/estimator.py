@@ -186,8 +186,8 @@ class Scenario:
             )
         if self.offload.block_cache_tokens < self.hip.k:
             raise ValueError(
-                f"block cache ({self.offload.block_cache_tokens} tokens) must hold at least the "
-                f"k={self.hip.k} selected tokens"
+                f"block cache ({self.offload.block_cache_tokens} tokens, --block-cache) must "
+                f"hold at least the k={self.hip.k} selected tokens"
             )
 
     # ---- per-GPU shapes -------------------------------------------------------------------
