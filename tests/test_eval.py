@@ -237,7 +237,7 @@ def test_eval_errors(checkpoint, tmp_path, capsys):
     for argv, needle in [
         (["--depths", "1.5"], "depths are fractions"),
         (["--cache-blocks", "0"], "--cache-blocks: must be >= 1"),
-        (["--offload-chunk", "lots"], "--offload-chunk: expected a token count"),
+        (["--offload-chunk", "lots"], "--offload-chunk: not a token count"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(["eval", "--random-model", *argv])

@@ -163,7 +163,7 @@ def test_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
         (["--flops", "-3"], "must be a positive number"),
         (["--batch", "0"], "must be >= 1"),
         (["--context", "4k,-1"], "positive whole number"),
-        (["--hbm=-80GiB"], "memory size must be positive"),
+        (["--hbm=-80GiB"], "memory size must be at least one byte"),
         (["--hbm", "80 parsecs"], "not a memory size"),
         (["--compute-efficiency", "1.5"], "(0, 1]"),
         (["--miss-rate", "2"], "[0, 1]"),
