@@ -662,31 +662,32 @@ VARIANTS = {
         )
         for tag, r in (("1", 1), ("2", 2), ("4", 4), ("full", 64))
     },
-    "gausspairx": (
-        "gauss a=1.25 with one variance per RoPE pair (1.5 vectors a node), last level exact",
-        make_select(2, True, False, gauss=1.25, pair=True),
-    ),
-    "gausspair": (
-        "gauss a=1.25 with one variance per RoPE pair (1.5 vectors a node)",
-        make_select(2, False, False, gauss=1.25, pair=True),
-    ),
-    "gaussiso": (
-        "gauss a=1.25 with one variance per node, the mean over dimensions (1 vector a node)",
-        make_select(2, False, False, gauss=1.25, iso=True),
-    ),
-    "gaussisox": (
-        "gaussiso, last level exact",
-        make_select(2, True, False, gauss=1.25, iso=True),
-    ),
-    "gausslse": (
-        "mean/variance tree, children ranked by estimated softmax mass "
-        "(q.mu + scale q^2.var / 2 + ln m / scale)",
-        make_select(2, False, False, gauss=1.0, lse=True),
-    ),
-    "gausslsex": (
-        "gausslse, last level exact max logit",
-        make_select(2, True, False, gauss=1.0, lse=True),
-    ),
+    **{
+        f"gauss{tag}{'x' if exact else ''}": (
+            what + (", last level exact max logit" if exact else ""),
+            make_select(2, exact, False, **rule),  # type: ignore[arg-type]
+        )
+        for tag, what, rule in (
+            (
+                "pair",
+                "gauss a=1.25 with one variance per RoPE pair (1.5 vectors a node)",
+                {"gauss": 1.25, "pair": True},
+            ),
+            (
+                "iso",
+                "gauss a=1.25 with one variance per node, the mean over dimensions "
+                "(1 vector a node)",
+                {"gauss": 1.25, "iso": True},
+            ),
+            (
+                "lse",
+                "mean/variance tree, children ranked by estimated softmax mass "
+                "(q.mu + scale q^2.var / 2 + ln m / scale)",
+                {"gauss": 1.0, "lse": True},
+            ),
+        )
+        for exact in (False, True)
+    },  # fmt: skip
 }
 METHODS.update(VARIANTS)
 
