@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from hip_attn.cli_args import arg_type, command_error, non_negative_int, positive_int
 from hip_attn.config import HiPConfig
+from hip_attn.interpreter import interpreting
 from hip_attn.progress import progress_bar, say
 
 if TYPE_CHECKING:
@@ -393,8 +394,6 @@ def _write_json(path: str, arch: int, compiled: list[Variant]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hip_attn.attention import interpreting  # torch: not at import (hip-attn --help)
-
     if interpreting():
         return command_error(
             "hip-attn aot", "unset TRITON_INTERPRET (the compiler, not the interpreter)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -26,6 +25,7 @@ from hip_attn.geometry import (
     tree_blocks,
     with_room,
 )
+from hip_attn.interpreter import interpreting
 from hip_attn.reference import hip_attention_reference, search_reference
 from hip_attn.validation import (
     check_config,
@@ -64,12 +64,6 @@ def _triton_version() -> tuple[int, int] | None:
 @functools.cache
 def _warn_reference(device_type: str, why: str) -> None:
     logger.warning("hip_attn: running the PyTorch reference on %s (slow). %s", device_type, why)
-
-
-def interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks Triton for its interpreter, read as Triton reads it
-    (``1``, ``true``, ``yes``, ``on`` or ``y``, any case)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "yes", "on", "y"}
 
 
 def uses_triton(device: torch.device) -> bool:
@@ -202,6 +196,7 @@ class HiPDecodeState:
         self._device: _DeviceDecode | None = None
         self._device_current = False  # no host-driven call since the device buffers were set
         self._anchor = 0  # the device refresh rule's phase, as set up (see _device_anchor)
+        self._length: torch.Tensor | None = None  # the device steps' key count (the caller's)
 
     def reset(self) -> None:
         self.indices = None
@@ -212,9 +207,9 @@ class HiPDecodeState:
     def leave_device(self, keys_before: int, config: HiPConfig) -> None:
         """Note a host-driven call (a prefill, a host decode step, a dense one) after
         ``keys_before`` keys: the host counters take over from the device steps (computed from
-        the device rule's phase; one read, of the selection's largest block, tells whether
-        the cache was rolled back behind it), and the next device step sets its buffers up
-        again from the state's history."""
+        the device rule's phase; one read of the device's key count tells whether the cache
+        was rolled back behind them), and the next device step sets its buffers up again from
+        the state's history."""
         if self._device_current:
             self._resume_host_counts(keys_before, config)
         self._device_current = False
@@ -222,18 +217,22 @@ class HiPDecodeState:
     def _resume_host_counts(self, keys_before: int, config: HiPConfig) -> None:
         """``tokens_since_refresh`` and the key count as the host rule would have them after
         device steps up to ``keys_before`` keys (the steps do not count on the host). The
-        device steps may have gone further and the cache been rolled back since: a selection
-        reaching past the candidates of a query at ``keys_before`` was made after the rollback
-        point, from keys that may have changed, and is dropped (one read of its largest
-        block)."""
+        device steps may have gone further and the cache been rolled back since: one read of
+        the last device step's ``length`` tells, and the selection, made after the rollback
+        point from keys that may have changed, is dropped; the tree is then trusted only up to
+        that point (:meth:`follow`). A ``length`` the caller rewound itself hides that; a
+        selection reaching past the candidates of a query at ``keys_before`` is dropped too."""
+        device_keys = keys_before if self._length is None else int(self._length)
         since = keys_before - self._anchor - 1  # the last device step's, see refresh_due
         end = first_candidate_block(config) + most_candidates(1, keys_before + 1, config)
-        past_rollback = self.indices is not None and int(self.indices.max()) >= end
-        if keys_before <= config.effective_dense_threshold or past_rollback:  # dense on the host
+        stale = keys_before < device_keys or (
+            self.indices is not None and int(self.indices.max()) >= end
+        )
+        if keys_before <= config.effective_dense_threshold or stale:  # dense on the host
             self.indices, self.tokens_since_refresh = None, 0
         elif since >= 0 and self.indices is not None:
             self.tokens_since_refresh = since % config.refresh_interval + 1
-        self._keys = max(self._keys, keys_before)
+        self._keys = max(self._keys, keys_before, device_keys)
 
     def device_buffers(
         self, k: torch.Tensor, length: torch.Tensor, config: HiPConfig, h_sel: int
@@ -270,7 +269,7 @@ class HiPDecodeState:
         dev.indices.fill_(-1)
         self._anchor = self._device_anchor(n, k.shape[2], config, held, dev.indices)
         dev.anchor.fill_(self._anchor)
-        self.indices, self._device_current = dev.indices, True
+        self.indices, self._device_current, self._length = dev.indices, True, length
         return dev
 
     def _device_anchor(

@@ -50,14 +50,23 @@ def _command_parser(parser: argparse.ArgumentParser, name: str | None) -> argpar
     return parser
 
 
+def _command_names(parser: argparse.ArgumentParser) -> list[str]:
+    return [
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's parser: "hip-attn check: error: ..."
         _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):
-        parser.print_help()
-        return 2
+        commands = ", ".join(_command_names(parser))
+        parser.error(f"name a command: {commands}")
     try:
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

@@ -128,11 +128,11 @@ class HiPConfig:
                 "HiPConfig.dense_layers must be a sequence of layer indices, "
                 f"got {type(self.dense_layers).__name__}"
             ) from None
-        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+        if any(not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0 for i in layers):
             raise ValueError(
                 f"HiPConfig.dense_layers must hold non-negative ints, got {self.dense_layers!r}"
             )
-        object.__setattr__(self, "dense_layers", layers)
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in layers))
 
     @property
     def blocks_per_query_block(self) -> int:

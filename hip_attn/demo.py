@@ -67,7 +67,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--cache-blocks",
         type=count,
-        default=512,
         help="with --offload: GPU block-cache slots per (batch, KV head), at least "
         "--hip-k / --block-size-k (512)",
     )
@@ -118,11 +117,16 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = device_and_dtype(args)
     tokens = args.tokens or (8192 if device.type == "cuda" else 2048)
-    options = {"cache_blocks": args.cache_blocks, "max_chunk": 1024}
+    options = {"cache_blocks": args.cache_blocks or 512, "max_chunk": 1024}
     try:
+        if args.cache_blocks is not None and not args.offload:
+            raise ValueError("--cache-blocks sizes the block cache of --offload; add --offload")
         config = hip_config_from_args(args, _BASE)
         if args.offload:  # before the dense run, which would be wasted
-            check_offload_options(config, options)
+            try:
+                check_offload_options(config, options)
+            except ValueError as err:  # only --cache-blocks is the user's here
+                raise ValueError(f"--cache-blocks: {err}") from None
     except (TypeError, ValueError) as err:
         return command_error("hip-attn demo", err)
     model: Any

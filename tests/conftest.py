@@ -8,7 +8,10 @@ from hypothesis import settings
 # kernel module is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
+
+from hip_attn.interpreter import interpreting  # noqa: E402 (after the variable is set)
+
+if interpreting():
     from tests.interpreter_sort import use_numpy_sort
 
     use_numpy_sort()

@@ -45,7 +45,13 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"
         (["demo", "--new-tokens", "0"], "argument --new-tokens: must be >= 1"),
         (["demo", "--tokens", "0"], "argument --tokens: must be >= 1"),
         (["demo", "--offload", "--cache-blocks", "0"], "argument --cache-blocks: must be >= 1"),
-        (["demo", "--offload", "--cache-blocks", "4"], "cache_blocks must be >= k // block_size_k"),
+        (
+            ["demo", "--offload", "--cache-blocks", "4"],
+            "--cache-blocks: cache_blocks must be >= k // block_size_k",
+        ),
+        (["demo", "--cache-blocks", "64"], "--cache-blocks sizes the block cache of --offload"),
+        (["accuracy", "--depth", "0.9"], "--depth: for a real model's prompt; add --model"),
+        (["accuracy", "--filler", "bogus"], "argument --filler: unknown 'bogus'; choose from"),
         (["aot", "--arch", "12"], "argument --arch: invalid choice: 12 (choose from 75, 80"),
         (["roofline", "--context", "4k,,8k"], "argument --context: empty item"),
         (["accuracy", "--context", "4k,"], "argument --context: empty item"),
@@ -61,12 +67,12 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"
         (["roofline", "--calibrate", ""], "argument --calibrate: expected a file path"),
         (["accuracy", "--context", "inf"], "argument --context: not a token count"),
         (["accuracy", "--context", "1000.9"], "argument --context: token count must be"),
-        (["accuracy", "--seeds", "1" + "0" * 22], "argument --seeds: must be < 2**63"),
+        (["accuracy", "--seeds", "1" + "0" * 22], "argument --seeds: must be < 2**64"),
         (["accuracy", "--depth", "2"], "argument --depth: depths are fractions in [0, 1]"),
         (["accuracy", "--sample-last", "0", "--sample-spread", "0"], "leave no query block"),
         (["accuracy", "--json", "/nonexistent/x.json"], "--json '/nonexistent/x.json': not a"),
         (["eval", "--model", ""], "argument --model: no such folder: ''"),
-        (["check", "--seed", "1" + "0" * 22], "argument --seed: must be < 2**63"),
+        (["check", "--seed", "1" + "0" * 22], "argument --seed: must be < 2**64"),
         (["check", "--window", "1" + "0" * 26], "HiPConfig.window must be <= 2**31 - 1"),
         (["bench", "mask", "--device", "cpu", "--out", "/"], "argument --out: '/' is a folder"),
         (["bench", "decode", "--flex-kv-block", "24"], "must be a power of two >= 16, got 24"),
@@ -91,6 +97,21 @@ def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     assert line.startswith(f"{prog}: error: "), line
     assert needle in line
     assert out == ""
+
+
+def test_no_command_or_mode_is_one_line_exit_2(capsys):
+    code, out, err = run([], capsys)
+    assert (code, out) == (2, "")
+    assert err == (
+        "hip-attn: error: name a command: check, aot, demo, roofline, bench, accuracy, eval "
+        "(see hip-attn --help)\n"
+    )
+    code, out, err = run(["bench"], capsys)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "hip-attn bench: error: name a mode: prefill, decode, mask, offload "
+        "(see hip-attn bench --help)"
+    ]
 
 
 def test_argparse_errors_name_the_subcommand_and_its_help(capsys):

@@ -48,8 +48,9 @@ def test_wrong_types_raise_type_error():
 
 def test_numpy_integers_are_ints():
     np = pytest.importorskip("numpy")
-    cfg = HiPConfig(k=np.int64(1024), dense_threshold=np.int32(0))
-    assert cfg == HiPConfig(k=1024, dense_threshold=0) and type(cfg.k) is int
+    cfg = HiPConfig(k=np.int64(1024), dense_threshold=np.int32(0), dense_layers=np.arange(2))
+    assert cfg == HiPConfig(k=1024, dense_threshold=0, dense_layers=(0, 1))
+    assert type(cfg.k) is int and type(cfg.dense_layers[1]) is int
 
 
 def test_frozen_and_serializable():

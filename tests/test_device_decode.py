@@ -180,6 +180,32 @@ def test_a_host_call_after_device_steps_and_a_rollback_drops_their_selection(ran
     assert int(state.indices.max()) < 23  # the candidates of a query at 202 end at block 23
 
 
+def test_a_rollback_behind_device_steps_is_seen_even_with_an_early_selection(rand_qkv):
+    """As above, but the last device refresh (at 232 keys) selects early blocks only, within the
+    candidates of a query at the crop point 220: the device state must still drop it and
+    decode on like a state that ran every step on the host."""
+    cfg = HiPConfig(k=32, block_size_q=16, block_size_k=8, sink_tokens=8, window=16,
+                    refresh_interval=16, dense_threshold=0)  # fmt: skip
+    q, k, v = rand_qkv(1, 2, 1, 256, 256, 32, seed=0)
+    k[:, :, 16:48] = 3 * q[:, :, 232].mean(1, keepdim=True)  # blocks 2..5 for the step at 232
+    dev, host = HiPDecodeState(), HiPDecodeState()
+    for state in (dev, host):
+        hip_attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], cfg, state=state)
+    length = torch.tensor([200], dtype=torch.int32, device=k.device)
+    for t in range(200, 233):
+        length += 1
+        hip_attention(q[:, :, t : t + 1], k, v, cfg, state=dev, length=length)
+        hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=host)
+    k[:, :, 220:], v[:, :, 220:] = torch.randn_like(k[:, :, 220:]), torch.randn_like(v[:, :, 220:])
+    for t in range(220, 224):  # the cache cropped to 220 keys, other tokens after it
+        row, kk, vv = q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1]
+        got = hip_attention(row, kk, vv, cfg, state=dev)
+        torch.testing.assert_close(got, hip_attention(row, kk, vv, cfg, state=host), atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+        assert torch.equal(dev.indices, host.indices)
+        assert dev.tokens_since_refresh == host.tokens_since_refresh
+
+
 def test_bad_lengths_raise(rand_qkv):
     q, k, v = rand_qkv(1, 2, 1, 1, 128, 64)
     state = HiPDecodeState()

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from hip_attn.interpreter import interpreting
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def dot_operand_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype ``tl.dot`` operands are cast to for inputs of ``dtype``: the input dtype
-    (16-bit: tensor cores), except bf16 under ``TRITON_INTERPRET=1``, whose ``tl.dot``
+    (16-bit: tensor cores), except bf16 in Triton's interpreter, whose ``tl.dot``
     returns garbage in the interpreter (Triton 3.9); fp32 operands holding bf16 values give
     the same exact products there."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.bfloat16 and interpreting():
         return torch.float32
     return dtype
 

@@ -95,11 +95,10 @@ examples:
 
 
 def _add_filler(group: Any) -> None:
-    """``--filler``, shared by ``accuracy --model`` and ``eval``."""
+    """``--filler``, shared by ``accuracy --model`` and ``eval`` (``None``: classic)."""
     group.add_argument(
         "--filler",
-        type=_choice(FILLER_NAMES),
-        default="classic",
+        type=arg_type(_choice(FILLER_NAMES), "filler"),
         help="the passkey haystack: classic ('The grass is green. The sky is blue. ...' "
         "repeated), river (three sentences repeated) or text (--text) (default: classic)",
     )
@@ -209,7 +208,6 @@ def _add_accuracy(subparsers: Any) -> None:
     )
     real.add_argument(
         "--text",
-        default="pydoc",
         metavar="FILE",
         help="text for --filler text: a local file or pydoc (default: pydoc)",
     )
@@ -217,7 +215,6 @@ def _add_accuracy(subparsers: Any) -> None:
     real.add_argument(
         "--depth",
         type=arg_type(_depth, "depth"),
-        default=0.5,
         help="where the passkey sits in the filler, 0 = start, 1 = end (default: 0.5)",
     )
     out = p.add_argument_group("output")
@@ -365,7 +362,7 @@ def _add_eval(subparsers: Any) -> None:
 
 def _check_json_path(path: str | None) -> None:
     """``--json PATH`` must be writable where it says before a long run, not after it."""
-    if path and path != "-":
+    if path is not None and path != "-":
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path) or not os.path.isdir(folder):
             raise ValueError(f"--json {path!r}: not a file in an existing folder")
@@ -391,6 +388,9 @@ def run_accuracy_command(args: argparse.Namespace) -> int:
         return _run_model_accuracy(args)
     args.context = args.context or [1024, 4096, 16384, 65536]
     try:
+        real = [f"--{n}" for n in ("text", "filler", "depth") if getattr(args, n) is not None]
+        if real:
+            raise ValueError(f"{', '.join(real)}: for a real model's prompt; add --model")
         _check_json_path(args.json)
         if args.sample_last + args.sample_spread == 0:
             raise ValueError("--sample-last and --sample-spread leave no query block to score")
@@ -439,14 +439,15 @@ def _run_model_accuracy(args: argparse.Namespace) -> int:
         if len(context) != 1 or context[0] < 256:
             raise ValueError(f"--context with --model takes one length >= 256, got {context}")
         device, dtype = device_and_dtype(args)
-        text = read_text(args.text) if args.filler == "text" else None
+        filler = args.filler or "classic"
+        text = read_text(args.text or "pydoc") if filler == "text" else None
         lm = load_model(args.model, device, dtype)
         result = run_model_accuracy(
             lm,
             config,
             context=context[0],
-            depth=args.depth,
-            filler=args.filler,
+            depth=0.5 if args.depth is None else args.depth,
+            filler=filler,
             text=text,
             methods=args.methods,
             progress=True,
@@ -487,7 +488,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             text=text,
             contexts=args.context,
             depths=args.depths,
-            filler=args.filler,
+            filler=args.filler or "classic",
             digits=args.digits,
             ppl_tokens=args.ppl_tokens,
             ppl_window=args.ppl_window,

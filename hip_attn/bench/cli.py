@@ -590,8 +590,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hip-attn bench MODE``; returns the process exit status."""
     mode = args.bench_mode
     if mode is None:
-        args.bench_parser.print_help()
-        return 2
+        args.bench_parser.error(f"name a mode: {', '.join([*MODES, 'offload'])}")
 
     import torch
 
