@@ -104,6 +104,30 @@ def test_decode_smoke_appends_and_default_plot_path(
     assert "step ms" in capsys.readouterr().out
 
 
+def test_a_method_that_errors_is_recorded_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import hip_attn.bench.runner as runner
+
+    real = runner.prepare_sdpa
+
+    def failing_sdpa(*args):  # noqa: ANN002, ANN202
+        def boom() -> None:
+            raise RuntimeError("boom")
+
+        return dataclasses.replace(real(*args), fn=boom)
+
+    monkeypatch.setattr(runner, "prepare_sdpa", failing_sdpa)
+    out = tmp_path / "e.jsonl"
+    argv = ["bench", "decode", *TINY, "--context", "600", "--methods", "hip,sdpa"]
+    assert main([*argv, "--out", str(out)]) == 1
+    (record,) = _records(out)
+    assert record["results"]["sdpa"] == {"error": "RuntimeError: boom"}
+    assert "failed (recorded as errors): 600: sdpa" in capsys.readouterr().err
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_smoke_times_every_method(tmp_path: Path) -> None:

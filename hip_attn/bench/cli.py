@@ -118,7 +118,7 @@ examples:
   TRITON_INTERPRET=1 hip-attn bench prefill --device cpu --out /tmp/smoke.jsonl --plot /tmp/p.png
 
 exit status: 0 when every case ran (methods may be skipped with a recorded reason), 1 when a
-case failed, 2 on bad input."""
+case or a method failed (a method's error is recorded too), 2 on bad input."""
 )
 
 
@@ -340,7 +340,8 @@ examples:
   hip-attn bench offload --parts memory --memory-context 64k,256k,1m
   TRITON_INTERPRET=1 hip-attn bench offload --device cpu --out /tmp/smoke.jsonl --plot /tmp/o.png
 
-exit status: 0 when every part ran, 1 when one failed, 2 on bad input."""
+exit status: 0 when every part ran, 1 when one failed (or a result in it recorded an error),
+2 on bad input."""
 )
 
 
@@ -720,7 +721,15 @@ def _finish(
         status = _plot_to(args, records, out, mode)
         if status:
             return status
-    return 1 if failed or not records else 0
+    errors = [
+        f"{record.get('context')}: {name}"
+        for record in records
+        for name, result in (record.get("results") or {}).items()
+        if isinstance(result, dict) and "error" in result
+    ]
+    if errors:
+        say(f"failed (recorded as errors): {', '.join(errors)}", sys.stderr)
+    return 1 if failed or errors or not records else 0
 
 
 def _plot_to(args: argparse.Namespace, records: list[Record], out: Path, mode: str) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from hip_attn.attention import HiPDecodeState, hip_attention
 from hip_attn.bench.cases import OffloadPlan
-from hip_attn.bench.runner import backend_label, timing_label
+from hip_attn.bench.runner import backend_label, failure_entry, timing_label
 from hip_attn.bench.timing import L2_FLUSH_BYTES, StepClock, summarize
 from hip_attn.geometry import tree_blocks, tree_rows
 from hip_attn.offload import OffloadedKV
@@ -284,13 +284,6 @@ def summarize_steps(
             "skipped": f"no complete refresh cycle ({interval} steps) among the timed steps"
         }
     return out
-
-
-def _failure(exc: BaseException) -> dict[str, Any]:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return {"skipped": f"out of memory: {text[:300]}"}
-    return {"error": f"{type(exc).__name__}: {text[:300]}"}
 
 
 def _common(plan: OffloadPlan, device: torch.device) -> dict[str, Any]:
@@ -564,7 +557,7 @@ def decode_case(
             if indices_off is not None and indices_dev is not None:
                 accuracy["same_selection"] = bool(torch.equal(indices_off, indices_dev))
         except Exception as exc:  # the offloaded numbers stand on their own
-            results.update({f"device_{name}": _failure(exc) for name in DEVICE_RESULTS})
+            results.update({f"device_{name}": failure_entry(exc) for name in DEVICE_RESULTS})
         _clean(device)
     if context <= cfg.effective_dense_threshold:
         notes.append(

@@ -108,7 +108,9 @@ def _entry(timing: Timing, work: Work | None, **extra: Any) -> dict[str, Any]:
     return data
 
 
-def _failure(exc: BaseException) -> dict[str, Any]:
+def failure_entry(exc: BaseException) -> dict[str, Any]:
+    """A method's result entry for the exception it raised: ``skipped`` when the GPU ran out of
+    memory (a size limit, not a bug), else ``error`` (the run then exits 1)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return {"skipped": f"out of memory: {text[:300]}"}
@@ -161,7 +163,7 @@ def _graph_steps(
         per_step = _per_step(measure(cycle, q.device, opts.timing), steps)
         return _entry(per_step, work, steps_per_run=steps, refreshes_per_run=1)
     except Exception as exc:
-        return _failure(exc)
+        return failure_entry(exc)
 
 
 def _free(device: torch.device) -> None:
@@ -269,7 +271,7 @@ def run_case(
         try:
             results[name] = _entry(measure(fn, device, opts.timing), w, **extra)
         except Exception as exc:  # one method failing must not lose the others
-            results[name] = _failure(exc)
+            results[name] = failure_entry(exc)
         _free(device)
 
     want_attention = case.mode != "mask"
@@ -297,7 +299,7 @@ def run_case(
                         per_step, amortized, steps_per_run=steps, refreshes_per_run=1
                     )
                 except Exception as exc:
-                    results["hip_amortized"] = _failure(exc)
+                    results["hip_amortized"] = failure_entry(exc)
                 _free(device)
                 say(f"{case.label}: hip_graph")
                 results["hip_graph"] = _graph_steps(q, k, v, cfg, scale, opts, amortized)
@@ -330,7 +332,7 @@ def run_case(
         except SdpaUnavailable as exc:
             results["sdpa"] = {"skipped": str(exc)}
         except Exception as exc:
-            results["sdpa"] = _failure(exc)
+            results["sdpa"] = failure_entry(exc)
         _free(device)
 
     flex_info: dict[str, Any] = {}
@@ -365,7 +367,7 @@ def run_case(
             except FlexUnavailable as exc:
                 results["flex"] = {"skipped": str(exc)}
             except Exception as exc:
-                results["flex"] = _failure(exc)
+                results["flex"] = failure_entry(exc)
             _free(device)
 
     accuracy = _accuracy(calls, results)
