@@ -21,6 +21,7 @@ from hip_attn.cli_args import (
     wall_time,
 )
 from hip_attn.config import HiPConfig
+from hip_attn.perf.units import parse_tokens
 
 # Sparse at every length, so that even short checks exercise the HiP kernels.
 _BASE = HiPConfig(dense_threshold=0)
@@ -43,9 +44,9 @@ def add_parser(subparsers: Any) -> None:
     count = arg_type(positive_int, "count")
     p.add_argument(
         "--tokens",
-        type=count,
+        type=arg_type(parse_tokens, "tokens"),
         default=None,
-        help="context length T of the prefill (default: 2048 on CPU, 32768 on CUDA)",
+        help="context length T of the prefill: 4096, 4k, ... (default: 2048 on CPU, 32768 on CUDA)",
     )
     p.add_argument("--batch", type=count, default=1, help="batch size (default: 1)")
     p.add_argument("--heads", type=count, default=8, help="query heads (default: 8)")

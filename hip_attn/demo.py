@@ -24,6 +24,7 @@ from hip_attn.cli_args import (
     wall_time,
 )
 from hip_attn.config import HiPConfig
+from hip_attn.perf.units import parse_tokens
 from hip_attn.progress import progress_bar
 
 # A smaller budget than HiPConfig()'s, for the short prompts of a demo.
@@ -54,9 +55,9 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--tokens",
-        type=count,
+        type=arg_type(parse_tokens, "tokens"),
         default=None,
-        help="prompt length in tokens (default: 2048 on CPU, 8192 on CUDA)",
+        help="prompt length in tokens: 4096, 4k, ... (default: 2048 on CPU, 8192 on CUDA)",
     )
     p.add_argument("--new-tokens", type=count, default=32, help="greedy tokens to generate (32)")
     p.add_argument(
