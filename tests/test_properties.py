@@ -474,7 +474,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[object]] = {
     "beam": st.integers(max_value=0),
     "refresh_interval": st.integers(max_value=0) | st.integers(257, 1 << 20),
     "head_sharing": st.text(max_size=10).filter(lambda s: s not in ("kv_group", "head")),
-    "dense_threshold": st.integers(max_value=-1) | st.floats(allow_nan=True) | st.text(),
+    "dense_threshold": st.integers(max_value=-1) | st.integers(min_value=2**31),
     "dense_layers": st.lists(st.integers(max_value=-1) | st.text() | st.floats(), min_size=1),
 }
 
@@ -484,6 +484,9 @@ def bad_config_fields(draw):
     field = draw(st.sampled_from(sorted(FIELDS & set(BAD_VALUES))))
     if field in INT_FIELDS and draw(st.booleans()):
         value = draw(st.floats() | st.text(max_size=3) | st.booleans() | st.none())
+        return field, value, TypeError
+    if field == "dense_threshold" and draw(st.booleans()):  # None is valid there
+        value = draw(st.floats(allow_nan=True) | st.text(max_size=3) | st.booleans())
         return field, value, TypeError
     value = draw(BAD_VALUES[field])
     if field == "dense_layers":  # one bad entry among good ones
