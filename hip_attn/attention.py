@@ -248,6 +248,8 @@ class HiPDecodeState:
         if dev is not None and dev.key == key and self._device_current:
             return dev
         n = read_device_length(length, k.shape[2])
+        if length is self._length:  # it counts the new buffers' keys now, not the old steps'
+            self._length = None
         self.leave_device(n - 1, config)  # other buffers without a host call: counts first
         self.follow(1, n, config)  # a rollback or a new sequence: no selection to continue
         b, hkv = k.shape[:2]
@@ -556,7 +558,9 @@ def hip_attention(
             covers the context (the derived threshold); without the Triton kernels it reads
             ``length`` and runs the host-driven path. ``length`` must be in
             ``[1, capacity]``: checked where it is read on the host (the setup step and the
-            host-driven path), not on the steps that never read it.
+            host-driven path), not on the steps that never read it. A host-driven call after
+            device steps reads it once more, as the last device step's count, to notice a
+            cache rolled back behind those steps: advance it only for a device step.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys

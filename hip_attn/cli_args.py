@@ -90,11 +90,11 @@ def non_negative_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    """A random seed: a whole number in [-2**63, 2**64 - 1] (what ``torch.manual_seed``
-    takes)."""
+    """A random seed: a whole number in [-2**63, 2**63 - 1] (``torch.manual_seed`` takes up to
+    2**64 - 1; a few commands also seed with ``seed + 1``)."""
     value = _whole_number(text, -(2**63))
-    if value >= 2**64:
-        raise ValueError(f"must be < 2**64, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"must be < 2**63, got {value}")
     return value
 
 

@@ -126,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
         if args.offload:  # before the dense run, which would be wasted
             try:
                 check_offload_options(config, options)
-            except ValueError as err:  # only --cache-blocks is the user's here
-                raise ValueError(f"--cache-blocks: {err}") from None
+            except ValueError as err:  # name the flag where it is the user's value
+                if "cache_blocks" in str(err):
+                    raise ValueError(f"--cache-blocks: {err}") from None
+                raise
     except (TypeError, ValueError) as err:
         return command_error("hip-attn demo", err)
     model: Any

@@ -206,6 +206,30 @@ def test_a_rollback_behind_device_steps_is_seen_even_with_an_early_selection(ran
         assert dev.tokens_since_refresh == host.tokens_since_refresh
 
 
+def test_one_length_tensor_carried_to_other_buffers_is_no_rollback(rand_qkv):
+    """The caller advances one ``length`` in place and moves to other key buffers without a
+    host call: the state must continue its selection and refresh phase, as with a new tensor."""
+    cfg = HiPConfig(k=32, block_size_q=16, block_size_k=8, sink_tokens=8, window=16,
+                    refresh_interval=16, dense_threshold=0)  # fmt: skip
+    q, k, v = rand_qkv(1, 2, 1, 256, 256, 32, seed=0)
+    phases = []
+    for same_tensor in (False, True):
+        state = HiPDecodeState()
+        hip_attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], cfg, state=state)
+        for t in range(200, 203):
+            hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], cfg, state=state)
+        length = torch.tensor([203], dtype=torch.int32, device=k.device)
+        for _ in range(6):  # set-ups only, as the device steps on these buffers would do
+            length += 1
+            state.device_buffers(k.clone(), length, cfg, 1)
+        length = length if same_tensor else length.clone()
+        length += 1
+        state.device_buffers(k.clone(), length, cfg, 1)  # other buffers, no host call between
+        assert state.indices is not None and bool((state.indices >= 0).any())
+        phases.append(state._anchor)
+    assert phases[0] == phases[1]
+
+
 def test_bad_lengths_raise(rand_qkv):
     q, k, v = rand_qkv(1, 2, 1, 1, 128, 64)
     state = HiPDecodeState()

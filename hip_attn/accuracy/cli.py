@@ -364,7 +364,7 @@ def _check_json_path(path: str | None) -> None:
     """``--json PATH`` must be writable where it says before a long run, not after it."""
     if path is not None and path != "-":
         folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.isdir(folder):
+        if not path.strip() or os.path.isdir(path) or not os.path.isdir(folder):
             raise ValueError(f"--json {path!r}: not a file in an existing folder")
 
 
