@@ -67,17 +67,21 @@ def test_cache_smaller_than_working_set_evicts_and_stays_exact():
     assert off.stats()["evictions"] > 0
 
 
-def test_one_attend_after_several_appends_sees_every_window():
+def test_one_attend_after_several_appends_serves_or_refuses():
     """Appends of 40 + 40 + 20 tokens, then one call of 60 queries (<= max_chunk): the recent
-    buffer must still hold the window of the first query (position 40)."""
+    buffer dropped the window of the first query (position 40), so the call is refused rather
+    than reading dropped keys (it returned NaN rows); the last append's queries are served."""
     cfg = HiPConfig(k=16, block_size_q=16, block_size_k=8, sink_tokens=8, window=16,
                     dense_threshold=0)  # fmt: skip
     q, k, v = qkv(1, 1, 1, 100, seed=4)
     off = offloaded(cfg, 1, 1, max_chunk=64)
     for a, b in ((0, 40), (40, 80), (80, 100)):
         off.append(k[:, :, a:b], v[:, :, a:b])
-    queries = q[:, :, 40:]
-    torch.testing.assert_close(off.attend(queries), hip_attention(queries, k, v, cfg),
+    assert off.recent_start > 24  # what the query at 40 would need
+    with pytest.raises(ValueError, match="before the recent keys still on the device"):
+        off.attend(q[:, :, 40:])
+    last = q[:, :, 80:]
+    torch.testing.assert_close(off.attend(last), hip_attention(last, k, v, cfg),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
 
 

@@ -157,9 +157,10 @@ class OffloadedKV:
 
     def _push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
         bk, n = self.config.block_size_k, k.shape[2]
-        # a later call's <= max_chunk queries are among the last max_chunk appended: the first
-        # sits at or after length + n - max_chunk, its window starts at most `window` before
-        keep = max(0, (self.length + n - self.max_chunk - self.config.window) // bk * bk)
+        # the first query of the coming call sits at self.length: its window starts at or after
+        # (keeping more would copy the buffer down every few decode steps; attend refuses
+        # queries whose window was dropped)
+        keep = max(0, (self.length - self.config.window) // bk * bk)
         keep = min(keep, self.length // bk * bk)  # the open block is needed for the tree too
         held = self.length - self.recent_start
         if held + n > self._recent_capacity:  # drop what no window can need any more
@@ -200,6 +201,18 @@ class OffloadedKV:
             raise ValueError(
                 f"q has {tq} queries; 1 to min(appended tokens, max_chunk) = "
                 f"{min(self.length, self.max_chunk)} are allowed"
+            )
+        window_start = max(
+            self.config.sink_tokens,
+            max(0, self.length - tq - self.config.window)
+            // self.config.block_size_k
+            * self.config.block_size_k,
+        )  # hip_attn.geometry.query_blocks: the first query block's, the earliest
+        if window_start < self.recent_start:
+            raise ValueError(
+                f"q has {tq} queries, back to position {self.length - tq}: their window starts "
+                f"at key {window_start}, before the recent keys still on the device (from "
+                f"{self.recent_start}); attend the queries of the last append"
             )
         scale = check_scale(scale, d)
         q = q.to(self.device)
