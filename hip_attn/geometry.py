@@ -60,6 +60,13 @@ def query_blocks(
     return QueryBlocks(start, end, n_candidates, window_start)
 
 
+def first_window_start(tq: int, tk: int, config: HiPConfig) -> int:
+    """The first key of the window of the first of ``tq`` queries ending at key ``tk`` (the
+    earliest any of them reads there), as :func:`query_blocks` places it, from host ints."""
+    candidate_end = max(tk - tq - config.window, 0) // config.block_size_k
+    return max(candidate_end * config.block_size_k, config.sink_tokens)
+
+
 def search_width(n_candidates: int, config: HiPConfig) -> int:
     """Nodes the levels before the last keep: ``beam * G``, but never fewer than the set bits
     of ``N`` (the aligned pieces of ``N`` blocks, so a start partition always exists) nor more

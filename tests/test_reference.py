@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from hip_attn import HiPConfig
-from hip_attn.geometry import first_candidate_block, query_blocks, search_width
+from hip_attn.geometry import (
+    first_candidate_block,
+    first_window_start,
+    query_blocks,
+    search_width,
+)
 from hip_attn.reference import (
     attended_keys,
     dense_attention_reference,
@@ -133,3 +138,9 @@ def test_levels_match_log_of_candidates(rand_qkv):
     # beam 1: each level scores the two halves of each kept node
     assert int(stats.scored[0, 0, 0]) <= 2 * width * levels
     assert int(stats.scored[0, 0, 0]) >= width * (levels - 1)
+
+
+@pytest.mark.parametrize("tq,tk", [(1, 100), (5, 300), (64, 1000), (100, 5000), (16, 16)])
+def test_first_window_start_is_query_blocks_first(tq, tk):
+    for cfg in (HiPConfig(), HiPConfig(k=16, block_size_q=16, sink_tokens=8, window=20)):
+        assert first_window_start(tq, tk, cfg) == int(query_blocks(tq, tk, cfg).window_start[0])

@@ -16,7 +16,7 @@ import torch
 
 from hip_attn.attention import HiPDecodeState, extended_tree, select_blocks, uses_triton
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, tree_blocks
+from hip_attn.geometry import first_candidate_block, first_window_start, tree_blocks
 from hip_attn.offload.block_cache import BlockCache
 from hip_attn.offload.gather import GATHER_METHODS, make_gather
 from hip_attn.offload.host import HostKV
@@ -202,12 +202,7 @@ class OffloadedKV:
                 f"q has {tq} queries; 1 to min(appended tokens, max_chunk) = "
                 f"{min(self.length, self.max_chunk)} are allowed"
             )
-        window_start = max(
-            self.config.sink_tokens,
-            max(0, self.length - tq - self.config.window)
-            // self.config.block_size_k
-            * self.config.block_size_k,
-        )  # hip_attn.geometry.query_blocks: the first query block's, the earliest
+        window_start = first_window_start(tq, self.length, self.config)
         if window_start < self.recent_start:
             raise ValueError(
                 f"q has {tq} queries, back to position {self.length - tq}: their window starts "
