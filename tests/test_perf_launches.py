@@ -327,12 +327,15 @@ def test_device_decode_host_work_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     import hip_attn.attention as attention
     import hip_attn.triton_kernels.attention as sparse
     import hip_attn.triton_kernels.mask as mask
+    import hip_attn.triton_kernels.tree as tree
     from hip_attn.attention import HiPDecodeState, hip_attention
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(attention, "_multiprocessors", lambda device: 132)
-    for module, name in ((mask, "_hip_mask_kernel"), (sparse, "_sparse_attention_kernel"),
-                         (sparse, "_merge_splits_kernel")):  # fmt: skip
+    # the tree kernel too: interpreted, summarizing the 4K-token prompt took a minute
+    stubbed = ((mask, "_hip_mask_kernel"), (sparse, "_sparse_attention_kernel"),
+               (sparse, "_merge_splits_kernel"), (tree, "_extend_tree_kernel"))  # fmt: skip
+    for module, name in stubbed:
         monkeypatch.setattr(module, name, _Noop())
     q, k, v = _qkv(1, 8192, 32, 8)
     state = HiPDecodeState()
