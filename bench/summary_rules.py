@@ -113,6 +113,8 @@ Run (2 cores, 1-3 min per method at 8K)::
     python bench/summary_rules.py --tokens 8192 --methods dense,hip,rep2,rep2x,rep4
     python bench/summary_rules.py --tokens 8192 --methods rep2 --query-pool-stride 1
     python bench/summary_rules.py --tokens 8192 --methods gauss --query-pool-stride 1
+    python bench/summary_rules.py --tokens 8192 --methods gausspairx --beam 2 \
+        --query-pool-stride 1 --head-sharing head
 """
 
 from __future__ import annotations
