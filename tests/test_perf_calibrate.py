@@ -88,3 +88,27 @@ def test_unreadable_or_empty_files_are_one_line_errors(
         assert roofline("--calibrate", str(path)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("hip-attn roofline: error:")
+
+
+def test_json_writes_the_fit_and_other_options_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bench.jsonl"
+    _write(path, {})
+    out = tmp_path / "fit.json"
+    assert roofline("--calibrate", str(path), "--launches", "fused", "--json", str(out)) == 0
+    fit = calibrate(path, GPU, LAUNCH_PROFILES["fused"])
+    data = json.loads(out.read_text())
+    assert data["efficiency"] == pytest.approx(fit.efficiency)
+    assert [c["method"] for c in data["cases"]] == [c.method for c in fit.cases]
+    assert [c["error"] for c in data["cases"]] == pytest.approx([c.error for c in fit.cases])
+    capsys.readouterr()
+    assert roofline("--calibrate", str(path), "--json") == 0  # to stdout, instead of the table
+    assert json.loads(capsys.readouterr().out)["gpu"] == GPU.name
+    # what the fit does not read is refused, not ignored
+    for extra in (["--context", "4k"], ["--plot", str(tmp_path / "p.png")], ["--model", "yi-34b"],
+                  ["--hip-k", "1024"], ["--compare", "dense,hip"]):  # fmt: skip
+        assert roofline("--calibrate", str(path), *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"hip-attn roofline: error: {extra[0]}")
+    assert not (tmp_path / "p.png").exists()

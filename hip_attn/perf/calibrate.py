@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,15 @@ def calibrate(path: str | Path, gpu: GPUSpec, launches: LaunchProfile) -> Calibr
         calibrated = sum(parts[op] / eff[op] for op in ops)
         cases.append(CaseFit(label, method, seconds, predicted, calibrated))
     return Calibration(gpu.name, eff, cases)
+
+
+def calibration_json(fit: Calibration) -> dict[str, Any]:
+    """The fit as JSON-ready data: the efficiencies, then every case with its error."""
+    return {
+        "gpu": fit.gpu,
+        "efficiency": dict(fit.efficiency),
+        "cases": [{**asdict(c), "error": c.error} for c in fit.cases],
+    }
 
 
 def calibration_table(fit: Calibration) -> str:

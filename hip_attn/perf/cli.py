@@ -333,11 +333,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="JSONL",
         type=arg_type(file_path, "path"),
         help="fit per-operator efficiencies to 'hip-attn bench' results (JSON lines) and print "
-        "predicted vs measured per case, for --gpu",
+        "predicted vs measured per case, for --gpu (and its overrides) and --launches; the "
+        "records give the shapes, contexts and HiP settings; --json writes the fit",
     )
     g.add_argument("--list", action="store_true", help="list model and GPU presets and exit")
-    parser.set_defaults(func=run)
+    # with --calibrate every other option would be ignored: said instead (see run)
+    not_calibrated = [
+        (action.dest, action.option_strings[0], action.default)
+        for action in parser._actions
+        if action.option_strings and action.dest not in _CALIBRATE_READS
+    ]
+    parser.set_defaults(func=run, not_calibrated=not_calibrated)
     return parser
+
+
+#: What ``--calibrate`` reads besides its file (argument names).
+_CALIBRATE_READS = frozenset(
+    {"help", "calibrate", "json", "launches", "gpu", "gpu_file", "flops", "hbm_bandwidth",
+     "host_link", "gpu_link", "hbm", "launch_latency", "memory_latency"}
+)  # fmt: skip
 
 
 class _InputError(ValueError):
@@ -423,21 +437,45 @@ def _list_presets() -> str:
     return "\n".join(lines)
 
 
+def _run_calibration(args: argparse.Namespace) -> int:
+    """``roofline --calibrate``: the fit as a table, or as JSON with ``--json``."""
+    from hip_attn.perf.calibrate import calibrate, calibration_json, calibration_table
+
+    given = [flag for dest, flag, default in args.not_calibrated if getattr(args, dest) != default]
+    try:
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: --calibrate takes the shapes, contexts and HiP settings "
+                "from the bench records; it reads --gpu (and its overrides), --launches and --json"
+            )
+        fit = calibrate(args.calibrate, _gpu(args), LAUNCH_PROFILES[args.launches])
+    except ValueError as exc:
+        print(f"hip-attn roofline: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json is None:
+        print(calibration_table(fit))
+        return 0
+    text = json.dumps(calibration_json(fit), indent=2)
+    if args.json == "-":
+        print(text)
+        return 0
+    try:
+        Path(args.json).write_text(text + "\n")
+    except OSError as exc:
+        print(f"hip-attn roofline: error: cannot write {args.json}: {exc}", file=sys.stderr)
+        return 2
+    print(calibration_table(fit))
+    print(f"JSON written to {args.json}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``hip-attn roofline``; returns the process exit status."""
     if args.list:
         print(_list_presets())
         return 0
     if args.calibrate is not None:
-        from hip_attn.perf.calibrate import calibrate, calibration_table
-
-        try:
-            fit = calibrate(args.calibrate, _gpu(args), LAUNCH_PROFILES[args.launches])
-        except ValueError as exc:
-            print(f"hip-attn roofline: error: {exc}", file=sys.stderr)
-            return 2
-        print(calibration_table(fit))
-        return 0
+        return _run_calibration(args)
     modes: list[Mode] = args.compare or [args.mode]
     try:
         sc = build_scenario(args)
