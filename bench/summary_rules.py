@@ -68,6 +68,10 @@ an exactly scored child counts its keys; a quarter of Quest's ``2N`` is 4,072):
   docs/accuracy.md ("Moment summaries at their limit"): none of the moment variants beats
   ``gauss125`` by more than 0.2 points; ``beam = 2`` with exact leaves and unpooled rows
   reaches +2.2% to +2.3%.
+* Session 12 (one selection per query head, ``--head-sharing head``): ``gauss125xg`` /
+  ``gausspairxg`` (the tree searched by the KV group's rows, its reads shared by the group, the
+  exact leaves ranked by each selection's own rows). Results in docs/accuracy.md ("One
+  selection per query head"): ``gausspairx`` per head +0.9%, ``gausspairxg`` +2.3%.
 
 Results at 8K (SmolLM2-135M, pydoc, ``k=512``; dense 10.268; run on 2 CPU cores, one thread):
 
@@ -342,6 +346,7 @@ def search_one_block(
     rerank: float = 0.0,
     leaf: float = 0.0,
     rank: int = 0,
+    leaf_rows: torch.Tensor | None = None,
 ) -> list[int]:
     """:func:`hip_attn.reference._search_one_block` with a child scored by
     ``max_j q . rep_j`` (``reps [rows, r, D]`` of one KV head), or on the last level, with
@@ -354,7 +359,8 @@ def search_one_block(
     score its bound ``relu(q) . max + min(q, 0) . min`` (reproduces ``hip``). ``gauss = a``:
     ``reps`` is the Gaussian tree ``[rows, 2 * D]`` (mean, variance; :func:`gaussian_tree`)
     and the score ``q . mu + a * sqrt(2 ln m) * sqrt(sum_d q_d**2 var_d)`` with ``m`` the
-    child's key count ``2**level * bk``."""
+    child's key count ``2**level * bk``. ``leaf_rows``: the rows that rank the exact last
+    level instead of ``rows`` (a group's search, one head's leaves)."""
     g = config.blocks_per_query_block
     if n <= g:
         return list(range(n))
@@ -383,7 +389,8 @@ def search_one_block(
         elif last and exact_last and all(lv == 0 for _, lv in children):
             blocks = torch.tensor([lo for lo, _ in children])
             pos = (first + blocks)[:, None] * bk + torch.arange(bk)
-            score = torch.einsum("pd,ckd->pck", rows, keys[pos]).amax(-1)
+            mine = rows if leaf_rows is None else leaf_rows
+            score = torch.einsum("pd,ckd->pck", mine, keys[pos]).amax(-1)
         elif gauss:
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             d = rows.shape[-1]
@@ -499,6 +506,7 @@ def make_select(  # noqa: ANN201
     rank: int = 0,
     pair: bool = False,
     iso: bool = False,
+    group_tree: bool = False,
 ):
     """``gauss = a``: the Gaussian (mean/variance) tree with ``c = a sqrt(2 ln m)``; ``box``:
     its variance replaced by the box half-width squared. ``flat``: 0 = the tree; 1 = every
@@ -519,12 +527,17 @@ def make_select(  # noqa: ANN201
             for hs in range(h_sel):
                 kv = hs * per_sel // group
                 rows = pooled[bi, hs * per_sel : (hs + 1) * per_sel].reshape(-1, pooled.shape[-1])
+                leaf_rows = None
+                if group_tree:  # the KV group's rows search, this selection's rank the leaves
+                    leaf_rows = rows
+                    rows = pooled[bi, kv * group : (kv + 1) * group].reshape(-1, rows.shape[-1])
                 if gauss:
                     blocks = search_one_block(
                         rows, state.bound[bi, kv], state.keys[bi, kv],  # type: ignore[index]
                         block.n_candidates,
                         state.n, config, scale, exact_last,
                         gauss=gauss, lse=lse, rerank=rerank, leaf=leaf, rank=rank,
+                        leaf_rows=leaf_rows,
                     )  # fmt: skip
                 elif bound:  # the library's max/min summaries as r = 2 "representatives"
                     tree = state.bound[bi, kv]  # type: ignore[index]
@@ -690,6 +703,15 @@ VARIANTS = {
         )
         for exact in (False, True)
     },  # fmt: skip
+    **{
+        f"{base}g": (
+            f"{base} whose tree is searched by the KV group's rows (its reads shared by the "
+            "group) and whose exact leaves are ranked by each selection's own rows (with "
+            "--head-sharing head: per query head)",
+            make_select(2, True, False, gauss=1.25, pair=pair, group_tree=True),
+        )
+        for base, pair in (("gauss125x", False), ("gausspairx", True))
+    },
 }
 METHODS.update(VARIANTS)
 
