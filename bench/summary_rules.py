@@ -347,6 +347,7 @@ def search_one_block(
     leaf: float = 0.0,
     rank: int = 0,
     leaf_rows: torch.Tensor | None = None,
+    visited: set[tuple[int, int]] | None = None,
 ) -> list[int]:
     """:func:`hip_attn.reference._search_one_block` with a child scored by
     ``max_j q . rep_j`` (``reps [rows, r, D]`` of one KV head), or on the last level, with
@@ -360,7 +361,8 @@ def search_one_block(
     ``reps`` is the Gaussian tree ``[rows, 2 * D]`` (mean, variance; :func:`gaussian_tree`)
     and the score ``q . mu + a * sqrt(2 ln m) * sqrt(sum_d q_d**2 var_d)`` with ``m`` the
     child's key count ``2**level * bk``. ``leaf_rows``: the rows that rank the exact last
-    level instead of ``rows`` (a group's search, one head's leaves)."""
+    level instead of ``rows`` (a group's search, one head's leaves). ``visited`` collects the
+    children scored, as ``(level, first block)``, level ``-1`` for exact leaves."""
     g = config.blocks_per_query_block
     if n <= g:
         return list(range(n))
@@ -374,6 +376,9 @@ def search_one_block(
             halves = [lo, lo + (1 << level - 1)] if level else [lo]
             children += [(c, max(level - 1, 0)) for c in halves]
         last = step == levels - 1
+        if visited is not None:  # level -1: a block whose keys were read (exact leaves)
+            leaves = last and exact_last and all(lv == 0 for _, lv in children)
+            visited.update((-1 if leaves else lv, lo) for lo, lv in children)
         if exact_all == "coarse" and last:
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             score = torch.einsum("pd,crd->pcr", rows, summary).amax(-1)
@@ -507,6 +512,7 @@ def make_select(  # noqa: ANN201
     pair: bool = False,
     iso: bool = False,
     group_tree: bool = False,
+    union: bool = False,
 ):
     """``gauss = a``: the Gaussian (mean/variance) tree with ``c = a sqrt(2 ln m)``; ``box``:
     its variance replaced by the box half-width squared. ``flat``: 0 = the tree; 1 = every
@@ -523,6 +529,8 @@ def make_select(  # noqa: ANN201
         scale = block.q.shape[-1] ** -0.5
         pooled = pool_queries(block.q, config).float()  # [B, Hq, P, D]
         out = torch.full((b, h_sel, 1, g), -1, dtype=torch.int32)
+        # with ``union``: the children each KV head's selections score, counted once per KV head
+        seen: dict[tuple[int, int], set[tuple[int, int]]] = {}
         for bi in range(b):
             for hs in range(h_sel):
                 kv = hs * per_sel // group
@@ -537,7 +545,7 @@ def make_select(  # noqa: ANN201
                         block.n_candidates,
                         state.n, config, scale, exact_last,
                         gauss=gauss, lse=lse, rerank=rerank, leaf=leaf, rank=rank,
-                        leaf_rows=leaf_rows,
+                        leaf_rows=leaf_rows, visited=seen.setdefault((bi, kv), set()),
                     )  # fmt: skip
                 elif bound:  # the library's max/min summaries as r = 2 "representatives"
                     tree = state.bound[bi, kv]  # type: ignore[index]
@@ -556,7 +564,20 @@ def make_select(  # noqa: ANN201
                         state.n, config, scale, exact_last, exact_all, exact_from,
                     )  # fmt: skip
                 out[bi, hs, 0, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32) + first
+        if union and seen:
+            return Selection(out.to(block.q.device), config, union_reads(seen, config))
         return Selection(out.to(block.q.device), config, reads(block.n_candidates, config))
+
+    def union_reads(seen: dict[tuple[int, int], set[tuple[int, int]]], config: HiPConfig) -> int:
+        """Key-sized vectors per KV head (averaged) when a group's searches share their loads:
+        each distinct child once, a summary (1.5 or 2 vectors) or, exact, its block's keys."""
+        per_child = 1.5 if pair else 2
+        total = sum(
+            config.block_size_k if lv < 0 else per_child
+            for nodes in seen.values()
+            for lv, _ in nodes
+        )
+        return round(total / len(seen))
 
     def reads(n: int, config: HiPConfig) -> int:
         """Key-sized vectors the selection reads per query block and selection head."""
@@ -712,6 +733,12 @@ VARIANTS = {
         )
         for base, pair in (("gauss125x", False), ("gausspairx", True))
     },
+    "gausspairxu": (
+        "gausspairx whose reads are counted per KV head: the distinct children its group's "
+        "selections score (with --head-sharing head, what a kernel sharing the group's loads "
+        "would read)",
+        make_select(2, True, False, gauss=1.25, pair=True, union=True),
+    ),
 }
 METHODS.update(VARIANTS)
 

@@ -107,8 +107,13 @@ def test_json_writes_the_fit_and_other_options_are_refused(
     assert json.loads(capsys.readouterr().out)["gpu"] == GPU.name
     # what the fit does not read is refused, not ignored
     for extra in (["--context", "4k"], ["--plot", str(tmp_path / "p.png")], ["--model", "yi-34b"],
-                  ["--hip-k", "1024"], ["--compare", "dense,hip"]):  # fmt: skip
+                  ["--hip-k", "1024"], ["--compare", "dense,hip"], ["--hbm", "100"],
+                  ["--list"]):  # fmt: skip
         assert roofline("--calibrate", str(path), *extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"hip-attn roofline: error: {extra[0]}")
     assert not (tmp_path / "p.png").exists()
+    # what it does read: the GPU's peaks and latencies change the fit
+    faster = tmp_path / "faster.json"
+    assert roofline("--calibrate", str(path), "--flops", "2000", "--json", str(faster)) == 0
+    assert json.loads(faster.read_text())["efficiency"] != data["efficiency"]

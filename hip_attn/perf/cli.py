@@ -347,10 +347,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-#: What ``--calibrate`` reads besides its file (argument names).
+#: What ``--calibrate`` reads besides its file (argument names): the fit predicts one GPU's
+#: attention, so of the GPU only its peaks and latencies matter (not HBM size or links).
 _CALIBRATE_READS = frozenset(
     {"help", "calibrate", "json", "launches", "gpu", "gpu_file", "flops", "hbm_bandwidth",
-     "host_link", "gpu_link", "hbm", "launch_latency", "memory_latency"}
+     "launch_latency", "memory_latency"}
 )  # fmt: skip
 
 
@@ -445,8 +446,9 @@ def _run_calibration(args: argparse.Namespace) -> int:
     try:
         if given:
             raise ValueError(
-                f"{', '.join(given)}: --calibrate takes the shapes, contexts and HiP settings "
-                "from the bench records; it reads --gpu (and its overrides), --launches and --json"
+                f"{', '.join(given)}: not used by --calibrate (the bench records give the shapes, "
+                "contexts and HiP settings); it reads --gpu, --gpu-file, --flops, "
+                "--hbm-bandwidth, --launch-latency, --memory-latency, --launches and --json"
             )
         fit = calibrate(args.calibrate, _gpu(args), LAUNCH_PROFILES[args.launches])
     except ValueError as exc:
@@ -471,11 +473,11 @@ def _run_calibration(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hip-attn roofline``; returns the process exit status."""
+    if args.calibrate is not None:
+        return _run_calibration(args)
     if args.list:
         print(_list_presets())
         return 0
-    if args.calibrate is not None:
-        return _run_calibration(args)
     modes: list[Mode] = args.compare or [args.mode]
     try:
         sc = build_scenario(args)
