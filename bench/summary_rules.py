@@ -72,6 +72,9 @@ an exactly scored child counts its keys; a quarter of Quest's ``2N`` is 4,072):
   ``gausspairxg`` (the tree searched by the KV group's rows, its reads shared by the group, the
   exact leaves ranked by each selection's own rows). Results in docs/accuracy.md ("One
   selection per query head"): ``gausspairx`` per head +0.9%, ``gausspairxg`` +2.3%.
+  ``gausspairxu``: ``gausspairx`` with its reads counted per KV head (the distinct children
+  its group's searches score); ``gausspairxh15`` / ``gausspairxh2``: the same with the leaves
+  scored on half the dimensions and their top 1.5 G / 2 G re-ranked on all (+0.9%).
 
 Results at 8K (SmolLM2-135M, pydoc, ``k=512``; dense 10.268; run on 2 CPU cores, one thread):
 
@@ -348,6 +351,7 @@ def search_one_block(
     rank: int = 0,
     leaf_rows: torch.Tensor | None = None,
     visited: set[tuple[int, int]] | None = None,
+    half: bool = False,
 ) -> list[int]:
     """:func:`hip_attn.reference._search_one_block` with a child scored by
     ``max_j q . rep_j`` (``reps [rows, r, D]`` of one KV head), or on the last level, with
@@ -362,7 +366,11 @@ def search_one_block(
     and the score ``q . mu + a * sqrt(2 ln m) * sqrt(sum_d q_d**2 var_d)`` with ``m`` the
     child's key count ``2**level * bk``. ``leaf_rows``: the rows that rank the exact last
     level instead of ``rows`` (a group's search, one head's leaves). ``visited`` collects the
-    children scored, as ``(level, first block)``, level ``-1`` for exact leaves."""
+    children scored, as ``(level, first block)``, level ``-1`` for exact leaves (``-3``: on
+    half the dimensions, ``-2``: a short list's other half). ``half``: the exact leaves are
+    scored on the 16 RoPE pairs (of 32) with the largest ``sum_rows q_p**2 * E[k_p**2]`` over
+    the candidates (what the tree's root summary holds), and ``rerank`` re-ranks their short
+    list on the other half too."""
     g = config.blocks_per_query_block
     if n <= g:
         return list(range(n))
@@ -378,7 +386,8 @@ def search_one_block(
         last = step == levels - 1
         if visited is not None:  # level -1: a block whose keys were read (exact leaves)
             leaves = last and exact_last and all(lv == 0 for _, lv in children)
-            visited.update((-1 if leaves else lv, lo) for lo, lv in children)
+            tag = (-3 if half else -1) if leaves else None
+            visited.update((lv if tag is None else tag, lo) for lo, lv in children)
         if exact_all == "coarse" and last:
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             score = torch.einsum("pd,crd->pcr", rows, summary).amax(-1)
@@ -395,7 +404,11 @@ def search_one_block(
             blocks = torch.tensor([lo for lo, _ in children])
             pos = (first + blocks)[:, None] * bk + torch.arange(bk)
             mine = rows if leaf_rows is None else leaf_rows
-            score = torch.einsum("pd,ckd->pck", mine, keys[pos]).amax(-1)
+            if half:
+                dims = _top_pairs(mine, keys[first * bk : (first + n) * bk])
+                score = torch.einsum("pd,ckd->pck", mine[:, dims], keys[pos][..., dims]).amax(-1)
+            else:
+                score = torch.einsum("pd,ckd->pck", mine, keys[pos]).amax(-1)
         elif gauss:
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             d = rows.shape[-1]
@@ -425,6 +438,8 @@ def search_one_block(
         best = sorted(range(len(children)), key=lambda i: (-child_scores[i], children[i][0]))
         nodes = [children[i] for i in best[:keep]]
     if rerank and len(nodes) > g:  # the short list re-ranked by exact max logits
+        if visited is not None and half:
+            visited.update((-2, lo) for lo, _ in nodes)
         blocks = torch.tensor([lo for lo, _ in nodes])
         pos = (first + blocks)[:, None] * bk + torch.arange(bk)
         score = torch.einsum("pd,ckd->pck", rows, keys[pos]).amax(-1)
@@ -433,6 +448,15 @@ def search_one_block(
         best = sorted(range(len(nodes)), key=lambda i: (-child_scores[i], nodes[i][0]))
         nodes = [nodes[i] for i in best[:g]]
     return sorted(lo for lo, _ in nodes)
+
+
+def _top_pairs(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The dimensions of the half of the RoPE pairs ``(d, d + D/2)`` with the largest
+    ``sum_rows q_p**2 * mean_keys k_p**2``."""
+    h = rows.shape[-1] // 2
+    q2, k2 = (rows**2).sum(0), (keys**2).mean(0)
+    top = ((q2[:h] + q2[h:]) * (k2[:h] + k2[h:])).topk(h // 2).indices
+    return torch.cat([top, top + h])
 
 
 def representative_reads(
@@ -513,6 +537,7 @@ def make_select(  # noqa: ANN201
     iso: bool = False,
     group_tree: bool = False,
     union: bool = False,
+    half: bool = False,
 ):
     """``gauss = a``: the Gaussian (mean/variance) tree with ``c = a sqrt(2 ln m)``; ``box``:
     its variance replaced by the box half-width squared. ``flat``: 0 = the tree; 1 = every
@@ -546,6 +571,7 @@ def make_select(  # noqa: ANN201
                         state.n, config, scale, exact_last,
                         gauss=gauss, lse=lse, rerank=rerank, leaf=leaf, rank=rank,
                         leaf_rows=leaf_rows, visited=seen.setdefault((bi, kv), set()),
+                        half=half,
                     )  # fmt: skip
                 elif bound:  # the library's max/min summaries as r = 2 "representatives"
                     tree = state.bound[bi, kv]  # type: ignore[index]
@@ -572,15 +598,19 @@ def make_select(  # noqa: ANN201
         """Key-sized vectors per KV head (averaged) when a group's searches share their loads:
         each distinct child once, a summary (1.5 or 2 vectors) or, exact, its block's keys."""
         per_child = 1.5 if pair else 2
-        total = sum(
-            config.block_size_k if lv < 0 else per_child
-            for nodes in seen.values()
-            for lv, _ in nodes
-        )
+        keys = {-1: config.block_size_k, -2: config.block_size_k / 2, -3: config.block_size_k / 2}
+        total = sum(keys[lv] if lv < 0 else per_child for nodes in seen.values() for lv, _ in nodes)
         return round(total / len(seen))
 
     def reads(n: int, config: HiPConfig) -> int:
         """Key-sized vectors the selection reads per query block and selection head."""
+        if half:  # leaf keys on half the dimensions, then the short list's other half
+            summaries = representative_reads(n, config, 1, True) - representative_reads(
+                n, config, 0, True
+            )
+            leaves = representative_reads(n, config, 0, True)
+            short = int(rerank * config.blocks_per_query_block) * config.block_size_k
+            return round((1.5 if pair else 2) * summaries + leaves / 2 + short / 2)
         if gauss and (pair or rank or iso):  # summaries of 1.5 (pair), 1 (iso), 2 + rank vectors
             per_child = 1.5 if pair else 1 if iso else 2 + rank
             summaries = representative_reads(n, config, 1, exact_last) - (
@@ -732,6 +762,14 @@ VARIANTS = {
             make_select(2, True, False, gauss=1.25, pair=pair, group_tree=True),
         )
         for base, pair in (("gauss125x", False), ("gausspairx", True))
+    },
+    **{
+        f"gausspairxh{tag}": (
+            f"gausspairxu with the leaves scored on half the dimensions (the RoPE pairs that "
+            f"matter most for the rows) and their top {m} G re-ranked on all of them",
+            make_select(2, True, False, gauss=1.25, pair=True, union=True, half=True, rerank=m),
+        )
+        for tag, m in (("15", 1.5), ("2", 2.0))
     },
     "gausspairxu": (
         "gausspairx whose reads are counted per KV head: the distinct children its group's "

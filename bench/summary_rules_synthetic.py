@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help=f"from {', '.join(['oracle', 'quest', 'hip', *GAUSSIAN])}",
     )
+    parser.add_argument(
+        "--sample",
+        type=comma_list(int, "two counts"),
+        default=[2, 14],
+        metavar="LAST,SPREAD",
+        help="query blocks scored per context: the last LAST and SPREAD spread over the rest "
+        "(2,14; 2,0: the last two only)",
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     add_hip_arguments(parser)
     args = parser.parse_args(argv)  # fmt: skip
@@ -80,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods: unknown {unknown}")
     torch.set_num_threads(1)
     config = hip_config_from_args(args)
+    if len(args.sample) != 2 or min(args.sample) < 0 or sum(args.sample) == 0:
+        parser.error(f"--sample: two counts >= 0, not both 0; got {args.sample}")
     result = run_accuracy(args.context, config, methods=args.methods, seeds=(0, 1),
-                          sample_last=2, sample_spread=14)  # fmt: skip
+                          sample_last=args.sample[0], sample_spread=args.sample[1])  # fmt: skip
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
