@@ -333,11 +333,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="JSONL",
         type=arg_type(file_path, "path"),
         help="fit per-operator efficiencies to 'hip-attn bench' results (JSON lines) and print "
-        "predicted vs measured per case, for --gpu (and its overrides) and --launches; the "
-        "records give the shapes, contexts and HiP settings; --json writes the fit",
+        "predicted vs measured per case, for --gpu (its peaks and latencies) and --launches; "
+        "the records give the shapes, contexts and HiP settings; --json writes the fit",
     )
     g.add_argument("--list", action="store_true", help="list model and GPU presets and exit")
-    # with --calibrate every other option would be ignored: said instead (see run)
+    # with --calibrate every other option would be ignored: said instead (_run_calibration)
     not_calibrated = [
         (action.dest, action.option_strings[0], action.default)
         for action in parser._actions
