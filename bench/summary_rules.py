@@ -73,8 +73,8 @@ an exactly scored child counts its keys; a quarter of Quest's ``2N`` is 4,072):
   exact leaves ranked by each selection's own rows). Results in docs/accuracy.md ("One
   selection per query head"): ``gausspairx`` per head +0.9%, ``gausspairxg`` +2.3%.
   ``gausspairxu``: ``gausspairx`` with its reads counted per KV head (the distinct children
-  its group's searches score); ``gausspairxh15`` / ``gausspairxh2``: the same with the leaves
-  scored on half the dimensions and their top 1.5 G / 2 G re-ranked on all (+0.9%).
+  its group's searches score); ``gausspairxh15``: the same with the leaves scored on half the
+  dimensions and their top 1.5 G re-ranked on all.
 
 Results at 8K (SmolLM2-135M, pydoc, ``k=512``; dense 10.268; run on 2 CPU cores, one thread):
 
@@ -352,6 +352,7 @@ def search_one_block(
     leaf_rows: torch.Tensor | None = None,
     visited: set[tuple[int, int]] | None = None,
     half: bool = False,
+    pair_rows: torch.Tensor | None = None,
 ) -> list[int]:
     """:func:`hip_attn.reference._search_one_block` with a child scored by
     ``max_j q . rep_j`` (``reps [rows, r, D]`` of one KV head), or on the last level, with
@@ -369,8 +370,9 @@ def search_one_block(
     children scored, as ``(level, first block)``, level ``-1`` for exact leaves (``-3``: on
     half the dimensions, ``-2``: a short list's other half). ``half``: the exact leaves are
     scored on the 16 RoPE pairs (of 32) with the largest ``sum_rows q_p**2 * E[k_p**2]`` over
-    the candidates (what the tree's root summary holds), and ``rerank`` re-ranks their short
-    list on the other half too."""
+    the candidates (what the summaries covering them hold), the rows being ``pair_rows`` (a KV
+    group's, so that its searches read the same half) or ``rows``, and ``rerank`` re-ranks
+    their short list on the other half too."""
     g = config.blocks_per_query_block
     if n <= g:
         return list(range(n))
@@ -405,7 +407,8 @@ def search_one_block(
             pos = (first + blocks)[:, None] * bk + torch.arange(bk)
             mine = rows if leaf_rows is None else leaf_rows
             if half:
-                dims = _top_pairs(mine, keys[first * bk : (first + n) * bk])
+                chooser = mine if pair_rows is None else pair_rows
+                dims = _top_pairs(chooser, keys[first * bk : (first + n) * bk])
                 score = torch.einsum("pd,ckd->pck", mine[:, dims], keys[pos][..., dims]).amax(-1)
             else:
                 score = torch.einsum("pd,ckd->pck", mine, keys[pos]).amax(-1)
@@ -560,10 +563,10 @@ def make_select(  # noqa: ANN201
             for hs in range(h_sel):
                 kv = hs * per_sel // group
                 rows = pooled[bi, hs * per_sel : (hs + 1) * per_sel].reshape(-1, pooled.shape[-1])
+                group_rows = pooled[bi, kv * group : (kv + 1) * group].reshape(-1, rows.shape[-1])
                 leaf_rows = None
                 if group_tree:  # the KV group's rows search, this selection's rank the leaves
-                    leaf_rows = rows
-                    rows = pooled[bi, kv * group : (kv + 1) * group].reshape(-1, rows.shape[-1])
+                    leaf_rows, rows = rows, group_rows
                 if gauss:
                     blocks = search_one_block(
                         rows, state.bound[bi, kv], state.keys[bi, kv],  # type: ignore[index]
@@ -571,7 +574,7 @@ def make_select(  # noqa: ANN201
                         state.n, config, scale, exact_last,
                         gauss=gauss, lse=lse, rerank=rerank, leaf=leaf, rank=rank,
                         leaf_rows=leaf_rows, visited=seen.setdefault((bi, kv), set()),
-                        half=half,
+                        half=half, pair_rows=group_rows if half else None,
                     )  # fmt: skip
                 elif bound:  # the library's max/min summaries as r = 2 "representatives"
                     tree = state.bound[bi, kv]  # type: ignore[index]
@@ -610,6 +613,7 @@ def make_select(  # noqa: ANN201
             )
             leaves = representative_reads(n, config, 0, True)
             short = int(rerank * config.blocks_per_query_block) * config.block_size_k
+            short *= search_levels(n, config) > 0
             return round((1.5 if pair else 2) * summaries + leaves / 2 + short / 2)
         if gauss and (pair or rank or iso):  # summaries of 1.5 (pair), 1 (iso), 2 + rank vectors
             per_child = 1.5 if pair else 1 if iso else 2 + rank
@@ -763,14 +767,11 @@ VARIANTS = {
         )
         for base, pair in (("gauss125x", False), ("gausspairx", True))
     },
-    **{
-        f"gausspairxh{tag}": (
-            f"gausspairxu with the leaves scored on half the dimensions (the RoPE pairs that "
-            f"matter most for the rows) and their top {m} G re-ranked on all of them",
-            make_select(2, True, False, gauss=1.25, pair=True, union=True, half=True, rerank=m),
-        )
-        for tag, m in (("15", 1.5), ("2", 2.0))
-    },
+    "gausspairxh15": (
+        "gausspairxu with the leaves scored on half the dimensions (the RoPE pairs that matter "
+        "most for the KV group's rows) and their top 1.5 G re-ranked on all of them",
+        make_select(2, True, False, gauss=1.25, pair=True, union=True, half=True, rerank=1.5),
+    ),
     "gausspairxu": (
         "gausspairx whose reads are counted per KV head: the distinct children its group's "
         "selections score (with --head-sharing head, what a kernel sharing the group's loads "
