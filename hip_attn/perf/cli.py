@@ -438,6 +438,16 @@ def _list_presets() -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: str, text: str) -> bool:
+    """Write ``text`` to ``path``; False (said in one line) when it cannot be written."""
+    try:
+        Path(path).write_text(text + "\n")
+    except OSError as exc:
+        print(f"hip-attn roofline: error: cannot write {path}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _run_calibration(args: argparse.Namespace) -> int:
     """``roofline --calibrate``: the fit as a table, or as JSON with ``--json``."""
     from hip_attn.perf.calibrate import calibrate, calibration_json, calibration_table
@@ -461,10 +471,7 @@ def _run_calibration(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(text)
         return 0
-    try:
-        Path(args.json).write_text(text + "\n")
-    except OSError as exc:
-        print(f"hip-attn roofline: error: cannot write {args.json}: {exc}", file=sys.stderr)
+    if not _write_json(args.json, text):
         return 2
     print(calibration_table(fit))
     print(f"JSON written to {args.json}")
@@ -496,10 +503,7 @@ def run(args: argparse.Namespace) -> int:
         if json_to_stdout:
             print(text)
         else:
-            try:
-                Path(args.json).write_text(text + "\n")
-            except OSError as exc:
-                print(f"hip-attn roofline: error: cannot write {args.json}: {exc}", file=sys.stderr)
+            if not _write_json(args.json, text):
                 return 2
     if not json_to_stdout:
         print(table(sc, estimates))
