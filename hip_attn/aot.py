@@ -231,7 +231,8 @@ def _record_hip(
             )  # fmt: skip
         else:
             tree = summary_tree(k, config, kernels=True)  # the tree kernel builds it (meta)
-            indices, _ = estimate_mask_triton(q, tree, tk, config, h_sel, scale)
+            done = tree_blocks(tk, config)  # complete: keys only for leaf_scores="keys"
+            indices, _ = estimate_mask_triton(q, tree, tk, config, h_sel, scale, keys=k, done=done)
         kv = KVSegments.full(k, v)
         if offload:  # sinks, slots and window in their own buffers, read through the table
             cache_k = torch.empty(
@@ -301,8 +302,15 @@ def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     dims = [128] if quick else [64, 128]
     out = []
-    for sharing in ("kv_group", "head"):
-        config = HiPConfig(head_sharing=sharing)
+    configs = {
+        "kv_group": HiPConfig(),
+        "head": HiPConfig(head_sharing="head"),
+        # the README's quality setting: its leaves read keys (no offload yet)
+        "head, beam 2, s 1, keys at the leaves": HiPConfig(
+            head_sharing="head", beam=2, query_pool_stride=1, leaf_scores="keys"
+        ),
+    }
+    for sharing, config in configs.items():
         for dtype in dtypes:
             for d in dims:
                 tag = f"{str(dtype).removeprefix('torch.')} D={d} {sharing}"
@@ -312,7 +320,9 @@ def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
                     ("offloaded decode at 1M", 1, 1, 1 << 20, True),
                     ("decode at 1M, batch 4 (int64 offsets)", 4, 1, 1 << 20, False),
                 ):
-                    if quick and sharing == "head" and mode != "decode at 1M":
+                    if quick and sharing != "kv_group" and mode != "decode at 1M":
+                        continue
+                    if offload and config.leaf_scores == "keys":
                         continue
                     launches = _record_hip(batch, tq, tk, dtype, d, config, sms, offload)
                     out.append(Variant(f"{mode}, {tag}", launches))
@@ -351,7 +361,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="bf16 and head dim 128 only (and of head_sharing='head', decode only)",
+        help="bf16 and head dim 128 only (and of the head_sharing='head' configs, decode only)",
     )
     p.add_argument(
         "--only", choices=["mask", "attention"], default=None, help="compile one kernel only"

@@ -371,11 +371,17 @@ def _selection_heads(q: torch.Tensor, kv_heads: int, config: HiPConfig) -> int:
 
 
 def search_tree(
-    q: torch.Tensor, tree: torch.Tensor | SummaryTree, tk: int, config: HiPConfig, scale: float
+    q: torch.Tensor,
+    tree: torch.Tensor | SummaryTree,
+    tk: int,
+    config: HiPConfig,
+    scale: float,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The selection of ``q`` over ``tk`` keys from their summary tree ``tree``
-    (:func:`~hip_attn.geometry.node_summaries`, or a :class:`SummaryTree` still to extend):
-    all the search reads, on or off the GPU.
+    (:func:`~hip_attn.geometry.node_summaries`, or a :class:`SummaryTree` still to extend) and,
+    with ``leaf_scores="keys"``, the keys ``keys`` it summarizes (the last level reads the
+    candidate blocks'): all the search reads, on or off the GPU.
 
     The selection is at most as wide as the context has candidates
     (:func:`~hip_attn.geometry.selection_config`)."""
@@ -384,9 +390,11 @@ def search_tree(
     if not uses_triton(q.device):
         if summary.keys is not None:  # HiPDecodeState leaves none to the reference
             raise ValueError("the PyTorch reference searches complete summary trees only")
-        return search_reference(q, summary.tree, tk, config, scale)[0]
+        return search_reference(q, summary.tree, tk, config, scale, keys=keys)[0]
     from hip_attn.triton_kernels.mask import estimate_mask_triton
 
+    if summary.keys is None and config.leaf_scores == "keys":  # a complete tree
+        summary = SummaryTree(summary.tree, keys, tree_blocks(tk, config))
     indices, _ = estimate_mask_triton(
         q,
         summary.tree,
@@ -408,16 +416,17 @@ def select_blocks(
     scale: float,
     state: HiPDecodeState | None,
     kv_heads: int,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The selection for this call: estimated afresh from the summary tree ``summaries()``
-    returns (called only then), or reused from ``state`` between decode refreshes (see
-    :class:`HiPDecodeState`)."""
+    returns (called only then) and the ``keys`` it summarizes (see :func:`search_tree`), or
+    reused from ``state`` between decode refreshes (see :class:`HiPDecodeState`)."""
     if state is None:
-        return search_tree(q, summaries(), tk, config, scale)
+        return search_tree(q, summaries(), tk, config, scale, keys)
     if q.shape[2] > config.block_size_q:
         state.reset()
         state.follow(q.shape[2], tk, config)
-        return search_tree(q, summaries(), tk, config, scale)
+        return search_tree(q, summaries(), tk, config, scale, keys)
     h_sel = _selection_heads(q, kv_heads, config)
     expected = (q.shape[0], h_sel, 1)  # the width follows the context (see search_tree)
     if state.indices is not None and tuple(state.indices.shape[:3]) != expected:
@@ -429,7 +438,7 @@ def select_blocks(
     state.follow(q.shape[2], tk, config)
     tq = q.shape[2]
     if state.indices is None or state.tokens_since_refresh + tq > config.refresh_interval:
-        state.indices = search_tree(q, summaries(), tk, config, scale)
+        state.indices = search_tree(q, summaries(), tk, config, scale, keys)
         state.tokens_since_refresh = 0
         state.refreshes += 1
     state.tokens_since_refresh += tq
@@ -462,7 +471,7 @@ def estimate_mask(
     config = check_config(config)
     check_qkv(q, k)
     scale = check_scale(scale, q.shape[-1])
-    return search_tree(q, summary_tree(k, config), k.shape[2], config, scale)
+    return search_tree(q, summary_tree(k, config), k.shape[2], config, scale, k)
 
 
 def _multiprocessors(device: torch.device) -> int | None:
@@ -592,7 +601,7 @@ def hip_attention(
     if uses_triton(q.device):  # before any launch: the kernels have no backward
         check_inference_only(q, k, v)
     tree = (lambda: state.summaries(k, config)) if state else (lambda: summary_tree(k, config))
-    indices = select_blocks(q, tree, k.shape[2], config, scale, state, k.shape[1])
+    indices = select_blocks(q, tree, k.shape[2], config, scale, state, k.shape[1], k)
     return _sparse(q, k, v, indices, config, scale)
 
 

@@ -168,6 +168,8 @@ _HIP_FLAGS: tuple[tuple[str, str, Callable[[str], int] | tuple[str, ...], str | 
     ("--head-sharing", "head_sharing", ("kv_group", "head"), None,
      "one selection per KV head or per query head"),
     ("--beam", "beam", positive_int, "N", "search width multiplier"),
+    ("--leaf-scores", "leaf_scores", ("summary", "keys"), None,
+     "rank the last level's blocks by their summaries or by their keys' exact logits"),
     ("--refresh-interval", "refresh_interval", positive_int, "STEPS",
      "decode steps between re-estimations of the selection"),
     ("--dense-threshold", "dense_threshold", non_negative_int, "TOKENS",

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 HeadSharing = Literal["kv_group", "head"]
+LeafScores = Literal["summary", "keys"]
 
 
 #: The largest value of an int field: token positions are int32 in the kernels.
@@ -38,6 +39,10 @@ class HiPConfig:
         dense_threshold: at or below this many keys, exact dense attention runs instead.
             ``None`` derives it as ``sink_tokens + k + window``; ``0`` always runs sparse.
         dense_layers: layer indices that stay dense (used by the model patches).
+        leaf_scores: how the last level ranks single key blocks: ``"summary"`` by the block's
+            node summary (one mean and one variance vector read), ``"keys"`` by each pooled
+            row's exact largest logit over the block's ``block_size_k`` keys (those keys read;
+            the selection the tree's estimates cannot make for a short span, docs/accuracy.md).
     """
 
     k: int = 512
@@ -51,6 +56,7 @@ class HiPConfig:
     refresh_interval: int = 8
     dense_threshold: int | None = None
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    leaf_scores: LeafScores = "summary"
 
     def __post_init__(self) -> None:
         ints = (
@@ -108,6 +114,10 @@ class HiPConfig:
         if self.head_sharing not in ("kv_group", "head"):
             raise ValueError(
                 f"HiPConfig.head_sharing must be 'kv_group' or 'head', got {self.head_sharing!r}"
+            )
+        if self.leaf_scores not in ("summary", "keys"):
+            raise ValueError(
+                f"HiPConfig.leaf_scores must be 'summary' or 'keys', got {self.leaf_scores!r}"
             )
         threshold = self.dense_threshold
         if threshold is not None:

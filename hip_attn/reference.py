@@ -36,7 +36,8 @@ class SearchStats:
 
     ``scored`` counts children scored: each costs one node summary read and one estimate (two
     dot products of length ``D``) per pooled query row (and per query head of the group with
-    ``head_sharing="kv_group"``).
+    ``head_sharing="kv_group"``); with ``leaf_scores="keys"`` a child of the last level costs
+    its ``block_size_k`` keys read and as many dot products per row instead.
     ``n_candidates`` is N, the candidate blocks each search ran over.
     """
 
@@ -86,10 +87,12 @@ def _search_one_block(
     n: int,
     config: HiPConfig,
     scale: float,
+    keys: torch.Tensor | None = None,
 ) -> tuple[list[int], int]:
     """The tree search for one query block. ``rows`` holds its pooled query rows ``[P, D]``
     (all heads of the group stacked), ``squares`` their elementwise squares rounded to the
-    queries' dtype, ``tree`` the node summaries (:func:`node_summaries`).
+    queries' dtype, ``tree`` the node summaries (:func:`node_summaries`), ``keys`` (``[T, D]``,
+    with ``leaf_scores="keys"``) the keys the tree summarizes.
     Returns the selected candidate blocks (relative to the first candidate, ascending) and the
     number of children scored."""
     g = config.blocks_per_query_block
@@ -107,10 +110,15 @@ def _search_one_block(
         for lo, level in nodes:  # a single block passes on as is
             halves = [lo, lo + (1 << level - 1)] if level else [lo]
             children += [(c, max(level - 1, 0)) for c in halves]
-        summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
-        spread = spreads[[lv for _, lv in children]]
-        # [P, children]: each row's estimate of its largest logit against the child's keys
-        estimate = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
+        if keys is not None and step == levels - 1:  # single blocks: their exact max logit
+            first_key = first_candidate_block(config) + torch.tensor([lo for lo, _ in children])
+            pos = first_key[:, None] * config.block_size_k + torch.arange(config.block_size_k)
+            estimate = torch.einsum("pd,ckd->pck", rows, keys[pos]).amax(dim=-1)
+        else:
+            summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
+            spread = spreads[[lv for _, lv in children]]
+            # [P, children]: each row's estimate of its largest logit against the child's keys
+            estimate = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
         # each row spreads one unit of estimated attention over the children, so rows that
         # match many children alike (filler) cannot outvote a row focused on a few
         p = torch.exp((estimate - estimate.amax(dim=1, keepdim=True)) * scale)
@@ -128,17 +136,29 @@ def estimate_mask_reference(
     """Selected key blocks ``[B, H_sel, n_query_blocks, G]`` (int32, ascending, ``-1`` padded)
     and the work the search did."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return search_reference(q, node_summaries(k, config), k.shape[-2], config, scale)
+    return search_reference(q, node_summaries(k, config), k.shape[-2], config, scale, keys=k)
 
 
 def search_reference(
-    q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, scale: float
+    q: torch.Tensor,
+    tree: torch.Tensor,
+    tk: int,
+    config: HiPConfig,
+    scale: float,
+    *,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SearchStats]:
     """:func:`estimate_mask_reference` from the summary tree ``tree`` of ``tk`` keys
-    (:func:`~hip_attn.geometry.node_summaries`): the search reads nothing else. The selection
-    is at most as wide as the context has candidates
+    (:func:`~hip_attn.geometry.node_summaries`) and, with ``leaf_scores="keys"``, the keys
+    ``keys`` ``[B, Hkv, >= tk, D]`` of the candidate blocks the last level ranks: the search
+    reads nothing else. The selection is at most as wide as the context has candidates
     (:func:`~hip_attn.geometry.selection_config`)."""
     b, hq, tq, _ = q.shape
+    leaf_keys = None
+    if config.leaf_scores == "keys":
+        if keys is None:
+            raise ValueError("leaf_scores='keys' needs the keys the tree summarizes (keys=)")
+        leaf_keys = keys.float()
     config = selection_config(tq, tk, config)
     hkv = tree.shape[1]
     group = hq // hkv
@@ -169,6 +189,7 @@ def search_reference(
                 blocks, work = _search_one_block(
                     rows.reshape(-1, rows.shape[-1]), sq.reshape(-1, sq.shape[-1]),
                     tree[bi, kv_head], n, config, scale,
+                    None if leaf_keys is None else leaf_keys[bi, kv_head],
                 )  # fmt: skip
                 out[bi, hs, j, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32) + first
                 scored[bi, hs, j] = work

@@ -7,6 +7,7 @@ def test_defaults_follow_the_design():
     cfg = HiPConfig()
     assert (cfg.k, cfg.block_size_q, cfg.block_size_k, cfg.query_pool_stride) == (512, 64, 8, 2)
     assert (cfg.sink_tokens, cfg.window, cfg.head_sharing) == (64, 256, "kv_group")
+    assert cfg.leaf_scores == "summary"
     assert cfg.blocks_per_query_block == 64
     assert cfg.replace(k=1024).blocks_per_query_block == 128
 
@@ -26,6 +27,7 @@ def test_defaults_follow_the_design():
         ({"refresh_interval": 300}, "refresh_interval"),
         ({"refresh_interval": 0}, "refresh_interval"),
         ({"head_sharing": "group"}, "head_sharing"),
+        ({"leaf_scores": "exact"}, "leaf_scores"),
         ({"dense_threshold": -1}, "dense_threshold"),
         ({"window": 10**26}, "window"),  # beyond int32 token positions, not an OverflowError
         ({"dense_threshold": 2**31}, "dense_threshold"),

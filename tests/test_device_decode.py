@@ -22,15 +22,16 @@ def _step_both(q, k, v, t, buffers, cfg, host, dev):
 
 
 @pytest.mark.parametrize(
-    "hq,hkv,sharing,dtype",
+    "hq,hkv,sharing,dtype,leaves",
     [
-        (4, 2, "kv_group", torch.float32),  # the search extends its own tree
-        (4, 2, "head", torch.float32),  # a gated extension launch first
-        (2, 1, "kv_group", torch.bfloat16),
+        (4, 2, "kv_group", torch.float32, "summary"),  # the search extends its own tree
+        # a gated extension launch first; the leaves read the buffer's keys
+        (4, 2, "head", torch.float32, "keys"),
+        (2, 1, "kv_group", torch.bfloat16, "summary"),
     ],
 )
-def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dtype):
-    cfg = CFG.replace(head_sharing=sharing)
+def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dtype, leaves):
+    cfg = CFG.replace(head_sharing=sharing, leaf_scores=leaves)
     prompt, steps, capacity = 411, 14, 512
     q, k, v = rand_qkv(1, hq, hkv, prompt + steps, capacity, 64, dtype=dtype, device=DEVICE,
                        seed=40)  # fmt: skip

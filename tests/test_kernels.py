@@ -23,6 +23,7 @@ from hip_attn.reference import (
     estimate_mask_reference,
     hip_attention_reference,
 )
+from hip_attn.triton_kernels import mask
 from hip_attn.triton_kernels.attention import (
     KVSegments,
     _merge_splits_kernel,
@@ -78,6 +79,42 @@ def test_mask_kernel_matches_reference(rand_qkv, hq, hkv, tq, tk, sharing, beam)
     assert stats.scored.max() > 0  # the tree search ran
     torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
     torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,tq,tk,sharing,beam,dtype",
+    [
+        (4, 2, 300, 300, "head", 1, torch.float32),  # prefill, one search per query head
+        (2, 1, 1, 901, "kv_group", 1, torch.float16),  # decode, the group's rows rank
+        (2, 1, 7, 777, "head", 2, torch.bfloat16),  # short decode chunk, wider beam
+    ],
+)
+def test_exact_leaves_kernel_matches_reference(rand_qkv, hq, hkv, tq, tk, sharing, beam, dtype):
+    q, k, _ = rand_qkv(1, hq, hkv, tq, tk, 64, dtype=dtype, device=DEVICE, seed=tq + tk + 1)
+    cfg = CFG.replace(head_sharing=sharing, beam=beam, leaf_scores="keys")
+    ref, stats = estimate_mask_reference(q, k, cfg)
+    h_sel = hkv if sharing == "kv_group" else hq
+    out, scored = estimate_mask_triton(q, node_summaries(k, cfg), tk, cfg, h_sel, 0.125, keys=k,
+                                       done=tree_blocks(tk, cfg))  # fmt: skip
+    assert stats.scored.max() > 0
+    torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)
+    summary, _ = estimate_mask_reference(q, k, cfg.replace(leaf_scores="summary"))
+    assert not torch.equal(summary, ref)  # the leaves' rule changed what was selected
+    with pytest.raises(ValueError, match="pass keys="):
+        estimate_mask_triton(q, node_summaries(k, cfg), tk, cfg, h_sel, 0.125)
+
+
+@pytest.mark.parametrize("leaves", ["summary", "keys"])
+def test_rows_scored_in_several_tiles_select_as_one(rand_qkv, monkeypatch, leaves):
+    # 64 unpooled rows in tiles of 16 (a wide beam or unpooled rows split them on a GPU)
+    monkeypatch.setattr(mask, "MAX_TILE", 16 * 64)
+    cfg = CFG.replace(block_size_q=64, query_pool_stride=1, leaf_scores=leaves)
+    q, k, _ = rand_qkv(1, 4, 2, 130, 700, 64, device=DEVICE, seed=5)
+    ref, _ = estimate_mask_reference(q, k, cfg)
+    out, _ = estimate_mask_triton(q, node_summaries(k, cfg), 700, cfg, 2, 0.125, keys=k,
+                                  done=tree_blocks(700, cfg))  # fmt: skip
+    torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
 
 
 def test_mask_kernel_half_precision(rand_qkv):
@@ -308,14 +345,14 @@ def test_tree_kernel_builds_whole_trees_like_the_reference(rand_qkv, dtype):
     ],
 )
 def test_search_extends_the_tree_before_reading_it(rand_qkv, sharing, tq, dtype):
-    cfg = CFG.replace(head_sharing=sharing)
+    cfg = CFG.replace(head_sharing=sharing, leaf_scores="keys" if tq == 40 else "summary")
     q, k, _ = rand_qkv(2, 4, 2, tq, 520, 64, dtype=dtype, device=DEVICE, seed=32)
     tree = node_summaries(k[:, :, :400], cfg, min_capacity=60)  # 48 blocks
     h_sel = 2 if sharing == "kv_group" else 4
     keys = k[:, :, :496]  # 12 blocks more
     got, _ = estimate_mask_triton(q, tree, 496, cfg, h_sel, 0.125, keys=keys, done=48)
     fresh = node_summaries(keys, cfg)
-    want, _ = estimate_mask_triton(q, fresh, 496, cfg, h_sel, 0.125)
+    want, _ = estimate_mask_triton(q, fresh, 496, cfg, h_sel, 0.125, keys=keys, done=60)
     for a, b in zip(_tree_levels(tree, 60), _tree_levels(fresh, 60), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(got, want)

@@ -129,6 +129,26 @@ def test_search_finds_a_planted_span(seed):
         assert span <= set(idx[0, 0, 0].tolist())
 
 
+def test_exact_leaves_rank_blocks_by_their_keys_largest_logits(rand_qkv):
+    """With one level (every candidate a child), ``leaf_scores="keys"`` selects the ``G`` blocks
+    with the largest summed per-row softmax of each row's largest logit over the block's keys,
+    and scoring one key per block far above the rest of its block still finds that block."""
+    cfg = CFG.replace(k=32, beam=4, leaf_scores="keys")  # G = 4; width 16 >= N: one level
+    q, k, _ = rand_qkv(1, 2, 1, 1, 8 * 14 + cfg.window + 8, 16, seed=8)
+    pooled = q[0, :, 0].float()  # [heads of the group, D]: one row each
+    first, n = first_candidate_block(cfg), 12
+    k[0, 0, (first + 5) * 8 + 3] = 6 * pooled.sum(0)  # one key of block 5 matches both heads
+    idx, stats = estimate_mask_reference(q, k, cfg, scale=0.25)
+    assert int(stats.n_candidates[0, 0, 0]) == n and int(stats.scored[0, 0, 0]) == n
+    keys = k[0, 0, first * 8 : (first + n) * 8].float().unflatten(0, (n, 8))
+    best = torch.einsum("pd,nkd->pnk", pooled, keys).amax(-1)  # [rows, blocks]
+    score = (best * 0.25).softmax(dim=1).sum(0)
+    want = sorted((first + score.topk(4).indices).tolist())
+    assert idx[0, 0, 0].tolist() == want and first + 5 in want
+    summary, _ = estimate_mask_reference(q, k, cfg.replace(leaf_scores="summary"), scale=0.25)
+    assert summary[0, 0, 0].tolist() != want  # the block's summary dilutes the one key
+
+
 def test_levels_match_log_of_candidates(rand_qkv):
     q, k, _ = rand_qkv(1, 1, 1, 1, 4096, 32, seed=6)
     _, stats = estimate_mask_reference(q, k, CFG)

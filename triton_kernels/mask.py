@@ -52,14 +52,15 @@ from hip_attn.triton_kernels.tree import (
 
 @triton.jit
 def _pooled_rows(
-    q, stride_q_t, qb, tq, rows, dims, BLOCK_Q, STRIDE, ROWS, ROWS_PAD, D, D_PAD, OFFSET
+    q, stride_q_t, qb, tq, tile, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE, D, D_PAD, OFFSET
 ):
-    """Query block ``qb``'s pooled rows of one head (``q`` points at the head), in fp32 and
-    row mask: as :func:`hip_attn.geometry.pool_queries` pools, an fp32 sum in row order divided
-    by the rows present, rounded once to q's dtype."""
+    """Tile ``tile`` (``ROW_TILE`` rows) of query block ``qb``'s pooled rows of one head (``q``
+    points at the head), in fp32, and its row mask: as :func:`hip_attn.geometry.pool_queries`
+    pools, an fp32 sum in row order divided by the rows present, rounded once to q's dtype."""
+    rows = tile * ROW_TILE + tl.arange(0, ROW_TILE)
     first_row = qb * BLOCK_Q + rows * STRIDE
     row_ok = (rows < ROWS) & (first_row < tq)
-    total = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
+    total = tl.zeros([ROW_TILE, D_PAD], tl.float32)
     for i in tl.static_range(STRIDE):
         t = first_row + i
         total += tl.load(
@@ -70,6 +71,16 @@ def _pooled_rows(
     present = tl.minimum(STRIDE, tq - first_row).to(tl.float32)
     pooled = round_to(total / tl.where(row_ok, present, 1.0)[:, None], q.dtype.element_ty)
     return pooled, row_ok
+
+
+@triton.jit
+def _row_votes(best, child_ok, row_ok, scale):
+    """Each row's softmax over the children of its estimates ``best`` ``[rows, children]``,
+    summed over the rows present: the children's share of the vote (see the reference)."""
+    best = tl.where(child_ok[None, :], best, float("-inf"))
+    p = tl.exp((best - tl.max(best, axis=1)[:, None]) * scale)
+    p = p / tl.sum(p, axis=1)[:, None]
+    return tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
 
 
 @triton.jit
@@ -91,7 +102,8 @@ def _hip_mask_kernel(
     K,
     stride_k_b,
     stride_k_h,
-    stride_k_t,  # with EXTEND: keys [B, Hkv, Tk, D] whose blocks after `done` join the tree
+    stride_k_t,  # with EXTEND or EXACT_LEAVES: the keys [B, Hkv, Tk, D] the tree summarizes
+    # (with EXTEND, its blocks after `done` join the tree first)
     done,  # with ON_DEVICE: int32 [B, Hkv] in device memory, updated here
     anchor,  # with ON_DEVICE: int32 in device memory, see refresh_due
     interval,
@@ -109,7 +121,8 @@ def _hip_mask_kernel(
     HEADS_PER_SEL: tl.constexpr,
     STRIDE: tl.constexpr,  # query_pool_stride
     ROWS: tl.constexpr,  # pooled rows per query block
-    ROWS_PAD: tl.constexpr,  # ROWS padded for tl.dot (power of two >= 16)
+    ROW_TILE: tl.constexpr,  # pooled rows scored at a time (power of two >= 16, for tl.dot)
+    ROW_TILES: tl.constexpr,  # tiles covering ROWS
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     G: tl.constexpr,
@@ -120,6 +133,7 @@ def _hip_mask_kernel(
     EXTEND: tl.constexpr,  # summarize the new key blocks first (one program per KV head)
     ON_DEVICE: tl.constexpr,  # a decode step reading tk (and done) from device memory, which
     # searches only when refresh_due says so and leaves the selection in place otherwise
+    EXACT_LEAVES: tl.constexpr,  # leaf_scores="keys": the last level reads the blocks' keys
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -182,8 +196,8 @@ def _hip_mask_kernel(
 
         q_head0 = (hs * HEADS_PER_SEL).to(OFFSET)
         summ = S + b * stride_s_b + (q_head0 // q_per_kv) * stride_s_h
+        leaf_keys = K + b * stride_k_b + (q_head0 // q_per_kv) * stride_k_h
         dims = tl.arange(0, D_PAD)
-        rows = tl.arange(0, ROWS_PAD)
         pair = tl.arange(0, 2)
         invalid_key = tl.full([2 * NODES], 1, tl.int64) << 63  # below every real key
         for level in range(levels):
@@ -197,28 +211,48 @@ def _hip_mask_kernel(
                                   [2 * NODES])  # fmt: skip
             node = (level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
             load_ok = child_ok[:, None] & (dims[None, :] < D)
-            row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
-            k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
-            k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
-            spread = tl.load(SPREADS + c_lvl)
+            leaves = False
+            if EXACT_LEAVES:  # the last level's children are single blocks (search_levels)
+                leaves = level == levels - 1
             score = tl.zeros([2 * NODES], tl.float32)
-            # one head at a time: stacking the group's heads into one operand held across the
-            # levels needs 257 KB of shared memory for Llama-8B shapes on sm_90 (hip-attn aot)
-            for j in range(HEADS_PER_SEL):
-                qp, row_ok = _pooled_rows(
-                    Q + b * stride_q_b + (q_head0 + j) * stride_q_h, stride_q_t, qb, tq, rows,
-                    dims, BLOCK_Q, STRIDE, ROWS, ROWS_PAD, D, D_PAD, OFFSET,
-                )  # fmt: skip
-                # squares rounded to q's dtype, as the reference rounds them: 16-bit operands
-                sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
-                var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
-                best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean), input_precision=PRECISION)
-                best = best + spread[None, :] * tl.sqrt_rn(var)
-                best = tl.where(child_ok[None, :], best, float("-inf"))
-                # each row's softmax over the children, summed over rows (see the reference)
-                p = tl.exp((best - tl.max(best, axis=1)[:, None]) * scale)
-                p = p / tl.sum(p, axis=1)[:, None]
-                score += tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
+            # one head and ROW_TILE rows at a time (each row's softmax is its own): a tile of
+            # every row of the group's heads needs 257 KB of shared memory for Llama-8B shapes
+            # on sm_90 (hip-attn aot). Two loops, so that the summaries are not held in
+            # registers while the leaves' keys are scored.
+            if leaves:
+                key_row = ((first + c_lo) * BK).to(OFFSET) * stride_k_t  # each block's first key
+                for t in range(HEADS_PER_SEL * ROW_TILES):
+                    qp, row_ok = _pooled_rows(
+                        Q + b * stride_q_b + (q_head0 + t // ROW_TILES) * stride_q_h,
+                        stride_q_t, qb, tq, t % ROW_TILES, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE,
+                        D, D_PAD, OFFSET,
+                    )  # fmt: skip
+                    # each row's largest logit over the block's keys, one key at a time
+                    best = tl.full([ROW_TILE, 2 * NODES], float("-inf"), tl.float32)
+                    for i in range(BK):
+                        key = tl.load(leaf_keys + (key_row + i * stride_k_t)[:, None]
+                                      + dims[None, :], mask=load_ok, other=0.0)  # fmt: skip
+                        logit = tl.dot(qp.to(DOT_DTYPE), tl.trans(key.to(DOT_DTYPE)),
+                                       input_precision=PRECISION)  # fmt: skip
+                        best = tl.maximum(best, logit)
+                    score += _row_votes(best, child_ok, row_ok, scale)
+            else:
+                row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
+                k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                spread = tl.load(SPREADS + c_lvl)
+                for t in range(HEADS_PER_SEL * ROW_TILES):
+                    qp, row_ok = _pooled_rows(
+                        Q + b * stride_q_b + (q_head0 + t // ROW_TILES) * stride_q_h,
+                        stride_q_t, qb, tq, t % ROW_TILES, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE,
+                        D, D_PAD, OFFSET,
+                    )  # fmt: skip
+                    # squares rounded to q's dtype, as the reference rounds them: 16-bit operands
+                    sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
+                    var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
+                    best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean), input_precision=PRECISION)
+                    best = best + spread[None, :] * tl.sqrt_rn(var)
+                    score += _row_votes(best, child_ok, row_ok, scale)
             scored += tl.sum(child_ok.to(tl.int32))
 
             # (score, lower block first, level) in one int64 (26 bits of node start: 64M
@@ -260,20 +294,28 @@ def estimate_mask_triton(
     summarized, a decode refresh), the blocks completed since are summarized into ``tree``
     first (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`): inside this launch when
     each program owns one KV head's tree (one query block, ``h_sel == Hkv``), else by a launch
-    before it.
+    before it. With ``leaf_scores="keys"`` the last level reads the candidate blocks' keys:
+    ``keys`` is required (``done`` = the tree's blocks when it is complete).
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
     b, _, tq, _ = q.shape
     n_qb = num_query_blocks(tq, config)
     out = torch.empty((b, h_sel, n_qb, config.blocks_per_query_block), dtype=torch.int32,
                       device=q.device)  # fmt: skip
+    exact = config.leaf_scores == "keys"
+    if exact and keys is None:
+        raise ValueError("leaf_scores='keys' ranks the last level by the blocks' keys: pass keys=")
     extend = keys is not None and check_extension(tree, keys, done, config) > done
     fuse = extend and n_qb == 1 and h_sel == tree.shape[1]
     if extend and not fuse:
         extend_tree_triton(tree, keys, done, config)
     if tree.stride(-1) != 1:
         tree = tree.contiguous()
-    k_args = (keys, *keys.stride()[:3], done) if fuse and keys is not None else (tree, 0, 0, 0, 0)
+    k_args = (
+        (keys, *keys.stride()[:3], done)
+        if keys is not None and (fuse or exact)
+        else (tree, 0, 0, 0, 0)
+    )
     scored = _launch(q, tree, tk, out, k_args, (0, 1), config, scale, fuse, on_device=False)
     return out, scored
 
@@ -313,9 +355,14 @@ def decode_search_triton(
     fuse = h_sel == hkv
     if not fuse:  # several programs read one tree: summarize in a launch of its own first
         extend_tree_device(tree, keys, tk, done, anchor, config)
-    k_args = (keys, *keys.stride()[:3], done) if fuse else (tree, 0, 0, 0, done)
+    reads_keys = fuse or config.leaf_scores == "keys"
+    k_args = (keys, *keys.stride()[:3], done) if reads_keys else (tree, 0, 0, 0, done)
     _launch(q, tree, tk, out, k_args, (anchor, interval), config, scale, fuse, on_device=True,
             scratch=scratch)  # fmt: skip
+
+
+#: Elements of the search's ``[rows, children]`` fp32 score tiles (see ``_launch``).
+MAX_TILE = 4096
 
 
 @functools.cache  # never evicted: a captured graph may point at it
@@ -348,6 +395,11 @@ def _launch(
     if q.stride(-1) != 1:
         q = q.contiguous()
     dot_dtype = dot_operand_dtype(q.dtype if q.dtype == tree.dtype else torch.float32)
+    # the search keeps at least as many nodes as N has set bits (< 32)
+    nodes = max(32, triton.next_power_of_2(config.beam * g))
+    # [rows, children] fp32 tiles of at most 4,096 elements: the default config's whole query
+    # block (32 x 128); a wider beam or unpooled rows take several tiles instead of spilling
+    row_tile = max(16, min(triton.next_power_of_2(rows), MAX_TILE // (2 * nodes)))
     _hip_mask_kernel[(n_qb, b * h_sel)](
         q,
         q.stride(0),
@@ -379,17 +431,18 @@ def _launch(
         HEADS_PER_SEL=hq // h_sel,
         STRIDE=config.query_pool_stride,
         ROWS=rows,
-        ROWS_PAD=max(16, triton.next_power_of_2(rows)),
+        ROW_TILE=row_tile,
+        ROW_TILES=-(-rows // row_tile),
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         G=g,
-        # the search keeps at least as many nodes as N has set bits (< 32)
-        NODES=max(32, triton.next_power_of_2(config.beam * g)),
+        NODES=nodes,
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         DOT_DTYPE=TL_DTYPES[dot_dtype],
         OFFSET=tl.int64 if needs_int64(q, tree, k_args[0]) else tl.int32,  # type: ignore[arg-type]
         EXTEND=extend,
         ON_DEVICE=on_device,
+        EXACT_LEAVES=config.leaf_scores == "keys",
         num_warps=8,
         # 2 stages keep every 16-bit variant within sm_89's 99 KB of shared memory (3: 104 KB)
         num_stages=2,

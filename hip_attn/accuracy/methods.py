@@ -18,7 +18,8 @@ methods differ only in the blocks they pick:
   reference, not a method: the gap between ``hip`` and ``exact`` is what the node summaries and
   the query pooling lose.
 * ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes summarized by the
-  mean and variance of their keys, each row's largest logit in a child estimated from them,
+  mean and variance of their keys, each row's largest logit in a child estimated from them
+  (with ``leaf_scores="keys"``, on the last level read from the block's keys),
   children ranked by per-row softmax mass.
 * ``quest``: per key block the elementwise min and max of its keys; a block scores
   ``sum_d max(q_d min_d, q_d max_d)`` (an upper bound on ``q . k`` over the block), max over
@@ -190,9 +191,13 @@ def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
 
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
     """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
-    ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (mean, variance)."""
+    ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (mean, variance),
+    or on the last level with ``leaf_scores="keys"`` its ``block_size_k`` keys."""
     levels = search_levels(n_candidates, config)
-    return 4 * min(config.beam * config.blocks_per_query_block, n_candidates) * levels
+    children = 2 * min(config.beam * config.blocks_per_query_block, n_candidates)
+    if config.leaf_scores == "keys" and levels:
+        return children * (2 * (levels - 1) + config.block_size_k)
+    return 2 * children * levels
 
 
 def select_hip(block: QueryBlock, config: HiPConfig) -> Selection:

@@ -39,6 +39,7 @@ from hip_attn.bench.sdpa import SdpaUnavailable, prepare_sdpa
 from hip_attn.bench.timing import Timing, TimingSettings, measure
 from hip_attn.bench.work import Work, dense_work, hip_work
 from hip_attn.config import HiPConfig
+from hip_attn.geometry import tree_blocks
 from hip_attn.perf.attention_floor import AttentionFloor, Method, Phase, attention_floor
 from hip_attn.perf.hardware import GPUSpec
 
@@ -187,6 +188,8 @@ def select(
             cfg,
             _selection_heads(q, k.shape[1], cfg),
             q.shape[-1] ** -0.5,
+            keys=k,
+            done=tree_blocks(case.context, cfg),
         )
     from hip_attn.reference import estimate_mask_reference
 
@@ -306,7 +309,7 @@ def run_case(
                 _free(device)
         timed(
             "hip_mask",
-            lambda: search_tree(q, summary_tree(k, cfg), k.shape[2], cfg, scale),
+            lambda: search_tree(q, summary_tree(k, cfg), k.shape[2], cfg, scale, k),
             work.mask,
         )
         if uses_triton(device):
@@ -314,9 +317,12 @@ def run_case(
 
             tree = summary_tree(k, cfg)
             h_sel = _selection_heads(q, k.shape[1], cfg)
+            done = tree_blocks(case.context, cfg)  # a complete tree; the leaves may read k
             timed(
                 "hip_mask_kernel",
-                lambda: estimate_mask_triton(q, tree, case.context, cfg, h_sel, scale),
+                lambda: estimate_mask_triton(
+                    q, tree, case.context, cfg, h_sel, scale, keys=k, done=done
+                ),
                 work.search,
             )
             del tree

@@ -8,8 +8,11 @@ traffic under the analytic model's conventions (``docs/roofline.md``): each quer
 the keys and values it attends once per selection head (per KV head with
 ``head_sharing="kv_group"``), queries are read and outputs written once; the search reads one
 node summary (``2 * D`` values in the keys' dtype: mean and variance) per scored child and
-scores it with two dot products of length ``D`` per pooled row; building the summary tree
-reads the keys once and writes about two summaries per block. A multiply-add counts two FLOPs.
+scores it with two dot products of length ``D`` per pooled row (with ``leaf_scores="keys"``, a
+child of the last level reads its ``block_size_k`` keys and takes as many dot products instead,
+counted for at most ``2 * search_width`` such children per search, the bound, since the kernel
+counts children, not levels); building the summary tree reads the keys once and writes about
+two summaries per block. A multiply-add counts two FLOPs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from hip_attn.bench.cases import BenchCase
-from hip_attn.geometry import query_blocks
+from hip_attn.geometry import query_blocks, search_width
 from hip_attn.perf.estimator import DENSE_QUERY_TILE
 
 
@@ -122,11 +125,20 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     pooled_rows = -(-rows // cfg.query_pool_stride)  # [nQB]
     n_pooled = -(-tq // cfg.query_pool_stride)
     scored64 = scored.to("cpu", torch.int64)
+    leaves = torch.zeros_like(scored64)  # children scored by their keys
+    if cfg.leaf_scores == "keys":
+        g = cfg.blocks_per_query_block
+        n_cand = geo.n_candidates.tolist()
+        bound = [min(n, 2 * search_width(n, cfg)) if n > g else 0 for n in n_cand]
+        leaves = torch.minimum(scored64, torch.tensor(bound, dtype=torch.int64))
     search_dots = int((scored64 * pooled_rows).sum()) * heads_per_sel
+    leaf_dots = int((leaves * pooled_rows).sum()) * heads_per_sel
+    bk = cfg.block_size_k
     search = Work(
-        4.0 * d * search_dots,
+        4.0 * d * (search_dots - leaf_dots) + 2.0 * d * bk * leaf_dots,
         float(
-            int(scored64.sum()) * 2 * d * eb  # one summary (mean and variance) per scored child
+            int((scored64 - leaves).sum()) * 2 * d * eb  # a summary (mean, variance) per child
+            + int(leaves.sum()) * bk * d * eb  # a block of keys per exactly scored child
             + sh.batch * sh.heads * n_pooled * d * eb  # each program reads its pooled rows
             + index_bytes  # the selection written
         ),

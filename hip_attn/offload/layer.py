@@ -40,9 +40,15 @@ def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None
         TypeError: an option name not in :data:`OFFLOAD_OPTIONS`, or a value of another type.
         ValueError: ``cache_blocks`` below ``k // block_size_k`` (the blocks one query block
             selects), ``max_chunk`` not a positive multiple of ``block_size_q``,
-            ``host_chunk_tokens`` not a positive multiple of ``block_size_k``, or an unknown
-            ``gather`` method.
+            ``host_chunk_tokens`` not a positive multiple of ``block_size_k``, an unknown
+            ``gather`` method, or ``leaf_scores="keys"`` (its search reads candidate blocks'
+            keys, which offload keeps in host memory: not supported yet).
     """
+    if config.leaf_scores != "summary":
+        raise ValueError(
+            "offload needs leaf_scores='summary': leaf_scores='keys' ranks the last level by "
+            "the candidate blocks' keys, which offload keeps in host memory (not supported yet)"
+        )
     accepted = ", ".join(OFFLOAD_OPTIONS)
     for name, value in options.items():
         kind = OFFLOAD_OPTIONS.get(name)

@@ -330,6 +330,22 @@ def search_levels(candidate_blocks: int, budget_blocks: int) -> int:
     return max(1, level)
 
 
+def search_estimates(candidate_blocks: int, cfg: HiPConfig) -> int:
+    """Node estimates one search makes per pooled query row, which is also the summary-sized
+    loads it makes: ``2 * beam * G`` children per level (:func:`search_levels`). With
+    ``leaf_scores="keys"`` a child of the last level reads its ``block_size_k`` keys and takes
+    as many dot products instead of one ``2 * D`` summary and two: ``block_size_k / 2``
+    estimates' worth."""
+    budget = cfg.blocks_per_query_block
+    levels = search_levels(candidate_blocks, budget)
+    if not levels:
+        return 0
+    children = 2 * cfg.beam * budget
+    if cfg.leaf_scores == "keys":
+        return children * (levels - 1) + cfg.beam * budget * cfg.block_size_k
+    return children * levels
+
+
 @dataclass(frozen=True)
 class HipPrefillCounts:
     """HiP prefill work for one sequence, one layer, one head (see :func:`hip_prefill_counts`).
@@ -357,7 +373,7 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     ``block_size_k`` tokens, and the window ``[max(sink, s - window), e)`` causally, where
     ``N = (s - window - sink) // block_size_k`` candidate blocks and ``G = k / block_size_k``.
     Blocks with ``e <= dense_threshold`` run dense. When ``N > G`` the search costs
-    ``2 * beam * G * levels`` node estimates per pooled query row (:func:`search_levels`).
+    ``2 * beam * G * levels`` node estimates per pooled query row (:func:`search_estimates`).
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
@@ -378,11 +394,9 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
         window_visits = _sum_range(first - w0, end - w0)
         visits += sink_visits + (end - start) * sel + window_visits
         reads += min(end, sink) + sel + max(0, end - w0)
-        levels = search_levels(n_cand, budget)
-        if levels:
-            per_row = 2 * cfg.beam * budget * levels
-            dots += -(-(end - start) // cfg.query_pool_stride) * per_row
-            reps += per_row
+        per_row = search_estimates(n_cand, cfg)
+        dots += -(-(end - start) // cfg.query_pool_stride) * per_row
+        reps += per_row
         selected += sel
     return HipPrefillCounts(visits, reads, dots, reps, selected)
 
@@ -417,8 +431,7 @@ def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
     n_cand = int(max(0.0, context - window - sink) // bk)
     sel = min(n_cand, budget) * bk
     keys = min(context, sink) + sel + (context - max(sink, context - window))
-    reps = 2 * cfg.beam * budget * search_levels(n_cand, budget)
-    return HipDecodeCounts(keys, sel, reps)
+    return HipDecodeCounts(keys, sel, search_estimates(n_cand, cfg))
 
 
 # ---- operators ------------------------------------------------------------------------------
@@ -502,8 +515,9 @@ def _search_op(
 ) -> Operator:
     """HiP's node scoring: ``dots`` estimates per query head (``2 * D`` multiply-adds each),
     ``rep_reads`` summaries loaded per searching head (KV heads with ``kv_group`` sharing, else
-    query heads), each a random ``2 * D``-element run; ``latency_s`` and ``kernels`` per
-    layer."""
+    query heads), each a random ``2 * D``-element run (exact leaves' key blocks, longer runs,
+    counted as summaries of the same bytes: :func:`search_estimates`); ``latency_s`` and
+    ``kernels`` per layer."""
     m = sc.model
     searching = sc.kv_heads_per_gpu if sc.hip.head_sharing == "kv_group" else sc.heads_per_gpu
     key_bytes = 2 * m.head_dim * sc.kv_bytes_per_elem
