@@ -183,6 +183,13 @@ def test_patch_checks_offload_options(model, options, error, needle):
         hip_attn.patch(model, CFG, offload=True, offload_options=options)
     assert needle in str(exc.value)
     assert not is_patched(model)  # refused before anything changed
+
+
+def test_patch_refuses_offload_with_leaves_ranked_by_keys(model):
+    # the offloaded search reads only what the device holds; the leaves' keys are on the host
+    with pytest.raises(ValueError, match="offload needs leaf_scores='summary'"):
+        hip_attn.patch(model, CFG.replace(leaf_scores="keys"), offload=True)
+    assert not is_patched(model)
     assert "generate" not in model.__dict__
 
 

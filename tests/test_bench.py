@@ -317,6 +317,19 @@ def test_cli_import_stays_torch_free() -> None:
 # ---- the work counted ------------------------------------------------------------------------
 
 
+def test_hip_work_counts_the_keys_exact_leaves_read(rand_qkv) -> None:
+    # N = 20 candidates within the search width 32: one level, every child a leaf
+    cfg = CFG.replace(beam=4, leaf_scores="keys")
+    q, k, _ = rand_qkv(1, 2, 1, 1, 241, 64, seed=3)
+    indices, stats = estimate_mask_reference(q, k, cfg)
+    assert stats.n_candidates.tolist() == [[[20]]] and stats.scored.tolist() == [[[20]]]
+    case = BenchCase("decode", 241, 1, Shape(1, 2, 1, 64, "float32"), cfg)
+    work = hip_work(case, indices, stats.scored)
+    pooled_rows = 2 * 1 * 64 * 4  # one pooled row per query head
+    assert work.search.bytes == 20 * 8 * 64 * 4 + pooled_rows + indices.numel() * 4
+    assert work.search.flops == 2 * 64 * 8 * 20 * 2  # 8 dot products per leaf, row and head
+
+
 @pytest.mark.parametrize(
     "hq,hkv,tq,tk,sharing",
     [(4, 2, 300, 300, "kv_group"), (2, 1, 1, 900, "kv_group"), (4, 2, 70, 650, "head")],

@@ -109,6 +109,11 @@ def test_hip_prefill_counts_by_hand() -> None:
     assert c.search_dots == 32 * 2 * 64 * levels  # 32 pooled rows per block (stride 2)
     assert c.key_reads == 64 * (13 * 14 // 2) + 499 * (64 + 512 + 320)
     assert c.selected_tokens == 499 * 512
+    # the last level's 128 children read 8 keys each instead of a 2-vector summary: 4x
+    keys = hip_prefill_counts(CTX, HiPConfig(leaf_scores="keys"))
+    assert keys.rep_reads == c.rep_reads + 498 * 128 * (8 - 2) // 2
+    assert keys.search_dots == c.search_dots + 32 * 498 * 128 * (8 - 2) // 2
+    assert keys.key_reads == c.key_reads
 
 
 def test_hip(sc: Scenario) -> None:
