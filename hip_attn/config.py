@@ -162,3 +162,11 @@ class HiPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """The settings that decide the selection, on one line (result headers)."""
+        return (
+            f"k={self.k} sinks {self.sink_tokens} window {self.window} block_q "
+            f"{self.block_size_q} block_k {self.block_size_k} pool {self.query_pool_stride} "
+            f"beam {self.beam} head_sharing {self.head_sharing} leaves {self.leaf_scores}"
+        )

@@ -251,9 +251,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The per-context tables of :func:`run_accuracy`'s result, as plain text."""
     cfg = result["config"]
     lines = [
-        f"HiP budget k={cfg['k']} + sinks {cfg['sink_tokens']} + window {cfg['window']}; "
-        f"block_q {cfg['block_size_q']}, block_k {cfg['block_size_k']}, beam {cfg['beam']}, "
-        f"head_sharing {cfg['head_sharing']}; selection backend: {result['backend'] or '-'}",
+        f"HiP {HiPConfig(**cfg).describe()}; selection backend: {result['backend'] or '-'}",
         f"inputs: synthetic, {result['heads']} query heads / {result['kv_heads']} KV heads, "
         f"head dim {result['head_dim']}, {result['spans_per_context']} planted spans"
         + (f" (halo {result['span_halo']})" if result.get("span_halo") else "")

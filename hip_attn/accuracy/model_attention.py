@@ -168,6 +168,7 @@ def format_model_accuracy(result: dict[str, Any]) -> str:
         f"filler), passkey sentence at tokens {a}-{e}; last query block "
         f"{result['query_block'][0]}-{result['query_block'][1]}, "
         f"{result['candidate_blocks']} candidate blocks; selection backend: {result['backend']}",
+        f"HiP {HiPConfig(**result['hip_config']).describe()}",
         "per layer: mass recall / needle recall (needle heads only; '-' when none)",
         f"{'layer':>5}  {'needle heads':>12}  " + "  ".join(f"{m:>13}" for m in methods),
     ]

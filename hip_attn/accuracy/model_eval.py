@@ -490,12 +490,8 @@ def _passkey_summary(passkey: dict[str, Any]) -> None:
 
 def format_eval(result: dict[str, Any]) -> str:
     """A plain-text report of :func:`run_eval`'s result."""
-    cfg = result["hip_config"]
-    lines = [
-        f"model {result['model']}, {result['dtype']} on {result['device']}; HiP k={cfg['k']} "
-        f"sinks {cfg['sink_tokens']} window {cfg['window']} block_q {cfg['block_size_q']} "
-        f"block_k {cfg['block_size_k']} beam {cfg['beam']}"
-    ]
+    hip = HiPConfig(**result["hip_config"]).describe()
+    lines = [f"model {result['model']}, {result['dtype']} on {result['device']}; HiP {hip}"]
     if "offload" in result:
         off = result["offload"]
         lines.append(
