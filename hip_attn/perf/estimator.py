@@ -821,10 +821,16 @@ def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
     """Predict memory, prefill, decode and context switch for ``mode`` at ``context`` tokens.
 
     Raises:
-        ValueError: unknown mode or a context below 1.
+        ValueError: unknown mode, a context below 1, or ``hip+offload`` with
+            ``leaf_scores="keys"`` (the library's offloaded path does not support it).
     """
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "hip+offload" and sc.hip.leaf_scores != "summary":
+        raise ValueError(
+            "hip+offload needs leaf_scores='summary': the offloaded path does not support "
+            "leaves ranked by their keys yet"
+        )
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context must be a positive int, got {context!r}")
     total = context + sc.output_tokens
