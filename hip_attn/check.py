@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
     selected = int((indices[:, :, -1] >= 0).sum(-1).float().mean()) * config.block_size_k
     read = min(tokens, config.sink_tokens + selected + config.window + config.block_size_q)
     rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    print(
-        f"config   k={config.k} window={config.window} sinks={config.sink_tokens} "
-        f"block_q={config.block_size_q} block_k={config.block_size_k} beam={config.beam}"
-    )
+    print(f"config   {config.describe()}")
     print(f"keys     last query block reads {read} of {tokens} keys ({read / tokens:.1%})")
     print(f"error    relative L2 distance to dense attention: {rel_err:.4f}")
     print(

@@ -103,6 +103,9 @@ def test_exact_leaves_kernel_matches_reference(rand_qkv, hq, hkv, tq, tk, sharin
     assert not torch.equal(summary, ref)  # the leaves' rule changed what was selected
     with pytest.raises(ValueError, match="pass keys="):
         estimate_mask_triton(q, node_summaries(k, cfg), tk, cfg, h_sel, 0.125)
+    with pytest.raises(ValueError, match="fewer than tk"):  # the leaves would read past them
+        estimate_mask_triton(q, node_summaries(k, cfg), tk, cfg, h_sel, 0.125, keys=k[:, :, :-8],
+                             done=tree_blocks(tk - 8, cfg))  # fmt: skip
 
 
 @pytest.mark.parametrize("leaves", ["summary", "keys"])

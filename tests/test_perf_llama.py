@@ -36,6 +36,17 @@ def levels_of(n: int, width: int = 64) -> int:
     return max(1, level)
 
 
+def search_reads(width: int, leaf: float) -> float:
+    """Summaries the 32K prefill's searches read per head, summed over the searching blocks
+    (N = 8 i - 40 for i >= 14): two children per node of the width on each level, the last
+    level's at most N, each ``leaf`` summaries' worth."""
+    total = 0.0
+    for n in (8 * i - 40 for i in range(14, 512)):
+        w = min(n, width)
+        total += 2 * w * (levels_of(n, width) - 1) + min(n, 2 * w) * leaf
+    return total
+
+
 # ---- the GPU ----------------------------------------------------------------------------------
 PEAK, BW, HBM, PCIE = 989e12, 3350e9, 80 * 2**30, 64e9
 FREE = HBM - WEIGHTS
@@ -105,15 +116,19 @@ def test_hip_prefill_counts_by_hand() -> None:
     assert c.key_visits == dense_visits + 499 * sparse_block_visits == 27_955_200
     levels = sum(levels_of(8 * i - 40) for i in range(14, 512))
     assert 2532 <= levels <= 2532 + 498  # an even split's levels, at most one more per block
-    assert c.rep_reads == 2 * 64 * levels
-    assert c.search_dots == 32 * 2 * 64 * levels  # 32 pooled rows per block (stride 2)
+
+    # leaves: N where N < 128, not the 128 children of 64 nodes
+    less = sum(128 - n for n in range(72, 128, 8))
+    assert c.rep_reads == search_reads(64, 1) == 2 * 64 * levels - less
+    assert c.search_dots == 32 * c.rep_reads  # 32 pooled rows per block (stride 2)
     assert c.key_reads == 64 * (13 * 14 // 2) + 499 * (64 + 512 + 320)
     assert c.selected_tokens == 499 * 512
-    # the last level's 128 children read 8 keys each instead of a 2-vector summary: 4x
+    # a leaf read as its 8 keys is 4 summaries' worth of loads and dot products
     keys = hip_prefill_counts(CTX, HiPConfig(leaf_scores="keys"))
-    assert keys.rep_reads == c.rep_reads + 498 * 128 * (8 - 2) // 2
-    assert keys.search_dots == c.search_dots + 32 * 498 * 128 * (8 - 2) // 2
-    assert keys.key_reads == c.key_reads
+    assert keys.rep_reads == search_reads(64, 8 / 2)
+    assert keys.search_dots == 32 * keys.rep_reads and keys.key_reads == c.key_reads
+    # beam 2 keeps 128 nodes: a level fewer and twice the children
+    assert hip_prefill_counts(CTX, HiPConfig(beam=2)).rep_reads == search_reads(128, 1)
 
 
 def test_hip(sc: Scenario) -> None:
@@ -123,8 +138,7 @@ def test_hip(sc: Scenario) -> None:
     per_request = (CTX + OUT) * (KV_TOKEN + TREE_TOKEN)
     assert est.max_concurrency == math.floor((FREE - CTX * ACT) / per_request) == 12
 
-    levels = sum(levels_of(8 * i - 40) for i in range(14, 512))
-    visits, dots = 27_955_200, 32 * 2 * 64 * levels
+    visits, dots = 27_955_200, 32 * search_reads(64, 1)
     # an estimate is two dot products of D; building the tree takes a mean and a variance of
     # K (4 FLOPs an element)
     tree_flops = L * HKV * D * CTX * 4

@@ -290,12 +290,13 @@ def estimate_mask_triton(
     (:func:`hip_attn.geometry.query_blocks`). Bounds accumulate in fp32; when both inputs
     share a 16-bit dtype the products run on tensor cores (exact, as 16-bit products are),
     otherwise in fp32.
-    With ``keys`` (the ``[B, Hkv, tk, D]`` keys of a tree whose first ``done`` blocks are
-    summarized, a decode refresh), the blocks completed since are summarized into ``tree``
-    first (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`): inside this launch when
-    each program owns one KV head's tree (one query block, ``h_sel == Hkv``), else by a launch
-    before it. With ``leaf_scores="keys"`` the last level reads the candidate blocks' keys:
-    ``keys`` is required (``done`` = the tree's blocks when it is complete).
+    With ``keys`` (the ``[B, Hkv, >= tk, D]`` keys of a tree whose first ``done`` blocks are
+    summarized, a decode refresh; only the first ``tk`` are read), the blocks completed since
+    are summarized into ``tree`` first (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`):
+    inside this launch when each program owns one KV head's tree (one query block,
+    ``h_sel == Hkv``), else by a launch before it. With ``leaf_scores="keys"`` the last level
+    reads the candidate blocks' keys: ``keys`` is required (``done`` = the tree's blocks when
+    it is complete).
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
     b, _, tq, _ = q.shape
@@ -305,6 +306,10 @@ def estimate_mask_triton(
     exact = config.leaf_scores == "keys"
     if exact and keys is None:
         raise ValueError("leaf_scores='keys' ranks the last level by the blocks' keys: pass keys=")
+    if keys is not None:  # the tree covers the first tk keys; the leaves read nothing past them
+        if keys.shape[2] < tk:
+            raise ValueError(f"keys has {keys.shape[2]} keys, fewer than tk={tk}")
+        keys = keys[:, :, :tk]
     extend = keys is not None and check_extension(tree, keys, done, config) > done
     fuse = extend and n_qb == 1 and h_sel == tree.shape[1]
     if extend and not fuse:
@@ -444,7 +449,9 @@ def _launch(
         ON_DEVICE=on_device,
         EXACT_LEAVES=config.leaf_scores == "keys",
         num_warps=8,
-        # 2 stages keep every 16-bit variant within sm_89's 99 KB of shared memory (3: 104 KB)
+        # 2 stages keep the beam-1 16-bit variants within sm_89's 99 KB of shared memory (3: 104
+        # KB); beam 2 at G = 64 needs 136 KB at any stage count (its [2 * NODES, D] operands):
+        # sm_80 and sm_90 only (hip-attn aot --arch)
         num_stages=2,
         # no fused multiply-adds: the summaries it extends and its estimates round as the
         # reference's, so a GPU selects the blocks the reference and the offloaded path select

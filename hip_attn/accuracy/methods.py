@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, pool_queries, search_levels
+from hip_attn.geometry import first_candidate_block, pool_queries, search_levels, search_width
 
 
 @dataclass
@@ -191,13 +191,15 @@ def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
 
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
     """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
-    ``2 * min(beam * G, N)`` children per level, each a summary of two vectors (mean, variance),
-    or on the last level with ``leaf_scores="keys"`` its ``block_size_k`` keys."""
+    two children per node of the search width per level, each a summary of two vectors (mean,
+    variance), the last level's at most ``N`` (single blocks), with ``leaf_scores="keys"``
+    each its ``block_size_k`` keys."""
     levels = search_levels(n_candidates, config)
-    children = 2 * min(config.beam * config.blocks_per_query_block, n_candidates)
-    if config.leaf_scores == "keys" and levels:
-        return children * (2 * (levels - 1) + config.block_size_k)
-    return 2 * children * levels
+    if not levels:
+        return 0
+    children = 2 * search_width(n_candidates, config)
+    leaf = config.block_size_k if config.leaf_scores == "keys" else 2
+    return 2 * children * (levels - 1) + min(n_candidates, children) * leaf
 
 
 def select_hip(block: QueryBlock, config: HiPConfig) -> Selection:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hip_attn.config import HiPConfig
 from hip_attn.perf.units import fmt_bytes, short_tokens
 
 #: Version of the record layout (bump when a field changes meaning).
@@ -206,9 +207,7 @@ def header(record: Record) -> str:
         f"{record.get('backend')}): B={sh['batch']} Hq={sh['heads']} Hkv={sh['kv_heads']} "
         f"D={sh['head_dim']} {sh['dtype']}, queries "
         f"{'all' if record['queries'] == record['context'] else record['queries']}; HiP "
-        f"k={cfg['k']} bq={cfg['block_size_q']} bk={cfg['block_size_k']} "
-        f"sinks={cfg['sink_tokens']} window={cfg['window']} beam={cfg['beam']} "
-        f"refresh={cfg['refresh_interval']}"
+        f"{HiPConfig(**cfg).describe()} refresh {cfg['refresh_interval']}"
     )
     if prediction.get("gpu"):
         text += f"; floor for {prediction['gpu']}"

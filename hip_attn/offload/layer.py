@@ -44,11 +44,7 @@ def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None
             ``gather`` method, or ``leaf_scores="keys"`` (its search reads candidate blocks'
             keys, which offload keeps in host memory: not supported yet).
     """
-    if config.leaf_scores != "summary":
-        raise ValueError(
-            "offload needs leaf_scores='summary': leaf_scores='keys' ranks the last level by "
-            "the candidate blocks' keys, which offload keeps in host memory (not supported yet)"
-        )
+    config.check_offloadable()
     accepted = ", ".join(OFFLOAD_OPTIONS)
     for name, value in options.items():
         kind = OFFLOAD_OPTIONS.get(name)

@@ -316,13 +316,20 @@ def _sum_range(lo: int, hi: int) -> int:
     return (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
 
 
-def search_levels(candidate_blocks: int, budget_blocks: int) -> int:
+def search_width(candidate_blocks: int, budget_blocks: int, beam: int = 1) -> int:
+    """Nodes the levels before the last keep (``hip_attn.geometry.search_width``):
+    ``beam * G``, at least the set bits of ``N``, at most ``N``."""
+    return min(candidate_blocks, max(beam * budget_blocks, candidate_blocks.bit_count()))
+
+
+def search_levels(candidate_blocks: int, budget_blocks: int, beam: int = 1) -> int:
     """Tree levels until every node is one block (0 when N <= G): the smallest ``L`` whose
-    aligned ``2**L``-block nodes plus the remainder's pieces number at most ``G``, and at least
-    one (``hip_attn.geometry.search_levels`` with ``beam=1``; about ``ceil(log2(N / G))``)."""
+    aligned ``2**L``-block nodes plus the remainder's pieces number at most the search width
+    (:func:`search_width`), and at least one (``hip_attn.geometry.search_levels``; about
+    ``ceil(log2(N / (beam G)))``)."""
     if candidate_blocks <= budget_blocks:
         return 0
-    width = max(budget_blocks, candidate_blocks.bit_count())
+    width = search_width(candidate_blocks, budget_blocks, beam)
     level, pieces = 0, 0
     while (candidate_blocks >> level) + pieces > width:
         pieces += (candidate_blocks >> level) & 1
@@ -330,20 +337,20 @@ def search_levels(candidate_blocks: int, budget_blocks: int) -> int:
     return max(1, level)
 
 
-def search_estimates(candidate_blocks: int, cfg: HiPConfig) -> int:
-    """Node estimates one search makes per pooled query row, which is also the summary-sized
-    loads it makes: ``2 * beam * G`` children per level (:func:`search_levels`). With
+def search_estimates(candidate_blocks: int, cfg: HiPConfig) -> float:
+    """Node estimates one search makes per pooled query row, at most, which is also the
+    summary-sized loads it makes: two children per node of the search width per level
+    (:func:`search_levels`), the last level's at most ``N`` (single blocks). With
     ``leaf_scores="keys"`` a child of the last level reads its ``block_size_k`` keys and takes
     as many dot products instead of one ``2 * D`` summary and two: ``block_size_k / 2``
     estimates' worth."""
-    budget = cfg.blocks_per_query_block
-    levels = search_levels(candidate_blocks, budget)
+    budget, n = cfg.blocks_per_query_block, candidate_blocks
+    levels = search_levels(n, budget, cfg.beam)
     if not levels:
         return 0
-    children = 2 * cfg.beam * budget
-    if cfg.leaf_scores == "keys":
-        return children * (levels - 1) + cfg.beam * budget * cfg.block_size_k
-    return children * levels
+    children = 2 * search_width(n, budget, cfg.beam)
+    leaves = min(n, children) * (cfg.block_size_k / 2 if cfg.leaf_scores == "keys" else 1)
+    return children * (levels - 1) + leaves
 
 
 @dataclass(frozen=True)
@@ -360,8 +367,8 @@ class HipPrefillCounts:
 
     key_visits: int
     key_reads: int
-    search_dots: int
-    rep_reads: int
+    search_dots: float
+    rep_reads: float
     selected_tokens: int
 
 
@@ -377,7 +384,8 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
-    visits = reads = dots = reps = selected = 0
+    visits = reads = selected = 0
+    dots = reps = 0.0
     for start in range(0, seq_len, bq):
         end = min(seq_len, start + bq)
         if end <= threshold:
@@ -414,7 +422,7 @@ class HipDecodeCounts:
 
     keys: float
     selected_tokens: int
-    rep_reads: int
+    rep_reads: float
 
 
 def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
@@ -745,6 +753,7 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
         levels = search_levels(
             max(0, seq_len - sc.hip.window - sc.hip.sink_tokens) // sc.hip.block_size_k,
             sc.hip.blocks_per_query_block,
+            sc.hip.beam,
         )
         # The search kernel's launch is its; the rest of the launches go to attention.
         ops.append(
@@ -794,6 +803,7 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
             levels = search_levels(
                 int(max(0.0, context - sc.hip.window - sc.hip.sink_tokens) // sc.hip.block_size_k),
                 sc.hip.blocks_per_query_block,
+                sc.hip.beam,
             )
             extra = lp.hip_decode_refresh - lp.hip_decode_reuse
             ops.append(
@@ -826,11 +836,8 @@ def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
     """
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose one of: {', '.join(MODES)}")
-    if mode == "hip+offload" and sc.hip.leaf_scores != "summary":
-        raise ValueError(
-            "hip+offload needs leaf_scores='summary': the offloaded path does not support "
-            "leaves ranked by their keys yet"
-        )
+    if mode == "hip+offload":
+        sc.hip.check_offloadable()
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context must be a positive int, got {context!r}")
     total = context + sc.output_tokens

@@ -58,11 +58,7 @@ def header_lines(sc: Scenario, modes: Sequence[Mode]) -> list[str]:
         )
     if any(mode != "dense" for mode in modes):
         h = sc.hip
-        lines.append(
-            f"HiP: k={h.k}, block_size_q={h.block_size_q}, block_size_k={h.block_size_k}, "
-            f"window={h.window}, sinks={h.sink_tokens}, refresh every {h.refresh_interval} steps, "
-            f"beam={h.beam}"
-        )
+        lines.append(f"HiP: {h.describe()}, refresh every {h.refresh_interval} steps")
     lp = sc.launches
     lines.append(
         f"latency: {peak.launch_latency * 1e6:.3g} us a launch, {peak.memory_latency * 1e6:.3g} us "
