@@ -111,8 +111,9 @@ def _search_one_block(
             halves = [lo, lo + (1 << level - 1)] if level else [lo]
             children += [(c, max(level - 1, 0)) for c in halves]
         if keys is not None and step == levels - 1:  # single blocks: their exact max logit
-            first_key = first_candidate_block(config) + torch.tensor([lo for lo, _ in children])
-            pos = first_key[:, None] * config.block_size_k + torch.arange(config.block_size_k)
+            blocks = torch.tensor([lo for lo, _ in children], device=keys.device)
+            first_key = (first_candidate_block(config) + blocks)[:, None] * config.block_size_k
+            pos = first_key + torch.arange(config.block_size_k, device=keys.device)
             estimate = torch.einsum("pd,ckd->pck", rows, keys[pos]).amax(dim=-1)
         else:
             summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
