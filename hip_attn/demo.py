@@ -152,10 +152,7 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.randint(0, vocab, (1, tokens), generator=gen).to(device)
     print(f"model    {type(model).__name__} ({'random weights' if not args.model else args.model})"
           f", {dtype} on {device}; prompt {tokens} tokens, {args.new_tokens} new")  # fmt: skip
-    print(
-        f"HiP      k={config.k} window={config.window} sinks={config.sink_tokens} "
-        f"block_q={config.block_size_q} block_k={config.block_size_k}"
-    )
+    print(f"HiP      {config.describe()}")
 
     def phases(label: str) -> tuple[Any, Any, float, float, Any]:
         with torch.no_grad():

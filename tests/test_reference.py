@@ -149,6 +149,30 @@ def test_exact_leaves_rank_blocks_by_their_keys_largest_logits(rand_qkv):
     assert summary[0, 0, 0].tolist() != want  # the block's summary dilutes the one key
 
 
+@pytest.mark.parametrize("k,beam", [(16, 1), (32, 2), (64, 4), (64, 1)])
+def test_read_bounds_hold_the_children_the_search_scores(rand_qkv, k, beam):
+    """The accuracy harness's and the roofline's read counts bound the children the reference
+    scores (each level at most two per kept node, the last at most N), from N just above G
+    through powers of two."""
+    from hip_attn.accuracy.methods import hip_search_reads
+    from hip_attn.perf.estimator import search_estimates
+
+    cfg = CFG.replace(k=k, beam=beam)
+    g, exact = cfg.blocks_per_query_block, 0
+    for n in [g + 1, g + 3, 2 * g - 1, 2 * g, 2 * g + 5, 4 * g, 4 * g + 7, 127, 128, 200]:
+        if n <= g:
+            continue
+        tk = (n + first_candidate_block(cfg)) * 8 + cfg.window + 1
+        q, kk, _ = rand_qkv(1, 2, 1, 1, tk, 16, seed=n)
+        _, stats = estimate_mask_reference(q, kk, cfg)
+        assert int(stats.n_candidates[0, 0, 0]) == n
+        bound = hip_search_reads(n, cfg) // 2  # two vectors a summary
+        assert search_estimates(n, cfg) == bound
+        assert int(stats.scored[0, 0, 0]) <= bound
+        exact += int(stats.scored[0, 0, 0]) == bound
+    assert exact > 0  # tight where the kept nodes all split
+
+
 def test_levels_match_log_of_candidates(rand_qkv):
     q, k, _ = rand_qkv(1, 1, 1, 1, 4096, 32, seed=6)
     _, stats = estimate_mask_reference(q, k, CFG)

@@ -450,8 +450,8 @@ def _launch(
         EXACT_LEAVES=config.leaf_scores == "keys",
         num_warps=8,
         # 2 stages keep the beam-1 16-bit variants within sm_89's 99 KB of shared memory (3: 104
-        # KB); beam 2 at G = 64 needs 136 KB at any stage count (its [2 * NODES, D] operands):
-        # sm_80 and sm_90 only (hip-attn aot --arch)
+        # KB); beam 2 at G = 64 needs 136 KB at D = 128 (68 KB at 64) at any stage count (its
+        # [2 * NODES, D] operands): sm_80 and sm_90 only there (hip-attn aot --arch)
         num_stages=2,
         # no fused multiply-adds: the summaries it extends and its estimates round as the
         # reference's, so a GPU selects the blocks the reference and the offloaded path select

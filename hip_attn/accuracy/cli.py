@@ -63,7 +63,8 @@ _ACCURACY_EPILOG = """metrics (per method and context, over the sampled query bl
   out rel err    ||o - o_dense|| / ||o_dense|| of the attention output
   keys/query     keys in each query's softmax (the same budget for every sparse method)
   select reads   key-sized vectors the selection itself reads per query block and KV head
-                 (HiP: the bound 2*beam*G*levels; quest: min+max of every candidate block;
+                 (HiP: a bound, 2 summaries per child, 2*width children per level, the
+                 last level's at most N; quest: min+max of every candidate block;
                  oracle: every key, it needs the true attention; exact: every candidate key)
   *              the best sparse method of the context (dense, oracle and exact excluded)
 
@@ -472,6 +473,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     try:
         _check_json_path(args.json)
         config = hip_config_from_args(args)
+        if "hip+offload" in args.modes:
+            config.check_offloadable()  # before the checkpoint loads
         device, dtype = device_and_dtype(args)
         text = None
         if args.model:

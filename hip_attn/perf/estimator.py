@@ -379,8 +379,8 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     Query block ``[s, e)`` attends sinks ``[0, sink)``, ``min(N, G)`` selected blocks of
     ``block_size_k`` tokens, and the window ``[max(sink, s - window), e)`` causally, where
     ``N = (s - window - sink) // block_size_k`` candidate blocks and ``G = k / block_size_k``.
-    Blocks with ``e <= dense_threshold`` run dense. When ``N > G`` the search costs
-    ``2 * beam * G * levels`` node estimates per pooled query row (:func:`search_estimates`).
+    Blocks with ``e <= dense_threshold`` run dense. When ``N > G`` the search costs at most
+    ``2 * width`` node estimates per level and pooled query row (:func:`search_estimates`).
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
