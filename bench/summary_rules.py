@@ -27,8 +27,9 @@ Variants (registered into :data:`hip_attn.accuracy.methods.METHODS`; ``s`` is
 ``--query-pool-stride``; reads at 64K per query block and selection head with ``N = 8,144``,
 ``G = 64``, ``bk = 8``, counted as :func:`hip_attn.accuracy.methods.hip_search_reads` counted
 before session 13: ``2 * min(beam * G, N)`` children per level (the library now caps the last
-level at ``N``, which changes nothing at 64K's last block), a summary of ``r`` key-sized vectors counts ``r``,
-an exactly scored child counts its keys; a quarter of Quest's ``2N`` is 4,072):
+level at ``N``, which changes nothing at 64K's last block), a summary of ``r`` key-sized
+vectors counts ``r``, an exactly scored child counts its keys; a quarter of Quest's ``2N`` is
+4,072):
 
 * ``rep2`` (V1 with ``s=2``, V2 with ``s=1``): 2 representatives, pre-RoPE 2-means (2,048).
 * ``rep4`` (V3) / ``rep8``: 4 / 8 representatives (4,096 / 8,192).
@@ -468,9 +469,10 @@ def representative_reads(
 ) -> int:
     """Key-sized vectors read per query block and selection head, counted as
     :func:`hip_attn.accuracy.methods.hip_search_reads` counted before session 13:
-    ``2 * min(beam * G, N)`` children per level (no cap at ``N`` on the last level), ``r`` vectors each; with ``exact_last`` the last level reads ``bk`` keys per child
-    (with ``exact_from = L`` the last ``L`` levels read all keys of their children: the
-    children of the level ``L`` steps from the end hold ``2**(L-1)`` blocks)."""
+    ``2 * min(beam * G, N)`` children per level (no cap at ``N`` on the last level), ``r``
+    vectors each; with ``exact_last`` the last level reads ``bk`` keys per child (with
+    ``exact_from = L`` the last ``L`` levels read all keys of their children: the children of
+    the level ``L`` steps from the end hold ``2**(L-1)`` blocks)."""
     levels = search_levels(n, config)
     children = 2 * min(config.beam * config.blocks_per_query_block, n)
     if not levels:
