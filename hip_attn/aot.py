@@ -216,13 +216,28 @@ def _record_hip(
     from hip_attn.attention import BLOCK_N, launch_shape, summary_tree
     from hip_attn.geometry import node_summaries, tree_blocks
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
-    from hip_attn.triton_kernels.mask import estimate_mask_triton
+    from hip_attn.triton_kernels.mask import (
+        estimate_mask_triton,
+        leaf_candidates_triton,
+        rank_leaves_triton,
+    )
 
     q, k, v = _llama_qkv(batch, tq, tk, dtype, head_dim)
     h_sel = 8 if config.head_sharing == "kv_group" else 32
+    cache_k = torch.empty(
+        (batch, 8, 2048 * config.block_size_k, head_dim), dtype=dtype, device="meta"
+    )  # offload's block cache
     with recorded_launches() as launches:
         scale = q.shape[-1] ** -0.5
-        if tq <= config.block_size_q:  # a decode refresh: the search extends the tree first
+        if offload and config.leaf_scores == "keys":  # the leaves' keys from the block cache
+            tree = node_summaries(k, config)
+            candidates, _ = leaf_candidates_triton(q, tree, tk, config, h_sel, scale)
+            table = torch.empty((batch * 8, tk // config.block_size_k + 1), dtype=torch.int32,
+                                device="meta")  # fmt: skip
+            indices = torch.empty((batch, h_sel, 1, config.blocks_per_query_block),
+                                  dtype=torch.int32, device="meta")  # fmt: skip
+            rank_leaves_triton(q, candidates, cache_k, table, tk, config, scale, indices)
+        elif tq <= config.block_size_q:  # a decode refresh: the search extends the tree first
             before = tk - config.block_size_k
             blocks = tree_blocks(before, config)
             tree = node_summaries(k[:, :, :before], config, min_capacity=blocks + blocks // 4)
@@ -235,9 +250,6 @@ def _record_hip(
             indices, _ = estimate_mask_triton(q, tree, tk, config, h_sel, scale, keys=k, done=done)
         kv = KVSegments.full(k, v)
         if offload:  # sinks, slots and window in their own buffers, read through the table
-            cache_k = torch.empty(
-                (batch, 8, 2048 * config.block_size_k, head_dim), dtype=dtype, device="meta"
-            )
             kv = KVSegments(
                 k,
                 v,
@@ -305,7 +317,7 @@ def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
     configs = {
         "kv_group": HiPConfig(),
         "head": HiPConfig(head_sharing="head"),
-        # the README's quality setting: its leaves read keys (no offload yet)
+        # the README's quality setting: its leaves read keys
         "head, beam 2, s 1, keys at the leaves": HiPConfig(
             head_sharing="head", beam=2, query_pool_stride=1, leaf_scores="keys"
         ),
@@ -320,9 +332,10 @@ def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
                     ("offloaded decode at 1M", 1, 1, 1 << 20, True),
                     ("decode at 1M, batch 4 (int64 offsets)", 4, 1, 1 << 20, False),
                 ):
-                    if quick and sharing != "kv_group" and mode != "decode at 1M":
-                        continue
-                    if offload and config.leaf_scores == "keys":
+                    # quick: every variant of kv_group, the others' decode (and the two-launch
+                    # search of the quality setting offloaded)
+                    two_step = offload and config.leaf_scores == "keys"
+                    if quick and sharing != "kv_group" and mode != "decode at 1M" and not two_step:
                         continue
                     launches = _record_hip(batch, tq, tk, dtype, d, config, sms, offload)
                     out.append(Variant(f"{mode}, {tag}", launches))

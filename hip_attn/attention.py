@@ -366,7 +366,8 @@ def dense_attention(
     )
 
 
-def _selection_heads(q: torch.Tensor, kv_heads: int, config: HiPConfig) -> int:
+def selection_heads(q: torch.Tensor, kv_heads: int, config: HiPConfig) -> int:
+    """The heads ``q`` selects for: one per KV head (``kv_group``) or per query head."""
     return kv_heads if config.head_sharing == "kv_group" else q.shape[1]
 
 
@@ -400,7 +401,7 @@ def search_tree(
         summary.tree,
         tk,
         config,
-        _selection_heads(q, summary.tree.shape[1], config),
+        selection_heads(q, summary.tree.shape[1], config),
         scale,
         keys=summary.keys,
         done=summary.done,
@@ -410,24 +411,22 @@ def search_tree(
 
 def select_blocks(
     q: torch.Tensor,
-    summaries: Callable[[], torch.Tensor | SummaryTree],
+    search: Callable[[], torch.Tensor],
     tk: int,
     config: HiPConfig,
-    scale: float,
     state: HiPDecodeState | None,
     kv_heads: int,
-    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The selection for this call: estimated afresh from the summary tree ``summaries()``
-    returns (called only then) and the ``keys`` it summarizes (see :func:`search_tree`), or
-    reused from ``state`` between decode refreshes (see :class:`HiPDecodeState`)."""
+    """The selection for this call: estimated afresh by ``search()`` (called only then; e.g.
+    :func:`search_tree` over the summaries), or reused from ``state`` between decode refreshes
+    (see :class:`HiPDecodeState`)."""
     if state is None:
-        return search_tree(q, summaries(), tk, config, scale, keys)
+        return search()
     if q.shape[2] > config.block_size_q:
         state.reset()
         state.follow(q.shape[2], tk, config)
-        return search_tree(q, summaries(), tk, config, scale, keys)
-    h_sel = _selection_heads(q, kv_heads, config)
+        return search()
+    h_sel = selection_heads(q, kv_heads, config)
     expected = (q.shape[0], h_sel, 1)  # the width follows the context (see search_tree)
     if state.indices is not None and tuple(state.indices.shape[:3]) != expected:
         raise ValueError(
@@ -438,7 +437,7 @@ def select_blocks(
     state.follow(q.shape[2], tk, config)
     tq = q.shape[2]
     if state.indices is None or state.tokens_since_refresh + tq > config.refresh_interval:
-        state.indices = search_tree(q, summaries(), tk, config, scale, keys)
+        state.indices = search()
         state.tokens_since_refresh = 0
         state.refreshes += 1
     state.tokens_since_refresh += tq
@@ -600,8 +599,12 @@ def hip_attention(
         return dense_attention(q, k, v, scale)
     if uses_triton(q.device):  # before any launch: the kernels have no backward
         check_inference_only(q, k, v)
-    tree = (lambda: state.summaries(k, config)) if state else (lambda: summary_tree(k, config))
-    indices = select_blocks(q, tree, k.shape[2], config, scale, state, k.shape[1], k)
+
+    def search() -> torch.Tensor:
+        tree = state.summaries(k, config) if state else summary_tree(k, config)
+        return search_tree(q, tree, k.shape[2], config, scale, k)
+
+    indices = select_blocks(q, search, k.shape[2], config, state, k.shape[1])
     return _sparse(q, k, v, indices, config, scale)
 
 
@@ -624,7 +627,7 @@ def _device_decode(
     from hip_attn.triton_kernels.attention import KVSegments
     from hip_attn.triton_kernels.mask import decode_search_triton
 
-    dev = state.device_buffers(k, length, config, _selection_heads(q, k.shape[1], config))
+    dev = state.device_buffers(k, length, config, selection_heads(q, k.shape[1], config))
     decode_search_triton(q, dev.tree, k, length, dev.done, dev.anchor, config, scale, dev.indices,
                          dev.scratch)  # fmt: skip
     kv = KVSegments.full(k, v)

@@ -163,17 +163,6 @@ class HiPConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def check_offloadable(self) -> None:
-        """Raise ``ValueError`` unless the offloaded path (``OffloadedKV``) supports this
-        config: its search reads only what the device holds, and ``leaf_scores="keys"`` reads
-        candidate blocks' keys, which offload keeps in host memory (not supported yet)."""
-        if self.leaf_scores != "summary":
-            raise ValueError(
-                "offload needs leaf_scores='summary': leaf_scores='keys' ranks the last level "
-                "by the candidate blocks' keys, which offload keeps in host memory (not "
-                "supported yet)"
-            )
-
     def describe(self) -> str:
         """The settings that decide the selection, on one line (result headers)."""
         return (

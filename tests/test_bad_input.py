@@ -185,14 +185,6 @@ def test_patch_checks_offload_options(model, options, error, needle):
     assert not is_patched(model)  # refused before anything changed
 
 
-def test_patch_refuses_offload_with_leaves_ranked_by_keys(model):
-    # the offloaded search reads only what the device holds; the leaves' keys are on the host
-    with pytest.raises(ValueError, match="offload needs leaf_scores='summary'"):
-        hip_attn.patch(model, CFG.replace(leaf_scores="keys"), offload=True)
-    assert not is_patched(model)
-    assert "generate" not in model.__dict__
-
-
 def test_patch_accepts_good_offload_options(model):
     options = {"cache_blocks": 8, "max_chunk": 64, "host_chunk_tokens": 64, "gather": "torch"}
     try:

@@ -275,8 +275,6 @@ def test_offload_bad_input_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None
     assert "--cache-blocks 4 cannot hold" in capsys.readouterr().err
     assert main(["bench", "offload", *TINY_OFFLOAD, "--memory-context", "1k"]) == 2
     assert "two or more contexts" in capsys.readouterr().err
-    assert main(["bench", "offload", *TINY_OFFLOAD, "--leaf-scores", "keys"]) == 2
-    assert "offload needs leaf_scores='summary'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "offload", "--parts", "prefill"])
 

@@ -215,7 +215,6 @@ def test_eval_cli_random_model_json_records_the_offload_options(capsys):
         (["--offload-chunk", "64"], "larger than it"),
         (["--cache-blocks", "8"], "--cache-blocks 8 cannot hold the 64 blocks"),
         (["--cache-blocks", "16", "--head-sharing", "head"], "cannot hold the 128 blocks"),
-        (["--leaf-scores", "keys"], "offload needs leaf_scores='summary'"),  # before dense runs
     ],
 )
 def test_eval_refuses_offload_options_it_cannot_run_with(flags, needle, capsys):

@@ -108,6 +108,47 @@ def test_exact_leaves_kernel_matches_reference(rand_qkv, hq, hkv, tq, tk, sharin
                              done=tree_blocks(tk - 8, cfg))  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "hq,hkv,tq,tk,sharing,beam,dtype",
+    [
+        (4, 2, 300, 300, "head", 2, torch.float32),  # prefill: some blocks select everything
+        (2, 1, 1, 901, "kv_group", 1, torch.float16),  # decode
+        (2, 2, 70, 650, "kv_group", 3, torch.bfloat16),  # chunked prefill
+    ],
+)
+def test_leaves_ranked_from_a_block_cache_select_as_with_all_keys(
+    rand_qkv, hq, hkv, tq, tk, sharing, beam, dtype
+):
+    """The offloaded path's two launches (the last level's children, then their keys read
+    through a slot table) select what one launch with every key on the device selects."""
+    q, k, _ = rand_qkv(1, hq, hkv, tq, tk, 64, dtype=dtype, device=DEVICE, seed=tq + 2)
+    cfg = CFG.replace(head_sharing=sharing, beam=beam, leaf_scores="keys")
+    h_sel = hkv if sharing == "kv_group" else hq
+    tree = node_summaries(k, cfg)
+    want, want_scored = estimate_mask_triton(q, tree, tk, cfg, h_sel, 0.125, keys=k,
+                                             done=tree_blocks(tk, cfg))  # fmt: skip
+    cand, scored = mask.leaf_candidates_triton(q, tree, tk, cfg, h_sel, 0.125)
+    bk, n_blocks = cfg.block_size_k, -(-tk // cfg.block_size_k)
+    assert int(cand.max()) < n_blocks and bool((cand >= -1).all())
+    # every block in a shuffled slot of a cache with room to spare, the rest of it garbage
+    gen = torch.Generator().manual_seed(tk)
+    slots = n_blocks + 5
+    table = torch.randperm(slots, generator=gen)[:n_blocks].repeat(hkv, 1).int().to(DEVICE)
+    cache = torch.randn(1, hkv, slots * bk, 64, generator=gen).to(DEVICE, dtype)
+    padded = torch.nn.functional.pad(k, (0, 0, 0, n_blocks * bk - tk))
+    for h in range(hkv):
+        blocks = padded[0, h].view(n_blocks, bk, 64)
+        cache[0, h].view(slots, bk, 64)[table[h].long()] = blocks
+    got = torch.full_like(want, -7)
+    first = mask.rank_leaves_triton(q, cand, cache, table, tk, cfg, 0.125, got, range(0, 1))
+    split = want.shape[2] > 1
+    rest = mask.rank_leaves_triton(q, cand, cache, table, tk, cfg, 0.125, got,
+                                   range(1, want.shape[2])) if split else 0  # fmt: skip
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close((scored + first + rest).cpu(), want_scored.cpu(), atol=0, rtol=0)
+    assert int(first[..., 1:].abs().sum()) == 0  # the launch of query block 0 counts only it
+
+
 @pytest.mark.parametrize("leaves", ["summary", "keys"])
 def test_rows_scored_in_several_tiles_select_as_one(rand_qkv, monkeypatch, leaves):
     # 64 unpooled rows in tiles of 16 (a wide beam or unpooled rows split them on a GPU)

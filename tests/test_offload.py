@@ -13,6 +13,7 @@ from hip_attn import HiPConfig, HiPDecodeState, hip_attention
 from hip_attn.geometry import level_offset, node_summaries, tree_blocks, tree_capacity
 from hip_attn.offload import BlockCache, HostKV, OffloadedKV
 from hip_attn.offload.gather import gather_torch
+from hip_attn.triton_kernels import mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
@@ -30,10 +31,15 @@ def offloaded(cfg, b, hkv, **kw):
 
 
 @pytest.mark.parametrize(
-    "hq,hkv,sharing,steps", [(2, 2, "kv_group", 64), (4, 2, "kv_group", 12), (4, 2, "head", 12)]
+    "hq,hkv,sharing,steps,leaves",
+    [
+        (2, 2, "kv_group", 64, "summary"),
+        (4, 2, "kv_group", 12, "summary"),
+        (4, 2, "head", 8, "keys"),  # the candidates' keys fetched before the leaves rank
+    ],
 )
-def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps):
-    cfg = CFG.replace(head_sharing=sharing)
+def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps, leaves):
+    cfg = CFG.replace(head_sharing=sharing, leaf_scores=leaves)
     t0 = 520
     q, k, v = qkv(1, hq, hkv, t0 + steps, seed=steps)
     off = offloaded(cfg, 1, hkv)
@@ -43,7 +49,7 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps):
     ours, theirs = HiPDecodeState(), HiPDecodeState()
     lookups = []  # the block cache is consulted when the selection changes, not on reuse steps
     ensure = off.cache.ensure
-    off.cache.ensure = lambda *a: (lookups.append(ours.refreshes), ensure(*a))  # type: ignore
+    off.cache.ensure = lambda *a, **kw: (lookups.append(ours.refreshes), ensure(*a, **kw))  # type: ignore
     for t in range(t0, t0 + steps):
         off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         got = off.attend(q[:, :, t : t + 1], state=ours)
@@ -52,7 +58,9 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps):
         assert torch.equal(ours.indices, theirs.indices)  # the same selection, from R alone
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert ours.refreshes == -(-steps // cfg.refresh_interval)
-    assert lookups == list(range(1, ours.refreshes + 1))
+    # with keys at the leaves, the search fetches its candidates (before the refresh counts)
+    looked_up = (lambda r: (r - 1, r)) if leaves == "keys" else (lambda r: (r,))
+    assert lookups == [n for r in range(1, ours.refreshes + 1) for n in looked_up(r)]
     stats = off.stats()
     assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
     assert stats["hits"] > 0 and stats["misses"] > 0
@@ -65,6 +73,24 @@ def test_cache_smaller_than_working_set_evicts_and_stays_exact():
     out = off.prefill(q, k, v)
     torch.testing.assert_close(out, hip_attention(q, k, v, CFG), atol=1e-5, rtol=1e-5)
     assert off.stats()["evictions"] > 0
+
+
+def test_leaves_ranked_in_a_cache_that_holds_one_query_blocks_candidates():
+    """A prefill chunk's leaf candidates do not fit the cache together: its query blocks rank
+    in several launches, each after its own fetch, and select what the on-GPU path selects."""
+    cfg = CFG.replace(leaf_scores="keys")
+    q, k, v = qkv(1, 2, 1, 700, seed=6)
+    off = offloaded(cfg, 1, 1, cache_blocks=64)  # 2 * 32 candidate entries per query block
+    launches = []
+    rank = mask.rank_leaves_triton
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mask, "rank_leaves_triton", lambda *a: (launches.append(a[-1]), rank(*a))[1])
+        out = off.prefill(q, k, v)
+    torch.testing.assert_close(out, hip_attention(q, k, v, cfg), atol=1e-5, rtol=1e-5)
+    assert len(launches) > len(range(0, 700, 128))  # more than one per chunk
+    assert all(len(r) == 1 for r in launches)
+    stats = off.stats()
+    assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
 
 
 def test_one_attend_after_several_appends_serves_or_refuses():

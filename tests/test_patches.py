@@ -196,16 +196,19 @@ def test_unsupported_models_raise_naming_the_class():
         patch(make_model("llama"), dense_layers=[5])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "family,leaves", [("llama", "summary"), ("gemma3", "summary"), ("llama", "keys")]
+)
 @torch.no_grad()
-def test_offloaded_generation_equals_on_gpu_hip(family):
+def test_offloaded_generation_equals_on_gpu_hip(family, leaves):
     from hip_attn.patches.offload import HiPOffloadCache
 
-    model = patch(make_model(family), SPARSE)
+    config = SPARSE.replace(leaf_scores=leaves)
+    model = patch(make_model(family), config)
     ids = prompt(150, seed=10)
     on_gpu = greedy(model, ids, 5, prefill_chunk_size=64)  # the calls offload makes
     options = {"cache_blocks": 64, "max_chunk": 64, "host_chunk_tokens": 256}
-    patch(model, SPARSE, offload=True, offload_options=options)
+    patch(model, config, offload=True, offload_options=options)
     out = greedy(model, ids, 5, return_dict_in_generate=True)
     assert torch.equal(out.sequences, on_gpu)
     cache = output_cache(out)

@@ -188,10 +188,6 @@ def test_bad_flags_are_argparse_errors(
         (["--hip-k", "100"], "multiple of block_size_k"),
         (["--window", "4", "--mode", "hip"], "window must be >= block_size_q"),
         (["--block-cache", "128", "--mode", "hip+offload"], "block cache"),
-        (
-            ["--leaf-scores", "keys", "--compare", "hip,hip+offload"],
-            "offload needs leaf_scores",
-        ),
     ],
 )
 def test_inconsistent_input_is_one_line_exit_2(

@@ -280,16 +280,18 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
         assert syncs == 0 and ops == first[1] and launches == first[2]
 
 
+@pytest.mark.parametrize("leaves", ["summary", "keys"])
 @torch.no_grad()
-def test_offloaded_decode_steps_read_nothing_back() -> None:
+def test_offloaded_decode_steps_read_nothing_back(leaves: str) -> None:
     """KV offload's decode steps: appending a token, and on a refresh step the block cache's
     lookup, LRU and eviction (device tensors of fixed shapes) and the gather of the misses
-    (a fixed-length list, the entries not to copy marked) read nothing back to the host."""
+    (a fixed-length list, the entries not to copy marked) read nothing back to the host; with
+    keys at the leaves, a refresh fetches the leaf candidates first, the same way."""
     from hip_attn import HiPConfig, HiPDecodeState
     from hip_attn.offload import OffloadedKV
 
     config = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
-                       refresh_interval=4, dense_threshold=0)  # fmt: skip
+                       refresh_interval=4, dense_threshold=0, leaf_scores=leaves)  # fmt: skip
     # the kernels run: interpreted here, on the GPU where there is one (the reference reads back)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     off = OffloadedKV(config, 1, 2, 64, torch.float32, device, cache_blocks=64, max_chunk=128,
@@ -305,8 +307,10 @@ def test_offloaded_decode_steps_read_nothing_back() -> None:
             off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
             off.attend(q[:, :, t : t + 1], state=state)
     assert counter.syncs == 0
-    assert state.refreshes == len(gathers) == 3
-    assert all(g.shape == gathers[0].shape for g in gathers)  # one fixed-length list
+    fetches = 2 if leaves == "keys" else 1  # the leaf candidates, then the selection
+    assert state.refreshes * fetches == len(gathers) == 3 * fetches
+    for first in range(fetches):  # each a fixed-length list
+        assert all(g.shape == gathers[first].shape for g in gathers[first::fetches])
     assert (gathers[0] >= 0).any()  # the first decode selection brought blocks in
 
 

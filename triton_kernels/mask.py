@@ -84,6 +84,86 @@ def _row_votes(best, child_ok, row_ok, scale):
 
 
 @triton.jit
+def _children(lo, lvl, valid, NODES: tl.constexpr):
+    """The ``2 * NODES`` children of nodes ``(lo, lvl)``: each node's two aligned halves (a
+    one-block node has only itself), as ``(lo, level, present)``."""
+    pair = tl.arange(0, 2)
+    c_lvl = tl.reshape(tl.maximum(lvl - 1, 0)[:, None] + pair[None, :] * 0, [2 * NODES])
+    c_lo = tl.reshape(
+        lo[:, None] + pair[None, :] * tl.where(lvl > 0, 1 << tl.maximum(lvl - 1, 0), 0)[:, None],
+        [2 * NODES],
+    )
+    child_ok = tl.reshape(valid[:, None] & ((pair[None, :] == 0) | (lvl[:, None] > 0)),
+                          [2 * NODES])  # fmt: skip
+    return c_lo, c_lvl, child_ok
+
+
+@triton.jit
+def _leaf_votes(
+    q_head,
+    stride_q_h,
+    stride_q_t,
+    qb,
+    tq,
+    leaf_keys,
+    key_row,
+    stride_k_t,
+    child_ok,
+    dims,
+    scale,
+    BLOCK_Q,
+    STRIDE,
+    ROWS,
+    ROW_TILE,
+    ROW_TILES,
+    HEADS_PER_SEL,
+    BK,
+    D,
+    D_PAD,
+    NODES,
+    PRECISION,
+    DOT_DTYPE,
+    OFFSET,
+):
+    """The children's share of the vote when each row ranks single blocks by its largest logit
+    over their keys (``key_row``: each child's first key, an offset from ``leaf_keys``)."""
+    load_ok = child_ok[:, None] & (dims[None, :] < D)
+    score = tl.zeros([2 * NODES], tl.float32)
+    for t in range(HEADS_PER_SEL * ROW_TILES):
+        qp, row_ok = _pooled_rows(
+            q_head + (t // ROW_TILES) * stride_q_h, stride_q_t, qb, tq, t % ROW_TILES, dims,
+            BLOCK_Q, STRIDE, ROWS, ROW_TILE, D, D_PAD, OFFSET,
+        )  # fmt: skip
+        # each row's largest logit over the block's keys, one key at a time
+        best = tl.full([ROW_TILE, 2 * NODES], float("-inf"), tl.float32)
+        for i in range(BK):
+            key = tl.load(leaf_keys + (key_row + i * stride_k_t)[:, None] + dims[None, :],
+                          mask=load_ok, other=0.0)  # fmt: skip
+            logit = tl.dot(qp.to(DOT_DTYPE), tl.trans(key.to(DOT_DTYPE)),
+                           input_precision=PRECISION)  # fmt: skip
+            best = tl.maximum(best, logit)
+        score += _row_votes(best, child_ok, row_ok, scale)
+    return score
+
+
+@triton.jit
+def _ranked(score, c_lo, c_lvl, child_ok, keep, NODES: tl.constexpr):
+    """The ``keep`` best children by ``score`` (ties: the lower block first) as ``NODES`` slots
+    ``(lo, level, valid)``, best first. ``(score, lower block first, level)`` pack into one
+    int64 (26 bits of node start: 64M candidate blocks); scores are >= 0, so their fp32 bits
+    order as integers."""
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (
+        (((0x3FFFFFF - c_lo) << 5) | c_lvl).to(tl.int64)
+    )
+    key = tl.where(child_ok, key, tl.full([2 * NODES], 1, tl.int64) << 63)  # below every key
+    best = tl.topk(key, NODES)
+    valid = (tl.arange(0, NODES) < keep) & (best > (tl.full([NODES], 1, tl.int64) << 63))
+    lo = (0x3FFFFFF - ((best >> 5) & 0x3FFFFFF)).to(tl.int32)
+    lvl = (best & 31).to(tl.int32)
+    return lo, lvl, valid
+
+
+@triton.jit
 def _hip_mask_kernel(
     Q,
     stride_q_b,
@@ -103,10 +183,19 @@ def _hip_mask_kernel(
     stride_k_b,
     stride_k_h,
     stride_k_t,  # with EXTEND or EXACT_LEAVES: the keys [B, Hkv, Tk, D] the tree summarizes
-    # (with EXTEND, its blocks after `done` join the tree first)
+    # (with EXTEND, its blocks after `done` join the tree first); with LEAVES_IN, the block
+    # cache's slots [B, Hkv, slots * BK, D]
     done,  # with ON_DEVICE: int32 [B, Hkv] in device memory, updated here
     anchor,  # with ON_DEVICE: int32 in device memory, see refresh_due
     interval,
+    CAND,
+    stride_c_b,
+    stride_c_h,
+    stride_c_q,  # int32 [B, H_sel, n_query_blocks, 2 * NODES]: the last level's children,
+    # written with CANDIDATES_OUT, read with LEAVES_IN (-1 padded)
+    TABLE,
+    stride_tab,  # with LEAVES_IN: int32 [B * Hkv, blocks], the slot in K holding each block
+    qb0,  # the first query block of this launch
     h_sel,
     tq,
     tk,
@@ -134,8 +223,10 @@ def _hip_mask_kernel(
     ON_DEVICE: tl.constexpr,  # a decode step reading tk (and done) from device memory, which
     # searches only when refresh_due says so and leaves the selection in place otherwise
     EXACT_LEAVES: tl.constexpr,  # leaf_scores="keys": the last level reads the blocks' keys
+    CANDIDATES_OUT: tl.constexpr,  # stop before the last level, writing its children to CAND
+    LEAVES_IN: tl.constexpr,  # rank only the children in CAND, by their keys through TABLE
 ):
-    qb = tl.program_id(0)
+    qb = qb0 + tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // h_sel).to(OFFSET)
     hs = bh % h_sel
@@ -162,114 +253,111 @@ def _hip_mask_kernel(
     slots = tl.arange(0, NODES)
 
     scored = 0
+    cand = CAND + b * stride_c_b + hs * stride_c_h + qb * stride_c_q
+    pairs = tl.arange(0, 2 * NODES)
     if n <= G:  # every candidate is selected, already in order
         blocks = tl.where(slots < n, first + slots, -1)
+        if CANDIDATES_OUT:  # nothing to rank
+            tl.store(cand + pairs, tl.full([2 * NODES], -1, tl.int32))
     else:
-        # hip_attn.geometry.search_width, then start_level: complete 2**top nodes, then the
-        # remainder's set bits, largest first
-        bits = 0
-        rest = n
-        while rest > 0:
-            bits += rest & 1
-            rest = rest >> 1
-        width = tl.minimum(tl.maximum(beam_width, bits), n)
-        top = 0
-        pieces = 0
-        while (n >> top) + pieces > width:
-            pieces += (n >> top) & 1
-            top += 1
-        full = n >> top
-        lo = slots << top
-        lvl = tl.full([NODES], 0, tl.int32) + top
-        start = full << top
-        piece = 0
-        for i in range(top):
-            bit = top - 1 - i
-            has = (n >> bit) & 1
-            hit = (slots - full == piece) & (has == 1)
-            lo = tl.where(hit, start, lo)
-            lvl = tl.where(hit, bit, lvl)
-            start += has << bit
-            piece += has
-        valid = slots < full + piece
-        levels = tl.maximum(top, 1)
-
         q_head0 = (hs * HEADS_PER_SEL).to(OFFSET)
-        summ = S + b * stride_s_b + (q_head0 // q_per_kv) * stride_s_h
-        leaf_keys = K + b * stride_k_b + (q_head0 // q_per_kv) * stride_k_h
+        q_head = Q + b * stride_q_b + q_head0 * stride_q_h
+        kv = q_head0 // q_per_kv
+        summ = S + b * stride_s_b + kv * stride_s_h
+        leaf_keys = K + b * stride_k_b + kv * stride_k_h
         dims = tl.arange(0, D_PAD)
-        pair = tl.arange(0, 2)
-        invalid_key = tl.full([2 * NODES], 1, tl.int64) << 63  # below every real key
-        for level in range(levels):
-            c_lvl = tl.reshape(tl.maximum(lvl - 1, 0)[:, None] + pair[None, :] * 0, [2 * NODES])
-            c_lo = tl.reshape(
-                lo[:, None]
-                + pair[None, :] * tl.where(lvl > 0, 1 << tl.maximum(lvl - 1, 0), 0)[:, None],
-                [2 * NODES],
-            )
-            child_ok = tl.reshape(valid[:, None] & ((pair[None, :] == 0) | (lvl[:, None] > 0)),
-                                  [2 * NODES])  # fmt: skip
-            node = (level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
-            load_ok = child_ok[:, None] & (dims[None, :] < D)
-            leaves = False
-            if EXACT_LEAVES:  # the last level's children are single blocks (search_levels)
-                leaves = level == levels - 1
-            score = tl.zeros([2 * NODES], tl.float32)
-            # one head and ROW_TILE rows at a time (each row's softmax is its own): a tile of
-            # every row of the group's heads needs 257 KB of shared memory for Llama-8B shapes
-            # on sm_90 (hip-attn aot). Two loops, so that the summaries are not held in
-            # registers while the leaves' keys are scored.
-            if leaves:
-                key_row = ((first + c_lo) * BK).to(OFFSET) * stride_k_t  # each block's first key
-                for t in range(HEADS_PER_SEL * ROW_TILES):
-                    qp, row_ok = _pooled_rows(
-                        Q + b * stride_q_b + (q_head0 + t // ROW_TILES) * stride_q_h,
-                        stride_q_t, qb, tq, t % ROW_TILES, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE,
-                        D, D_PAD, OFFSET,
-                    )  # fmt: skip
-                    # each row's largest logit over the block's keys, one key at a time
-                    best = tl.full([ROW_TILE, 2 * NODES], float("-inf"), tl.float32)
-                    for i in range(BK):
-                        key = tl.load(leaf_keys + (key_row + i * stride_k_t)[:, None]
-                                      + dims[None, :], mask=load_ok, other=0.0)  # fmt: skip
-                        logit = tl.dot(qp.to(DOT_DTYPE), tl.trans(key.to(DOT_DTYPE)),
-                                       input_precision=PRECISION)  # fmt: skip
-                        best = tl.maximum(best, logit)
-                    score += _row_votes(best, child_ok, row_ok, scale)
-            else:
-                row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
-                k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
-                k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
-                spread = tl.load(SPREADS + c_lvl)
-                for t in range(HEADS_PER_SEL * ROW_TILES):
-                    qp, row_ok = _pooled_rows(
-                        Q + b * stride_q_b + (q_head0 + t // ROW_TILES) * stride_q_h,
-                        stride_q_t, qb, tq, t % ROW_TILES, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE,
-                        D, D_PAD, OFFSET,
-                    )  # fmt: skip
-                    # squares rounded to q's dtype, as the reference rounds them: 16-bit operands
-                    sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
-                    var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
-                    best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean), input_precision=PRECISION)
-                    best = best + spread[None, :] * tl.sqrt_rn(var)
-                    score += _row_votes(best, child_ok, row_ok, scale)
+        if LEAVES_IN:  # the children the CANDIDATES_OUT launch wrote, their keys in the cache
+            c_lo = tl.load(cand + pairs) - first
+            child_ok = c_lo >= 0
+            hkv = h_sel * HEADS_PER_SEL // q_per_kv
+            slot = tl.load(TABLE + (b * hkv + kv) * stride_tab + first + c_lo, mask=child_ok,
+                           other=0)  # fmt: skip
+            score = _leaf_votes(
+                q_head, stride_q_h, stride_q_t, qb, tq, leaf_keys,
+                (slot * BK).to(OFFSET) * stride_k_t, stride_k_t, child_ok, dims, scale, BLOCK_Q,
+                STRIDE, ROWS, ROW_TILE, ROW_TILES, HEADS_PER_SEL, BK, D, D_PAD, NODES, PRECISION,
+                DOT_DTYPE, OFFSET,
+            )  # fmt: skip
             scored += tl.sum(child_ok.to(tl.int32))
-
-            # (score, lower block first, level) in one int64 (26 bits of node start: 64M
-            # candidate blocks); scores are >= 0, so their fp32 bits order as integers
-            key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (
-                (((0x3FFFFFF - c_lo) << 5) | c_lvl).to(tl.int64)
-            )
-            key = tl.where(child_ok, key, invalid_key)
-            best = tl.topk(key, NODES)  # the NODES best children, best first
-            keep = tl.where(level == levels - 1, G, width)
-            valid = (slots < keep) & (best > (tl.full([NODES], 1, tl.int64) << 63))
-            lo = (0x3FFFFFF - ((best >> 5) & 0x3FFFFFF)).to(tl.int32)
-            lvl = (best & 31).to(tl.int32)
+            lo, lvl, valid = _ranked(score, c_lo, c_lo * 0, child_ok, G, NODES)
+        else:
+            # hip_attn.geometry.search_width, then start_level: complete 2**top nodes, then the
+            # remainder's set bits, largest first
+            bits = 0
+            rest = n
+            while rest > 0:
+                bits += rest & 1
+                rest = rest >> 1
+            width = tl.minimum(tl.maximum(beam_width, bits), n)
+            top = 0
+            pieces = 0
+            while (n >> top) + pieces > width:
+                pieces += (n >> top) & 1
+                top += 1
+            full = n >> top
+            lo = slots << top
+            lvl = tl.full([NODES], 0, tl.int32) + top
+            start = full << top
+            piece = 0
+            for i in range(top):
+                bit = top - 1 - i
+                has = (n >> bit) & 1
+                hit = (slots - full == piece) & (has == 1)
+                lo = tl.where(hit, start, lo)
+                lvl = tl.where(hit, bit, lvl)
+                start += has << bit
+                piece += has
+            valid = slots < full + piece
+            levels = tl.maximum(top, 1)
+            for level in range(levels - CANDIDATES_OUT):
+                c_lo, c_lvl, child_ok = _children(lo, lvl, valid, NODES)
+                node = (level_offset(c_lvl, capacity) + (c_lo >> c_lvl)).to(OFFSET)
+                leaves = False
+                if EXACT_LEAVES:  # the last level's children are single blocks (search_levels)
+                    leaves = level == levels - 1
+                # one head and ROW_TILE rows at a time (each row's softmax is its own): a tile of
+                # every row of the group's heads needs 257 KB of shared memory for Llama-8B
+                # shapes on sm_90 (hip-attn aot). Two branches, so that the summaries are not
+                # held in registers while the leaves' keys are scored.
+                if leaves:
+                    score = _leaf_votes(
+                        q_head, stride_q_h, stride_q_t, qb, tq, leaf_keys,
+                        ((first + c_lo) * BK).to(OFFSET) * stride_k_t, stride_k_t, child_ok,
+                        dims, scale, BLOCK_Q, STRIDE, ROWS, ROW_TILE, ROW_TILES, HEADS_PER_SEL,
+                        BK, D, D_PAD, NODES, PRECISION, DOT_DTYPE, OFFSET,
+                    )  # fmt: skip
+                else:
+                    load_ok = child_ok[:, None] & (dims[None, :] < D)
+                    row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
+                    k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                    k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                    spread = tl.load(SPREADS + c_lvl)
+                    score = tl.zeros([2 * NODES], tl.float32)
+                    for t in range(HEADS_PER_SEL * ROW_TILES):
+                        qp, row_ok = _pooled_rows(
+                            q_head + (t // ROW_TILES) * stride_q_h, stride_q_t, qb, tq,
+                            t % ROW_TILES, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE, D, D_PAD,
+                            OFFSET,
+                        )  # fmt: skip
+                        # squares rounded to q's dtype, as the reference rounds them: 16-bit
+                        # operands
+                        sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
+                        var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
+                        best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean),
+                                      input_precision=PRECISION)  # fmt: skip
+                        best = best + spread[None, :] * tl.sqrt_rn(var)
+                        score += _row_votes(best, child_ok, row_ok, scale)
+                scored += tl.sum(child_ok.to(tl.int32))
+                keep = tl.where(level == levels - 1, G, width)
+                lo, lvl, valid = _ranked(score, c_lo, c_lvl, child_ok, keep, NODES)
+            if CANDIDATES_OUT:  # the last level's children: single blocks (search_levels)
+                c_lo, _, child_ok = _children(lo, lvl, valid, NODES)
+                tl.store(cand + pairs, tl.where(child_ok, first + c_lo, -1))
         blocks = tl.sort(tl.where(valid, first + lo, 1 << 30), descending=False)
         blocks = tl.where(blocks == 1 << 30, -1, blocks)
-    tl.store(out + slots, blocks.to(tl.int32), mask=slots < G)
-    tl.store(SCORED + bh * tl.num_programs(0) + qb, scored)
+    if not CANDIDATES_OUT:
+        tl.store(out + slots, blocks.to(tl.int32), mask=slots < G)
+    tl.store(SCORED + bh * tl.cdiv(tq, BLOCK_Q) + qb, scored)
 
 
 def estimate_mask_triton(
@@ -325,6 +413,54 @@ def estimate_mask_triton(
     return out, scored
 
 
+def leaf_candidates_triton(
+    q: torch.Tensor, tree: torch.Tensor, tk: int, config: HiPConfig, h_sel: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step of a ``leaf_scores="keys"`` search whose keys are not on the device (the
+    offloaded path): the search of :func:`estimate_mask_triton` up to its last level, returning
+    that level's children ``[B, h_sel, n_query_blocks, C]`` (int32 key blocks, ``-1`` padded;
+    all ``-1`` where a query block selects every candidate without a search) and the children
+    scored so far. Their keys are what :func:`rank_leaves_triton` reads."""
+    if tree.stride(-1) != 1:
+        tree = tree.contiguous()
+    b, n_qb = q.shape[0], num_query_blocks(q.shape[2], config)
+    cand = torch.empty((b, h_sel, n_qb, 2 * _nodes(config)), dtype=torch.int32, device=q.device)
+    out = torch.empty(
+        (b, h_sel, n_qb, config.blocks_per_query_block), dtype=torch.int32, device=q.device
+    )  # its shape sets the launch; not written
+    scored = _launch(q, tree, tk, out, (tree, 0, 0, 0, 0), (0, 1), config, scale, False,
+                     on_device=False, leaves=(cand, None, None))  # fmt: skip
+    return cand, scored
+
+
+def rank_leaves_triton(
+    q: torch.Tensor,
+    candidates: torch.Tensor,
+    keys: torch.Tensor,
+    table: torch.Tensor,
+    tk: int,
+    config: HiPConfig,
+    scale: float,
+    out: torch.Tensor,
+    query_blocks: range | None = None,
+) -> torch.Tensor:
+    """The second step: rank :func:`leaf_candidates_triton`'s ``candidates`` by their keys and
+    write the selection of ``query_blocks`` (all by default) into ``out`` ``[B, h_sel,
+    n_query_blocks, G]``, as :func:`estimate_mask_triton` selects with every key on the device.
+    ``keys`` ``[B, Hkv, slots * block_size_k, D]`` holds block ``j`` of row ``(b, h)`` at slot
+    ``table[b * Hkv + h, j]`` (a :class:`~hip_attn.offload.BlockCache`); every candidate of the
+    launched query blocks must be resident. Returns the children scored ``[B, h_sel, n_qb]``
+    (zero outside ``query_blocks``)."""
+    n_qb = num_query_blocks(q.shape[2], config)
+    blocks = range(n_qb) if query_blocks is None else query_blocks
+    if keys.stride(-1) != 1 or table.stride(-1) != 1:
+        raise ValueError("keys and table need unit stride in their last dimension")
+    k_args = (keys, *keys.stride()[:3], 0)
+    # the tree is not read: the children come from `candidates`
+    return _launch(q, keys, tk, out, k_args, (0, 1), config, scale, False, on_device=False,
+                   leaves=(candidates, table, blocks))  # fmt: skip
+
+
 def decode_search_triton(
     q: torch.Tensor,
     tree: torch.Tensor,
@@ -377,6 +513,12 @@ def _spread_table(block_size_k: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(level_spreads(block_size_k), dtype=torch.float32, device=device)
 
 
+def _nodes(config: HiPConfig) -> int:
+    """The search width bound ``beam * G`` padded to a power of two, at least 32 (the search
+    keeps at least as many nodes as N has set bits)."""
+    return max(32, triton.next_power_of_2(config.beam * config.blocks_per_query_block))
+
+
 def _launch(
     q: torch.Tensor,
     tree: torch.Tensor,
@@ -390,8 +532,13 @@ def _launch(
     *,
     on_device: bool,
     scratch: dict[str, torch.Tensor] | None = None,
+    leaves: tuple[torch.Tensor, torch.Tensor | None, range | None] | None = None,
 ) -> torch.Tensor:
-    """The search kernel over ``q``'s query blocks into ``out``; returns the children scored."""
+    """The search kernel over ``q``'s query blocks into ``out``; returns the children scored.
+    ``leaves`` splits a search whose leaves' keys are not on the device in two launches:
+    ``(candidates, None, None)`` writes the last level's children into ``candidates``,
+    ``(candidates, table, query_blocks)`` ranks them by the keys ``k_args`` holds at the slots
+    ``table`` names (``tree`` then only sets the KV heads)."""
     b, hq, tq, d = q.shape
     hkv = tree.shape[1]
     h_sel, n_qb, g = out.shape[1:]
@@ -400,12 +547,15 @@ def _launch(
     if q.stride(-1) != 1:
         q = q.contiguous()
     dot_dtype = dot_operand_dtype(q.dtype if q.dtype == tree.dtype else torch.float32)
-    # the search keeps at least as many nodes as N has set bits (< 32)
-    nodes = max(32, triton.next_power_of_2(config.beam * g))
+    nodes = _nodes(config)
     # [rows, children] fp32 tiles of at most 4,096 elements: the default config's whole query
     # block (32 x 128); a wider beam or unpooled rows take several tiles instead of spilling
     row_tile = max(16, min(triton.next_power_of_2(rows), MAX_TILE // (2 * nodes)))
-    _hip_mask_kernel[(n_qb, b * h_sel)](
+    cand, table, blocks = leaves if leaves is not None else (out, None, None)
+    if blocks is not None and len(blocks) < n_qb:
+        scored.zero_()
+    launched = range(n_qb) if blocks is None else blocks
+    _hip_mask_kernel[(len(launched), b * h_sel)](
         q,
         q.stride(0),
         q.stride(1),
@@ -422,6 +572,13 @@ def _launch(
         scored,
         *k_args,
         *gate,
+        cand,
+        cand.stride(0),
+        cand.stride(1),
+        cand.stride(2),
+        out if table is None else table,
+        0 if table is None else table.stride(0),
+        launched.start,
         h_sel,
         tq,
         tk,
@@ -448,6 +605,8 @@ def _launch(
         EXTEND=extend,
         ON_DEVICE=on_device,
         EXACT_LEAVES=config.leaf_scores == "keys",
+        CANDIDATES_OUT=leaves is not None and table is None,
+        LEAVES_IN=table is not None,
         num_warps=8,
         # 2 stages keep the beam-1 16-bit variants within sm_89's 99 KB of shared memory (3: 104
         # KB); beam 2 at G = 64 needs 136 KB at D = 128 (68 KB at 64) at any stage count (its

@@ -473,8 +473,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
     try:
         _check_json_path(args.json)
         config = hip_config_from_args(args)
-        if "hip+offload" in args.modes:
-            config.check_offloadable()  # before the checkpoint loads
         device, dtype = device_and_dtype(args)
         text = None
         if args.model:

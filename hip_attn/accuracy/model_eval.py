@@ -94,15 +94,10 @@ def check_offload(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -
         EvalError: ``max_chunk`` is not a multiple of ``block_size_q`` larger than it (a
             call of at most ``block_size_q`` queries is a decode step to
             :class:`hip_attn.HiPDecodeState`, which would reuse the previous chunk's
-            selection), the config is not offloadable (:meth:`HiPConfig.check_offloadable`),
-            or the block cache cannot hold the blocks one query block selects
+            selection), or the block cache cannot hold the blocks one query block selects
             (``k / block_size_k``, times the query heads of a KV head with
             ``head_sharing="head"``).
     """
-    try:
-        config.check_offloadable()
-    except ValueError as err:
-        raise EvalError(str(err)) from None
     bq = config.block_size_q
     if offload.max_chunk <= bq or offload.max_chunk % bq:
         raise EvalError(

@@ -241,7 +241,6 @@ class OffloadPlan:
             raise ValueError("nothing to run: no memory contexts and no decode contexts")
         if len(self.memory_contexts) == 1:
             raise ValueError("the memory part compares two or more contexts, got one")
-        cfg.check_offloadable()
         if self.max_chunk < 1 or self.max_chunk % cfg.block_size_q:
             raise ValueError(
                 f"--max-chunk must be a positive multiple of block_size_q={cfg.block_size_q}, "

@@ -26,10 +26,10 @@ import torch
 
 from hip_attn.attention import (
     HiPDecodeState,
-    _selection_heads,
     _sparse,
     hip_attention,
     search_tree,
+    selection_heads,
     summary_tree,
     uses_triton,
 )
@@ -186,7 +186,7 @@ def select(
             summary_tree(k, cfg),
             case.context,
             cfg,
-            _selection_heads(q, k.shape[1], cfg),
+            selection_heads(q, k.shape[1], cfg),
             q.shape[-1] ** -0.5,
             keys=k,
             done=tree_blocks(case.context, cfg),
@@ -316,7 +316,7 @@ def run_case(
             from hip_attn.triton_kernels.mask import estimate_mask_triton
 
             tree = summary_tree(k, cfg)
-            h_sel = _selection_heads(q, k.shape[1], cfg)
+            h_sel = selection_heads(q, k.shape[1], cfg)
             done = tree_blocks(case.context, cfg)  # a complete tree; the leaves may read k
             timed(
                 "hip_mask_kernel",

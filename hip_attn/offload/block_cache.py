@@ -90,7 +90,9 @@ class BlockCache:
             grown[:, :width] = self.table[:, :width]
             self.table = grown
 
-    def ensure(self, requested: torch.Tensor, n_blocks: int, gather: GatherFn) -> None:
+    def ensure(
+        self, requested: torch.Tensor, n_blocks: int, gather: GatherFn, *, same_step: bool = False
+    ) -> None:
         """Make the blocks listed in ``requested`` resident.
 
         Args:
@@ -99,6 +101,8 @@ class BlockCache:
             n_blocks: the blocks the keys have so far (every index is below it).
             gather: copies the missing blocks in; it gets ``[rows * L]`` lists whose entries
                 with slot ``-1`` are not to be copied.
+            same_step: count the misses into the last step's (``CacheStats.last_step_bytes``)
+                instead of starting a new one: one attention call that ensures several times.
 
         Missing blocks go to free slots or evict the least recently used blocks that this step
         does not need (in ascending block order; empty slots count as used at step 0). All of
@@ -141,7 +145,10 @@ class BlockCache:
         self.last_used.scatter_(1, victims, step)
         misses = miss.sum()
         self._counters[:3] += torch.stack([hit.sum(), misses, evicted.sum()])
-        self._counters[3] = misses  # the last step's
+        if same_step:
+            self._counters[3] += misses
+        else:
+            self._counters[3] = misses  # the last step's
         row_ids = torch.arange(rows, device=blocks.device)[:, None].expand(rows, width)
         gather(row_ids.flatten(), blocks.clamp(min=0).flatten(), new_slot.flatten())
 

@@ -4,7 +4,9 @@ The host holds all of K and V. The device holds only what HiP reads: the search'
 tree (:func:`~hip_attn.geometry.node_summaries`, all the search reads, so the selection is
 exactly the on-GPU one), the sink tokens, the recent tokens the window needs, and a fixed-size
 cache of key blocks. Each :meth:`OffloadedKV.attend` selects from the tree, brings the missing
-blocks into the cache and runs the sparse attention kernel through the slot table.
+blocks into the cache and runs the sparse attention kernel through the slot table. With
+``leaf_scores="keys"`` the search also reads its last level's candidate blocks: it stops before
+that level, the cache fetches them, and the leaves are ranked from the cache.
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ from typing import Any
 
 import torch
 
-from hip_attn.attention import HiPDecodeState, extended_tree, select_blocks, uses_triton
+from hip_attn.attention import (
+    HiPDecodeState,
+    extended_tree,
+    search_tree,
+    select_blocks,
+    selection_heads,
+    uses_triton,
+)
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, first_window_start, tree_blocks
+from hip_attn.geometry import (
+    first_candidate_block,
+    first_window_start,
+    num_query_blocks,
+    selection_config,
+    tree_blocks,
+)
 from hip_attn.offload.block_cache import BlockCache
 from hip_attn.offload.gather import GATHER_METHODS, make_gather
 from hip_attn.offload.host import HostKV
@@ -40,11 +55,9 @@ def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None
         TypeError: an option name not in :data:`OFFLOAD_OPTIONS`, or a value of another type.
         ValueError: ``cache_blocks`` below ``k // block_size_k`` (the blocks one query block
             selects), ``max_chunk`` not a positive multiple of ``block_size_q``,
-            ``host_chunk_tokens`` not a positive multiple of ``block_size_k``, an unknown
-            ``gather`` method, or ``leaf_scores="keys"`` (its search reads candidate blocks'
-            keys, which offload keeps in host memory: not supported yet).
+            ``host_chunk_tokens`` not a positive multiple of ``block_size_k``, or an unknown
+            ``gather`` method.
     """
-    config.check_offloadable()
     accepted = ", ".join(OFFLOAD_OPTIONS)
     for name, value in options.items():
         kind = OFFLOAD_OPTIONS.get(name)
@@ -135,6 +148,7 @@ class OffloadedKV:
         # reuses it (the same tensor) needs no lookup, no copy and no host sync
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fetched = False  # whether the last attend consulted the block cache
+        self._stepped = False  # whether this attend has counted a cache step
 
     # -- appending -----------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -214,7 +228,9 @@ class OffloadedKV:
         scale = check_scale(scale, d)
         q = q.to(self.device)
         tk, config = self.length, self.config
-        indices = select_blocks(q, self._summaries, tk, config, scale, state, self.kv_heads)
+        self._stepped = False
+        indices = select_blocks(q, lambda: self._search(q, scale), tk, config, state,
+                                self.kv_heads)  # fmt: skip
         self._fetched = self._resident is None or self._resident[0] is not indices
         if self._resident is None or self._resident[0] is not indices:
             rows = self._fetch(indices)
@@ -230,15 +246,47 @@ class OffloadedKV:
             self.tree = extended_tree(None, self.recent_k[:, :, :0], 0, self.config)
         return self.tree
 
+    def _search(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """The selection of ``q`` from the summary tree, and with ``leaf_scores="keys"`` from
+        the keys of the last level's candidates: fetched into the block cache first."""
+        tree, tk = self._summaries(), self.length
+        if self.config.leaf_scores == "summary":
+            return search_tree(q, tree, tk, self.config, scale)
+        if not uses_triton(self.device):  # the reference reads the host copy of everything
+            return search_tree(q, tree, tk, self.config, scale, self.host.read()[0].to(q.device))
+        from hip_attn.triton_kernels.mask import leaf_candidates_triton, rank_leaves_triton
+
+        config = selection_config(q.shape[2], tk, self.config)
+        h_sel = selection_heads(q, self.kv_heads, config)
+        candidates, _ = leaf_candidates_triton(q, tree, tk, config, h_sel, scale)
+        n_qb = num_query_blocks(q.shape[2], config)
+        out = torch.empty((q.shape[0], h_sel, n_qb, config.blocks_per_query_block),
+                          dtype=torch.int32, device=q.device)  # fmt: skip
+        # query blocks ranked per launch: as many as the cache holds the candidates of without
+        # a host read (a decode step's one; a prefill chunk's in several)
+        per_block = candidates.shape[-1] * (h_sel // self.kv_heads)
+        step = max(1, self.cache.slots // per_block)
+        for lo in range(0, n_qb, step):
+            launched = range(lo, min(lo + step, n_qb))
+            self._ensure(candidates[:, :, lo : launched.stop])
+            rank_leaves_triton(q, candidates, self.cache.k, self.cache.table, tk, config, scale,
+                               out, launched)  # fmt: skip
+        return out
+
+    def _ensure(self, blocks: torch.Tensor) -> None:
+        """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident."""
+        # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
+        requested = blocks.reshape(self.batch * self.kv_heads, -1)
+        n_blocks = self.length // self.config.block_size_k + 1
+        self.cache.ensure(requested, n_blocks, self._gather, same_step=self._stepped)
+        self._stepped = True
+
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
         """Bring the selected blocks into the block cache; returns the (batch, KV head) row of
         every selection entry, broadcastable to ``indices``. Reads nothing back to the host
         when one call's selections of a row fit the cache (a decode step's do)."""
         b, h_sel = indices.shape[:2]
-        # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
-        requested = indices.reshape(b * self.kv_heads, -1)
-        n_blocks = self.length // self.config.block_size_k + 1
-        self.cache.ensure(requested, n_blocks, self._gather)
+        self._ensure(indices)
         device = indices.device
         kv_of_sel = torch.arange(h_sel, device=device) * self.kv_heads // h_sel
         return (torch.arange(b, device=device)[:, None] * self.kv_heads + kv_of_sel)[

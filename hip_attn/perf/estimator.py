@@ -112,7 +112,8 @@ class OffloadConfig:
         block_cache_tokens: GPU block-cache size per request, in tokens (every layer and KV head
             has that many slots); must hold at least the ``k`` selected tokens.
         miss_rate: fraction of the selected KV bytes a decode step (or a prefill query block)
-            fetches from host memory.
+            fetches from host memory; with ``leaf_scores="keys"`` also of the leaf candidates'
+            (:func:`leaf_candidates`), which a decode step fetches once per refresh.
     """
 
     host_ram: int = 512 * GB
@@ -353,6 +354,16 @@ def search_estimates(candidate_blocks: int, cfg: HiPConfig) -> float:
     return children * (levels - 1) + leaves
 
 
+def leaf_candidates(candidate_blocks: int, cfg: HiPConfig) -> int:
+    """Blocks whose keys one search reads with ``leaf_scores="keys"`` (the last level's
+    children, at most ``min(N, 2 * width)``; 0 with summary leaves or without a search): what
+    the offloaded path fetches into its block cache before ranking them."""
+    budget, n = cfg.blocks_per_query_block, candidate_blocks
+    if cfg.leaf_scores != "keys" or not search_levels(n, budget, cfg.beam):
+        return 0
+    return min(n, 2 * search_width(n, budget, cfg.beam))
+
+
 @dataclass(frozen=True)
 class HipPrefillCounts:
     """HiP prefill work for one sequence, one layer, one head (see :func:`hip_prefill_counts`).
@@ -363,6 +374,8 @@ class HipPrefillCounts:
         search_dots: node estimates (two dot products of ``D`` each), summed over pooled query rows.
         rep_reads: node summaries loaded, summed over query blocks.
         selected_tokens: tokens selected by the search, summed over query blocks.
+        leaf_tokens: tokens of the leaf candidates whose keys the search reads, summed over
+            query blocks (:func:`leaf_candidates`).
     """
 
     key_visits: int
@@ -370,6 +383,7 @@ class HipPrefillCounts:
     search_dots: float
     rep_reads: float
     selected_tokens: int
+    leaf_tokens: int = 0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -384,7 +398,7 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
-    visits = reads = selected = 0
+    visits = reads = selected = leaf = 0
     dots = reps = 0.0
     for start in range(0, seq_len, bq):
         end = min(seq_len, start + bq)
@@ -406,7 +420,8 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
         dots += -(-(end - start) // cfg.query_pool_stride) * per_row
         reps += per_row
         selected += sel
-    return HipPrefillCounts(visits, reads, dots, reps, selected)
+        leaf += leaf_candidates(n_cand, cfg) * bk
+    return HipPrefillCounts(visits, reads, dots, reps, selected, leaf)
 
 
 @dataclass(frozen=True)
@@ -418,11 +433,14 @@ class HipDecodeCounts:
         selected_tokens: tokens of the selected blocks (what offload may miss).
         rep_reads: node summaries the search reads when it runs (every
             ``refresh_interval`` steps).
+        leaf_tokens: tokens of the leaf candidates the search reads the keys of when it runs
+            (:func:`leaf_candidates`).
     """
 
     keys: float
     selected_tokens: int
     rep_reads: float
+    leaf_tokens: int = 0
 
 
 def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
@@ -439,7 +457,8 @@ def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
     n_cand = int(max(0.0, context - window - sink) // bk)
     sel = min(n_cand, budget) * bk
     keys = min(context, sink) + sel + (context - max(sink, context - window))
-    return HipDecodeCounts(keys, sel, search_estimates(n_cand, cfg))
+    return HipDecodeCounts(keys, sel, search_estimates(n_cand, cfg),
+                           leaf_candidates(n_cand, cfg) * bk)  # fmt: skip
 
 
 # ---- operators ------------------------------------------------------------------------------
@@ -772,12 +791,12 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
             )
         )  # fmt: skip
         if mode == "hip+offload":
-            # Device->host: the whole KV once; host->device: missed selected blocks. The link
-            # is full duplex, so the larger direction counts.
+            # Device->host: the whole KV once; host->device: missed selected blocks and leaf
+            # candidates (their K and V come in together). The link is full duplex, so the
+            # larger direction counts.
             write = tokens * sc.kv_bytes_per_token_per_gpu
-            fetch = (
-                sc.batch * sc.offload.miss_rate * c.selected_tokens * sc.kv_bytes_per_token_per_gpu
-            )
+            fetched = c.selected_tokens + c.leaf_tokens
+            fetch = sc.batch * sc.offload.miss_rate * fetched * sc.kv_bytes_per_token_per_gpu
             host = max(write, fetch)
     return phase_cost("prefill", ops, sc.peak, host, _collective_bytes(sc, tokens, sc.batch))
 
@@ -820,10 +839,9 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
                 kernels=lp.hip_decode_reuse,
             )
         )  # fmt: skip
-        if mode == "hip+offload":
-            host = (
-                sc.batch * sc.offload.miss_rate * c.selected_tokens * sc.kv_bytes_per_token_per_gpu
-            )
+        if mode == "hip+offload":  # the leaf candidates come in once per refresh
+            fetched = c.selected_tokens + c.leaf_tokens / refresh
+            host = sc.batch * sc.offload.miss_rate * fetched * sc.kv_bytes_per_token_per_gpu
     return phase_cost("decode", ops, sc.peak, host, _collective_bytes(sc, sc.batch, sc.batch))
 
 
@@ -831,13 +849,10 @@ def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
     """Predict memory, prefill, decode and context switch for ``mode`` at ``context`` tokens.
 
     Raises:
-        ValueError: unknown mode, a context below 1, or ``hip+offload`` with
-            ``leaf_scores="keys"`` (the library's offloaded path does not support it).
+        ValueError: unknown mode or a context below 1.
     """
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose one of: {', '.join(MODES)}")
-    if mode == "hip+offload":
-        sc.hip.check_offloadable()
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context must be a positive int, got {context!r}")
     total = context + sc.output_tokens
