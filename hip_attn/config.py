@@ -149,6 +149,19 @@ class HiPConfig:
         """G: the number of key blocks each query block selects (``k // block_size_k``)."""
         return self.k // self.block_size_k
 
+    def offload_cache_blocks(self, heads_per_kv: int = 1) -> tuple[int, str]:
+        """The block-cache slots per (batch, KV head) one offloaded query block needs at once,
+        and the rule as text: its selection (``k // block_size_k``), or with
+        ``leaf_scores="keys"`` the leaf candidates its search ranks (``2 * beam * k //
+        block_size_k``; more only when the candidate count has more set bits than ``beam * G``),
+        times the ``heads_per_kv`` query heads of a KV head with ``head_sharing="head"``."""
+        need, why = self.blocks_per_query_block, "k // block_size_k"
+        if self.leaf_scores == "keys":
+            need, why = 2 * self.beam * need, f"2 x beam x {why} (the leaf candidates)"
+        if self.head_sharing == "head" and heads_per_kv > 1:
+            need, why = need * heads_per_kv, f"{why} x query heads per KV head"
+        return need, why
+
     @property
     def effective_dense_threshold(self) -> int:
         """Key count at or below which attention runs dense."""

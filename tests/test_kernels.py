@@ -121,7 +121,7 @@ def test_leaves_ranked_from_a_block_cache_select_as_with_all_keys(
 ):
     """The offloaded path's two launches (the last level's children, then their keys read
     through a slot table) select what one launch with every key on the device selects."""
-    q, k, _ = rand_qkv(1, hq, hkv, tq, tk, 64, dtype=dtype, device=DEVICE, seed=tq + 2)
+    q, k, _ = rand_qkv(2, hq, hkv, tq, tk, 64, dtype=dtype, device=DEVICE, seed=tq + 2)
     cfg = CFG.replace(head_sharing=sharing, beam=beam, leaf_scores="keys")
     h_sel = hkv if sharing == "kv_group" else hq
     tree = node_summaries(k, cfg)
@@ -130,15 +130,18 @@ def test_leaves_ranked_from_a_block_cache_select_as_with_all_keys(
     cand, scored = mask.leaf_candidates_triton(q, tree, tk, cfg, h_sel, 0.125)
     bk, n_blocks = cfg.block_size_k, -(-tk // cfg.block_size_k)
     assert int(cand.max()) < n_blocks and bool((cand >= -1).all())
-    # every block in a shuffled slot of a cache with room to spare, the rest of it garbage
+    # every block in a slot shuffled per (batch, KV head) row of a cache with room to spare, the
+    # rest of it garbage
     gen = torch.Generator().manual_seed(tk)
     slots = n_blocks + 5
-    table = torch.randperm(slots, generator=gen)[:n_blocks].repeat(hkv, 1).int().to(DEVICE)
-    cache = torch.randn(1, hkv, slots * bk, 64, generator=gen).to(DEVICE, dtype)
+    table = torch.stack([torch.randperm(slots, generator=gen)[:n_blocks] for _ in range(2 * hkv)])
+    table = table.int().to(DEVICE)
+    cache = torch.randn(2, hkv, slots * bk, 64, generator=gen).to(DEVICE, dtype)
     padded = torch.nn.functional.pad(k, (0, 0, 0, n_blocks * bk - tk))
-    for h in range(hkv):
-        blocks = padded[0, h].view(n_blocks, bk, 64)
-        cache[0, h].view(slots, bk, 64)[table[h].long()] = blocks
+    for b in range(2):
+        for h in range(hkv):
+            blocks = padded[b, h].view(n_blocks, bk, 64)
+            cache[b, h].view(slots, bk, 64)[table[b * hkv + h].long()] = blocks
     got = torch.full_like(want, -7)
     first = mask.rank_leaves_triton(q, cand, cache, table, tk, cfg, 0.125, got, range(0, 1))
     split = want.shape[2] > 1

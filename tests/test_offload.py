@@ -76,11 +76,12 @@ def test_cache_smaller_than_working_set_evicts_and_stays_exact():
 
 
 def test_leaves_ranked_in_a_cache_that_holds_one_query_blocks_candidates():
-    """A prefill chunk's leaf candidates do not fit the cache together: its query blocks rank
-    in several launches, each after its own fetch, and select what the on-GPU path selects."""
+    """A prefill chunk's leaf candidates do not fit the cache together (4 query blocks of up to
+    16 each, 40 slots): its query blocks rank in several launches, each after its own fetch,
+    evicting earlier ones' candidates, and select what the on-GPU path selects."""
     cfg = CFG.replace(leaf_scores="keys")
     q, k, v = qkv(1, 2, 1, 700, seed=6)
-    off = offloaded(cfg, 1, 1, cache_blocks=64)  # 2 * 32 candidate entries per query block
+    off = offloaded(cfg, 1, 1, cache_blocks=40)
     launches = []
     rank = mask.rank_leaves_triton
     with pytest.MonkeyPatch.context() as mp:
@@ -90,6 +91,7 @@ def test_leaves_ranked_in_a_cache_that_holds_one_query_blocks_candidates():
     assert len(launches) > len(range(0, 700, 128))  # more than one per chunk
     assert all(len(r) == 1 for r in launches)
     stats = off.stats()
+    assert stats["evictions"] > 0
     assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
 
 
@@ -114,6 +116,11 @@ def test_one_attend_after_several_appends_serves_or_refuses():
 def test_cache_blocks_below_one_query_blocks_selection_is_refused():
     with pytest.raises(ValueError, match=r"cache_blocks must be >= k // block_size_k = 8 .* 4$"):
         offloaded(CFG, 1, 1, cache_blocks=4)
+    keys = CFG.replace(leaf_scores="keys", beam=2)  # the search ranks 2 * beam * G candidates
+    with pytest.raises(ValueError, match=r"2 x beam x k // block_size_k \(the leaf candidates\) "
+                                         r"= 32 .* 31$"):  # fmt: skip
+        offloaded(keys, 1, 1, cache_blocks=31)
+    offloaded(keys, 1, 1, cache_blocks=32)
 
 
 def test_one_step_needing_more_blocks_than_slots_raises_naming_cache_blocks():

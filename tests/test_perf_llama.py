@@ -220,18 +220,25 @@ def test_hip_offload(sc: Scenario) -> None:
 
 def test_offloaded_keys_at_the_leaves_fetch_the_leaf_candidates(sc: Scenario) -> None:
     """With leaf_scores="keys" the offloaded search fetches the last level's children first:
-    2 * width = 2 * beam * G = 256 blocks of 8 tokens per search (at most N), a decode step once
-    per refresh interval (8 steps), a prefill query block every time."""
+    2 * width = 2 * beam * G = 256 blocks of 8 tokens per search (at most N), the 64 selected
+    among them: the other 192 a decode step once per refresh interval (8 steps), a prefill query
+    block every time."""
     quality = dataclasses.replace(sc, hip=sc.hip.replace(beam=2, leaf_scores="keys"))
     decode = estimate(quality, "hip+offload", CTX).decode
-    step = 0.1 * (512 + 256 * 8 / 8) * KV_TOKEN
+    step = 0.1 * (512 + 192 * 8 / 8) * KV_TOKEN
     assert decode.host_bytes == pytest.approx(step, rel=1e-12)
     prefill = hip_prefill_counts(CTX, quality.hip)
     assert prefill.leaf_tokens == sum(
-        min(n, 256) * 8 for n in (max(0, s - 256 - 64) // 8 for s in range(0, CTX, 64)) if n > 64
+        (min(n, 256) - 64) * 8
+        for n in (max(0, s - 256 - 64) // 8 for s in range(0, CTX, 64))
+        if n > 64
     )
     summary = hip_prefill_counts(CTX, quality.hip.replace(leaf_scores="summary"))
     assert summary.leaf_tokens == 0 and summary.selected_tokens == prefill.selected_tokens
+    # the block cache must hold one query block's candidates: 256 blocks of 8 tokens
+    small = OffloadConfig(block_cache_tokens=2040)
+    with pytest.raises(ValueError, match="must hold the 2048 tokens one query block needs"):
+        dataclasses.replace(quality, offload=small)
 
 
 def test_offload_becomes_host_link_bound() -> None:

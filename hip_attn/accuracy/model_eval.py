@@ -94,9 +94,8 @@ def check_offload(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -
         EvalError: ``max_chunk`` is not a multiple of ``block_size_q`` larger than it (a
             call of at most ``block_size_q`` queries is a decode step to
             :class:`hip_attn.HiPDecodeState`, which would reuse the previous chunk's
-            selection), or the block cache cannot hold the blocks one query block selects
-            (``k / block_size_k``, times the query heads of a KV head with
-            ``head_sharing="head"``).
+            selection), or the block cache cannot hold the blocks one query block needs at
+            once (:meth:`HiPConfig.offload_cache_blocks`).
     """
     bq = config.block_size_q
     if offload.max_chunk <= bq or offload.max_chunk % bq:
@@ -105,16 +104,15 @@ def check_offload(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -
             f"(shorter calls count as decode steps and reuse the last selection), "
             f"got {offload.max_chunk}"
         )
-    need, why = config.blocks_per_query_block, "k / block_size_k"
-    if config.head_sharing == "head":
-        text = lm.model.config.get_text_config()
-        heads = text.num_attention_heads
-        need *= heads // (getattr(text, "num_key_value_heads", None) or heads)
-        why += " x query heads per KV head"
+    text = lm.model.config.get_text_config()
+    heads = text.num_attention_heads
+    need, why = config.offload_cache_blocks(
+        heads // (getattr(text, "num_key_value_heads", None) or heads)
+    )
     if offload.cache_blocks < need:
         raise EvalError(
             f"--cache-blocks {offload.cache_blocks} cannot hold the {need} blocks one query "
-            f"block selects ({why}); give at least {need}"
+            f"block needs at once ({why}); give at least {need}"
         )
 
 

@@ -251,15 +251,11 @@ class OffloadPlan:
                 f"--host-chunk-tokens must be a positive multiple of block_size_k="
                 f"{cfg.block_size_k}, got {self.host_chunk_tokens}"
             )
-        per_call = cfg.blocks_per_query_block * (
-            sh.heads // sh.kv_heads if cfg.head_sharing == "head" else 1
-        )
+        per_call, why = cfg.offload_cache_blocks(sh.heads // sh.kv_heads)
         if self.cache_blocks < per_call:
             raise ValueError(
-                f"--cache-blocks {self.cache_blocks} cannot hold one decode step's selection "
-                f"({per_call} blocks per KV head: k / block_size_k"
-                + (" x query heads per KV head" if cfg.head_sharing == "head" else "")
-                + ")"
+                f"--cache-blocks {self.cache_blocks} cannot hold what one decode step needs at "
+                f"once ({per_call} blocks per KV head: {why})"
             )
         if self.gather not in GATHERS:
             raise ValueError(f"gather must be one of {', '.join(GATHERS)}, got {self.gather!r}")

@@ -91,7 +91,13 @@ class BlockCache:
             self.table = grown
 
     def ensure(
-        self, requested: torch.Tensor, n_blocks: int, gather: GatherFn, *, same_step: bool = False
+        self,
+        requested: torch.Tensor,
+        n_blocks: int,
+        gather: GatherFn,
+        *,
+        same_step: bool = False,
+        count_hits: bool = True,
     ) -> None:
         """Make the blocks listed in ``requested`` resident.
 
@@ -103,6 +109,8 @@ class BlockCache:
                 with slot ``-1`` are not to be copied.
             same_step: count the misses into the last step's (``CacheStats.last_step_bytes``)
                 instead of starting a new one: one attention call that ensures several times.
+            count_hits: whether hits count in the statistics (not for a lookup that is sure to
+                hit, such as a selection among candidates just fetched).
 
         Missing blocks go to free slots or evict the least recently used blocks that this step
         does not need (in ascending block order; empty slots count as used at step 0). All of
@@ -144,7 +152,8 @@ class BlockCache:
         self.slot_block.scatter_(1, victims, torch.where(miss, blocks, -1))
         self.last_used.scatter_(1, victims, step)
         misses = miss.sum()
-        self._counters[:3] += torch.stack([hit.sum(), misses, evicted.sum()])
+        hits = hit.sum() if count_hits else misses * 0
+        self._counters[:3] += torch.stack([hits, misses, evicted.sum()])
         if same_step:
             self._counters[3] += misses
         else:

@@ -53,10 +53,10 @@ def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None
 
     Raises:
         TypeError: an option name not in :data:`OFFLOAD_OPTIONS`, or a value of another type.
-        ValueError: ``cache_blocks`` below ``k // block_size_k`` (the blocks one query block
-            selects), ``max_chunk`` not a positive multiple of ``block_size_q``,
-            ``host_chunk_tokens`` not a positive multiple of ``block_size_k``, or an unknown
-            ``gather`` method.
+        ValueError: ``cache_blocks`` below what one query block needs at once
+            (:meth:`HiPConfig.offload_cache_blocks`), ``max_chunk`` not a positive multiple
+            of ``block_size_q``, ``host_chunk_tokens`` not a positive multiple of
+            ``block_size_k``, or an unknown ``gather`` method.
     """
     accepted = ", ".join(OFFLOAD_OPTIONS)
     for name, value in options.items():
@@ -67,11 +67,11 @@ def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None
             raise TypeError(
                 f"offload option {name} must be {kind.__name__}, got {type(value).__name__}"
             )
-    minimum = config.blocks_per_query_block
+    minimum, why = config.offload_cache_blocks()
     if options.get("cache_blocks", minimum) < minimum:
         raise ValueError(
-            f"cache_blocks must be >= k // block_size_k = {minimum} (the key blocks one query "
-            f"block selects), got {options['cache_blocks']}"
+            f"cache_blocks must be >= {why} = {minimum} (the key blocks one query block's "
+            f"search needs at once), got {options['cache_blocks']}"
         )
     bq, bk = config.block_size_q, config.block_size_k
     max_chunk = options.get("max_chunk", bq)
@@ -99,8 +99,9 @@ class OffloadedKV:
             the same code runs).
         cache_blocks: block-cache slots per (batch, KV head) row; it must hold the blocks one
             call selects (``k // block_size_k`` per query block, times the query heads of a
-            group with ``head_sharing="head"``), and is checked to be at least
-            ``k // block_size_k``.
+            group with ``head_sharing="head"``) and, with ``leaf_scores="keys"``, one query
+            block's leaf candidates; checked against
+            :meth:`HiPConfig.offload_cache_blocks` for one head per KV head.
         max_chunk: the most queries one :meth:`attend` call will have (the recent-token buffer
             keeps ``window + max_chunk`` tokens on the device).
         gather: ``"auto"``, ``"cuda"`` or ``"torch"`` (see :func:`make_gather`).
@@ -273,12 +274,13 @@ class OffloadedKV:
                                out, launched)  # fmt: skip
         return out
 
-    def _ensure(self, blocks: torch.Tensor) -> None:
+    def _ensure(self, blocks: torch.Tensor, count_hits: bool = True) -> None:
         """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident."""
         # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
         requested = blocks.reshape(self.batch * self.kv_heads, -1)
         n_blocks = self.length // self.config.block_size_k + 1
-        self.cache.ensure(requested, n_blocks, self._gather, same_step=self._stepped)
+        self.cache.ensure(requested, n_blocks, self._gather, same_step=self._stepped,
+                          count_hits=count_hits)  # fmt: skip
         self._stepped = True
 
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -286,7 +288,9 @@ class OffloadedKV:
         every selection entry, broadcastable to ``indices``. Reads nothing back to the host
         when one call's selections of a row fit the cache (a decode step's do)."""
         b, h_sel = indices.shape[:2]
-        self._ensure(indices)
+        # after a search that fetched its leaf candidates (self._stepped), the selection among
+        # them hits: its hits would only inflate the hit rate (its misses are real)
+        self._ensure(indices, count_hits=not self._stepped)
         device = indices.device
         kv_of_sel = torch.arange(h_sel, device=device) * self.kv_heads // h_sel
         return (torch.arange(b, device=device)[:, None] * self.kv_heads + kv_of_sel)[

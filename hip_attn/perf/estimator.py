@@ -110,7 +110,9 @@ class OffloadConfig:
     Attributes:
         host_ram: pinned host memory available for KV caches, bytes (all requests, all GPUs).
         block_cache_tokens: GPU block-cache size per request, in tokens (every layer and KV head
-            has that many slots); must hold at least the ``k`` selected tokens.
+            has that many slots); must hold what one query block needs at once
+            (``HiPConfig.offload_cache_blocks``: the ``k`` selected tokens, or with
+            ``leaf_scores="keys"`` the leaf candidates).
         miss_rate: fraction of the selected KV bytes a decode step (or a prefill query block)
             fetches from host memory; with ``leaf_scores="keys"`` also of the leaf candidates'
             (:func:`leaf_candidates`), which a decode step fetches once per refresh.
@@ -185,10 +187,12 @@ class Scenario:
                 f"tensor-parallel degree {self.tp} must divide {m.kv_heads} KV heads "
                 "(transformers shards k_proj/v_proj colwise and refuses uneven KV heads)"
             )
-        if self.offload.block_cache_tokens < self.hip.k:
+        blocks, why = self.hip.offload_cache_blocks(m.heads // m.kv_heads)
+        if self.offload.block_cache_tokens < blocks * self.hip.block_size_k:
             raise ValueError(
                 f"block cache ({self.offload.block_cache_tokens} tokens, --block-cache) must "
-                f"hold at least the k={self.hip.k} selected tokens"
+                f"hold the {blocks * self.hip.block_size_k} tokens one query block needs at once "
+                f"({why}, of block_size_k tokens)"
             )
 
     # ---- per-GPU shapes -------------------------------------------------------------------
@@ -357,11 +361,18 @@ def search_estimates(candidate_blocks: int, cfg: HiPConfig) -> float:
 def leaf_candidates(candidate_blocks: int, cfg: HiPConfig) -> int:
     """Blocks whose keys one search reads with ``leaf_scores="keys"`` (the last level's
     children, at most ``min(N, 2 * width)``; 0 with summary leaves or without a search): what
-    the offloaded path fetches into its block cache before ranking them."""
+    the offloaded path fetches into its block cache before ranking them, the ``G`` it selects
+    among them."""
     budget, n = cfg.blocks_per_query_block, candidate_blocks
     if cfg.leaf_scores != "keys" or not search_levels(n, budget, cfg.beam):
         return 0
     return min(n, 2 * search_width(n, budget, cfg.beam))
+
+
+def _unselected_leaves(candidate_blocks: int, cfg: HiPConfig) -> int:
+    """Leaf candidates a search ranks but does not select (it selects ``G`` of them)."""
+    candidates = leaf_candidates(candidate_blocks, cfg)
+    return candidates - cfg.blocks_per_query_block if candidates else 0
 
 
 @dataclass(frozen=True)
@@ -374,8 +385,8 @@ class HipPrefillCounts:
         search_dots: node estimates (two dot products of ``D`` each), summed over pooled query rows.
         rep_reads: node summaries loaded, summed over query blocks.
         selected_tokens: tokens selected by the search, summed over query blocks.
-        leaf_tokens: tokens of the leaf candidates whose keys the search reads, summed over
-            query blocks (:func:`leaf_candidates`).
+        leaf_tokens: tokens of the leaf candidates the search reads the keys of but does not
+            select, summed over query blocks (:func:`leaf_candidates` less ``G`` blocks).
     """
 
     key_visits: int
@@ -420,7 +431,7 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
         dots += -(-(end - start) // cfg.query_pool_stride) * per_row
         reps += per_row
         selected += sel
-        leaf += leaf_candidates(n_cand, cfg) * bk
+        leaf += _unselected_leaves(n_cand, cfg) * bk
     return HipPrefillCounts(visits, reads, dots, reps, selected, leaf)
 
 
@@ -433,8 +444,8 @@ class HipDecodeCounts:
         selected_tokens: tokens of the selected blocks (what offload may miss).
         rep_reads: node summaries the search reads when it runs (every
             ``refresh_interval`` steps).
-        leaf_tokens: tokens of the leaf candidates the search reads the keys of when it runs
-            (:func:`leaf_candidates`).
+        leaf_tokens: tokens of the leaf candidates the search reads the keys of but does not
+            select when it runs (:func:`leaf_candidates` less ``G`` blocks).
     """
 
     keys: float
@@ -457,8 +468,8 @@ def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
     n_cand = int(max(0.0, context - window - sink) // bk)
     sel = min(n_cand, budget) * bk
     keys = min(context, sink) + sel + (context - max(sink, context - window))
-    return HipDecodeCounts(keys, sel, search_estimates(n_cand, cfg),
-                           leaf_candidates(n_cand, cfg) * bk)  # fmt: skip
+    leaf = _unselected_leaves(n_cand, cfg) * bk
+    return HipDecodeCounts(keys, sel, search_estimates(n_cand, cfg), leaf)
 
 
 # ---- operators ------------------------------------------------------------------------------
@@ -791,9 +802,9 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
             )
         )  # fmt: skip
         if mode == "hip+offload":
-            # Device->host: the whole KV once; host->device: missed selected blocks and leaf
-            # candidates (their K and V come in together). The link is full duplex, so the
-            # larger direction counts.
+            # Device->host: the whole KV once; host->device: missed selected blocks and the
+            # other leaf candidates (K and V come in together). The link is full duplex, so
+            # the larger direction counts.
             write = tokens * sc.kv_bytes_per_token_per_gpu
             fetched = c.selected_tokens + c.leaf_tokens
             fetch = sc.batch * sc.offload.miss_rate * fetched * sc.kv_bytes_per_token_per_gpu
@@ -839,7 +850,7 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
                 kernels=lp.hip_decode_reuse,
             )
         )  # fmt: skip
-        if mode == "hip+offload":  # the leaf candidates come in once per refresh
+        if mode == "hip+offload":  # the other leaf candidates come in once per refresh
             fetched = c.selected_tokens + c.leaf_tokens / refresh
             host = sc.batch * sc.offload.miss_rate * fetched * sc.kv_bytes_per_token_per_gpu
     return phase_cost("decode", ops, sc.peak, host, _collective_bytes(sc, sc.batch, sc.batch))
