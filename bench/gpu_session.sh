@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_session.sh install-and-test   # install, CUDA test suite, aot on the real arch
 #   bash bench/gpu_session.sh bench              # prefill + decode against SDPA and flex
-#   bash bench/gpu_session.sh quality            # the same for the README's quality setting
+#   bash bench/gpu_session.sh quality            # the same for the README's quality setting, and offloaded
 #   bash bench/gpu_session.sh offload            # KV offload memory growth and decode latency
 #   bash bench/gpu_session.sh generate           # a model's decode: dense, HiP, HiP in a CUDA graph
 #
@@ -53,6 +53,8 @@ quality)
     q=(--head-sharing head --beam 2 --query-pool-stride 1 --leaf-scores keys)
     "$py" -m hip_attn.cli bench prefill --context 8k,32k,128k "${q[@]}" 2>&1 | tee "$out/quality-prefill.log" | tail -20
     "$py" -m hip_attn.cli bench decode --context 8k,128k,1m "${q[@]}" 2>&1 | tee "$out/quality-decode.log" | tail -20
+    # offloaded: the search fetches its leaf candidates into the block cache before ranking them
+    "$py" -m hip_attn.cli bench offload --parts decode --context 128k "${q[@]}" 2>&1 | tee "$out/quality-offload.log" | tail -20
     ;;
 offload)
     "$py" -m hip_attn.cli bench offload --plot 2>&1 | tee "$out/offload.log" | tail -20
