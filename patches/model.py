@@ -115,7 +115,10 @@ def patch(
         from hip_attn.offload.layer import check_offload_options
         from hip_attn.patches.offload import HiPOffloadCache
 
-        check_offload_options(config, options)
+        text = model.config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        check_offload_options(config, options, heads // kv_heads)
         HiPOffloadCache(model.config, config, **options)  # a model with nothing to offload
     register()
     if model not in _PREVIOUS:

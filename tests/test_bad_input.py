@@ -82,7 +82,10 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"
             "--gather cuda copies into GPU memory",
             marks=NO_CUDA,
         ),  # fmt: skip
-        (["roofline", "--hip-k", "32768"], "(16384 tokens, --block-cache) must hold"),
+        (
+            ["roofline", "--hip-k", "32768", "--mode", "hip+offload"],
+            "(16384 tokens, --block-cache) must hold",
+        ),
         (
             ["bench", "mask", "--device", "cpu", "--min-runs", "5", "--max-runs", "2"],
             "--min-runs 5 exceeds --max-runs 2",

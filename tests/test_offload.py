@@ -136,6 +136,30 @@ def test_one_step_needing_more_blocks_than_slots_raises_naming_cache_blocks():
     offloaded(cfg, 1, 1, cache_blocks=bound, max_chunk=64).prefill(q, k, v)
 
 
+def test_hits_count_only_where_asked_in_request_order():
+    cache = BlockCache(1, 1, slots=4, block_size=8, head_dim=16, dtype=torch.float32,
+                       device=torch.device(DEVICE))  # fmt: skip
+    noop = lambda rows, blocks, slots: None  # noqa: E731
+    cache.ensure(torch.tensor([[1, 2, 3]], device=DEVICE), 8, noop)
+    mask = torch.tensor([[True, False, False]], device=DEVICE)  # block 3, sorted last
+    cache.ensure(torch.tensor([[3, 1, 2]], device=DEVICE), 8, noop, count_hits=mask)
+    assert (cache.stats.hits, cache.stats.misses) == (1, 3)
+
+
+def test_keys_leaves_count_the_hits_of_query_blocks_without_a_search():
+    """Offloaded with keys at the leaves, a selection among the candidates just fetched does
+    not count its (sure) hits; one that selects every block without a search (N <= G) does."""
+    cfg = CFG.replace(leaf_scores="keys")
+    q, k, v = qkv(1, 2, 1, 140, seed=7)  # N <= G = 8 up to 144 tokens
+    off = offloaded(cfg, 1, 1)
+    off.prefill(q[:, :, :132], k[:, :, :132], v[:, :, :132])
+    state = HiPDecodeState()
+    for t in range(132, 140):
+        off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        off.attend(q[:, :, t : t + 1], state=state)
+    assert state.refreshes == 2 and off.stats()["hits"] > 0
+
+
 def test_lru_evicts_the_least_recently_used_block():
     cache = BlockCache(1, 1, slots=2, block_size=8, head_dim=16, dtype=torch.float32,
                        device=torch.device(DEVICE))  # fmt: skip

@@ -235,10 +235,11 @@ def test_offloaded_keys_at_the_leaves_fetch_the_leaf_candidates(sc: Scenario) ->
     )
     summary = hip_prefill_counts(CTX, quality.hip.replace(leaf_scores="summary"))
     assert summary.leaf_tokens == 0 and summary.selected_tokens == prefill.selected_tokens
-    # the block cache must hold one query block's candidates: 256 blocks of 8 tokens
-    small = OffloadConfig(block_cache_tokens=2040)
+    # offloaded, the block cache must hold one query block's candidates: 256 blocks of 8 tokens
+    small = dataclasses.replace(quality, offload=OffloadConfig(block_cache_tokens=2040))
     with pytest.raises(ValueError, match="must hold the 2048 tokens one query block needs"):
-        dataclasses.replace(quality, offload=small)
+        estimate(small, "hip+offload", CTX)
+    estimate(small, "hip", CTX)  # what does not offload does not need it
 
 
 def test_offload_becomes_host_link_bound() -> None:

@@ -97,7 +97,7 @@ class BlockCache:
         gather: GatherFn,
         *,
         same_step: bool = False,
-        count_hits: bool = True,
+        count_hits: torch.Tensor | None = None,
     ) -> None:
         """Make the blocks listed in ``requested`` resident.
 
@@ -109,8 +109,9 @@ class BlockCache:
                 with slot ``-1`` are not to be copied.
             same_step: count the misses into the last step's (``CacheStats.last_step_bytes``)
                 instead of starting a new one: one attention call that ensures several times.
-            count_hits: whether hits count in the statistics (not for a lookup that is sure to
-                hit, such as a selection among candidates just fetched).
+            count_hits: ``[rows, L]`` bool, the entries whose hits count in the statistics
+                (default: all): not those sure to hit, such as a selection among candidates
+                just fetched.
 
         Missing blocks go to free slots or evict the least recently used blocks that this step
         does not need (in ascending block order; empty slots count as used at step 0). All of
@@ -120,7 +121,7 @@ class BlockCache:
         rows, width = requested.shape
         self._grow_table(n_blocks)
         spare_block, spare_slot = self.table.shape[1] - 1, self.slots
-        blocks = requested.long().sort(dim=1).values
+        blocks, by_block = requested.long().sort(dim=1)
         repeat = torch.zeros_like(blocks, dtype=torch.bool)
         repeat[:, 1:] = blocks[:, 1:] == blocks[:, :-1]
         wanted = (blocks >= 0) & ~repeat
@@ -152,7 +153,7 @@ class BlockCache:
         self.slot_block.scatter_(1, victims, torch.where(miss, blocks, -1))
         self.last_used.scatter_(1, victims, step)
         misses = miss.sum()
-        hits = hit.sum() if count_hits else misses * 0
+        hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
         self._counters[:3] += torch.stack([hits, misses, evicted.sum()])
         if same_step:
             self._counters[3] += misses

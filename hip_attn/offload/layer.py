@@ -47,9 +47,12 @@ OFFLOAD_OPTIONS: dict[str, type] = {
 }
 
 
-def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None:
+def check_offload_options(
+    config: HiPConfig, options: Mapping[str, Any], heads_per_kv: int = 1
+) -> None:
     """Check :class:`OffloadedKV` options for ``config`` before any K/V exists (a patched
-    model's offloaded layers are built inside ``generate()``, far from the mistake).
+    model's offloaded layers are built inside ``generate()``, far from the mistake), for a
+    model with ``heads_per_kv`` query heads per KV head.
 
     Raises:
         TypeError: an option name not in :data:`OFFLOAD_OPTIONS`, or a value of another type.
@@ -67,7 +70,7 @@ def check_offload_options(config: HiPConfig, options: Mapping[str, Any]) -> None
             raise TypeError(
                 f"offload option {name} must be {kind.__name__}, got {type(value).__name__}"
             )
-    minimum, why = config.offload_cache_blocks()
+    minimum, why = config.offload_cache_blocks(heads_per_kv)
     if options.get("cache_blocks", minimum) < minimum:
         raise ValueError(
             f"cache_blocks must be >= {why} = {minimum} (the key blocks one query block's "
@@ -150,6 +153,8 @@ class OffloadedKV:
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fetched = False  # whether the last attend consulted the block cache
         self._stepped = False  # whether this attend has counted a cache step
+        # after a two-launch search: the query blocks that ranked no candidates (N <= G)
+        self._unsearched: torch.Tensor | None = None
 
     # -- appending -----------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -229,7 +234,7 @@ class OffloadedKV:
         scale = check_scale(scale, d)
         q = q.to(self.device)
         tk, config = self.length, self.config
-        self._stepped = False
+        self._stepped, self._unsearched = False, None
         indices = select_blocks(q, lambda: self._search(q, scale), tk, config, state,
                                 self.kv_heads)  # fmt: skip
         self._fetched = self._resident is None or self._resident[0] is not indices
@@ -260,6 +265,7 @@ class OffloadedKV:
         config = selection_config(q.shape[2], tk, self.config)
         h_sel = selection_heads(q, self.kv_heads, config)
         candidates, _ = leaf_candidates_triton(q, tree, tk, config, h_sel, scale)
+        self._unsearched = (candidates < 0).all(dim=-1)
         n_qb = num_query_blocks(q.shape[2], config)
         out = torch.empty((q.shape[0], h_sel, n_qb, config.blocks_per_query_block),
                           dtype=torch.int32, device=q.device)  # fmt: skip
@@ -274,13 +280,14 @@ class OffloadedKV:
                                out, launched)  # fmt: skip
         return out
 
-    def _ensure(self, blocks: torch.Tensor, count_hits: bool = True) -> None:
-        """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident."""
+    def _ensure(self, blocks: torch.Tensor, count_hits: torch.Tensor | None = None) -> None:
+        """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident; hits
+        count where ``count_hits`` (shaped as ``blocks``) says so (default: all)."""
         # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
-        requested = blocks.reshape(self.batch * self.kv_heads, -1)
-        n_blocks = self.length // self.config.block_size_k + 1
-        self.cache.ensure(requested, n_blocks, self._gather, same_step=self._stepped,
-                          count_hits=count_hits)  # fmt: skip
+        rows = self.batch * self.kv_heads
+        counted = None if count_hits is None else count_hits.reshape(rows, -1)
+        self.cache.ensure(blocks.reshape(rows, -1), self.length // self.config.block_size_k + 1,
+                          self._gather, same_step=self._stepped, count_hits=counted)  # fmt: skip
         self._stepped = True
 
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -288,9 +295,10 @@ class OffloadedKV:
         every selection entry, broadcastable to ``indices``. Reads nothing back to the host
         when one call's selections of a row fit the cache (a decode step's do)."""
         b, h_sel = indices.shape[:2]
-        # after a search that fetched its leaf candidates (self._stepped), the selection among
-        # them hits: its hits would only inflate the hit rate (its misses are real)
-        self._ensure(indices, count_hits=not self._stepped)
+        # after a search that fetched its leaf candidates, a query block's selection among them
+        # hits: its hits would only inflate the hit rate (misses, after an eviction, are real)
+        counted = self._unsearched
+        self._ensure(indices, None if counted is None else counted[..., None].expand_as(indices))
         device = indices.device
         kv_of_sel = torch.arange(h_sel, device=device) * self.kv_heads // h_sel
         return (torch.arange(b, device=device)[:, None] * self.kv_heads + kv_of_sel)[

@@ -301,7 +301,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=arg_type(parse_tokens, "tokens"),
         metavar="TOKENS",
         default=offload.block_cache_tokens,
-        help="GPU block cache per request in tokens, >= k (default "
+        help="GPU block cache per request in tokens, >= k (2 x beam x k with --leaf-scores "
+        "keys; times the query heads per KV head with --head-sharing head) (default "
         f"{short_tokens(offload.block_cache_tokens)})",
     )
     g.add_argument(

@@ -114,8 +114,8 @@ class OffloadConfig:
             (``HiPConfig.offload_cache_blocks``: the ``k`` selected tokens, or with
             ``leaf_scores="keys"`` the leaf candidates).
         miss_rate: fraction of the selected KV bytes a decode step (or a prefill query block)
-            fetches from host memory; with ``leaf_scores="keys"`` also of the leaf candidates'
-            (:func:`leaf_candidates`), which a decode step fetches once per refresh.
+            fetches from host memory; with ``leaf_scores="keys"`` also of the leaf candidates
+            it does not select (:func:`leaf_candidates`), a decode step's once per refresh.
     """
 
     host_ram: int = 512 * GB
@@ -186,13 +186,6 @@ class Scenario:
             raise ValueError(
                 f"tensor-parallel degree {self.tp} must divide {m.kv_heads} KV heads "
                 "(transformers shards k_proj/v_proj colwise and refuses uneven KV heads)"
-            )
-        blocks, why = self.hip.offload_cache_blocks(m.heads // m.kv_heads)
-        if self.offload.block_cache_tokens < blocks * self.hip.block_size_k:
-            raise ValueError(
-                f"block cache ({self.offload.block_cache_tokens} tokens, --block-cache) must "
-                f"hold the {blocks * self.hip.block_size_k} tokens one query block needs at once "
-                f"({why}, of block_size_k tokens)"
             )
 
     # ---- per-GPU shapes -------------------------------------------------------------------
@@ -856,14 +849,30 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
     return phase_cost("decode", ops, sc.peak, host, _collective_bytes(sc, sc.batch, sc.batch))
 
 
+def _check_block_cache(sc: Scenario) -> None:
+    """The block cache must hold what one offloaded query block needs at once
+    (``HiPConfig.offload_cache_blocks``)."""
+    m = sc.model
+    blocks, why = sc.hip.offload_cache_blocks(m.heads // m.kv_heads)
+    if sc.offload.block_cache_tokens < blocks * sc.hip.block_size_k:
+        raise ValueError(
+            f"block cache ({sc.offload.block_cache_tokens} tokens, --block-cache) must hold the "
+            f"{blocks * sc.hip.block_size_k} tokens one query block needs at once ({why}, of "
+            "block_size_k tokens)"
+        )
+
+
 def estimate(sc: Scenario, mode: Mode, context: int) -> Estimate:
     """Predict memory, prefill, decode and context switch for ``mode`` at ``context`` tokens.
 
     Raises:
-        ValueError: unknown mode or a context below 1.
+        ValueError: unknown mode, a context below 1, or for ``hip+offload`` a block cache
+            smaller than one query block needs at once (``HiPConfig.offload_cache_blocks``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "hip+offload":
+        _check_block_cache(sc)
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context must be a positive int, got {context!r}")
     total = context + sc.output_tokens
