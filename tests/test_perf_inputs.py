@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hip_attn.perf import GPU_PRESETS, MODEL_PRESETS, Efficiency, get_gpu, get_model, override_gpu
-from hip_attn.perf.estimator import OffloadConfig, Scenario
+from hip_attn.perf.estimator import OffloadConfig, Scenario, estimate
 from hip_attn.perf.hardware import load_gpu_file
 from hip_attn.perf.models import load_hf_config, model_from_hf_config
 from hip_attn.perf.units import fmt_bytes, fmt_seconds, parse_size, parse_token_list, parse_tokens
@@ -141,8 +141,10 @@ def test_scenario_validation() -> None:
         Scenario(model, gpu, tp=3)
     with pytest.raises(ValueError, match="dtype"):
         Scenario(model, gpu, kv_dtype="fp7")
-    with pytest.raises(ValueError, match="block cache"):
-        Scenario(model, gpu, offload=OffloadConfig(block_cache_tokens=128))
+    small_cache = Scenario(model, gpu, offload=OffloadConfig(block_cache_tokens=128))
+    with pytest.raises(ValueError, match="block cache"):  # checked where it offloads
+        estimate(small_cache, "hip+offload", 4096)
+    estimate(small_cache, "hip", 4096)
     with pytest.raises(ValueError, match="miss rate"):
         OffloadConfig(miss_rate=1.5)
     # transformers shards KV heads and never replicates them: TP must divide them.
