@@ -70,6 +70,13 @@ def _forget_cache(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) 
     LAYER_CACHES.pop(module, None)
 
 
+def query_heads_per_kv_head(model_config: Any) -> int:
+    """Query heads sharing one KV head in a transformers model config (1 without GQA)."""
+    text = model_config.get_text_config()
+    heads = text.num_attention_heads
+    return int(heads // (getattr(text, "num_key_value_heads", None) or heads))
+
+
 def patch(
     model: ModelT,
     config: HiPConfig | None = None,
@@ -115,10 +122,7 @@ def patch(
         from hip_attn.offload.layer import check_offload_options
         from hip_attn.patches.offload import HiPOffloadCache
 
-        text = model.config.get_text_config()
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        check_offload_options(config, options, heads // kv_heads)
+        check_offload_options(config, options, query_heads_per_kv_head(model.config))
         HiPOffloadCache(model.config, config, **options)  # a model with nothing to offload
     register()
     if model not in _PREVIOUS:

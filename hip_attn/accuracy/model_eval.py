@@ -104,11 +104,9 @@ def check_offload(lm: LoadedModel, config: HiPConfig, offload: OffloadOptions) -
             f"(shorter calls count as decode steps and reuse the last selection), "
             f"got {offload.max_chunk}"
         )
-    text = lm.model.config.get_text_config()
-    heads = text.num_attention_heads
-    need, why = config.offload_cache_blocks(
-        heads // (getattr(text, "num_key_value_heads", None) or heads)
-    )
+    from hip_attn.patches.model import query_heads_per_kv_head
+
+    need, why = config.offload_cache_blocks(query_heads_per_kv_head(lm.model.config))
     if offload.cache_blocks < need:
         raise EvalError(
             f"--cache-blocks {offload.cache_blocks} cannot hold the {need} blocks one query "
