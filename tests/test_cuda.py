@@ -26,11 +26,13 @@ def test_cuda_gather_matches_torch_gather():
         caches.append(off)
     rows = torch.tensor([0, 3, 7, 5], device="cuda")
     blocks = torch.tensor([0, 70, 120, 186], device="cuda")  # across host chunks
-    slots = torch.tensor([2, 9, 15, 0], device="cuda")
+    k_slots = torch.tensor([2, 9, -1, 0], device="cuda")  # values only, keys only, both
+    v_slots = torch.tensor([2, -1, 15, 0], device="cuda")
     torch_off, cuda_off = caches
-    gather_torch(torch_off.host, torch_off.cache, rows, blocks, slots)
+    gather_torch(torch_off.host, torch_off.cache, rows, blocks, k_slots, v_slots)
     pointers = ChunkPointers(cuda_off.host, cuda_off.cache.k.device)
-    gather_cuda(cuda_extension(), cuda_off.host, cuda_off.cache, pointers, rows, blocks, slots)
+    gather_cuda(cuda_extension(), cuda_off.host, cuda_off.cache, pointers, rows, blocks,
+                k_slots, v_slots)  # fmt: skip
     torch.cuda.synchronize()
     assert torch.equal(torch_off.cache.k, cuda_off.cache.k)
     assert torch.equal(torch_off.cache.v, cuda_off.cache.v)

@@ -62,8 +62,22 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps, le
     looked_up = (lambda r: (r - 1, r)) if leaves == "keys" else (lambda r: (r,))
     assert lookups == [n for r in range(1, ours.refreshes + 1) for n in looked_up(r)]
     stats = off.stats()
-    assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
+    _check_bytes(stats, off.cache.block_bytes, keys_first=leaves == "keys")
     assert stats["hits"] > 0 and stats["misses"] > 0
+
+
+def _check_bytes(stats, block_bytes, keys_first):
+    """Bytes moved: every miss's keys, its values unless it brought keys only, and the values
+    a resident block got. Candidates fetched for their keys bring fewer bytes than their K
+    and V would have."""
+    half = block_bytes // 2
+    want = (2 * stats["misses"] - stats["keys_only"] + stats["value_fills"]) * half
+    assert stats["bytes_moved"] == want
+    if keys_first:  # the selection's values came to blocks the candidates' keys brought
+        assert 0 < stats["value_fills"] < stats["keys_only"]
+        assert stats["bytes_moved"] < stats["misses"] * block_bytes
+    else:
+        assert stats["keys_only"] == stats["value_fills"] == 0
 
 
 def test_cache_smaller_than_working_set_evicts_and_stays_exact():
@@ -92,7 +106,7 @@ def test_leaves_ranked_in_a_cache_that_holds_one_query_blocks_candidates():
     assert all(len(r) == 1 for r in launches)
     stats = off.stats()
     assert stats["evictions"] > 0
-    assert stats["bytes_moved"] == stats["misses"] * off.cache.block_bytes
+    _check_bytes(stats, off.cache.block_bytes, keys_first=True)
 
 
 def test_one_attend_after_several_appends_serves_or_refuses():
@@ -139,7 +153,7 @@ def test_one_step_needing_more_blocks_than_slots_raises_naming_cache_blocks():
 def test_hits_count_only_where_asked_in_request_order():
     cache = BlockCache(1, 1, slots=4, block_size=8, head_dim=16, dtype=torch.float32,
                        device=torch.device(DEVICE))  # fmt: skip
-    noop = lambda rows, blocks, slots: None  # noqa: E731
+    noop = lambda rows, blocks, k_slots, v_slots: None  # noqa: E731
     cache.ensure(torch.tensor([[1, 2, 3]], device=DEVICE), 8, noop)
     mask = torch.tensor([[True, False, False]], device=DEVICE)  # block 3, sorted last
     cache.ensure(torch.tensor([[3, 1, 2]], device=DEVICE), 8, noop, count_hits=mask)
@@ -166,7 +180,9 @@ def test_lru_evicts_the_least_recently_used_block():
     host = HostKV(1, 1, 16, torch.float32, 8, chunk_tokens=64, pin=False)
     keys = torch.randn(1, 1, 64, 16)
     host.append(keys, -keys)
-    gather = lambda rows, blocks, slots: gather_torch(host, cache, rows, blocks, slots)  # noqa: E731
+
+    def gather(rows, blocks, k_slots, v_slots):
+        gather_torch(host, cache, rows, blocks, k_slots, v_slots)
 
     def need(*blocks):
         cache.ensure(torch.tensor([[*blocks, -1]], device=DEVICE), 8, gather)
@@ -186,22 +202,32 @@ def test_lru_evicts_the_least_recently_used_block():
 
 
 def _lru(slots, requests):
-    """A readable LRU over one row: ``requests`` lists per step (repeats and -1 allowed);
-    returns ``{block: slot}``, (hits, misses, evictions) and the (block, slot) copies."""
-    table, holds, last, counts, copies = {}, [-1] * slots, [0] * slots, [0, 0, 0], []
-    for step, request in enumerate(requests, 1):
+    """A readable LRU over one row: ``requests`` lists ``(blocks, values)`` per step (repeats
+    and -1 allowed; ``values``: the values come in too); returns ``{block: slot}``, (hits,
+    misses, evictions, keys-only misses, value fills) and the (block, K slot, V slot) copies."""
+    table, holds, last, copies = {}, [-1] * slots, [0] * slots, []
+    has_values, counts = [False] * slots, [0] * 5
+    for step, (request, values) in enumerate(requests, 1):
         need = sorted({b for b in request if b >= 0})
         hits, misses = [b for b in need if b in table], [b for b in need if b not in table]
-        for b in hits:
-            last[table[b]] = step
         busy = {table[b] for b in hits}
-        free = sorted((s for s in range(slots) if s not in busy), key=lambda s: (last[s], s))
-        for b, s in zip(misses, free, strict=False):
+        free = iter(sorted((s for s in range(slots) if s not in busy), key=lambda s: (last[s], s)))
+        for b in need:  # in block order, as the gather gets them
+            if b in hits:
+                s = table[b]
+                last[s] = step
+                if values and not has_values[s]:
+                    has_values[s] = True
+                    copies.append((b, -1, s))
+                    counts[4] += 1
+                continue
+            s = next(free)
             if holds[s] >= 0:
                 del table[holds[s]]
                 counts[2] += 1
-            table[b], holds[s], last[s] = s, b, step
-            copies.append((b, s))
+            table[b], holds[s], last[s], has_values[s] = s, b, step, values
+            copies.append((b, s, s if values else -1))
+            counts[3] += not values
         counts[0] += len(hits)
         counts[1] += len(misses)
     return table, tuple(counts), copies
@@ -209,6 +235,8 @@ def _lru(slots, requests):
 
 @pytest.mark.parametrize("width", [5, 9])  # within the slots (no host read) and beyond
 def test_device_lru_matches_a_readable_lru_on_random_requests(width):
+    """Requests with and without values (a search's candidates, then the selection among
+    them): the same slots, copies and counters as a readable LRU."""
     slots, n_blocks, rows = 6, 20, 2
     cache = BlockCache(1, rows, slots=slots, block_size=8, head_dim=16, dtype=torch.float32,
                        device=torch.device(DEVICE))  # fmt: skip
@@ -219,25 +247,30 @@ def test_device_lru_matches_a_readable_lru_on_random_requests(width):
         for row in range(rows):  # at most `slots` distinct blocks per row and step
             distinct = r[row][r[row] >= 0].unique()
             r[row][torch.isin(r[row], distinct[slots:])] = -1
-        requests.append(r)
+        requests.append((r, bool(torch.randint(0, 2, (), generator=gen))))
     copies = [[] for _ in range(rows)]
 
-    def gather(row_ids, blocks, slot_ids):
-        entries = zip(row_ids.tolist(), blocks.tolist(), slot_ids.tolist(), strict=True)
-        for row, block, slot in entries:
-            if slot >= 0:
-                copies[row].append((block, slot))
+    def gather(row_ids, blocks, k_slots, v_slots):
+        entries = zip(row_ids.tolist(), blocks.tolist(), k_slots.tolist(), v_slots.tolist(),
+                      strict=True)  # fmt: skip
+        for row, block, k_slot, v_slot in entries:
+            if k_slot >= 0 or v_slot >= 0:
+                copies[row].append((block, k_slot, v_slot))
 
-    for r in requests:
-        cache.ensure(r.to(DEVICE), n_blocks, gather)
-    totals = [0, 0, 0]
+    for r, values in requests:
+        cache.ensure(r.to(DEVICE), n_blocks, gather, values=values)
+    totals = [0] * 5
     for row in range(rows):
-        table, counts, want_copies = _lru(slots, [r[row].tolist() for r in requests])
+        table, counts, want_copies = _lru(slots, [(r[row].tolist(), v) for r, v in requests])
         got = {b: int(s) for b, s in enumerate(cache.table[row, :n_blocks].tolist()) if s >= 0}
         assert got == table and copies[row] == want_copies
         totals = [a + b for a, b in zip(totals, counts, strict=True)]
     s = cache.stats
-    assert [s.hits, s.misses, s.evictions] == totals and s.steps == len(requests)
+    assert 0 < totals[3] < totals[1] and totals[4] > 0  # both kinds of request happened
+    assert [s.hits, s.misses, s.evictions, s.keys_only, s.value_fills] == totals
+    half = cache.block_bytes // 2
+    assert s.bytes_moved == (2 * totals[1] - totals[3] + totals[4]) * half
+    assert s.steps == len(requests)
 
 
 def test_host_storage_grows_in_chunks_and_reads_back():
@@ -346,7 +379,8 @@ def _raw(x: torch.Tensor) -> bytes:
 def test_the_csrc_gather_copies_what_the_host_gather_copies(tmp_path: Path) -> None:
     """The CUDA gather kernel's addressing, run on the host: ``gather_entry`` (all a thread of
     the kernel does) over the host chunks fills the slots as the PyTorch gather does, across
-    chunk boundaries, for every row, skipping the entries marked not to copy."""
+    chunk boundaries, for every row, keys and values each where asked, skipping the entries
+    marked not to copy."""
     exe = tmp_path / "gather_on_host"
     source = Path(__file__).parent / "csrc" / "gather_on_host.cu"
     subprocess.run(["nvcc", "-std=c++17", "-O1", str(source), "-o", str(exe)], check=True)
@@ -357,22 +391,26 @@ def test_the_csrc_gather_copies_what_the_host_gather_copies(tmp_path: Path) -> N
         host.append(k[:, :, start : start + 30], v[:, :, start : start + 30])
     rows = torch.tensor([0, 5, 3, 2, 4, 1])
     blocks = torch.tensor([11, 0, 6, 3, 12, 4])
-    slots = torch.tensor([2, 5, -1, 0, 1, 3])
+    k_slots = torch.tensor([2, 5, -1, 0, -1, 3])
+    v_slots = torch.tensor([2, -1, -1, 0, 1, 4])  # keys only, nothing, values only
     caches = [BlockCache(2, 3, 6, 8, 64, torch.float16, torch.device("cpu")) for _ in range(2)]
     before = torch.randn(2, *caches[0].k.shape).half()  # slots not written keep their contents
     for cache in caches:
         cache.k.copy_(before[0]), cache.v.copy_(before[1])
     ours, ref = caches
-    gather_torch(host, ref, rows, blocks, slots)
+    gather_torch(host, ref, rows, blocks, k_slots, v_slots)
     assert not torch.equal(ref.k, before[0]) and not torch.equal(ref.v, before[1])
+    k_views, v_views = ref.slot_views()
+    assert torch.equal(k_views[1, 1], before[0].view_as(k_views)[1, 1])  # values only: keys kept
+    assert torch.equal(v_views[5, 5], before[1].view_as(v_views)[5, 5])  # keys only
     row_bytes = 64 * 2
     params = [len(host.chunks), rows.numel(), host.chunk_blocks, 2 * host.rows * row_bytes,
               row_bytes, 8 * row_bytes, ours.slots]  # fmt: skip
     (tmp_path / "params").write_text(" ".join(map(str, params)))
     for c, chunk in enumerate(host.chunks):
         (tmp_path / f"chunk{c}").write_bytes(_raw(chunk))
-    for name, x in (("rows", rows), ("blocks", blocks), ("slots", slots), ("k", ours.k),
-                    ("v", ours.v)):  # fmt: skip
+    for name, x in (("rows", rows), ("blocks", blocks), ("k_slots", k_slots),
+                    ("v_slots", v_slots), ("k", ours.k), ("v", ours.v)):  # fmt: skip
         (tmp_path / name).write_bytes(_raw(x))
     subprocess.run([str(exe), str(tmp_path)], check=True)
     for name, want in (("k_out", ref.k), ("v_out", ref.v)):

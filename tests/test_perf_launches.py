@@ -300,7 +300,11 @@ def test_offloaded_decode_steps_read_nothing_back(leaves: str) -> None:
     q, k, v = (torch.randn(1, h, 532, 64, generator=gen).to(device) for h in (4, 2, 2))
     off.prefill(q[:, :, :520], k[:, :, :520], v[:, :, :520])
     gathers = []
-    off._gather = lambda rows, blocks, slots: gathers.append(slots.clone())  # the host's part
+
+    def gather(rows, blocks, k_slots, v_slots):  # the host's part
+        gathers.append(torch.stack([k_slots, v_slots]))
+
+    off._gather = gather
     state, counter = HiPDecodeState(), _Kernels()
     for t in range(520, 532):  # refreshes at 520, 524, 528; blocks complete at 528
         with counter:
@@ -312,6 +316,9 @@ def test_offloaded_decode_steps_read_nothing_back(leaves: str) -> None:
     for first in range(fetches):  # each a fixed-length list
         assert all(g.shape == gathers[first].shape for g in gathers[first::fetches])
     assert (gathers[0] >= 0).any()  # the first decode selection brought blocks in
+    if leaves == "keys":  # the candidates' keys, then the selected ones' values (no keys)
+        assert all((g[1] < 0).all() for g in gathers[0::2])
+        assert all((g[0] < 0).all() and (g[1] >= 0).any() for g in gathers[1::2])
 
 
 class _Noop:

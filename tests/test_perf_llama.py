@@ -221,11 +221,11 @@ def test_hip_offload(sc: Scenario) -> None:
 def test_offloaded_keys_at_the_leaves_fetch_the_leaf_candidates(sc: Scenario) -> None:
     """With leaf_scores="keys" the offloaded search fetches the last level's children first:
     2 * width = 2 * beam * G = 256 blocks of 8 tokens per search (at most N), the 64 selected
-    among them: the other 192 a decode step once per refresh interval (8 steps), a prefill query
-    block every time."""
+    among them: the keys (half the KV bytes) of the other 192 a decode step once per refresh
+    interval (8 steps), a prefill query block every time."""
     quality = dataclasses.replace(sc, hip=sc.hip.replace(beam=2, leaf_scores="keys"))
     decode = estimate(quality, "hip+offload", CTX).decode
-    step = 0.1 * (512 + 192 * 8 / 8) * KV_TOKEN
+    step = 0.1 * (512 + 192 * 8 / 2 / 8) * KV_TOKEN
     assert decode.host_bytes == pytest.approx(step, rel=1e-12)
     prefill = hip_prefill_counts(CTX, quality.hip)
     assert prefill.leaf_tokens == sum(
@@ -233,6 +233,11 @@ def test_offloaded_keys_at_the_leaves_fetch_the_leaf_candidates(sc: Scenario) ->
         for n in (max(0, s - 256 - 64) // 8 for s in range(0, CTX, 64))
         if n > 64
     )
+    # every block a miss: a prefill fetches more than it writes, the candidates' keys only
+    missing = dataclasses.replace(quality, offload=OffloadConfig(miss_rate=1.0))
+    fetched = (prefill.selected_tokens + prefill.leaf_tokens / 2) * KV_TOKEN
+    assert fetched > CTX * KV_TOKEN
+    assert estimate(missing, "hip+offload", CTX).prefill.host_bytes == pytest.approx(fetched)
     summary = hip_prefill_counts(CTX, quality.hip.replace(leaf_scores="summary"))
     assert summary.leaf_tokens == 0 and summary.selected_tokens == prefill.selected_tokens
     # offloaded, the block cache must hold one query block's candidates: 256 blocks of 8 tokens

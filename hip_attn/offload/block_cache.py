@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-#: gather(rows, blocks, slots): copy host blocks into the given cache slots (K and V); entries
-#: whose slot is -1 are skipped
-GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: gather(rows, blocks, k_slots, v_slots): copy host blocks' keys into the cache slots
+#: ``k_slots`` and their values into ``v_slots``; a slot of -1 is not written
+GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -17,11 +17,13 @@ class CacheStats:
     """Counters of a :class:`BlockCache` (blocks of one batch row and KV head)."""
 
     hits: int = 0
-    misses: int = 0
+    misses: int = 0  # blocks brought in: their keys, and their values unless keys_only
     evictions: int = 0
-    bytes_moved: int = 0  # host -> GPU, K and V together
+    bytes_moved: int = 0  # host -> GPU, keys and values
     last_step_bytes: int = 0
     steps: int = 0
+    keys_only: int = 0  # misses that brought in only the keys (a search's leaf candidates)
+    value_fills: int = 0  # hits that brought in the values of a block held without them
 
     @property
     def hit_rate(self) -> float:
@@ -35,6 +37,9 @@ class BlockCache:
     ``k``/``v`` are ``[B, Hkv, slots * block_size, D]``: slot ``s`` of a row holds tokens
     ``[s * block_size, (s + 1) * block_size)`` of that row, which is how the attention kernel
     addresses it. ``table[row, block]`` is the slot holding ``block`` or ``-1``.
+
+    A slot may hold a block's keys without its values (:meth:`ensure` with ``values=False``:
+    the candidates a search ranks by their keys); ``has_values`` says which do.
 
     The bookkeeping (lookup, LRU, eviction, counters) is device tensors of fixed shapes: a
     lookup reads nothing back to the host (see :meth:`ensure`). ``table`` and the slot arrays
@@ -62,8 +67,10 @@ class BlockCache:
         # per slot (and the spare column): the block it holds, -1 if none; when last used
         self.slot_block = torch.full((self.rows, slots + 1), -1, dtype=torch.int64, device=device)
         self.last_used = torch.zeros((self.rows, slots + 1), dtype=torch.int64, device=device)
+        self.has_values = torch.zeros((self.rows, slots + 1), dtype=torch.bool, device=device)
         self._step = torch.zeros(1, dtype=torch.int64, device=device)
-        self._counters = torch.zeros(4, dtype=torch.int64, device=device)  # see stats
+        # hits, misses, evictions, keys-only misses, value fills, last step's K and V blocks
+        self._counters = torch.zeros(7, dtype=torch.int64, device=device)
 
     @property
     def block_bytes(self) -> int:
@@ -73,9 +80,11 @@ class BlockCache:
     @property
     def stats(self) -> CacheStats:
         """The counters so far (reads them from the device)."""
-        hits, misses, evictions, last = self._counters.tolist()
-        moved = misses * self.block_bytes
-        return CacheStats(hits, misses, evictions, moved, last * self.block_bytes, int(self._step))
+        hits, misses, evictions, keys_only, fills, last_k, last_v = self._counters.tolist()
+        half = self.block_bytes // 2  # the keys or the values of a block
+        moved = (2 * misses - keys_only + fills) * half
+        return CacheStats(hits, misses, evictions, moved, (last_k + last_v) * half,
+                          int(self._step), keys_only, fills)  # fmt: skip
 
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[rows, slots, block_size, D]`` views of the K and V slots."""
@@ -96,10 +105,12 @@ class BlockCache:
         n_blocks: int,
         gather: GatherFn,
         *,
+        values: bool = True,
         same_step: bool = False,
         count_hits: torch.Tensor | None = None,
     ) -> None:
-        """Make the blocks listed in ``requested`` resident.
+        """Make the blocks listed in ``requested`` resident: their keys, and their values
+        unless ``values`` is false.
 
         Args:
             requested: ``[rows, L]`` block indices per (batch, KV head) row, ``-1`` for none;
@@ -107,6 +118,8 @@ class BlockCache:
             n_blocks: the blocks the keys have so far (every index is below it).
             gather: copies the missing blocks in; it gets ``[rows * L]`` lists whose entries
                 with slot ``-1`` are not to be copied.
+            values: bring the values in too (to the missing blocks and to the resident ones
+                held without them); without, the misses bring only their keys, half the bytes.
             same_step: count the misses into the last step's (``CacheStats.last_step_bytes``)
                 instead of starting a new one: one attention call that ensures several times.
             count_hits: ``[rows, L]`` bool, the entries whose hits count in the statistics
@@ -152,15 +165,25 @@ class BlockCache:
         self.table.scatter_(1, torch.where(miss, blocks, spare_block), new_slot.int())
         self.slot_block.scatter_(1, victims, torch.where(miss, blocks, -1))
         self.last_used.scatter_(1, victims, step)
-        misses = miss.sum()
-        hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
-        self._counters[:3] += torch.stack([hits, misses, evicted.sum()])
-        if same_step:
-            self._counters[3] += misses
+        self.has_values.scatter_(1, victims, values)  # the spare column takes the rest
+        if values:  # and the hits held without their values get them
+            fill = hit & ~self.has_values.gather(1, hit_slots)
+            value_slot = torch.where(fill, slot, new_slot)
+            self.has_values.scatter_(1, torch.where(fill, slot, spare_slot), True)
         else:
-            self._counters[3] = misses  # the last step's
+            fill, value_slot = torch.zeros_like(hit), torch.full_like(new_slot, -1)
+        misses, fills = miss.sum(), fill.sum()
+        hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
+        keys_only = torch.zeros_like(misses) if values else misses
+        moved = torch.stack([misses, misses - keys_only + fills])
+        self._counters[:5] += torch.stack([hits, misses, evicted.sum(), keys_only, fills])
+        if same_step:
+            self._counters[5:] += moved
+        else:
+            self._counters[5:] = moved  # the last step's
         row_ids = torch.arange(rows, device=blocks.device)[:, None].expand(rows, width)
-        gather(row_ids.flatten(), blocks.clamp(min=0).flatten(), new_slot.flatten())
+        gather(row_ids.flatten(), blocks.clamp(min=0).flatten(), new_slot.flatten(),
+               value_slot.flatten())  # fmt: skip
 
     def slots_of(self, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Slots of the selected blocks ``indices`` (``[B, H_sel, n_qb, G]``, ``-1`` padded)
@@ -171,5 +194,5 @@ class BlockCache:
     @property
     def nbytes(self) -> int:
         """Device bytes held: the slots and the bookkeeping."""
-        tensors = (self.k, self.v, self.table, self.slot_block, self.last_used)
+        tensors = (self.k, self.v, self.table, self.slot_block, self.last_used, self.has_values)
         return sum(t.numel() * t.element_size() for t in tensors)

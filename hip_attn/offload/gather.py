@@ -41,15 +41,23 @@ def cuda_extension() -> Any | None:
 
 
 def gather_torch(
-    host: HostKV, cache: BlockCache, rows: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor
+    host: HostKV,
+    cache: BlockCache,
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
 ) -> None:
-    """Host gather into pinned staging memory, one non-blocking copy, scatter into slots (the
-    entries whose slot is ``-1`` are skipped: this path reads the list on the host)."""
-    copy = (slots >= 0).nonzero().flatten()
-    rows, blocks, slots = rows[copy], blocks[copy], slots[copy]
-    k, v = host.gather(rows.cpu(), blocks.cpu())
-    k_slots, v_slots = cache.slot_views()
-    device = k_slots.device
+    """Host gather into pinned staging memory, one non-blocking copy, scatter into slots: keys
+    into ``k_slots``, values into ``v_slots``, skipping slots of ``-1`` (this path reads the
+    lists on the host; only what is written crosses to the device)."""
+    copy = ((k_slots >= 0) | (v_slots >= 0)).nonzero().flatten()
+    rows, k_to, v_to = rows[copy], k_slots[copy], v_slots[copy]
+    keys, values = k_to >= 0, v_to >= 0
+    k, v = host.gather(rows.cpu(), blocks[copy].cpu())
+    k, v = k[keys.cpu()], v[values.cpu()]
+    k_cache, v_cache = cache.slot_views()
+    device = k_cache.device
     if device.type == "cuda":
         side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
         with torch.cuda.stream(side):
@@ -57,8 +65,8 @@ def gather_torch(
         current.wait_stream(side)
         for x in (k, v):  # allocated on the side stream, read on this one: not free before
             x.record_stream(current)
-    k_slots[rows, slots] = k
-    v_slots[rows, slots] = v
+    k_cache[rows[keys], k_to[keys]] = k
+    v_cache[rows[values], v_to[values]] = v
 
 
 class ChunkPointers:
@@ -86,17 +94,20 @@ def gather_cuda(
     pointers: ChunkPointers,
     rows: torch.Tensor,
     blocks: torch.Tensor,
-    slots: torch.Tensor,
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
 ) -> None:
-    """The ``csrc/`` kernel: blocks read from pinned host memory straight into the slots; one
-    program per list entry, those with slot ``-1`` return at once. Nothing is read back."""
+    """The ``csrc/`` kernel: blocks read from pinned host memory straight into the slots, keys
+    into ``k_slots`` and values into ``v_slots``; one program per list entry, which skips a slot
+    of ``-1`` (both: it returns at once). Nothing is read back."""
     device = cache.k.device
     table = pointers()
     host.wait_appends(torch.cuda.current_stream(device))
     row_bytes = host.head_dim * cache.k.element_size()
     ext.gather_blocks(
-        table, rows.long().contiguous(), blocks.long().contiguous(), slots.long().contiguous(),
-        *cache.slot_views(), host.chunk_blocks, 2 * host.rows * row_bytes, row_bytes,
+        table, rows.long().contiguous(), blocks.long().contiguous(),
+        k_slots.long().contiguous(), v_slots.long().contiguous(), *cache.slot_views(),
+        host.chunk_blocks, 2 * host.rows * row_bytes, row_bytes,
         torch.cuda.current_stream(device).cuda_stream,
     )  # fmt: skip
 
@@ -106,7 +117,7 @@ GATHER_METHODS = ("auto", "cuda", "torch")
 
 
 def make_gather(host: HostKV, cache: BlockCache, method: str = "auto") -> Any:
-    """A ``gather(rows, blocks, slots)`` for :meth:`BlockCache.ensure`.
+    """A ``gather(rows, blocks, k_slots, v_slots)`` for :meth:`BlockCache.ensure`.
 
     ``method``: ``"cuda"`` (the csrc kernel; an error if it can't run), ``"torch"`` or
     ``"auto"`` (the kernel when the cache is on CUDA, the host is pinned and it builds)."""

@@ -6,7 +6,8 @@ exactly the on-GPU one), the sink tokens, the recent tokens the window needs, an
 cache of key blocks. Each :meth:`OffloadedKV.attend` selects from the tree, brings the missing
 blocks into the cache and runs the sparse attention kernel through the slot table. With
 ``leaf_scores="keys"`` the search also reads its last level's candidate blocks: it stops before
-that level, the cache fetches them, and the leaves are ranked from the cache.
+that level, the cache fetches their keys, the leaves are ranked from the cache, and the values
+follow for the selected blocks only.
 """
 
 from __future__ import annotations
@@ -254,7 +255,8 @@ class OffloadedKV:
 
     def _search(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """The selection of ``q`` from the summary tree, and with ``leaf_scores="keys"`` from
-        the keys of the last level's candidates: fetched into the block cache first."""
+        the keys of the last level's candidates: their keys fetched into the block cache first
+        (the values of the selected ones follow in :meth:`_fetch`)."""
         tree, tk = self._summaries(), self.length
         if self.config.leaf_scores == "summary":
             return search_tree(q, tree, tk, self.config, scale)
@@ -275,19 +277,23 @@ class OffloadedKV:
         step = max(1, self.cache.slots // per_block)
         for lo in range(0, n_qb, step):
             launched = range(lo, min(lo + step, n_qb))
-            self._ensure(candidates[:, :, lo : launched.stop])
+            self._ensure(candidates[:, :, lo : launched.stop], values=False)
             rank_leaves_triton(q, candidates, self.cache.k, self.cache.table, tk, config, scale,
                                out, launched)  # fmt: skip
         return out
 
-    def _ensure(self, blocks: torch.Tensor, count_hits: torch.Tensor | None = None) -> None:
-        """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident; hits
-        count where ``count_hits`` (shaped as ``blocks``) says so (default: all)."""
+    def _ensure(
+        self, blocks: torch.Tensor, count_hits: torch.Tensor | None = None, values: bool = True
+    ) -> None:
+        """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident, their
+        values too unless ``values`` is false; hits count where ``count_hits`` (shaped as
+        ``blocks``) says so (default: all)."""
         # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
         rows = self.batch * self.kv_heads
         counted = None if count_hits is None else count_hits.reshape(rows, -1)
         self.cache.ensure(blocks.reshape(rows, -1), self.length // self.config.block_size_k + 1,
-                          self._gather, same_step=self._stepped, count_hits=counted)  # fmt: skip
+                          self._gather, values=values, same_step=self._stepped,
+                          count_hits=counted)  # fmt: skip
         self._stepped = True
 
     def _fetch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -295,8 +301,9 @@ class OffloadedKV:
         every selection entry, broadcastable to ``indices``. Reads nothing back to the host
         when one call's selections of a row fit the cache (a decode step's do)."""
         b, h_sel = indices.shape[:2]
-        # after a search that fetched its leaf candidates, a query block's selection among them
-        # hits: its hits would only inflate the hit rate (misses, after an eviction, are real)
+        # after a search that fetched its leaf candidates' keys, a query block's selection among
+        # them hits (and brings its values): its hits would only inflate the hit rate (misses,
+        # after an eviction, are real)
         counted = self._unsearched
         self._ensure(indices, None if counted is None else counted[..., None].expand_as(indices))
         device = indices.device
@@ -343,7 +350,9 @@ class OffloadedKV:
         return self.host.nbytes
 
     def stats(self) -> dict[str, Any]:
-        """Hits, misses, bytes moved host -> device, bytes held on each side."""
+        """Hits, misses (``keys_only`` of them brought no values: a search's leaf candidates),
+        ``value_fills`` (resident blocks that got their values), bytes moved host -> device,
+        bytes held on each side."""
         s = self.cache.stats
         return {
             "tokens": self.length,
@@ -351,6 +360,8 @@ class OffloadedKV:
             "misses": s.misses,
             "hit_rate": s.hit_rate,
             "evictions": s.evictions,
+            "keys_only": s.keys_only,
+            "value_fills": s.value_fills,
             "bytes_moved": s.bytes_moved,
             "bytes_moved_last_step": s.last_step_bytes if self._fetched else 0,
             "device_bytes": self.device_bytes,

@@ -114,8 +114,9 @@ class OffloadConfig:
             (``HiPConfig.offload_cache_blocks``: the ``k`` selected tokens, or with
             ``leaf_scores="keys"`` the leaf candidates).
         miss_rate: fraction of the selected KV bytes a decode step (or a prefill query block)
-            fetches from host memory; with ``leaf_scores="keys"`` also of the leaf candidates
-            it does not select (:func:`leaf_candidates`), a decode step's once per refresh.
+            fetches from host memory; with ``leaf_scores="keys"`` also the key bytes of the
+            leaf candidates it does not select (:func:`leaf_candidates`; their values stay on
+            the host), a decode step's once per refresh.
     """
 
     host_ram: int = 512 * GB
@@ -796,10 +797,10 @@ def _prefill(sc: Scenario, mode: Mode, seq_len: int) -> PhaseCost:
         )  # fmt: skip
         if mode == "hip+offload":
             # Device->host: the whole KV once; host->device: missed selected blocks and the
-            # other leaf candidates (K and V come in together). The link is full duplex, so
-            # the larger direction counts.
+            # keys (half the KV bytes) of the other leaf candidates. The link is full duplex,
+            # so the larger direction counts.
             write = tokens * sc.kv_bytes_per_token_per_gpu
-            fetched = c.selected_tokens + c.leaf_tokens
+            fetched = c.selected_tokens + c.leaf_tokens / 2
             fetch = sc.batch * sc.offload.miss_rate * fetched * sc.kv_bytes_per_token_per_gpu
             host = max(write, fetch)
     return phase_cost("prefill", ops, sc.peak, host, _collective_bytes(sc, tokens, sc.batch))
@@ -843,8 +844,8 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
                 kernels=lp.hip_decode_reuse,
             )
         )  # fmt: skip
-        if mode == "hip+offload":  # the other leaf candidates come in once per refresh
-            fetched = c.selected_tokens + c.leaf_tokens / refresh
+        if mode == "hip+offload":  # the other leaf candidates' keys come once per refresh
+            fetched = c.selected_tokens + c.leaf_tokens / 2 / refresh
             host = sc.batch * sc.offload.miss_rate * fetched * sc.kv_bytes_per_token_per_gpu
     return phase_cost("decode", ops, sc.peak, host, _collective_bytes(sc, sc.batch, sc.batch))
 

@@ -26,10 +26,12 @@ int main(int argc, char** argv) {
   for (int64_t c = 0; c < n_chunks; ++c) chunks.push_back(slurp(dir + "/chunk" + std::to_string(c)));
   for (auto& c : chunks) addresses.push_back(reinterpret_cast<int64_t>(c.data()));
   std::vector<char> rows = slurp(dir + "/rows"), blocks = slurp(dir + "/blocks"),
-                    slots = slurp(dir + "/slots"), k = slurp(dir + "/k"), v = slurp(dir + "/v");
+                    k_slots = slurp(dir + "/k_slots"), v_slots = slurp(dir + "/v_slots"),
+                    k = slurp(dir + "/k"), v = slurp(dir + "/v");
   const GatherArgs a{addresses.data(), reinterpret_cast<const int64_t*>(rows.data()),
                      reinterpret_cast<const int64_t*>(blocks.data()),
-                     reinterpret_cast<const int64_t*>(slots.data()), k.data(), v.data(),
+                     reinterpret_cast<const int64_t*>(k_slots.data()),
+                     reinterpret_cast<const int64_t*>(v_slots.data()), k.data(), v.data(),
                      chunk_blocks, token_bytes, row_bytes, block_bytes, slots_per_row};
   for (int64_t i = 0; i < n; ++i) gather_entry(a, i, 0, 16);  // the kernel's blocks, one thread
   std::ofstream(dir + "/k_out", std::ios::binary).write(k.data(), k.size());
