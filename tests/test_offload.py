@@ -43,6 +43,7 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps, le
     t0 = 520
     q, k, v = qkv(1, hq, hkv, t0 + steps, seed=steps)
     off = offloaded(cfg, 1, hkv)
+    copied = _count_copies(off)
     out = off.prefill(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0])
     expected = hip_attention(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], cfg)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -52,7 +53,10 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps, le
     off.cache.ensure = lambda *a, **kw: (lookups.append(ours.refreshes), ensure(*a, **kw))  # type: ignore
     for t in range(t0, t0 + steps):
         off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        before = len(copied)
         got = off.attend(q[:, :, t : t + 1], state=ours)
+        step_bytes = sum(copied[before:]) * off.cache.block_bytes // 2
+        assert off.stats()["bytes_moved_last_step"] == step_bytes
         want = hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], cfg,
                              state=theirs)  # fmt: skip
         assert torch.equal(ours.indices, theirs.indices)  # the same selection, from R alone
@@ -62,15 +66,29 @@ def test_chunked_prefill_and_decode_equal_on_gpu_hip(hq, hkv, sharing, steps, le
     looked_up = (lambda r: (r - 1, r)) if leaves == "keys" else (lambda r: (r,))
     assert lookups == [n for r in range(1, ours.refreshes + 1) for n in looked_up(r)]
     stats = off.stats()
-    _check_bytes(stats, off.cache.block_bytes, keys_first=leaves == "keys")
+    _check_bytes(stats, off.cache.block_bytes, copied, keys_first=leaves == "keys")
     assert stats["hits"] > 0 and stats["misses"] > 0
 
 
-def _check_bytes(stats, block_bytes, keys_first):
-    """Bytes moved: every miss's keys, its values unless it brought keys only, and the values
-    a resident block got. Candidates fetched for their keys bring fewer bytes than their K
-    and V would have."""
+def _count_copies(off):
+    """The keys and values (halves of a block) each gather of ``off`` copies, appended to the
+    returned list."""
+    copied, gather = [], off._gather
+
+    def counting(rows, blocks, k_slots, v_slots):
+        copied.append(int((k_slots >= 0).sum() + (v_slots >= 0).sum()))
+        gather(rows, blocks, k_slots, v_slots)
+
+    off._gather = counting
+    return copied
+
+
+def _check_bytes(stats, block_bytes, copied, keys_first):
+    """Bytes moved: what the gathers copied; every miss's keys, its values unless it brought
+    keys only, and the values a resident block got. Candidates fetched for their keys bring
+    fewer bytes than their K and V would have."""
     half = block_bytes // 2
+    assert stats["bytes_moved"] == sum(copied) * half
     want = (2 * stats["misses"] - stats["keys_only"] + stats["value_fills"]) * half
     assert stats["bytes_moved"] == want
     if keys_first:  # the selection's values came to blocks the candidates' keys brought
@@ -96,6 +114,7 @@ def test_leaves_ranked_in_a_cache_that_holds_one_query_blocks_candidates():
     cfg = CFG.replace(leaf_scores="keys")
     q, k, v = qkv(1, 2, 1, 700, seed=6)
     off = offloaded(cfg, 1, 1, cache_blocks=40)
+    copied = _count_copies(off)
     launches = []
     rank = mask.rank_leaves_triton
     with pytest.MonkeyPatch.context() as mp:
@@ -106,7 +125,7 @@ def test_leaves_ranked_in_a_cache_that_holds_one_query_blocks_candidates():
     assert all(len(r) == 1 for r in launches)
     stats = off.stats()
     assert stats["evictions"] > 0
-    _check_bytes(stats, off.cache.block_bytes, keys_first=True)
+    _check_bytes(stats, off.cache.block_bytes, copied, keys_first=True)
 
 
 def test_one_attend_after_several_appends_serves_or_refuses():
@@ -282,7 +301,7 @@ def test_host_storage_grows_in_chunks_and_reads_back():
     got_k, got_v = host.read()
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
     rows, blocks = torch.tensor([0, 5, 3]), torch.tensor([11, 0, 6])
-    gk, gv = host.gather(rows, blocks)
+    gk, gv = host.gather(rows, blocks, 0), host.gather(rows, blocks, 1)
     flat_k = k.reshape(6, 100, 16)
     flat_v = v.reshape(6, 100, 16)
     for i, (r, blk) in enumerate(zip(rows.tolist(), blocks.tolist(), strict=True)):
@@ -401,7 +420,8 @@ def test_the_csrc_gather_copies_what_the_host_gather_copies(tmp_path: Path) -> N
     gather_torch(host, ref, rows, blocks, k_slots, v_slots)
     assert not torch.equal(ref.k, before[0]) and not torch.equal(ref.v, before[1])
     k_views, v_views = ref.slot_views()
-    assert torch.equal(k_views[1, 1], before[0].view_as(k_views)[1, 1])  # values only: keys kept
+    assert torch.equal(k_views[4, 1], before[0].view_as(k_views)[4, 1])  # values only: keys kept
+    assert not torch.equal(v_views[4, 1], before[1].view_as(v_views)[4, 1])
     assert torch.equal(v_views[5, 5], before[1].view_as(v_views)[5, 5])  # keys only
     row_bytes = 64 * 2
     params = [len(host.chunks), rows.numel(), host.chunk_blocks, 2 * host.rows * row_bytes,

@@ -48,14 +48,13 @@ def gather_torch(
     k_slots: torch.Tensor,
     v_slots: torch.Tensor,
 ) -> None:
-    """Host gather into pinned staging memory, one non-blocking copy, scatter into slots: keys
+    """Host gather into pinned staging memory, non-blocking copies, scatter into slots: keys
     into ``k_slots``, values into ``v_slots``, skipping slots of ``-1`` (this path reads the
-    lists on the host; only what is written crosses to the device)."""
-    copy = ((k_slots >= 0) | (v_slots >= 0)).nonzero().flatten()
-    rows, k_to, v_to = rows[copy], k_slots[copy], v_slots[copy]
-    keys, values = k_to >= 0, v_to >= 0
-    k, v = host.gather(rows.cpu(), blocks[copy].cpu())
-    k, v = k[keys.cpu()], v[values.cpu()]
+    lists on the host; only what is written is gathered and crosses to the device)."""
+    keys, values = k_slots >= 0, v_slots >= 0
+    host_rows, host_blocks = rows.cpu(), blocks.cpu()
+    k, v = (host.gather(host_rows[m.cpu()], host_blocks[m.cpu()], part)
+            for part, m in enumerate((keys, values)))  # fmt: skip
     k_cache, v_cache = cache.slot_views()
     device = k_cache.device
     if device.type == "cuda":
@@ -65,8 +64,8 @@ def gather_torch(
         current.wait_stream(side)
         for x in (k, v):  # allocated on the side stream, read on this one: not free before
             x.record_stream(current)
-    k_cache[rows[keys], k_to[keys]] = k
-    v_cache[rows[values], v_to[values]] = v
+    k_cache[rows[keys], k_slots[keys]] = k
+    v_cache[rows[values], v_slots[values]] = v
 
 
 class ChunkPointers:

@@ -106,20 +106,20 @@ class HostKV:
         else:
             stream.wait_event(self._appended)
 
-    def gather(self, rows: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks ``blocks[i]`` of rows ``rows[i]`` (CPU int64): ``[n, block_size, D]`` K and V
-        on the host (pinned when the storage is)."""
+    def gather(self, rows: torch.Tensor, blocks: torch.Tensor, part: int) -> torch.Tensor:
+        """Keys (``part`` 0) or values (1) of blocks ``blocks[i]`` of rows ``rows[i]`` (CPU
+        int64): ``[n, block_size, D]`` on the host (pinned when the storage is)."""
         self.wait_appends()
         n, bk = rows.numel(), self.block_size
-        kv = torch.empty((2, n, bk, self.head_dim), dtype=self.dtype, pin_memory=self.pin)
+        out = torch.empty((n, bk, self.head_dim), dtype=self.dtype, pin_memory=self.pin)
         chunk = torch.div(blocks, self.chunk_blocks, rounding_mode="floor")
         for c in chunk.unique().tolist():
             pick = (chunk == c).nonzero().flatten()
             local = blocks[pick] - c * self.chunk_blocks
-            # [K or V, rows, blocks, bk, D] view of the chunk
+            # [rows, blocks, bk, D] view of the chunk's keys or values
             by_row = self.chunks[c].view(self.chunk_blocks, bk, 2, self.rows, self.head_dim)
-            kv[:, pick] = by_row.permute(2, 3, 0, 1, 4)[:, rows[pick], local]
-        return kv[0], kv[1]
+            out[pick] = by_row[:, :, part].permute(2, 0, 1, 3)[rows[pick], local]
+        return out
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All of K and V as ``[B, Hkv, T, D]`` host tensors (a copy; for tests and fallbacks)."""
