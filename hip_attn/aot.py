@@ -8,7 +8,9 @@ ahead of time for the target (``sm_90`` by default: H100/H200) with the Triton c
 the CUDA tools its package carries. No GPU is needed. Per variant it reports registers per
 thread, stack bytes per thread (local arrays and spills, from ``cuobjdump -res-usage``), shared
 memory and warps, so a kernel that would not compile, or would spill, shows up before any GPU
-time is spent on it.
+time is spent on it. A search launch that needs more shared memory than the target has is
+compiled again as the library launches it there (reloading its variances); a launch that still
+does not fit makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ _EPILOG = """examples:
 #: Compute capabilities the Triton CUDA backend compiles for (of GPUs that exist): Turing and
 #: newer. Other numbers abort inside LLVM (sm_12) or ptxas (sm_101, renamed sm_110).
 ARCHES = (75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
+
+#: Shared memory one program may use on each architecture, KB (the CUDA programming guide's
+#: "maximum amount of shared memory per thread block", opt-in): a launch asking for more is
+#: refused (Triton's ``OutOfResources``).
+SHARED_KB = {75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 103: 227, 110: 227,
+             120: 99, 121: 99}  # fmt: skip
 
 # torch dtype name -> Triton signature type (torch is imported only when compiling: the CLI's
 # --help stays torch-free)
@@ -185,6 +193,22 @@ def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
         **_resource_usage(compiled.asm["cubin"]),
         "compile_s": round(seconds, 2),
     }
+
+
+def compile_as_launched(launch: Launch, arch: int = 90) -> dict[str, Any]:
+    """:func:`compile_launch`, then what the library does where the target refuses it for
+    shared memory: the search kernel launches again reloading its variances
+    (``hip_attn.triton_kernels.mask``); the result says ``"reloads_variances"`` and
+    ``"fits"`` (within :data:`SHARED_KB`)."""
+    from hip_attn.triton_kernels.mask import reloading_variances
+
+    limit = SHARED_KB[arch] * 1024
+    result = compile_launch(launch, arch)
+    reloads = result["shared_bytes"] > limit and launch.kwargs.get("RELOAD_VARIANCES") is False
+    if reloads:
+        kwargs = reloading_variances(launch.kwargs)
+        result = compile_launch(Launch(launch.kernel, launch.grid, launch.args, kwargs), arch)
+    return {**result, "reloads_variances": reloads, "fits": result["shared_bytes"] <= limit}
 
 
 # -- the variants: the shapes the library launches -----------------------------------------
@@ -423,21 +447,25 @@ def run(args: argparse.Namespace) -> int:
         )
     wanted = {"mask": "_hip_mask_kernel", "attention": "_sparse_attention_kernel"}.get(args.only)
     all_variants = variants(args.quick, args.sms)
-    worst = 0
-    print(f"compiling for sm_{args.arch} ({len(all_variants)} variants)", flush=True)
+    worst, refused = 0, 0
+    print(f"compiling for sm_{args.arch} ({len(all_variants)} variants, "
+          f"{SHARED_KB[args.arch]} KB of shared memory)", flush=True)  # fmt: skip
     header = f"{'kernel':<26}{'grid':>18}{'warps':>6}{'regs':>6}{'stack B':>8}{'smem KB':>8}"
     for variant in progress_bar(all_variants, desc=f"sm_{args.arch}", unit="variant"):
         say(f"{variant.name}\n  {header}")
         for launch in variant.launches:
             if wanted and launch.kernel.__name__ != wanted:
                 continue
-            r = compile_launch(launch, args.arch)
+            r = compile_as_launched(launch, args.arch)
             variant.results.append(r)
             worst = max(worst, r["stack_bytes"] + r["local_bytes"])
+            refused += not r["fits"]
             grid = "x".join(map(str, r["grid"]))
+            note = "  reloads variances" if r["reloads_variances"] else ""
             say(
                 f"  {r['kernel']:<26}{grid:>18}{r['num_warps']:>6}{r['registers']:>6}"
-                f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}"
+                f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}{note}"
+                + ("" if r["fits"] else f"  over {SHARED_KB[args.arch]} KB: refused")
             )
     if args.json:
         try:
@@ -445,6 +473,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             return command_error("hip-attn aot", f"--json {args.json}: {err}")
         print(f"wrote {args.json}")
+    if refused:
+        print(f"hip-attn aot: {refused} launches need more shared memory than sm_{args.arch} has")
+        return 1
     if args.max_stack_bytes is not None and worst > args.max_stack_bytes:
         print(f"hip-attn aot: a kernel uses {worst} stack bytes (> {args.max_stack_bytes})")
         return 1

@@ -1,5 +1,6 @@
 """``hip-attn aot``: the launches the library makes compile for Hopper without a GPU."""
 
+import json
 import os
 import re
 import subprocess
@@ -38,6 +39,32 @@ def test_aot_refuses_the_interpreter():
     assert done.stderr == (
         "hip-attn aot: error: unset TRITON_INTERPRET (the compiler, not the interpreter)\n"
     )
+
+
+_QUALITY_SEARCH_ON = """
+import json, sys, torch
+from hip_attn.aot import _record_hip, compile_as_launched, compile_launch
+from hip_attn.config import HiPConfig
+cfg = HiPConfig(head_sharing="head", beam=2, query_pool_stride=1, leaf_scores="keys")
+launches = _record_hip(1, 1, 1 << 20, torch.bfloat16, 128, cfg, 132, False)
+search = [x for x in launches if x.kernel.__name__ == "_hip_mask_kernel"][0]
+arch = int(sys.argv[1])
+print(json.dumps([compile_launch(search, arch), compile_as_launched(search, arch)]))
+"""
+
+
+def test_the_quality_search_fits_sm89_by_reloading_its_variances():
+    """sm_86, sm_89 and sm_120 give a program 99 KB of shared memory: the quality setting's
+    decode search at D = 128 asks for more as launched on sm_90 (its means and variances of
+    256 children), and fits as the library launches it there, reloading the variances."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-c", _QUALITY_SEARCH_ON, "89"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    as_on_sm90, launched = json.loads(done.stdout.splitlines()[-1])
+    assert as_on_sm90["shared_bytes"] > 99 * 1024
+    assert launched["reloads_variances"] and launched["fits"]
+    assert launched["shared_bytes"] <= 99 * 1024 and launched["stack_bytes"] <= 16
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
@@ -196,6 +197,7 @@ def _hip_mask_kernel(
     TABLE,
     stride_tab,  # with LEAVES_IN: int32 [B * Hkv, blocks], the slot in K holding each block
     qb0,  # the first query block of this launch
+    zero,  # 0, a value the compiler does not know (see RELOAD_VARIANCES)
     h_sel,
     tq,
     tk,
@@ -225,6 +227,10 @@ def _hip_mask_kernel(
     EXACT_LEAVES: tl.constexpr,  # leaf_scores="keys": the last level reads the blocks' keys
     CANDIDATES_OUT: tl.constexpr,  # stop before the last level, writing its children to CAND
     LEAVES_IN: tl.constexpr,  # rank only the children in CAND, by their keys through TABLE
+    # load the children's variances once per row tile instead of once per level: loaded once
+    # they sit in shared memory beside the means ([2 * NODES, D] each: 128 KB at beam 2, G 64,
+    # D 128, more than sm_86/sm_89/sm_120 have), reloaded only one of them does
+    RELOAD_VARIANCES: tl.constexpr,
 ):
     qb = qb0 + tl.program_id(0)
     bh = tl.program_id(1)
@@ -330,7 +336,8 @@ def _hip_mask_kernel(
                     load_ok = child_ok[:, None] & (dims[None, :] < D)
                     row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
                     k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
-                    k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                    if not RELOAD_VARIANCES:
+                        k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
                     spread = tl.load(SPREADS + c_lvl)
                     score = tl.zeros([2 * NODES], tl.float32)
                     for t in range(HEADS_PER_SEL * ROW_TILES):
@@ -342,6 +349,9 @@ def _hip_mask_kernel(
                         # squares rounded to q's dtype, as the reference rounds them: 16-bit
                         # operands
                         sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
+                        if RELOAD_VARIANCES:  # `t * zero`: an address the compiler cannot hoist
+                            k_var = tl.load(row_ptr + D + t * zero, mask=load_ok,
+                                            other=0.0).to(DOT_DTYPE)  # fmt: skip
                         var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
                         best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean),
                                       input_precision=PRECISION)  # fmt: skip
@@ -505,12 +515,24 @@ def decode_search_triton(
 #: Elements of the search's ``[rows, children]`` fp32 score tiles (see ``_launch``).
 MAX_TILE = 4096
 
+#: Search kernel variants (device, launch constants) that needed more shared memory than
+#: their device has: they launch with :func:`reloading_variances` (``hip-attn aot --arch
+#: 89``: the quality setting at D = 128 takes 80 KB instead of 136 KB).
+_RELOADING: set[tuple[object, ...]] = set()
+
 
 @functools.cache  # never evicted: a captured graph may point at it
 def _spread_table(block_size_k: int, device: torch.device) -> torch.Tensor:
     """:func:`~hip_attn.geometry.level_spreads` on ``device``, allocated once (a captured
     decode step must not allocate)."""
     return torch.tensor(level_spreads(block_size_k), dtype=torch.float32, device=device)
+
+
+def reloading_variances(meta: dict[str, object]) -> dict[str, object]:
+    """The search's launch constants ``meta`` for a device whose shared memory does not hold
+    them: the variances reloaded per row tile, in one stage (two would double-buffer the
+    reloaded operand: 136 KB again at beam 2, G 64, D 128; one takes 80 KB on sm_89)."""
+    return {**meta, "RELOAD_VARIANCES": True, "num_stages": 1}
 
 
 def _nodes(config: HiPConfig) -> int:
@@ -555,7 +577,7 @@ def _launch(
     if blocks is not None and len(blocks) < n_qb:
         scored.zero_()
     launched = range(n_qb) if blocks is None else blocks
-    _hip_mask_kernel[(len(launched), b * h_sel)](
+    args = (
         q,
         q.stride(0),
         q.stride(1),
@@ -579,6 +601,7 @@ def _launch(
         out if table is None else table,
         0 if table is None else table.stride(0),
         launched.start,
+        0,  # zero
         h_sel,
         tq,
         tk,
@@ -588,6 +611,8 @@ def _launch(
         hq // hkv,
         tree_capacity(tree),
         scale,
+    )
+    meta = dict(
         BLOCK_Q=config.block_size_q,
         BK=config.block_size_k,
         HEADS_PER_SEL=hq // h_sel,
@@ -609,11 +634,22 @@ def _launch(
         LEAVES_IN=table is not None,
         num_warps=8,
         # 2 stages keep the beam-1 16-bit variants within sm_89's 99 KB of shared memory (3: 104
-        # KB); beam 2 at G = 64 needs 136 KB at D = 128 (68 KB at 64) at any stage count (its
-        # [2 * NODES, D] operands): sm_80 and sm_90 only there (hip-attn aot --arch)
+        # KB); beam 2 at G = 64 needs 136 KB at D = 128 (68 KB at 64), its [2 * NODES, D]
+        # means and variances: where a device has less, the launch is refused and runs
+        # reloading_variances (hip-attn aot --arch)
         num_stages=2,
         # no fused multiply-adds: the summaries it extends and its estimates round as the
         # reference's, so a GPU selects the blocks the reference and the offloaded path select
         enable_fp_fusion=False,
+        RELOAD_VARIANCES=False,
     )
+    grid = (len(launched), b * h_sel)
+    variant = (q.device, *map(str, meta.values()))
+    if variant not in _RELOADING:
+        try:
+            _hip_mask_kernel[grid](*args, **meta)
+            return scored
+        except OutOfResources:  # refused before it ran: nothing was written
+            _RELOADING.add(variant)
+    _hip_mask_kernel[grid](*args, **reloading_variances(meta))
     return scored
