@@ -198,17 +198,25 @@ def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
 def compile_as_launched(launch: Launch, arch: int = 90) -> dict[str, Any]:
     """:func:`compile_launch`, then what the library does where the target refuses it for
     shared memory: the search kernel launches again reloading its variances
-    (``hip_attn.triton_kernels.mask``); the result says ``"reloads_variances"`` and
-    ``"fits"`` (within :data:`SHARED_KB`)."""
+    (``hip_attn.triton_kernels.mask``, 16-bit operands only); the result says
+    ``"reloads_variances"`` (then ``"first_shared_bytes"`` is what the first compile asked
+    for) and ``"fits"`` (within :data:`SHARED_KB`)."""
     from hip_attn.triton_kernels.mask import reloading_variances
 
     limit = SHARED_KB[arch] * 1024
     result = compile_launch(launch, arch)
-    reloads = result["shared_bytes"] > limit and launch.kwargs.get("RELOAD_VARIANCES") is False
+    first_shared = result["shared_bytes"]
+    reloads = (
+        first_shared > limit
+        and launch.kwargs.get("RELOAD_VARIANCES") is False
+        and str(launch.kwargs.get("DOT_DTYPE")) != "fp32"  # as _launch: fp32 keeps the refusal
+    )
     if reloads:
         kwargs = reloading_variances(launch.kwargs)
         result = compile_launch(Launch(launch.kernel, launch.grid, launch.args, kwargs), arch)
-    return {**result, "reloads_variances": reloads, "fits": result["shared_bytes"] <= limit}
+    first = {"first_shared_bytes": first_shared} if reloads else {}
+    return {**result, "reloads_variances": reloads, **first,
+            "fits": result["shared_bytes"] <= limit}  # fmt: skip
 
 
 # -- the variants: the shapes the library launches -----------------------------------------
@@ -461,7 +469,8 @@ def run(args: argparse.Namespace) -> int:
             worst = max(worst, r["stack_bytes"] + r["local_bytes"])
             refused += not r["fits"]
             grid = "x".join(map(str, r["grid"]))
-            note = "  reloads variances" if r["reloads_variances"] else ""
+            note = (f"  reloads variances (was {r['first_shared_bytes'] / 1024:.0f} KB)"
+                    if r["reloads_variances"] else "")  # fmt: skip
             say(
                 f"  {r['kernel']:<26}{grid:>18}{r['num_warps']:>6}{r['registers']:>6}"
                 f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}{note}"

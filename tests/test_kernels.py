@@ -165,9 +165,9 @@ def test_rows_scored_in_several_tiles_select_as_one(rand_qkv, monkeypatch, leave
 
 
 def test_a_search_refused_for_shared_memory_reloads_its_variances(rand_qkv, monkeypatch):
-    """A device without the shared memory a search variant needs (Triton refuses the launch
-    with ``OutOfResources``) runs it reloading the variances per row tile: the same selection,
-    and the variant is not tried again."""
+    """A device without the shared memory a 16-bit search variant needs (Triton refuses the
+    launch with ``OutOfResources``) runs it reloading the variances per row tile: the same
+    selection, and the variant is not tried again; fp32 operands keep the refusal."""
     from triton.runtime.errors import OutOfResources
 
     monkeypatch.setattr(mask, "MAX_TILE", 16 * 64)  # 64 unpooled rows in 4 tiles: 4 reloads
@@ -177,7 +177,7 @@ def test_a_search_refused_for_shared_memory_reloads_its_variances(rand_qkv, monk
     class SmallDevice:
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                tried.append(meta["RELOAD_VARIANCES"])
+                tried.append(meta)
                 if not meta["RELOAD_VARIANCES"]:
                     raise OutOfResources(139264, 101376, "shared memory")
                 kernel[grid](*args, **meta)
@@ -186,12 +186,17 @@ def test_a_search_refused_for_shared_memory_reloads_its_variances(rand_qkv, monk
 
     monkeypatch.setattr(mask, "_hip_mask_kernel", SmallDevice())
     cfg = CFG.replace(block_size_q=64, query_pool_stride=1, beam=2, head_sharing="head")
-    q, k, _ = rand_qkv(1, 4, 2, 130, 700, 64, device=DEVICE, seed=8)
+    q, k, _ = rand_qkv(1, 4, 2, 130, 700, 64, dtype=torch.float16, device=DEVICE, seed=8)
     ref, _ = estimate_mask_reference(q, k, cfg)
     for _ in range(2):
         out, _ = run_mask(q, k, cfg)
         torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
-    assert tried == [False, True, True] and len(mask._RELOADING) == 1
+    first, reloading = tried[0], mask.reloading_variances(tried[0])
+    assert tried == [first, reloading, reloading] and len(mask._RELOADING) == 1
+    assert not first["RELOAD_VARIANCES"] and reloading["num_stages"] == 1
+    # fp32 operands reloaded need more shared memory, not less: the refusal stands
+    with pytest.raises(OutOfResources):
+        run_mask(q.float(), k.float(), cfg)
 
 
 def test_mask_kernel_half_precision(rand_qkv):

@@ -228,8 +228,9 @@ def _hip_mask_kernel(
     CANDIDATES_OUT: tl.constexpr,  # stop before the last level, writing its children to CAND
     LEAVES_IN: tl.constexpr,  # rank only the children in CAND, by their keys through TABLE
     # load the children's variances once per row tile instead of once per level: loaded once
-    # they sit in shared memory beside the means ([2 * NODES, D] each: 128 KB at beam 2, G 64,
-    # D 128, more than sm_86/sm_89/sm_120 have), reloaded only one of them does
+    # per level they sit in shared memory beside the means ([2 * NODES, D] each, 128 KB
+    # together at beam 2, G 64, D 128 in 16 bits: more than sm_86/sm_89/sm_120 have); reloaded,
+    # only the means stay
     RELOAD_VARIANCES: tl.constexpr,
 ):
     qb = qb0 + tl.program_id(0)
@@ -515,9 +516,10 @@ def decode_search_triton(
 #: Elements of the search's ``[rows, children]`` fp32 score tiles (see ``_launch``).
 MAX_TILE = 4096
 
-#: Search kernel variants (device, launch constants) that needed more shared memory than
-#: their device has: they launch with :func:`reloading_variances` (``hip-attn aot --arch
-#: 89``: the quality setting at D = 128 takes 80 KB instead of 136 KB).
+#: Search kernel variants (device, input dtypes, launch constants) with 16-bit operands that
+#: needed more shared memory than their device has: they launch with
+#: :func:`reloading_variances` (``hip-attn aot --arch 89 --quick``: the quality setting at
+#: D = 128 takes 80 KB instead of 136 KB in bf16, 88 KB in fp16 on sm_86).
 _RELOADING: set[tuple[object, ...]] = set()
 
 
@@ -644,12 +646,14 @@ def _launch(
         RELOAD_VARIANCES=False,
     )
     grid = (len(launched), b * h_sel)
-    variant = (q.device, *map(str, meta.values()))
+    variant = (q.device, q.dtype, tree.dtype, *map(str, meta.values()))
     if variant not in _RELOADING:
         try:
             _hip_mask_kernel[grid](*args, **meta)
             return scored
         except OutOfResources:  # refused before it ran: nothing was written
+            if dot_dtype == torch.float32:  # fp32 operands reloaded take more, not less
+                raise
             _RELOADING.add(variant)
     _hip_mask_kernel[grid](*args, **reloading_variances(meta))
     return scored
