@@ -206,13 +206,10 @@ def compile_as_launched(launch: Launch, arch: int = 90) -> dict[str, Any]:
     limit = SHARED_KB[arch] * 1024
     result = compile_launch(launch, arch)
     first_shared = result["shared_bytes"]
-    reloads = (
-        first_shared > limit
-        and launch.kwargs.get("RELOAD_VARIANCES") is False
-        and str(launch.kwargs.get("DOT_DTYPE")) != "fp32"  # as _launch: fp32 keeps the refusal
-    )
-    if reloads:
-        kwargs = reloading_variances(launch.kwargs)
+    is_search = launch.kwargs.get("RELOAD_VARIANCES") is False
+    kwargs = reloading_variances(launch.kwargs) if is_search else None
+    reloads = first_shared > limit and kwargs is not None
+    if reloads and kwargs is not None:
         result = compile_launch(Launch(launch.kernel, launch.grid, launch.args, kwargs), arch)
     first = {"first_shared_bytes": first_shared} if reloads else {}
     return {**result, "reloads_variances": reloads, **first,

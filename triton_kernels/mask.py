@@ -530,11 +530,19 @@ def _spread_table(block_size_k: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(level_spreads(block_size_k), dtype=torch.float32, device=device)
 
 
-def reloading_variances(meta: dict[str, object]) -> dict[str, object]:
+def reloading_variances(meta: dict[str, object]) -> dict[str, object] | None:
     """The search's launch constants ``meta`` for a device whose shared memory does not hold
     them: the variances reloaded per row tile, in one stage (two would double-buffer the
-    reloaded operand: 136 KB again at beam 2, G 64, D 128; one takes 80 KB on sm_89)."""
+    reloaded operand: 136 KB again at beam 2, G 64, D 128; one takes 80 KB on sm_89).
+    ``None`` for fp32 operands, which reloaded take more shared memory, not less."""
+    if str(meta["DOT_DTYPE"]) == "fp32":
+        return None
     return {**meta, "RELOAD_VARIANCES": True, "num_stages": 1}
+
+
+def _reload_key(q: torch.Tensor, tree: torch.Tensor, meta: dict[str, object]) -> tuple[object, ...]:
+    """What :data:`_RELOADING` remembers a refused launch by."""
+    return (q.device, q.dtype, tree.dtype, *map(str, meta.values()))
 
 
 def _nodes(config: HiPConfig) -> int:
@@ -646,14 +654,16 @@ def _launch(
         RELOAD_VARIANCES=False,
     )
     grid = (len(launched), b * h_sel)
-    variant = (q.device, q.dtype, tree.dtype, *map(str, meta.values()))
-    if variant not in _RELOADING:
+    # nothing more on the way of a launch no device refused (never on H100/H200)
+    if not (_RELOADING and _reload_key(q, tree, meta) in _RELOADING):
         try:
             _hip_mask_kernel[grid](*args, **meta)
             return scored
         except OutOfResources:  # refused before it ran: nothing was written
-            if dot_dtype == torch.float32:  # fp32 operands reloaded take more, not less
+            if reloading_variances(meta) is None:
                 raise
-            _RELOADING.add(variant)
-    _hip_mask_kernel[grid](*args, **reloading_variances(meta))
+            _RELOADING.add(_reload_key(q, tree, meta))
+    reload = reloading_variances(meta)
+    assert reload is not None  # only 16-bit launches are remembered
+    _hip_mask_kernel[grid](*args, **reload)
     return scored

@@ -166,15 +166,15 @@ class BlockCache:
         self.slot_block.scatter_(1, victims, torch.where(miss, blocks, -1))
         self.last_used.scatter_(1, victims, step)
         self.has_values.scatter_(1, victims, values)  # the spare column takes the rest
+        misses = miss.sum()
         if values:  # and the hits held without their values get them
             fill = hit & ~self.has_values.gather(1, hit_slots)
             value_slot = torch.where(fill, slot, new_slot)
             self.has_values.scatter_(1, torch.where(fill, slot, spare_slot), True)
+            fills, keys_only = fill.sum(), torch.zeros_like(misses)
         else:
-            fill, value_slot = torch.zeros_like(hit), torch.full_like(new_slot, -1)
-        misses, fills = miss.sum(), fill.sum()
+            value_slot, fills, keys_only = torch.full_like(new_slot, -1), misses * 0, misses
         hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
-        keys_only = torch.zeros_like(misses) if values else misses
         moved = torch.stack([misses, misses - keys_only + fills])
         self._counters[:5] += torch.stack([hits, misses, evicted.sum(), keys_only, fills])
         if same_step:

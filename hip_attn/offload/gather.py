@@ -53,8 +53,8 @@ def gather_torch(
     lists on the host; only what is written is gathered and crosses to the device)."""
     keys, values = k_slots >= 0, v_slots >= 0
     host_rows, host_blocks = rows.cpu(), blocks.cpu()
-    k, v = (host.gather(host_rows[m.cpu()], host_blocks[m.cpu()], part)
-            for part, m in enumerate((keys, values)))  # fmt: skip
+    k, v = (host.gather(host_rows[m], host_blocks[m], part)
+            for part, m in enumerate((keys.cpu(), values.cpu())))  # fmt: skip
     k_cache, v_cache = cache.slot_views()
     device = k_cache.device
     if device.type == "cuda":
