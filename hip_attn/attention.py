@@ -345,8 +345,9 @@ def dense_attention(
     length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact causal attention through SDPA, queries at the last ``Tq`` key positions (with
-    ``length``, an int32 device tensor: of the first ``length`` keys of the buffers ``k``,
-    ``v``; the mask is built on the device, so the shapes do not depend on it)."""
+    ``length``, an integer device tensor: of the first ``length`` keys of the buffers ``k``,
+    ``v``; the mask is built on the device, so the shapes do not depend on it. One query over
+    a ring buffer that wrapped passes a ``length`` beyond the buffers: it reads all of them)."""
     tq, tk = q.shape[2], k.shape[2]
     mask = None
     if length is not None:

@@ -104,7 +104,9 @@ def hip_attention_forward(
     """Attention function registered as ``"hip"`` with ``AttentionInterface``.
 
     Returns the output as ``[B, Tq, Hq, D]``, as transformers expects."""
-    if kwargs.get("sliding_window") is not None:
+    length = _keys_in_use(module)  # K/V buffers on the device (HiPCache.enter_device)
+    sliding = kwargs.get("sliding_window") is not None
+    if sliding and length is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -131,11 +133,10 @@ def hip_attention_forward(
             raise ValueError("hip attention with KV offload does not support padded batches yet")
         out = offloaded.attend(query, scale=scale, state=_state(module, None))
         return out.transpose(1, 2).contiguous(), None
-    length = _keys_in_use(module)
-    if length is not None:  # K/V buffers on the device (HiPCache.enter_device): graph-capturable
+    if length is not None:  # graph-capturable: what attention reads is counted on the device
         if attention_mask is not None:
             raise ValueError("hip attention over a cache on the device takes no padding mask")
-        if dense:
+        if dense or sliding:  # a sliding layer's buffers are its window's ring
             out = dense_attention(query, key, value, scale, length=length)
         else:
             out = hip_attention(

@@ -13,7 +13,8 @@ For a decode step captured in a CUDA graph (:func:`~hip_attn.patches.graph_gener
 layers go *on the device* (:meth:`HiPCache.enter_device`): the count of keys in use lives in an
 int32 device tensor, each update writes at that position and advances it, and attention gets
 the whole buffers with that tensor (``hip_attention(..., length=)``): shapes and host work no
-longer depend on the step.
+longer depend on the step. A sliding-window layer (:class:`RingWindowLayer`) keeps its last
+``sliding_window`` tokens in a ring buffer there, written at ``count % sliding_window``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from hip_attn.validation import check_positive_int
 
@@ -178,11 +184,117 @@ class PreallocatedLayer(DynamicLayer):
         self._rebatch(lambda x: x.index_select(0, beam_idx.to(x.device)))
 
 
+class RingWindowLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer (transformers' ``DynamicSlidingWindowLayer`` on the host) that can
+    go on the device: its window then lives in a ring buffer ``[B, H, sliding_window, D]``.
+
+    Token ``p`` sits in slot ``p % sliding_window``, so after the write of token ``p`` the ring
+    holds tokens ``p - sliding_window + 1 .. p``: the keys a query at ``p`` sees, in slot order
+    rather than position order (the keys carry their positions in RoPE already; one query token
+    attends them all). :attr:`in_use` counts the layer's tokens on the device: attention passes
+    it as ``length``, and reads the first ``min(in_use, sliding_window)`` slots. Only sliding
+    windows, not chunked attention (whose mask is not a window).
+    """
+
+    def __init__(self, sliding_window: int, **kwargs: Any) -> None:
+        super().__init__(sliding_window, **kwargs)
+        self._ring_k: torch.Tensor | None = None
+        self._ring_v: torch.Tensor | None = None
+        #: On the device: the tokens the layer has seen, an int64 tensor of one element (an
+        #: index, for the slot of the next); otherwise ``None``.
+        self.in_use: torch.Tensor | None = None
+
+    def _slots(self, first: int, tokens: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(first, first + tokens, device=device) % self.sliding_window
+
+    def enter_device(self) -> None:
+        """Move the held tokens into the ring and count on the device from now on."""
+        if self.keys is None or self.values is None or not self.is_initialized:
+            raise RuntimeError("enter_device needs a layer that holds tokens (run the prefill)")
+        if self.in_use is not None:
+            return
+        seen, window = self.cumulative_length, self.sliding_window
+        held = min(seen, window - 1, self.keys.shape[2])  # record_past may hold more
+        b, h, _, d = self.keys.shape
+        # zeros, not torch.empty: masked slots must be finite (SDPA turns a masked NaN into NaN)
+        self._ring_k = self.keys.new_zeros((b, h, window, d))
+        self._ring_v = self.values.new_zeros((b, h, window, self.values.shape[3]))
+        slots = self._slots(seen - held, held, self.keys.device)
+        self._ring_k.index_copy_(2, slots, self.keys[:, :, self.keys.shape[2] - held :])
+        self._ring_v.index_copy_(2, slots, self.values[:, :, self.values.shape[2] - held :])
+        self.in_use = torch.tensor([seen], dtype=torch.long, device=self.keys.device)
+
+    def leave_device(self) -> None:
+        """Back to transformers' layout (the last ``sliding_window - 1`` tokens in position
+        order): reads the device count once."""
+        if self.in_use is None or self._ring_k is None or self._ring_v is None:
+            return
+        seen = int(self.in_use)
+        held = min(seen, self.sliding_window - 1)
+        slots = self._slots(seen - held, held, self._ring_k.device)
+        self.keys = self._ring_k.index_select(2, slots)
+        self.values = self._ring_v.index_select(2, slots)
+        self.cumulative_length = seen
+        self._ring_k = self._ring_v = self.in_use = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' update on the host; on the device, writes the new tokens into their
+        slots and returns the whole ring (:attr:`in_use` says which slots count)."""
+        if self.in_use is None:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return keys, values
+        assert self._ring_k is not None and self._ring_v is not None
+        new = key_states.shape[2]
+        if new > 1:  # the ring's slot order is what one query token needs, not a causal block
+            raise RuntimeError(f"a sliding-window layer on the device takes one token, got {new}")
+        at = self.in_use % self.sliding_window
+        self._ring_k.index_copy_(2, at, key_states)
+        self._ring_v.index_copy_(2, at, value_states)
+        self.in_use += new
+        self.cumulative_length += new  # exact on the host unless replayed
+        return self._ring_k, self._ring_v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """On the device attention masks the ring from :attr:`in_use`: the mask transformers
+        builds is then no mask (one query over as many keys)."""
+        if self.in_use is not None:
+            return query_length, 0
+        sizes: tuple[int, int] = super().get_mask_sizes(query_length)
+        return sizes
+
+    def reset(self) -> None:
+        self._ring_k = self._ring_v = self.in_use = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.leave_device()
+        super().crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.leave_device()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.leave_device()
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.leave_device()
+        super().reorder_cache(beam_idx)
+
+
+#: The layers that can count their tokens on the device.
+_MOVABLE = (PreallocatedLayer, RingWindowLayer)
+
+
 class HiPCache(DynamicCache):
     """The cache ``generate()`` creates for a model under ``hip_attn.patch`` (pass one as the
     cache argument to drive it yourself): transformers' ``DynamicCache`` for ``model_config``
-    with every full-attention layer a :class:`PreallocatedLayer`; sliding-window layers keep
-    their own bounded layers.
+    with every full-attention layer a :class:`PreallocatedLayer` and every sliding-window layer
+    a :class:`RingWindowLayer` (transformers' bounded layer, which can go on the device too);
+    other layers (chunked attention, ...) stay transformers'.
 
     Args:
         model_config: the model's transformers config.
@@ -198,26 +310,42 @@ class HiPCache(DynamicCache):
             check_positive_int("max_tokens", max_tokens)
         check_positive_int("grow_tokens", grow_tokens)
         super().__init__(config=model_config)
+        # chunked attention shares transformers' sliding layer, not its mask: go by layer type
+        kinds, _ = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
         self.layers = [
-            PreallocatedLayer(max_tokens, grow_tokens) if type(layer) is DynamicLayer else layer
-            for layer in self.layers
+            self._layer(layer, kind, max_tokens, grow_tokens)
+            for layer, kind in zip(self.layers, kinds, strict=True)
         ]
 
-    def _preallocated(self) -> list[PreallocatedLayer]:
-        return [layer for layer in self.layers if isinstance(layer, PreallocatedLayer)]
+    @staticmethod
+    def _layer(layer: Any, kind: str, max_tokens: int | None, grow_tokens: int) -> Any:
+        if type(layer) is DynamicLayer:
+            return PreallocatedLayer(max_tokens, grow_tokens)
+        if type(layer) is DynamicSlidingWindowLayer and kind == "sliding_attention":
+            return RingWindowLayer(layer.sliding_window)
+        return layer
+
+    def host_only_layers(self) -> list[str]:
+        """The types of the layers that cannot go on the device (:meth:`enter_device`)."""
+        kept = {type(layer).__name__ for layer in self.layers if not isinstance(layer, _MOVABLE)}
+        return sorted(kept)
+
+    def _movable(self) -> list[PreallocatedLayer | RingWindowLayer]:
+        return [layer for layer in self.layers if isinstance(layer, _MOVABLE)]
 
     def enter_device(self) -> None:
-        """Put every preallocated layer on the device (:meth:`PreallocatedLayer.enter_device`)."""
-        for layer in self._preallocated():
+        """Put every preallocated and ring layer on the device
+        (:meth:`PreallocatedLayer.enter_device`, :meth:`RingWindowLayer.enter_device`)."""
+        for layer in self._movable():
             layer.enter_device()
 
     def leave_device(self) -> None:
         """Bring every layer back to host-counted views (one device read per layer)."""
-        for layer in self._preallocated():
+        for layer in self._movable():
             layer.leave_device()
 
     def keys_in_use(self, layer_idx: int) -> torch.Tensor | None:
         """The device count of a layer on the device (what attention passes as ``length``),
         else ``None``."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        return layer.in_use if isinstance(layer, PreallocatedLayer) else None
+        return layer.in_use if isinstance(layer, _MOVABLE) else None

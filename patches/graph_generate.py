@@ -84,7 +84,7 @@ def graph_generate(
 
     Args:
         model: a causal LM patched with :func:`~hip_attn.patches.patch` (without offload),
-            all of whose attention layers are full attention (no sliding-window layers).
+            whose attention layers are full attention or sliding windows (not chunked).
         input_ids: the prompts, ``[B, T]`` integer tokens, unpadded.
         max_new_tokens: tokens to generate per sequence.
         cuda_graph: capture the decode step in a CUDA graph and replay it (default: when the
@@ -109,9 +109,10 @@ def graph_generate(
         ``model.generate(input_ids, max_new_tokens=...)`` returns.
 
     Raises:
-        ValueError: the model is not patched, is patched with offload, has sliding-window
-            layers or a RoPE that depends on the sequence length (``dynamic``, ``longrope``);
-            its generation config asks for a logits processor or stopping rule besides
+        ValueError: the model is not patched, is patched with offload, has layers neither
+            full attention nor a sliding window (chunked attention, ...) or a RoPE that
+            depends on the sequence length (``dynamic``, ``longrope``); its generation
+            config asks for a logits processor or stopping rule besides
             temperature, top-k and top-p (a repetition penalty, ``stop_strings``, ``min_p``
             when sampling, ...: :mod:`~hip_attn.patches.sampling`); ``cuda_graph=True`` off
             CUDA; ``input_ids`` not integer tokens; ``max_new_tokens`` or ``check_every``
@@ -177,15 +178,17 @@ def prefill(
     default) and put the cache on the device; returns the decode step that continues from
     there."""
     sampling = Sampling() if sampling is None else sampling
-    from hip_attn.patches.cache import HiPCache, PreallocatedLayer
+    from hip_attn.patches.cache import HiPCache
     from hip_attn.patches.compat import cache_kwarg
 
     b, t = input_ids.shape
     cache = HiPCache(model.config, max_tokens=t + max_new_tokens)
-    if not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+    stuck = cache.host_only_layers()
+    if stuck:
         raise ValueError(
-            f"graph_generate supports models whose layers are all full attention; "
-            f"{type(model).__name__} has sliding-window or other layers"
+            f"graph_generate supports full-attention and sliding-window layers; "
+            f"{type(model).__name__} also has {', '.join(stuck)} (chunked attention or another "
+            f"layer type): use model.generate()"
         )
     # the prompt's last logits only: all of them would be T x vocab (25 GB at 128K on SmolLM2)
     last = {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}

@@ -95,6 +95,41 @@ def test_the_cache_is_counted_on_the_device_during_the_steps():
 
 
 @torch.no_grad()
+def test_gemma3s_sliding_layer_decodes_over_a_ring_on_the_device():
+    # Gemma-3: layer 0 slides over 32 tokens (dense over its ring on the device), layer 1 runs
+    # HiP; 100 + 12 tokens: the ring wraps and is overwritten several times
+    model = patch(make_model("gemma3", eos_token_id=None), SPARSE)
+    ids = prompt(100, seed=36, batch=2)
+    want = greedy(model, ids, 12)
+    assert torch.equal(graph_generate(model, ids, 12, cuda_graph=False), want)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_tokens", [20, 45])  # fewer tokens than the window, and more
+def test_a_ring_holds_the_window_transformers_layer_holds(prompt_tokens):
+    from hip_attn.patches.cache import RingWindowLayer
+
+    model = patch(make_model("gemma3"), SPARSE, dense_layers=[1])  # the ring is what counts
+    step = prefill(model, prompt(prompt_tokens, seed=37), 30)
+    ring = step.cache.layers[0]
+    assert isinstance(ring, RingWindowLayer) and ring.sliding_window == 32
+    assert int(ring.in_use) == prompt_tokens
+    for _ in range(25):
+        step()
+    seen = prompt_tokens + 25
+    assert int(ring.in_use) == seen
+    assert ring.get_mask_sizes(1) == (1, 0)  # transformers builds no mask: the ring masks itself
+    step.cache.leave_device()
+    assert ring.in_use is None and ring.get_seq_length() == seen
+    # transformers' layout again: the last 31 tokens in order, as a plain forward leaves them
+    plain = model(step.tokens[:, :seen], use_cache=True)
+    keys = plain.past_key_values if hasattr(plain, "past_key_values") else plain.cache
+    torch.testing.assert_close(ring.keys, keys.layers[0].keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ring.values, keys.layers[0].values, atol=1e-5, rtol=1e-5)
+    assert ring.keys.shape[2] == 31
+
+
+@torch.no_grad()
 def test_the_prefill_computes_the_last_logits_only():
     model = patch(make_model("llama"), SPARSE)
     rows = []
@@ -108,7 +143,7 @@ def test_the_prefill_computes_the_last_logits_only():
     [
         ("plain", {}, ValueError, "patched with hip_attn.patch"),
         ("offload", {}, ValueError, "does not run offloaded models"),
-        ("sliding", {}, ValueError, "all full attention"),
+        ("chunked", {}, ValueError, "also has DynamicSlidingWindowLayer"),
         ("dynamic_rope", {}, ValueError, "RoPE that depends on the sequence length"),
         ("llama", {"input_ids": torch.zeros(5, dtype=torch.long)}, TypeError, r"\[B, T\]"),
         ("llama", {"input_ids": torch.zeros(1, 5)}, ValueError, "integer tokens"),
@@ -124,7 +159,8 @@ def test_bad_input_raises(build, kwargs, exc, match):
     model = {
         "plain": lambda: make_model("llama"),
         "offload": lambda: patch(make_model("llama"), SPARSE, offload=True),
-        "sliding": lambda: patch(make_model("gemma3"), SPARSE),
+        # a chunked-attention config: transformers' layer, whose mask is not a window
+        "chunked": lambda: patch(make_model("llama", attention_chunk_size=16), SPARSE),
         "dynamic_rope": lambda: patch(
             make_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), SPARSE
         ),
@@ -143,9 +179,11 @@ def test_cuda_graph_needs_cuda():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: captures the decode step in a CUDA graph")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding layer's ring
 @torch.no_grad()
-def test_replayed_graph_gives_the_eager_tokens_cuda():
-    model = patch(make_model("llama", eos_token_id=None).cuda(), SPARSE, dense_layers=[1])
+def test_replayed_graph_gives_the_eager_tokens_cuda(family):
+    dense = [1] if family == "llama" else []
+    model = patch(make_model(family, eos_token_id=None).cuda(), SPARSE, dense_layers=dense)
     ids = prompt(300, seed=33, batch=2).cuda()
     want = greedy(model, ids, 40)
     assert torch.equal(graph_generate(model, ids, 40, cuda_graph=False), want)

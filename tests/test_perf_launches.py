@@ -240,26 +240,35 @@ def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) ->
         assert allocations == 1  # the output: the split partials and counters are kept
 
 
-@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "sample,family", [(False, "llama"), (True, "llama"), (False, "gemma3")],
+    ids=["greedy", "sampled", "gemma3-sliding"],
+)  # fmt: skip
 @torch.no_grad()
 def test_a_patched_models_decode_step_is_the_same_at_every_step(
-    counter: _Kernels, sample: bool
+    counter: _Kernels, sample: bool, family: str
 ) -> None:
     """graph_generate's decode step over a HiPCache on the device: the model's forward, picking
     the token (argmax, or a draw after temperature, top-k and top-p) and the bookkeeping run
     the same PyTorch ops with the same arguments and the same Triton launches at every step
-    (reusing or refreshing the selection, completing blocks), and read nothing back: what one
-    CUDA graph replays. Also on transformers 5.17."""
+    (reusing or refreshing the selection, completing blocks; Gemma-3's sliding layer writing
+    its ring around), and read nothing back: what one CUDA graph replays. Also on
+    transformers 5.17."""
     pytest.importorskip("transformers")
     import hip_attn
     from hip_attn.patches.graph_generate import prefill
     from hip_attn.patches.sampling import Sampling
     from hip_attn.tiny_model import random_llama
 
-    model = random_llama(0, layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
     config = hip_attn.HiPConfig(k=64, block_size_q=16, block_size_k=8, sink_tokens=16,
                                 window=32, refresh_interval=4, dense_threshold=0)  # fmt: skip
-    hip_attn.patch(model, config, dense_layers=[1])
+    if family == "gemma3":  # layer 0 slides over 32 tokens (dense), layer 1 is HiP's
+        from tests.test_patches import make_model
+
+        model = hip_attn.patch(make_model("gemma3"), config)
+    else:
+        model = random_llama(0, layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
+        hip_attn.patch(model, config, dense_layers=[1])
     sampling = Sampling(do_sample=sample, temperature=0.7, top_k=20, top_p=0.9)
     step = prefill(model, torch.randint(3, 128, (1, 600)), 16, sampling)
     step()  # sets up the device state of each layer (a CUDA graph's warm-up step)
