@@ -345,14 +345,15 @@ def dense_attention(
     length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact causal attention through SDPA, queries at the last ``Tq`` key positions (with
-    ``length``, an integer device tensor: of the first ``length`` keys of the buffers ``k``,
-    ``v``; the mask is built on the device, so the shapes do not depend on it. One query over
-    a ring buffer that wrapped passes a ``length`` beyond the buffers: it reads all of them)."""
+    ``length``, an integer device tensor of one element or one per sequence: of the first
+    ``length`` keys of the buffers ``k``, ``v``; the mask is built on the device, so the shapes
+    do not depend on it. One query over a ring buffer that wrapped passes a ``length`` beyond
+    the buffers: it reads all of them)."""
     tq, tk = q.shape[2], k.shape[2]
     mask = None
-    if length is not None:
-        qpos = (torch.arange(tq, device=q.device) + (length - tq))[:, None]
-        mask = torch.arange(tk, device=q.device)[None, :] <= qpos
+    if length is not None:  # [B or 1, 1, Tq, Tk]
+        qpos = torch.arange(tq, device=q.device) + (length.view(-1, 1, 1, 1) - tq)
+        mask = torch.arange(tk, device=q.device) <= qpos.view(-1, 1, tq, 1)
     elif tq != tk and tq > 1:
         qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
         mask = torch.arange(tk, device=q.device)[None, :] <= qpos

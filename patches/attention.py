@@ -138,10 +138,16 @@ def hip_attention_forward(
             raise ValueError("hip attention over a cache on the device takes no padding mask")
         if dense or sliding:  # a sliding layer's buffers are its window's ring
             out = dense_attention(query, key, value, scale, length=length)
-        else:
+        elif length.numel() == 1:
             out = hip_attention(
                 query, key, value, config, scale=scale, state=_state(module, None), length=length
             )
+        else:  # a left-padded batch, each sequence's tokens first in its row, counted apart
+            out = torch.cat([
+                hip_attention(query[b : b + 1], key[b : b + 1], value[b : b + 1], config,
+                              scale=scale, state=_state(module, b), length=length[b : b + 1])
+                for b in range(query.shape[0])
+            ])  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: int | None) -> torch.Tensor:

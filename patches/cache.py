@@ -54,8 +54,11 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
-        #: On the device: the tokens in use, an int32 tensor of one element; otherwise ``None``.
+        #: On the device: the tokens in use, an int32 tensor of one element (one per sequence
+        #: of a left-padded batch); otherwise ``None``.
         self.in_use: torch.Tensor | None = None
+        self._starts: list[int] | None = None  # a left-padded batch's first real tokens
+        self._rows: torch.Tensor | None = None  # arange(B) on the device, for those
 
     @property
     def capacity(self) -> int:
@@ -90,23 +93,48 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = keys, values
         return keys, values
 
-    def enter_device(self) -> None:
+    def enter_device(self, starts: list[int] | None = None) -> None:
         """Count the tokens in use on the device from now on; the buffers must hold the
-        tokens still to come (they cannot grow: a captured graph keeps their addresses)."""
+        tokens still to come (they cannot grow: a captured graph keeps their addresses).
+
+        ``starts``: each sequence's first real token in a left-padded batch. Each sequence's
+        tokens then move to the front of its row and :attr:`in_use` counts them per sequence
+        (``[B]``); :meth:`leave_device` pads them back."""
         if self._k is None or self._v is None:
             raise RuntimeError("enter_device needs a layer that holds tokens (run the prefill)")
-        if self.in_use is None:
-            self.in_use = torch.tensor([self.length], dtype=torch.int32, device=self._k.device)
-            # attention now gets the whole buffers: what it masks out must still be finite
-            # (SDPA turns a masked NaN into NaN), and torch.empty may have left NaNs there
-            self._k[:, :, self.length :].zero_()
-            self._v[:, :, self.length :].zero_()
+        if self.in_use is not None:
+            return
+        rows = range(self._k.shape[0])
+        firsts = [0 for _ in rows] if starts is None else starts
+        # attention now gets the whole buffers: what it masks out must still be finite
+        # (SDPA turns a masked NaN into NaN), and torch.empty may have left NaNs there
+        for row, first in zip(rows, firsts, strict=True):
+            for buf in (self._k, self._v):
+                if first:
+                    buf[row, :, : self.length - first] = buf[row, :, first : self.length].clone()
+                buf[row, :, self.length - first :].zero_()
+        counts = [self.length] if starts is None else [self.length - f for f in firsts]
+        device = self._k.device
+        self.in_use = torch.tensor(counts, dtype=torch.int32, device=device)
+        self._starts = starts
+        self._rows = None if starts is None else torch.arange(len(starts), device=device)
 
     def leave_device(self) -> None:
-        """Back to host-counted views: reads the device count once."""
-        if self.in_use is not None:
-            self.length, self.in_use = int(self.in_use), None
-            self._view()
+        """Back to host-counted views (a left-padded batch padded again): reads the device
+        count once."""
+        if self.in_use is None or self._k is None or self._v is None:
+            return
+        counts, starts = self.in_use.tolist(), self._starts
+        self.in_use = self._starts = self._rows = None
+        if starts is None:
+            self.length = counts[0]
+        else:  # every sequence advanced as many tokens: they end together again
+            self.length = max(c + s for c, s in zip(counts, starts, strict=True))
+            for row, (count, start) in enumerate(zip(counts, starts, strict=True)):
+                for buf in (self._k, self._v):
+                    buf[row, :, start : start + count] = buf[row, :, :count].clone()
+                    buf[row, :, :start].zero_()
+        self._view()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -134,9 +162,15 @@ class PreallocatedLayer(DynamicLayer):
             raise RuntimeError(
                 f"a layer on the device holds {self.capacity} tokens; {self.length + new} needed"
             )
-        at = torch.arange(new, device=self._k.device) + self.in_use
-        self._k.index_copy_(2, at, key_states)
-        self._v.index_copy_(2, at, value_states)
+        if self._rows is not None:  # one token per sequence, each at its own count
+            if new != 1:
+                raise RuntimeError(f"a padded batch on the device takes one token, got {new}")
+            self._k[self._rows, :, self.in_use] = key_states[:, :, 0]
+            self._v[self._rows, :, self.in_use] = value_states[:, :, 0]
+        else:
+            at = torch.arange(new, device=self._k.device) + self.in_use
+            self._k.index_copy_(2, at, key_states)
+            self._v.index_copy_(2, at, value_states)
         self.in_use += new
         self.length += new
         return self._k, self._v
@@ -153,7 +187,8 @@ class PreallocatedLayer(DynamicLayer):
         return sizes
 
     def reset(self) -> None:
-        self._k = self._v = self.keys = self.values = self.in_use = None
+        self._k = self._v = self.keys = self.values = self.in_use = self._rows = None
+        self._starts = None
         self.length, self.is_initialized = 0, False
         super().reset()
 
@@ -200,42 +235,62 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
         super().__init__(sliding_window, **kwargs)
         self._ring_k: torch.Tensor | None = None
         self._ring_v: torch.Tensor | None = None
-        #: On the device: the tokens the layer has seen, an int64 tensor of one element (an
-        #: index, for the slot of the next); otherwise ``None``.
+        #: On the device: the tokens the layer has seen, an int64 tensor of one element (one
+        #: per sequence of a left-padded batch; an index, for the slot of the next); otherwise
+        #: ``None``.
         self.in_use: torch.Tensor | None = None
+        self._starts: list[int] | None = None  # a left-padded batch's first real tokens
+        self._rows: torch.Tensor | None = None  # arange(B) on the device, for those
 
     def _slots(self, first: int, tokens: int, device: torch.device) -> torch.Tensor:
         return torch.arange(first, first + tokens, device=device) % self.sliding_window
 
-    def enter_device(self) -> None:
-        """Move the held tokens into the ring and count on the device from now on."""
+    def enter_device(self, starts: list[int] | None = None) -> None:
+        """Move the held tokens into the ring and count on the device from now on
+        (``starts``: as :meth:`PreallocatedLayer.enter_device`'s; the ring then holds each
+        sequence's real tokens only, counted per sequence)."""
         if self.keys is None or self.values is None or not self.is_initialized:
             raise RuntimeError("enter_device needs a layer that holds tokens (run the prefill)")
         if self.in_use is not None:
             return
-        seen, window = self.cumulative_length, self.sliding_window
-        held = min(seen, window - 1, self.keys.shape[2])  # record_past may hold more
+        seen, window, stored = self.cumulative_length, self.sliding_window, self.keys.shape[2]
+        held = min(seen, window - 1, stored)  # record_past may store more
         b, h, _, d = self.keys.shape
+        firsts = [0] * b if starts is None else starts
+        counts = [seen - first for first in firsts]
         # zeros, not torch.empty: masked slots must be finite (SDPA turns a masked NaN into NaN)
         self._ring_k = self.keys.new_zeros((b, h, window, d))
         self._ring_v = self.values.new_zeros((b, h, window, self.values.shape[3]))
-        slots = self._slots(seen - held, held, self.keys.device)
-        self._ring_k.index_copy_(2, slots, self.keys[:, :, self.keys.shape[2] - held :])
-        self._ring_v.index_copy_(2, slots, self.values[:, :, self.values.shape[2] - held :])
-        self.in_use = torch.tensor([seen], dtype=torch.long, device=self.keys.device)
+        for row, count in enumerate(counts):
+            real = min(count, held)  # a padded sequence's last tokens: no padding
+            slots = self._slots(count - real, real, self.keys.device)
+            self._ring_k[row].index_copy_(1, slots, self.keys[row, :, stored - real :])
+            self._ring_v[row].index_copy_(1, slots, self.values[row, :, stored - real :])
+        device = self.keys.device
+        self.in_use = torch.tensor(counts[:1] if starts is None else counts, device=device)
+        self._starts = starts
+        self._rows = None if starts is None else torch.arange(b, device=device)
 
     def leave_device(self) -> None:
         """Back to transformers' layout (the last ``sliding_window - 1`` tokens in position
-        order): reads the device count once."""
+        order, left-padded with zeros where a sequence has fewer): reads the device count
+        once."""
         if self.in_use is None or self._ring_k is None or self._ring_v is None:
             return
-        seen = int(self.in_use)
+        ring_k, ring_v, b = self._ring_k, self._ring_v, self._ring_k.shape[0]
+        counts = self.in_use.tolist() * (b if self._starts is None else 1)
+        firsts = [0] * b if self._starts is None else self._starts
+        seen = max(count + first for count, first in zip(counts, firsts, strict=True))
         held = min(seen, self.sliding_window - 1)
-        slots = self._slots(seen - held, held, self._ring_k.device)
-        self.keys = self._ring_k.index_select(2, slots)
-        self.values = self._ring_v.index_select(2, slots)
+        self.keys = ring_k.new_zeros(ring_k.shape[:2] + (held, ring_k.shape[3]))
+        self.values = ring_v.new_zeros(ring_v.shape[:2] + (held, ring_v.shape[3]))
+        for row, count in enumerate(counts):
+            real = min(count, held)
+            slots = self._slots(count - real, real, ring_k.device)
+            self.keys[row, :, held - real :] = ring_k[row].index_select(1, slots)
+            self.values[row, :, held - real :] = ring_v[row].index_select(1, slots)
         self.cumulative_length = seen
-        self._ring_k = self._ring_v = self.in_use = None
+        self._ring_k = self._ring_v = self.in_use = self._rows = self._starts = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -250,8 +305,12 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
         if new > 1:  # the ring's slot order is what one query token needs, not a causal block
             raise RuntimeError(f"a sliding-window layer on the device takes one token, got {new}")
         at = self.in_use % self.sliding_window
-        self._ring_k.index_copy_(2, at, key_states)
-        self._ring_v.index_copy_(2, at, value_states)
+        if self._rows is not None:  # a padded batch: each sequence at its own count
+            self._ring_k[self._rows, :, at] = key_states[:, :, 0]
+            self._ring_v[self._rows, :, at] = value_states[:, :, 0]
+        else:
+            self._ring_k.index_copy_(2, at, key_states)
+            self._ring_v.index_copy_(2, at, value_states)
         self.in_use += new
         self.cumulative_length += new  # exact on the host unless replayed
         return self._ring_k, self._ring_v
@@ -265,7 +324,7 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
         return sizes
 
     def reset(self) -> None:
-        self._ring_k = self._ring_v = self.in_use = None
+        self._ring_k = self._ring_v = self.in_use = self._rows = self._starts = None
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -333,11 +392,12 @@ class HiPCache(DynamicCache):
     def _movable(self) -> list[PreallocatedLayer | RingWindowLayer]:
         return [layer for layer in self.layers if isinstance(layer, _MOVABLE)]
 
-    def enter_device(self) -> None:
+    def enter_device(self, starts: list[int] | None = None) -> None:
         """Put every preallocated and ring layer on the device
-        (:meth:`PreallocatedLayer.enter_device`, :meth:`RingWindowLayer.enter_device`)."""
+        (:meth:`PreallocatedLayer.enter_device`, :meth:`RingWindowLayer.enter_device`;
+        ``starts``: each sequence's first real token in a left-padded batch)."""
         for layer in self._movable():
-            layer.enter_device()
+            layer.enter_device(starts)
 
     def leave_device(self) -> None:
         """Bring every layer back to host-counted views (one device read per layer)."""

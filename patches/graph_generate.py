@@ -32,7 +32,8 @@ class DecodeStep:
 
     ``tokens[:, :position + 1]`` are known; :meth:`__call__` runs the model on the token at
     ``position``, writes the next token (``sampling``) at ``position + 1`` and advances
-    ``position``, all on the device.
+    ``position``, all on the device. In a left-padded batch sequence ``b``'s tokens start at
+    ``starts[b]``, so its token at ``position`` is at position ``position - starts[b]``.
 
     Args:
         model: a model patched with :func:`~hip_attn.patches.patch`.
@@ -41,22 +42,32 @@ class DecodeStep:
         tokens: ``[B, T]`` token buffer (long), filled up to ``position``.
         position: the position of the last known token.
         sampling: how the next token is picked.
+        starts: ``[B]``, each sequence's first token in a left-padded batch (long, on the
+            device), or ``None``.
     """
 
     def __init__(
-        self, model: Any, cache: Any, tokens: torch.Tensor, position: int, sampling: Sampling
+        self,
+        model: Any,
+        cache: Any,
+        tokens: torch.Tensor,
+        position: int,
+        sampling: Sampling,
+        starts: torch.Tensor | None = None,
     ) -> None:
         from hip_attn.patches.compat import cache_kwarg
 
         self.model, self.cache, self.tokens, self.sampling = model, cache, tokens, sampling
+        self.starts = starts
         self.position = torch.tensor([position], dtype=torch.long, device=tokens.device)
         self.token = tokens[:, position : position + 1].clone()
         self._cache_kwarg = cache_kwarg(model)
 
     def __call__(self) -> None:
+        at = self.position if self.starts is None else self.position - self.starts
         out = self.model(
             input_ids=self.token,
-            position_ids=self.position.view(1, 1),
+            position_ids=at.view(-1, 1),
             use_cache=True,
             **{self._cache_kwarg: self.cache},
         )
@@ -71,6 +82,7 @@ def graph_generate(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
+    attention_mask: torch.Tensor | None = None,
     cuda_graph: bool | None = None,
     eos_token_id: int | list[int] | None | NotGiven = NOT_GIVEN,
     pad_token_id: int | None | NotGiven = NOT_GIVEN,
@@ -85,8 +97,12 @@ def graph_generate(
     Args:
         model: a causal LM patched with :func:`~hip_attn.patches.patch` (without offload),
             whose attention layers are full attention or sliding windows (not chunked).
-        input_ids: the prompts, ``[B, T]`` integer tokens, unpadded.
+        input_ids: the prompts, ``[B, T]`` integer tokens.
         max_new_tokens: tokens to generate per sequence.
+        attention_mask: ``[B, T]``, 1 for a real token, 0 for padding, as ``generate()``
+            takes it; prompts of different lengths must be left-padded (zeros first). Each
+            sequence then attends its own tokens only, moved to the front of its row on the
+            device; HiP layers run each sequence's attention in its own launches.
         cuda_graph: capture the decode step in a CUDA graph and replay it (default: when the
             model is on a CUDA device); ``False`` runs the same step eagerly.
         eos_token_id: a sequence ends after this token (or any of a list); not given: the
@@ -115,7 +131,8 @@ def graph_generate(
             config asks for a logits processor or stopping rule besides
             temperature, top-k and top-p (a repetition penalty, ``stop_strings``, ``min_p``
             when sampling, ...: :mod:`~hip_attn.patches.sampling`); ``cuda_graph=True`` off
-            CUDA; ``input_ids`` not integer tokens; ``max_new_tokens`` or ``check_every``
+            CUDA; ``input_ids`` not integer tokens; ``attention_mask`` not of ``input_ids``'s
+            shape, not zeros and ones, or not left padding; ``max_new_tokens`` or ``check_every``
             below 1; when sampling, ``temperature <= 0``, ``top_k < 0`` or ``top_p`` outside
             ``[0, 1]``.
         TypeError: ``input_ids`` not a ``[B, T]`` tensor, ``max_new_tokens``, ``check_every``
@@ -155,8 +172,9 @@ def graph_generate(
     pads = _token_ids(settings.pad_token_id if pad_token_id is NOT_GIVEN else pad_token_id)
     pad = (pads or ends or [0])[0]
 
+    starts = _left_padding(attention_mask, input_ids)
     with torch.no_grad():
-        step = prefill(model, input_ids.to(device), max_new_tokens, sampling)
+        step = prefill(model, input_ids.to(device), max_new_tokens, sampling, starts)
         prompt, steps, done = input_ids.shape[1], max_new_tokens - 1, 0
         run: Callable[[], None] = step
         if (device.type == "cuda" if cuda_graph is None else cuda_graph) and steps >= 2:
@@ -171,12 +189,16 @@ def graph_generate(
 
 
 def prefill(
-    model: Any, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    starts: list[int] | None = None,
 ) -> DecodeStep:
     """Run the prompts through ``model`` into a :class:`~hip_attn.patches.cache.HiPCache` with
     room for ``max_new_tokens`` more, write the first new token (``sampling``; greedy by
     default) and put the cache on the device; returns the decode step that continues from
-    there."""
+    there. ``starts``: each prompt's first real token when they are left-padded."""
     sampling = Sampling() if sampling is None else sampling
     from hip_attn.patches.cache import HiPCache
     from hip_attn.patches.compat import cache_kwarg
@@ -192,12 +214,19 @@ def prefill(
         )
     # the prompt's last logits only: all of them would be T x vocab (25 GB at 128K on SmolLM2)
     last = {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}
-    out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache}, **last)
+    padded: dict[str, torch.Tensor] = {}
+    if starts is not None:  # positions count from each sequence's first token, as generate()'s
+        first = torch.tensor(starts, device=input_ids.device)[:, None]
+        at = torch.arange(t, device=input_ids.device)[None, :]
+        real = at >= first
+        padded = {"attention_mask": real.long(), "position_ids": torch.where(real, at - first, 1)}
+    out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache}, **last, **padded)
     tokens = torch.empty((b, t + max_new_tokens), dtype=torch.long, device=input_ids.device)
     tokens[:, :t] = input_ids
     tokens[:, t : t + 1] = sampling.next_token(out.logits[:, -1])
-    cache.enter_device()
-    return DecodeStep(model, cache, tokens, t, sampling)
+    cache.enter_device(starts)
+    firsts = None if starts is None else torch.tensor(starts, device=input_ids.device)
+    return DecodeStep(model, cache, tokens, t, sampling, firsts)
 
 
 def capture(step: DecodeStep) -> Callable[[], None]:
@@ -223,6 +252,30 @@ def _rope_types(model: Any) -> set[str]:
         kinds = kind.values() if isinstance(kind, dict) else [kind]
         found.update(k for k in kinds if isinstance(k, str))
     return found
+
+
+def _left_padding(attention_mask: Any, input_ids: torch.Tensor) -> list[int] | None:
+    """Each sequence's first real token from a left-padding ``attention_mask`` (``None``
+    when nothing is padded)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else None
+        raise ValueError(
+            f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+            f"got {type(attention_mask).__name__} of shape {shape}"
+        )
+    mask = attention_mask.cpu()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (a token) only")
+    real = mask.bool()
+    if not bool(real[:, -1].all() and (real[:, 1:] >= real[:, :-1]).all()):
+        raise ValueError(
+            "attention_mask must be left padding (each row zeros, then ones to the end): "
+            "graph_generate appends every new token after the last column"
+        )
+    starts = (~real).sum(dim=1).tolist()
+    return starts if any(starts) else None
 
 
 def _all_ended(new: torch.Tensor, ends: torch.Tensor) -> bool:

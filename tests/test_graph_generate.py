@@ -130,6 +130,36 @@ def test_a_ring_holds_the_window_transformers_layer_holds(prompt_tokens):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_left_padded_batch_decodes_each_sequence_over_its_own_tokens(family):
+    # llama: HiP, dense, dense layers; gemma3: a sliding layer's ring, then HiP. Sequence 1 is
+    # 23 tokens shorter. The tokens alone barely see the attention of a tiny random model: the
+    # cache is compared too (each layer's keys follow the positions and the layer below's
+    # attention), against what generate() leaves
+    from hip_attn.patches.compat import output_cache
+
+    layers = {"num_hidden_layers": 3} if family == "llama" else {}
+    model = make_model(family, eos_token_id=None, **layers)
+    model = patch(model, SPARSE, dense_layers=[1, 2] if family == "llama" else [])
+    ids, mask = prompt(100, seed=40, batch=2), torch.ones(2, 100, dtype=torch.long)
+    ids[1, :23], mask[1, :23] = 0, 0
+    want = greedy(model, ids, 12, attention_mask=mask, return_dict_in_generate=True)
+    got = graph_generate(model, ids, 12, attention_mask=mask, cuda_graph=False)
+    assert torch.equal(got, want.sequences)
+    step = prefill(model, ids, 12, starts=[0, 23])
+    for _ in range(11):
+        step()
+    step.cache.leave_device()
+    for mine, theirs in zip(step.cache.layers, output_cache(want).layers, strict=True):
+        assert mine.keys.shape == theirs.keys.shape
+        before = 111 - theirs.keys.shape[2]  # tokens a sliding layer no longer holds
+        for row, start in enumerate([0, 23]):
+            real = slice(max(start - before, 0), None)
+            for ours, ref in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                torch.testing.assert_close(ours[row, :, real], ref[row, :, real])
+
+
+@torch.no_grad()
 def test_the_prefill_computes_the_last_logits_only():
     model = patch(make_model("llama"), SPARSE)
     rows = []
@@ -147,6 +177,9 @@ def test_the_prefill_computes_the_last_logits_only():
         ("dynamic_rope", {}, ValueError, "RoPE that depends on the sequence length"),
         ("llama", {"input_ids": torch.zeros(5, dtype=torch.long)}, TypeError, r"\[B, T\]"),
         ("llama", {"input_ids": torch.zeros(1, 5)}, ValueError, "integer tokens"),
+        ("llama", {"attention_mask": torch.ones(1, 5)}, ValueError, r"input_ids' shape \(1, 20\)"),
+        ("llama", {"attention_mask": torch.full((1, 20), 2)}, ValueError, "0 \\(padding\\) and 1"),
+        ("llama", {"attention_mask": torch.arange(20)[None] < 15}, ValueError, "left padding"),
         ("llama", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
         ("llama", {"check_every": 1.5}, TypeError, "check_every must be an int"),
         ("llama", {"cuda_graph": "yes"}, TypeError, "cuda_graph must be a bool"),

@@ -241,19 +241,21 @@ def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) ->
 
 
 @pytest.mark.parametrize(
-    "sample,family", [(False, "llama"), (True, "llama"), (False, "gemma3")],
-    ids=["greedy", "sampled", "gemma3-sliding"],
+    "sample,family,padded",
+    [(False, "llama", False), (True, "llama", False), (False, "gemma3", False),
+     (False, "llama", True)],
+    ids=["greedy", "sampled", "gemma3-sliding", "left-padded"],
 )  # fmt: skip
 @torch.no_grad()
 def test_a_patched_models_decode_step_is_the_same_at_every_step(
-    counter: _Kernels, sample: bool, family: str
+    counter: _Kernels, sample: bool, family: str, padded: bool
 ) -> None:
     """graph_generate's decode step over a HiPCache on the device: the model's forward, picking
     the token (argmax, or a draw after temperature, top-k and top-p) and the bookkeeping run
     the same PyTorch ops with the same arguments and the same Triton launches at every step
     (reusing or refreshing the selection, completing blocks; Gemma-3's sliding layer writing
-    its ring around), and read nothing back: what one CUDA graph replays. Also on
-    transformers 5.17."""
+    its ring around; a left-padded batch of two, each sequence at its own count and in its own
+    launches), and read nothing back: what one CUDA graph replays. Also on transformers 5.17."""
     pytest.importorskip("transformers")
     import hip_attn
     from hip_attn.patches.graph_generate import prefill
@@ -270,7 +272,8 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
         model = random_llama(0, layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
         hip_attn.patch(model, config, dense_layers=[1])
     sampling = Sampling(do_sample=sample, temperature=0.7, top_k=20, top_p=0.9)
-    step = prefill(model, torch.randint(3, 128, (1, 600)), 16, sampling)
+    batch, starts = (2, [0, 7]) if padded else (1, None)
+    step = prefill(model, torch.randint(3, 128, (batch, 600)), 16, sampling, starts)
     step()  # sets up the device state of each layer (a CUDA graph's warm-up step)
     steps = []
     for _ in range(12):  # refreshes at steps 2, 6, 10; blocks complete at 608 and 616 keys
@@ -281,8 +284,9 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
         steps.append((counter.syncs, counter.ops, counter.launches))
     assert int(step.position) == 613
     first = steps[0]
-    # one layer's device decode (a context this short needs no split-K merge)
-    assert [name for name, *_ in first[2]] == ["_hip_mask_kernel", "_sparse_attention_kernel"]
+    # one layer's device decode (a context this short needs no split-K merge), per sequence
+    hip = ["_hip_mask_kernel", "_sparse_attention_kernel"] * batch
+    assert [name for name, *_ in first[2]] == hip
     assert any("scaled_dot_product" in op for op, *_ in first[1])  # the dense layer
     assert any("exponential" in op for op, *_ in first[1]) == sample
     for syncs, ops, launches in steps:
