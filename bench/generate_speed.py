@@ -16,6 +16,10 @@ On a GPU (``bash bench/gpu_session.sh generate``)::
 
     python bench/generate_speed.py --context 8k,32k,128k --layers 4
 
+``--batch 4 --padded`` decodes four prompts, left-padded to the longest (sequence ``b`` is
+``b * context / 8`` tokens shorter): ``graph_generate`` then runs each sequence's HiP
+attention in its own launches, what the comparison with ``--batch 4`` alone prices.
+
 A CPU smoke run of the same code on a tiny model (the Triton interpreter, seconds)::
 
     TRITON_INTERPRET=1 python bench/generate_speed.py --tiny --context 300 --new-tokens 3
@@ -40,7 +44,7 @@ import hip_attn
 from hip_attn.bench.environment import environment, result_stem
 from hip_attn.cli_args import comma_list, positive_int
 from hip_attn.patches import unpatch
-from hip_attn.patches.graph_generate import capture, prefill
+from hip_attn.patches.graph_generate import capture, left_padding_mask, prefill
 from hip_attn.perf.units import parse_tokens
 
 #: Llama-3.1-8B's attention and MLP shapes (the layer count is ``--layers``).
@@ -75,11 +79,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def generate_ms(model: Any, ids: torch.Tensor, new: int, repeats: int) -> dict[str, Any]:
+def generate_ms(
+    model: Any, ids: torch.Tensor, new: int, repeats: int, starts: list[int] | None = None
+) -> dict[str, Any]:
     """``generate()``'s prefill (one new token) and its milliseconds per further token: the
     difference of two medians, so noise can make it small or even negative where a token costs
-    little next to the prefill (a tiny model on a CPU); on a GPU it is the decode's cost."""
-    kw = {"do_sample": False}
+    little next to the prefill (a tiny model on a CPU); on a GPU it is the decode's cost.
+    ``starts``: each prompt's first token when they are left-padded."""
+    kw: dict[str, Any] = {"do_sample": False}
+    if starts is not None:
+        kw["attention_mask"] = left_padding_mask(starts, ids.shape[1], ids.device).long()
     device = ids.device
     model.generate(ids, max_new_tokens=2, **kw)  # warm-up: first-call costs are not decode
     prefills, totals, tokens = [], [], None
@@ -100,14 +109,16 @@ def _repeat(fn: Callable[[], Any], times: int) -> None:
         fn()
 
 
-def graph_ms(model: Any, ids: torch.Tensor, new: int, repeats: int) -> dict[str, Any]:
+def graph_ms(
+    model: Any, ids: torch.Tensor, new: int, repeats: int, starts: list[int] | None = None
+) -> dict[str, Any]:
     """``graph_generate``'s decode step: milliseconds per replay (per eager step off CUDA),
     after the prefill, the warm-up step and the capture."""
     device = ids.device
     per_token, tokens = [], None
     for _ in range(repeats):
         with torch.no_grad():
-            step = prefill(model, ids, new + 1)
+            step = prefill(model, ids, new + 1, starts=starts)
             run = capture(step) if device.type == "cuda" else step
             if device.type != "cuda":
                 step()  # the warm-up step capture() runs
@@ -123,12 +134,14 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     config = TINY_CONFIG if args.tiny else hip_attn.HiPConfig()
     rows = []
     for context in args.context:
-        ids = torch.randint(3, model.config.vocab_size, (1, context), device=device)
+        ids = torch.randint(3, model.config.vocab_size, (args.batch, context), device=device)
+        starts = [b * context // (2 * args.batch) for b in range(args.batch)]
+        starts = starts if args.padded and any(starts) else None
         row: dict[str, Any] = {"context": context}
-        dense = generate_ms(model, ids, args.new_tokens, args.repeats)
+        dense = generate_ms(model, ids, args.new_tokens, args.repeats, starts)
         hip_attn.patch(model, config)
-        hip = generate_ms(model, ids, args.new_tokens, args.repeats)
-        graph = graph_ms(model, ids, args.new_tokens, args.repeats)
+        hip = generate_ms(model, ids, args.new_tokens, args.repeats, starts)
+        graph = graph_ms(model, ids, args.new_tokens, args.repeats, starts)
         unpatch(model)
         prompt = ids.shape[1]
         same = torch.equal(hip["tokens"][:, prompt:], graph["tokens"][:, prompt : prompt + 1 +
@@ -144,6 +157,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         print(_line(row), file=sys.stderr, flush=True)
     return {"model": "tiny llama" if args.tiny else "llama-3.1-8b shapes, random weights",
             "layers": args.layers, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "batch": args.batch, "left_padded": args.padded,
             "hip_config": dataclasses.asdict(config),
             "results": rows}  # fmt: skip
 
@@ -167,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens timed")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs, median kept")
+    parser.add_argument("--batch", type=positive_int, default=1, help="prompts decoded together")
+    parser.add_argument("--padded", action="store_true",
+                        help="left-pad the prompts: sequence b is b * context / (2 * batch) "
+                             "tokens shorter")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model (CPU smoke run)")
     parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/...)")
     args = parser.parse_args(argv)

@@ -61,6 +61,8 @@ offload)
     ;;
 generate)
     "$py" bench/generate_speed.py --context 8k,32k,128k --layers 4 2>&1 | tee "$out/generate.log" | tail -20
+    # a left-padded batch: graph_generate launches each sequence's HiP attention apart
+    "$py" bench/generate_speed.py --context 8k,32k --layers 4 --batch 4 --padded 2>&1 | tee "$out/generate-padded.log" | tail -20
     ;;
 *)
     echo "unknown step $step" >&2

@@ -216,10 +216,9 @@ def prefill(
     last = {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}
     padded: dict[str, torch.Tensor] = {}
     if starts is not None:  # positions count from each sequence's first token, as generate()'s
-        first = torch.tensor(starts, device=input_ids.device)[:, None]
-        at = torch.arange(t, device=input_ids.device)[None, :]
-        real = at >= first
-        padded = {"attention_mask": real.long(), "position_ids": torch.where(real, at - first, 1)}
+        real = left_padding_mask(starts, t, input_ids.device)
+        at = real.long().cumsum(dim=1) - 1
+        padded = {"attention_mask": real.long(), "position_ids": at.masked_fill(~real, 1)}
     out = model(input_ids, use_cache=True, **{cache_kwarg(model): cache}, **last, **padded)
     tokens = torch.empty((b, t + max_new_tokens), dtype=torch.long, device=input_ids.device)
     tokens[:, :t] = input_ids
@@ -252,6 +251,12 @@ def _rope_types(model: Any) -> set[str]:
         kinds = kind.values() if isinstance(kind, dict) else [kind]
         found.update(k for k in kinds if isinstance(k, str))
     return found
+
+
+def left_padding_mask(starts: list[int], tokens: int, device: torch.device) -> torch.Tensor:
+    """``[B, tokens]`` booleans, ``True`` from each sequence's first token ``starts[b]`` on."""
+    first = torch.tensor(starts, device=device)[:, None]
+    return torch.arange(tokens, device=device)[None, :] >= first
 
 
 def _left_padding(attention_mask: Any, input_ids: torch.Tensor) -> list[int] | None:

@@ -227,8 +227,9 @@ def test_replayed_graph_gives_the_eager_tokens_cuda(family):
 
 
 def test_generate_speed_bench_runs_and_records(tmp_path):
-    """bench/generate_speed.py (what a GPU session runs) on a tiny model: a record per context
-    with the three paths' times, and the two HiP paths' tokens compared."""
+    """bench/generate_speed.py (what a GPU session runs) on a tiny model, two left-padded
+    prompts: a record per context with the three paths' times, and the two HiP paths' tokens
+    compared."""
     import json
     import math
     import runpy
@@ -237,8 +238,8 @@ def test_generate_speed_bench_runs_and_records(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "bench" / "generate_speed.py"
     out = tmp_path / "generate.json"
-    argv = ["generate_speed.py", "--tiny", "--layers", "1", "--context", "100",
-            "--new-tokens", "2", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    argv = ["generate_speed.py", "--tiny", "--layers", "1", "--context", "100", "--batch", "2",
+            "--padded", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]  # fmt: skip
     old, sys.argv = sys.argv, argv
     try:
         with pytest.raises(SystemExit) as done:
@@ -248,7 +249,7 @@ def test_generate_speed_bench_runs_and_records(tmp_path):
     assert done.value.code == 0
     record = json.loads(out.read_text())
     (row,) = record["results"]
-    assert row["context"] == 100
+    assert row["context"] == 100 and record["batch"] == 2 and record["left_padded"]
     assert isinstance(row["hip_graph_tokens_equal_hip"], bool)  # reported: a near-tie may flip
     assert row["hip_graph"]["ms_per_token"] > 0  # timed directly
     for name in ("dense", "hip"):  # differences of two timings: finite, of either sign here
