@@ -5,7 +5,8 @@ layer. For full-attention layers :func:`hip_mask` returns a compact padding mask
 booleans (``True`` = a real key) or ``None`` when nothing is padded; never a ``Tq x Tk`` matrix.
 Sliding-window layers (Mistral/Phi-3 configs with ``sliding_window``, Gemma-3 and Qwen
 local layers) keep transformers' own SDPA mask and attention: their cost is already bounded by
-the window.
+the window. On a cache on the device (``graph_generate``) they attend their ring buffer with
+SDPA, masked from the device count, as dense layers attend theirs.
 
 A padded batch runs sequence by sequence over each sequence's own keys, so every sequence gets
 exactly what it would get alone (HiP's blocks and sinks count from the sequence's first token).
@@ -57,13 +58,14 @@ def _offloaded_kv(module: torch.nn.Module) -> Any:
     return cache.offloaded(cast(int, module.layer_idx))
 
 
-def _keys_in_use(module: torch.nn.Module) -> torch.Tensor | None:
+def _on_device(module: torch.nn.Module) -> Any:
+    """The module's cache layer when it is on the device (``HiPCache.enter_device``)."""
     from hip_attn.patches.cache import HiPCache  # imports transformers
 
     cache = LAYER_CACHES.get(module)
     if not isinstance(cache, HiPCache):
         return None
-    return cache.keys_in_use(cast(int, module.layer_idx))
+    return cache.on_device(cast(int, module.layer_idx))
 
 
 def hip_mask(**kwargs: Any) -> torch.Tensor | None:
@@ -104,9 +106,9 @@ def hip_attention_forward(
     """Attention function registered as ``"hip"`` with ``AttentionInterface``.
 
     Returns the output as ``[B, Tq, Hq, D]``, as transformers expects."""
-    length = _keys_in_use(module)  # K/V buffers on the device (HiPCache.enter_device)
+    layer = _on_device(module)  # K/V buffers counted on the device: graph-capturable
     sliding = kwargs.get("sliding_window") is not None
-    if sliding and length is None:
+    if sliding and layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -133,20 +135,25 @@ def hip_attention_forward(
             raise ValueError("hip attention with KV offload does not support padded batches yet")
         out = offloaded.attend(query, scale=scale, state=_state(module, None))
         return out.transpose(1, 2).contiguous(), None
-    if length is not None:  # graph-capturable: what attention reads is counted on the device
+    if layer is not None:
         if attention_mask is not None:
             raise ValueError("hip attention over a cache on the device takes no padding mask")
-        if dense or sliding:  # a sliding layer's buffers are its window's ring
-            out = dense_attention(query, key, value, scale, length=length)
-        elif length.numel() == 1:
-            out = hip_attention(
-                query, key, value, config, scale=scale, state=_state(module, None), length=length
+        if sliding != layer.is_sliding:  # the model's layer type and the cache's must agree
+            raise ValueError(
+                f"layer {module.layer_idx}: the model {'passes' if sliding else 'passes no'} "
+                f"sliding_window but its cache layer is a {type(layer).__name__}"
             )
+        if dense or sliding:  # a sliding layer's buffers are its window's ring
+            out = dense_attention(query, key, value, scale, length=layer.in_use)
+        elif layer.sequence_counts is None:
+            state = _state(module, None)
+            out = hip_attention(query, key, value, config, scale=scale, state=state,
+                                length=layer.in_use)  # fmt: skip
         else:  # a left-padded batch, each sequence's tokens first in its row, counted apart
             out = torch.cat([
                 hip_attention(query[b : b + 1], key[b : b + 1], value[b : b + 1], config,
-                              scale=scale, state=_state(module, b), length=length[b : b + 1])
-                for b in range(query.shape[0])
+                              scale=scale, state=_state(module, b), length=length)
+                for b, length in enumerate(layer.sequence_counts)
             ])  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 

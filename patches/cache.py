@@ -35,7 +35,43 @@ from hip_attn.validation import check_positive_int
 GROW_TOKENS = 4096
 
 
-class PreallocatedLayer(DynamicLayer):
+def check_starts(starts: list[int], batch: int, tokens: int) -> None:
+    """``starts`` of a left-padded batch: one first real token per sequence, within the
+    ``tokens`` the prompts hold."""
+    if len(starts) != batch or not all(0 <= start < tokens for start in starts):
+        raise ValueError(
+            f"starts must give each of the {batch} sequences' first real token in [0, "
+            f"{tokens}), got {starts}"
+        )
+
+
+class _DeviceCount:
+    """The count of a layer on the device, shared by :class:`PreallocatedLayer` and
+    :class:`RingWindowLayer`: what attention reads (:attr:`in_use`, and for a left-padded
+    batch :attr:`sequence_counts`) and the bookkeeping of a padded batch."""
+
+    #: On the device: the tokens in use, one element (one per sequence of a left-padded
+    #: batch); otherwise ``None``.
+    in_use: torch.Tensor | None = None
+    #: A left-padded batch on the device: each sequence's count, ``in_use[b : b + 1]``, the
+    #: same view at every step (a decode state knows its length by identity).
+    sequence_counts: list[torch.Tensor] | None = None
+    _starts: list[int] | None = None  # a left-padded batch's first real tokens
+    _rows: torch.Tensor | None = None  # arange(B) on the device, to write each at its count
+
+    def _count(self, counts: list[int], starts: list[int] | None, dtype: torch.dtype,
+               device: torch.device) -> None:  # fmt: skip
+        self.in_use = torch.tensor(counts, dtype=dtype, device=device)
+        self._starts = starts
+        if starts is not None:
+            self._rows = torch.arange(len(starts), device=device)
+            self.sequence_counts = [self.in_use[b : b + 1] for b in range(len(starts))]
+
+    def _uncount(self) -> None:
+        self.in_use = self.sequence_counts = self._starts = self._rows = None
+
+
+class PreallocatedLayer(_DeviceCount, DynamicLayer):
     """One full-attention layer's K/V in preallocated buffers ``[B, H, capacity, D]``.
 
     ``keys`` and ``values`` are views of the first ``get_seq_length()`` tokens (strided: the
@@ -54,11 +90,7 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
-        #: On the device: the tokens in use, an int32 tensor of one element (one per sequence
-        #: of a left-padded batch); otherwise ``None``.
-        self.in_use: torch.Tensor | None = None
-        self._starts: list[int] | None = None  # a left-padded batch's first real tokens
-        self._rows: torch.Tensor | None = None  # arange(B) on the device, for those
+        self._uncount()  # on the device, int32 counts (see _DeviceCount)
 
     @property
     def capacity(self) -> int:
@@ -105,6 +137,8 @@ class PreallocatedLayer(DynamicLayer):
         if self.in_use is not None:
             return
         rows = range(self._k.shape[0])
+        if starts is not None:
+            check_starts(starts, len(rows), self.length)
         firsts = [0 for _ in rows] if starts is None else starts
         # attention now gets the whole buffers: what it masks out must still be finite
         # (SDPA turns a masked NaN into NaN), and torch.empty may have left NaNs there
@@ -114,10 +148,7 @@ class PreallocatedLayer(DynamicLayer):
                     buf[row, :, : self.length - first] = buf[row, :, first : self.length].clone()
                 buf[row, :, self.length - first :].zero_()
         counts = [self.length] if starts is None else [self.length - f for f in firsts]
-        device = self._k.device
-        self.in_use = torch.tensor(counts, dtype=torch.int32, device=device)
-        self._starts = starts
-        self._rows = None if starts is None else torch.arange(len(starts), device=device)
+        self._count(counts, starts, torch.int32, self._k.device)
 
     def leave_device(self) -> None:
         """Back to host-counted views (a left-padded batch padded again): reads the device
@@ -125,7 +156,7 @@ class PreallocatedLayer(DynamicLayer):
         if self.in_use is None or self._k is None or self._v is None:
             return
         counts, starts = self.in_use.tolist(), self._starts
-        self.in_use = self._starts = self._rows = None
+        self._uncount()
         if starts is None:
             self.length = counts[0]
         else:  # every sequence advanced as many tokens: they end together again
@@ -187,8 +218,8 @@ class PreallocatedLayer(DynamicLayer):
         return sizes
 
     def reset(self) -> None:
-        self._k = self._v = self.keys = self.values = self.in_use = self._rows = None
-        self._starts = None
+        self._k = self._v = self.keys = self.values = None
+        self._uncount()
         self.length, self.is_initialized = 0, False
         super().reset()
 
@@ -219,7 +250,7 @@ class PreallocatedLayer(DynamicLayer):
         self._rebatch(lambda x: x.index_select(0, beam_idx.to(x.device)))
 
 
-class RingWindowLayer(DynamicSlidingWindowLayer):
+class RingWindowLayer(_DeviceCount, DynamicSlidingWindowLayer):
     """A sliding-window layer (transformers' ``DynamicSlidingWindowLayer`` on the host) that can
     go on the device: its window then lives in a ring buffer ``[B, H, sliding_window, D]``.
 
@@ -235,12 +266,7 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
         super().__init__(sliding_window, **kwargs)
         self._ring_k: torch.Tensor | None = None
         self._ring_v: torch.Tensor | None = None
-        #: On the device: the tokens the layer has seen, an int64 tensor of one element (one
-        #: per sequence of a left-padded batch; an index, for the slot of the next); otherwise
-        #: ``None``.
-        self.in_use: torch.Tensor | None = None
-        self._starts: list[int] | None = None  # a left-padded batch's first real tokens
-        self._rows: torch.Tensor | None = None  # arange(B) on the device, for those
+        self._uncount()  # on the device, int64 counts: an index, for the next token's slot
 
     def _slots(self, first: int, tokens: int, device: torch.device) -> torch.Tensor:
         return torch.arange(first, first + tokens, device=device) % self.sliding_window
@@ -256,6 +282,8 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
         seen, window, stored = self.cumulative_length, self.sliding_window, self.keys.shape[2]
         held = min(seen, window - 1, stored)  # record_past may store more
         b, h, _, d = self.keys.shape
+        if starts is not None:
+            check_starts(starts, b, seen)
         firsts = [0] * b if starts is None else starts
         counts = [seen - first for first in firsts]
         # zeros, not torch.empty: masked slots must be finite (SDPA turns a masked NaN into NaN)
@@ -266,10 +294,7 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
             slots = self._slots(count - real, real, self.keys.device)
             self._ring_k[row].index_copy_(1, slots, self.keys[row, :, stored - real :])
             self._ring_v[row].index_copy_(1, slots, self.values[row, :, stored - real :])
-        device = self.keys.device
-        self.in_use = torch.tensor(counts[:1] if starts is None else counts, device=device)
-        self._starts = starts
-        self._rows = None if starts is None else torch.arange(b, device=device)
+        self._count(counts[:1] if starts is None else counts, starts, torch.long, self.keys.device)
 
     def leave_device(self) -> None:
         """Back to transformers' layout (the last ``sliding_window - 1`` tokens in position
@@ -290,7 +315,8 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
             self.keys[row, :, held - real :] = ring_k[row].index_select(1, slots)
             self.values[row, :, held - real :] = ring_v[row].index_select(1, slots)
         self.cumulative_length = seen
-        self._ring_k = self._ring_v = self.in_use = self._rows = self._starts = None
+        self._ring_k = self._ring_v = None
+        self._uncount()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -324,8 +350,12 @@ class RingWindowLayer(DynamicSlidingWindowLayer):
         return sizes
 
     def reset(self) -> None:
-        self._ring_k = self._ring_v = self.in_use = self._rows = self._starts = None
+        # dropped, as transformers 5.24 does (5.17 zeroes the window and appends after it)
+        self._ring_k = self._ring_v = self.keys = self.values = None
+        self.is_initialized = False
+        self._uncount()
         super().reset()
+        self.cumulative_length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         self.leave_device()
@@ -404,8 +434,8 @@ class HiPCache(DynamicCache):
         for layer in self._movable():
             layer.leave_device()
 
-    def keys_in_use(self, layer_idx: int) -> torch.Tensor | None:
-        """The device count of a layer on the device (what attention passes as ``length``),
-        else ``None``."""
+    def on_device(self, layer_idx: int) -> PreallocatedLayer | RingWindowLayer | None:
+        """The layer if it is on the device (its count is what attention passes as
+        ``length``), else ``None``."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        return layer.in_use if isinstance(layer, _MOVABLE) else None
+        return layer if isinstance(layer, _MOVABLE) and layer.in_use is not None else None

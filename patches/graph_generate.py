@@ -200,10 +200,13 @@ def prefill(
     default) and put the cache on the device; returns the decode step that continues from
     there. ``starts``: each prompt's first real token when they are left-padded."""
     sampling = Sampling() if sampling is None else sampling
-    from hip_attn.patches.cache import HiPCache
+    from hip_attn.patches.cache import HiPCache, check_starts
     from hip_attn.patches.compat import cache_kwarg
 
     b, t = input_ids.shape
+    if starts is not None:
+        check_starts(starts, b, t)
+        starts = starts if any(starts) else None  # unpadded: one count, one launch per layer
     cache = HiPCache(model.config, max_tokens=t + max_new_tokens)
     stuck = cache.host_only_layers()
     if stuck:

@@ -129,3 +129,15 @@ def test_generate_keeps_what_the_caller_asked_for():
 def test_bad_sizes_raise(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         HiPCache(make_model("llama").config, **kwargs)
+
+
+def test_a_ring_layer_resets_to_empty():
+    # transformers 5.17's sliding layer zeroes its window on reset and appends after it
+    from hip_attn.patches.cache import RingWindowLayer
+
+    layer = RingWindowLayer(4)
+    layer.update(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+    assert layer.keys.shape[2] == 3 and layer.get_seq_length() == 6
+    layer.reset()
+    keys, _ = layer.update(torch.ones(1, 2, 2, 8), torch.ones(1, 2, 2, 8))
+    assert keys.shape[2] == 2 and bool((keys == 1).all()) and layer.get_seq_length() == 2

@@ -97,7 +97,7 @@ def test_the_cache_is_counted_on_the_device_during_the_steps():
 @torch.no_grad()
 def test_gemma3s_sliding_layer_decodes_over_a_ring_on_the_device():
     # Gemma-3: layer 0 slides over 32 tokens (dense over its ring on the device), layer 1 runs
-    # HiP; 100 + 12 tokens: the ring wraps and is overwritten several times
+    # HiP; 100 + 12 tokens: the ring starts full and wrapped, and 12 of its slots are rewritten
     model = patch(make_model("gemma3", eos_token_id=None), SPARSE)
     ids = prompt(100, seed=36, batch=2)
     want = greedy(model, ids, 12)
@@ -160,6 +160,27 @@ def test_a_left_padded_batch_decodes_each_sequence_over_its_own_tokens(family):
 
 
 @torch.no_grad()
+def test_a_left_padded_prompt_alone_continues_its_prefills_decode_state():
+    # a batch of one padded prompt: its count is one element, yet its HiP layer must continue
+    # the state its prefill left under (layer, sequence 0), as generate() does
+    from hip_attn.patches import decode_states
+    from hip_attn.patches.compat import output_cache
+
+    model = patch(make_model("llama", eos_token_id=None), SPARSE, dense_layers=[1])
+    ids, mask = prompt(60, seed=41), torch.ones(1, 60, dtype=torch.long)
+    ids[0, :16], mask[0, :16] = 0, 0
+    want = greedy(model, ids, 6, attention_mask=mask, return_dict_in_generate=True)
+    step = prefill(model, ids, 6, starts=[16])
+    for _ in range(5):
+        step()
+    step.cache.leave_device()
+    assert list(decode_states(step.cache)) == list(decode_states(output_cache(want))) == [(0, 0)]
+    assert torch.equal(step.tokens, want.sequences)
+    ours, theirs = step.cache.layers[1], output_cache(want).layers[1]  # after layer 0's HiP
+    torch.testing.assert_close(ours.keys[:, :, 16:], theirs.keys[:, :, 16:])
+
+
+@torch.no_grad()
 def test_the_prefill_computes_the_last_logits_only():
     model = patch(make_model("llama"), SPARSE)
     rows = []
@@ -180,6 +201,7 @@ def test_the_prefill_computes_the_last_logits_only():
         ("llama", {"attention_mask": torch.ones(1, 5)}, ValueError, r"input_ids' shape \(1, 20\)"),
         ("llama", {"attention_mask": torch.full((1, 20), 2)}, ValueError, "0 \\(padding\\) and 1"),
         ("llama", {"attention_mask": torch.arange(20)[None] < 15}, ValueError, "left padding"),
+        ("llama", {"starts": [0, 3]}, ValueError, r"each of the 1 sequences' first real token"),
         ("llama", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
         ("llama", {"check_every": 1.5}, TypeError, "check_every must be an int"),
         ("llama", {"cuda_graph": "yes"}, TypeError, "cuda_graph must be a bool"),
@@ -201,7 +223,10 @@ def test_bad_input_raises(build, kwargs, exc, match):
     }[build]()
     call = {"input_ids": prompt(20), "max_new_tokens": 2, **kwargs}
     with pytest.raises(exc, match=match):
-        graph_generate(model, **call)
+        if "starts" in call:  # prefill's, which graph_generate derives from attention_mask
+            prefill(model, call["input_ids"], 2, starts=call["starts"])
+        else:
+            graph_generate(model, **call)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error off CUDA")
@@ -213,16 +238,21 @@ def test_cuda_graph_needs_cuda():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: captures the decode step in a CUDA graph")
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding layer's ring
+@pytest.mark.parametrize("padded", [False, True])  # each sequence at its own count
 @torch.no_grad()
-def test_replayed_graph_gives_the_eager_tokens_cuda(family):
+def test_replayed_graph_gives_the_eager_tokens_cuda(family, padded):
     dense = [1] if family == "llama" else []
     model = patch(make_model(family, eos_token_id=None).cuda(), SPARSE, dense_layers=dense)
-    ids = prompt(300, seed=33, batch=2).cuda()
-    want = greedy(model, ids, 40)
-    assert torch.equal(graph_generate(model, ids, 40, cuda_graph=False), want)
-    assert torch.equal(graph_generate(model, ids, 40, cuda_graph=True), want)
+    ids, mask = prompt(300, seed=33, batch=2).cuda(), torch.ones(2, 300, dtype=torch.long).cuda()
+    if padded:
+        ids[1, :70], mask[1, :70] = 0, 0
+    want = greedy(model, ids, 40, attention_mask=mask)
+    for graph in (False, True):
+        got = graph_generate(model, ids, 40, attention_mask=mask, cuda_graph=graph)
+        assert torch.equal(got, want)
     # the captured draw: from the most likely token only, it is the argmax
-    got = graph_generate(model, ids, 40, cuda_graph=True, do_sample=True, top_k=1)
+    got = graph_generate(model, ids, 40, attention_mask=mask, cuda_graph=True, do_sample=True,
+                         top_k=1)  # fmt: skip
     assert torch.equal(got, want)
 
 

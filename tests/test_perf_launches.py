@@ -243,8 +243,8 @@ def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) ->
 @pytest.mark.parametrize(
     "sample,family,padded",
     [(False, "llama", False), (True, "llama", False), (False, "gemma3", False),
-     (False, "llama", True)],
-    ids=["greedy", "sampled", "gemma3-sliding", "left-padded"],
+     (False, "llama", True), (False, "gemma3", True)],
+    ids=["greedy", "sampled", "gemma3-sliding", "left-padded", "gemma3-left-padded"],
 )  # fmt: skip
 @torch.no_grad()
 def test_a_patched_models_decode_step_is_the_same_at_every_step(
