@@ -52,12 +52,12 @@ class _DeviceCount:
 
     #: On the device: the tokens in use, one element (one per sequence of a left-padded
     #: batch); otherwise ``None``.
-    in_use: torch.Tensor | None = None
+    in_use: torch.Tensor | None
     #: A left-padded batch on the device: each sequence's count, ``in_use[b : b + 1]``, the
     #: same view at every step (a decode state knows its length by identity).
-    sequence_counts: list[torch.Tensor] | None = None
-    _starts: list[int] | None = None  # a left-padded batch's first real tokens
-    _rows: torch.Tensor | None = None  # arange(B) on the device, to write each at its count
+    sequence_counts: list[torch.Tensor] | None
+    _starts: list[int] | None  # a left-padded batch's first real tokens
+    _rows: torch.Tensor | None  # arange(B) on the device, to write each at its count
 
     def _count(self, counts: list[int], starts: list[int] | None, dtype: torch.dtype,
                device: torch.device) -> None:  # fmt: skip
@@ -354,8 +354,7 @@ class RingWindowLayer(_DeviceCount, DynamicSlidingWindowLayer):
         self._ring_k = self._ring_v = self.keys = self.values = None
         self.is_initialized = False
         self._uncount()
-        super().reset()
-        self.cumulative_length = 0
+        super().reset()  # counts from 0 again
 
     def crop(self, tokens_to_remove: int) -> None:
         self.leave_device()
@@ -425,8 +424,22 @@ class HiPCache(DynamicCache):
     def enter_device(self, starts: list[int] | None = None) -> None:
         """Put every preallocated and ring layer on the device
         (:meth:`PreallocatedLayer.enter_device`, :meth:`RingWindowLayer.enter_device`;
-        ``starts``: each sequence's first real token in a left-padded batch)."""
-        for layer in self._movable():
+        ``starts``: each sequence's first real token in a left-padded batch, all ``0``
+        meaning unpadded). Checked for every layer before any moves."""
+        layers = self._movable()
+        starts = starts if starts is not None and any(starts) else None
+        empty = [i for i, layer in enumerate(self.layers)
+                 if isinstance(layer, _MOVABLE) and layer.keys is None]  # fmt: skip
+        if empty:
+            raise RuntimeError(f"enter_device needs layers that hold tokens; {empty} hold none")
+        if starts is not None:
+            keys = layers[0].keys
+            assert keys is not None  # checked above
+            check_starts(starts, keys.shape[0], min(layer.get_seq_length() for layer in layers))
+        moved = [layer for layer in layers if layer.in_use is not None]
+        if any(layer._starts != starts for layer in moved):
+            raise RuntimeError("the cache is on the device with other starts: leave_device first")
+        for layer in layers:
             layer.enter_device(starts)
 
     def leave_device(self) -> None:

@@ -167,17 +167,55 @@ def test_a_left_padded_prompt_alone_continues_its_prefills_decode_state():
     from hip_attn.patches.compat import output_cache
 
     model = patch(make_model("llama", eos_token_id=None), SPARSE, dense_layers=[1])
-    ids, mask = prompt(60, seed=41), torch.ones(1, 60, dtype=torch.long)
-    ids[0, :16], mask[0, :16] = 0, 0
+    ids, mask = prompt(300, seed=41), torch.ones(1, 300, dtype=torch.long)
+    ids[0, :100], mask[0, :100] = 0, 0  # 200 real keys: HiP selects 32 of them
     want = greedy(model, ids, 6, attention_mask=mask, return_dict_in_generate=True)
-    step = prefill(model, ids, 6, starts=[16])
+    step = prefill(model, ids, 6, starts=[100])
     for _ in range(5):
         step()
     step.cache.leave_device()
     assert list(decode_states(step.cache)) == list(decode_states(output_cache(want))) == [(0, 0)]
     assert torch.equal(step.tokens, want.sequences)
     ours, theirs = step.cache.layers[1], output_cache(want).layers[1]  # after layer 0's HiP
-    torch.testing.assert_close(ours.keys[:, :, 16:], theirs.keys[:, :, 16:])
+    torch.testing.assert_close(ours.keys[:, :, 100:], theirs.keys[:, :, 100:])
+
+
+@torch.no_grad()
+def test_enter_device_checks_every_layer_before_moving_any():
+    from hip_attn.patches import decode_states
+
+    model = patch(make_model("gemma3"), SPARSE, dense_layers=[1])  # a ring, then preallocated
+    step = prefill(model, prompt(40, seed=42, batch=2), 4, starts=[0, 0])  # all 0: unpadded
+    assert step.cache.layers[1].sequence_counts is None and step.starts is None
+    step()
+    assert list(decode_states(step.cache)) == []  # dense layers: no HiP state at all
+    cache = step.cache
+    with pytest.raises(RuntimeError, match="on the device with other starts"):
+        cache.enter_device([0, 5])
+    cache.leave_device()
+    with pytest.raises(ValueError, match="first real token in \\[0, 41\\)"):
+        cache.enter_device([0, 41])
+    assert all(layer.in_use is None for layer in cache.layers)  # nothing moved
+    cache.layers[1].reset()  # a layer without tokens: refused before the ring moves
+    with pytest.raises(RuntimeError, match=r"hold tokens; \[1\] hold none"):
+        cache.enter_device()
+    assert cache.layers[0].in_use is None
+
+
+@torch.no_grad()
+def test_a_layer_whose_type_disagrees_with_the_model_is_refused_on_the_device():
+    # the attention's sliding_window and the cache's layer type come from the same config;
+    # were they to disagree, a full layer would attend a ring, or a ring its whole buffer
+    from hip_attn.patches.cache import RingWindowLayer
+
+    model = patch(make_model("gemma3"), SPARSE)
+    step = prefill(model, prompt(40, seed=43), 4)
+    step.cache.leave_device()
+    step.cache.layers[0], step.cache.layers[1] = step.cache.layers[1], step.cache.layers[0]
+    assert isinstance(step.cache.layers[1], RingWindowLayer)
+    step.cache.enter_device()
+    with pytest.raises(ValueError, match="layer 0: the model passes sliding_window but"):
+        step()
 
 
 @torch.no_grad()
