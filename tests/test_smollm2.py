@@ -78,19 +78,28 @@ def test_patched_generation_keeps_decode_state(smollm2, reference_path):
 @torch.no_grad()
 def test_graph_generate_answers_the_passkey_as_generate_does(smollm2, reference_path):
     """graph_generate on a real checkpoint (its eager step; attention through the reference):
-    30 layers with the cache on the device past the dense threshold, the same tokens as the
-    patched generate(), passkey included."""
+    30 layers with the cache on the device past the dense threshold, two passkey prompts of
+    ~1,200 and ~1,000 tokens left-padded into one batch (each sequence over its own keys), the
+    same tokens as the patched generate(), both passkeys included."""
     from hip_attn.accuracy.model_eval import FILLERS, passkey_digits, passkey_prompt
     from hip_attn.patches import graph_generate
 
-    key = passkey_digits(0, 1200, 0.5, 5)
-    filler = text_tokens(smollm2, FILLERS["classic"], 1200, 0)
-    ids = passkey_prompt(smollm2, filler, 1200, 0.5, key).ids  # past the dense threshold, 832
+    prompts, keys = [], []
+    for seed, tokens in ((0, 1200), (1, 1000)):  # past the dense threshold, 832
+        keys.append(passkey_digits(seed, tokens, 0.5, 5))
+        filler = text_tokens(smollm2, FILLERS["classic"], tokens, seed)
+        prompts.append(passkey_prompt(smollm2, filler, tokens, 0.5, keys[-1]).ids[0])
+    t = max(len(tokens) for tokens in prompts)
+    ids, mask = torch.zeros(2, t, dtype=torch.long), torch.zeros(2, t, dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        ids[row, t - len(tokens) :], mask[row, t - len(tokens) :] = tokens, 1
     patch(smollm2.model, HiPConfig())
     try:
-        want = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        got = graph_generate(smollm2.model, ids, 8, pad_token_id=0)  # both end at the EOS
+        want = smollm2.model.generate(ids, attention_mask=mask, max_new_tokens=8,
+                                      do_sample=False, pad_token_id=0)  # fmt: skip
+        got = graph_generate(smollm2.model, ids, 8, attention_mask=mask, pad_token_id=0)
     finally:
         unpatch(smollm2.model)
     assert torch.equal(got, want)
-    assert key in smollm2.tokenizer.decode(got[0, ids.shape[1] :])
+    for row, key in enumerate(keys):
+        assert key in smollm2.tokenizer.decode(got[row, t:])
