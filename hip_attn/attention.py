@@ -352,8 +352,8 @@ def dense_attention(
     tq, tk = q.shape[2], k.shape[2]
     mask = None
     if length is not None:  # [B or 1, 1, Tq, Tk]
-        qpos = torch.arange(tq, device=q.device) + (length.view(-1, 1, 1, 1) - tq)
-        mask = torch.arange(tk, device=q.device) <= qpos.view(-1, 1, tq, 1)
+        qpos = torch.arange(tq, device=q.device)[:, None] + (length.view(-1, 1, 1, 1) - tq)
+        mask = torch.arange(tk, device=q.device) <= qpos
     elif tq != tk and tq > 1:
         qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
         mask = torch.arange(tk, device=q.device)[None, :] <= qpos

@@ -264,7 +264,7 @@ def left_padding_mask(starts: list[int], tokens: int, device: torch.device) -> t
 
 def _left_padding(attention_mask: Any, input_ids: torch.Tensor) -> list[int] | None:
     """Each sequence's first real token from a left-padding ``attention_mask`` (``None``
-    when nothing is padded)."""
+    without one; :func:`prefill` takes all ``0`` as unpadded)."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -282,8 +282,8 @@ def _left_padding(attention_mask: Any, input_ids: torch.Tensor) -> list[int] | N
             "attention_mask must be left padding (each row zeros, then ones to the end): "
             "graph_generate appends every new token after the last column"
         )
-    starts = (~real).sum(dim=1).tolist()
-    return starts if any(starts) else None
+    starts: list[int] = (~real).sum(dim=1).tolist()
+    return starts
 
 
 def _all_ended(new: torch.Tensor, ends: torch.Tensor) -> bool:
