@@ -17,8 +17,8 @@ On a GPU (``bash bench/gpu_session.sh generate``)::
     python bench/generate_speed.py --context 8k,32k,128k --layers 4
 
 ``--batch 4 --padded`` decodes four prompts, left-padded to the longest (sequence ``b`` is
-``b * context / 8`` tokens shorter): ``graph_generate`` then runs each sequence's HiP
-attention in its own launches, what the comparison with ``--batch 4`` alone prices.
+``b * context / 8`` tokens shorter): ``graph_generate`` then counts each sequence's keys
+apart (the same launches as ``--batch 4`` unpadded, whose time it should match).
 
 A CPU smoke run of the same code on a tiny model (the Triton interpreter, seconds)::
 

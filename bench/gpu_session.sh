@@ -61,7 +61,7 @@ offload)
     ;;
 generate)
     "$py" bench/generate_speed.py --context 8k,32k,128k --layers 4 2>&1 | tee "$out/generate.log" | tail -20
-    # a left-padded batch: graph_generate launches each sequence's HiP attention apart
+    # a left-padded batch: each sequence counted apart, in the launches of an unpadded batch
     "$py" bench/generate_speed.py --context 8k,32k --layers 4 --batch 4 --padded 2>&1 | tee "$out/generate-padded.log" | tail -20
     ;;
 *)

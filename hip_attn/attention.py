@@ -33,7 +33,7 @@ from hip_attn.validation import (
     check_inference_only,
     check_qkv,
     check_scale,
-    read_device_length,
+    read_device_lengths,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class _DeviceDecode(NamedTuple):
     key: tuple[object, ...]  # the key buffer and configuration it was set up for
     tree: torch.Tensor  # the summary tree, with room for every block of the buffer
     done: torch.Tensor  # int32 [B, Hkv]: blocks summarized per row
-    anchor: torch.Tensor  # int32 [1]: the keys before the first device step
+    anchor: torch.Tensor  # int32, one per count of keys: the keys before the first device step
     indices: torch.Tensor  # the selection, written in place on the steps that search
     scratch: dict[str, torch.Tensor]  # the kernels' scratch: a step allocates only its output
 
@@ -178,7 +178,10 @@ class HiPDecodeState:
     the refresh rule, the tree's progress and the selection in device memory instead: its
     first call sets them up from the state's history (continuing its selection and refresh
     phase), the steps after it only launch kernels, and ``refreshes`` stops counting; the next
-    host-driven call takes ``tokens_since_refresh`` back from the device rule's phase.
+    host-driven call takes ``tokens_since_refresh`` back from the device rule's phase. With a
+    count per sequence (a left-padded batch) the history is not continued: the first step
+    searches, as the first decode step after a prefill does, and a host-driven call after such
+    steps starts afresh (the host runs a padded batch's sequences apart, on states of their own).
 
     Attributes:
         indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
@@ -197,12 +200,15 @@ class HiPDecodeState:
         self._device_current = False  # no host-driven call since the device buffers were set
         self._anchor = 0  # the device refresh rule's phase, as set up (see _device_anchor)
         self._length: torch.Tensor | None = None  # the device steps' key count (the caller's)
+        self._per_sequence = False  # the device steps count each sequence's keys apart
+        self._sequences: dict[int, HiPDecodeState] = {}  # the reference's, per sequence
 
     def reset(self) -> None:
         self.indices = None
         self.tokens_since_refresh = 0
         self._tree, self._tree_blocks, self._keys = None, 0, 0
         self._device_current = False
+        self._sequences.clear()
 
     def leave_device(self, keys_before: int, config: HiPConfig) -> None:
         """Note a host-driven call (a prefill, a host decode step, a dense one) after
@@ -210,7 +216,9 @@ class HiPDecodeState:
         the device rule's phase; one read of the device's key count tells whether the cache
         was rolled back behind them), and the next device step sets its buffers up again from
         the state's history."""
-        if self._device_current:
+        if self._device_current and self._per_sequence:
+            self.reset()
+        elif self._device_current:
             self._resume_host_counts(keys_before, config)
         self._device_current = False
 
@@ -243,35 +251,47 @@ class HiPDecodeState:
         buffer (a CUDA graph captured before keeps its addresses); the steps after it return
         it as is. The first step after a setup searches, as the first decode step after a
         prefill does, then every ``refresh_interval`` steps."""
-        key = (k.data_ptr(), tuple(k.shape), k.stride(), h_sel, config)
+        per_sequence = length.numel() > 1
+        key = (k.data_ptr(), tuple(k.shape), k.stride(), length.numel(), h_sel, config)
         dev = self._device
         if dev is not None and dev.key == key and self._device_current:
             return dev
-        n = read_device_length(length, k.shape[2])
+        counts = read_device_lengths(length, k.shape[2])
         if length is self._length:  # it counts the new buffers' keys now, not the old steps'
             self._length = None
-        self.leave_device(n - 1, config)  # other buffers without a host call: counts first
-        self.follow(1, n, config)  # a rollback or a new sequence: no selection to continue
+        capacity = tree_blocks(k.shape[2], config)
+        if not per_sequence:
+            self.leave_device(counts[0] - 1, config)  # other buffers, no host call: counts first
+            self.follow(1, counts[0], config)  # a rollback or a new sequence: nothing to continue
+            tree = summary_tree(k[:, :, : counts[0]], config, min_capacity=capacity)
+        else:  # a padded batch: a tree per sequence, of its own keys, no history
+            self.reset()
+            tree = torch.cat([
+                summary_tree(k[s : s + 1, :, :n], config, min_capacity=capacity)
+                for s, n in enumerate(counts)
+            ])  # fmt: skip
         b, hkv = k.shape[:2]
         g = config.blocks_per_query_block
-        tree = summary_tree(k[:, :, :n], config, min_capacity=tree_blocks(k.shape[2], config))
         if dev is None or dev.key != key:
             dev = self._device = _DeviceDecode(
                 key,
                 tree,
                 torch.empty((b, hkv), dtype=torch.int32, device=k.device),
-                torch.empty(1, dtype=torch.int32, device=k.device),
+                torch.empty(len(counts), dtype=torch.int32, device=k.device),
                 torch.empty((b, h_sel, 1, g), dtype=torch.int32, device=k.device),
                 {},
             )
         else:
             dev.tree.copy_(tree)
         held = None if self.indices is None else self.indices.clone()  # may be dev.indices
-        dev.done.fill_(tree_blocks(n, config))
+        done = [tree_blocks(n, config) for n in counts]
+        dev.done.copy_(torch.tensor(done, dtype=torch.int32).view(-1, 1).expand(b, hkv))
         dev.indices.fill_(-1)
-        self._anchor = self._device_anchor(n, k.shape[2], config, held, dev.indices)
-        dev.anchor.fill_(self._anchor)
-        self.indices, self._device_current, self._length = dev.indices, True, length
+        anchors = [self._device_anchor(n, k.shape[2], config, held, dev.indices) for n in counts]
+        dev.anchor.copy_(torch.tensor(anchors, dtype=torch.int32))
+        self._anchor, self._per_sequence = anchors[0], per_sequence
+        self.indices, self._device_current = dev.indices, True
+        self._length = None if per_sequence else length
         return dev
 
     def _device_anchor(
@@ -557,8 +577,11 @@ def hip_attention(
         state: a :class:`HiPDecodeState` to reuse the selection across decode steps of one
             layer; without it every call estimates its own selection.
         length: device decode (with ``state``, one query token): ``k`` and ``v`` are buffers
-            ``[B, Hkv, capacity, D]`` whose first ``length`` keys (an int32 tensor of one
-            element on their device, the new token's key included) are in use. The kernels
+            ``[B, Hkv, capacity, D]`` whose first ``length`` keys (an int32 tensor on their
+            device, the new token's key included) are in use: of one element, every row's; of
+            ``B`` (a left-padded batch, each sequence's keys moved to the front of its row),
+            ``length[b]`` of row ``b``, each sequence attending its own keys in the same
+            launches (its sinks, blocks and window counted from its first key). The kernels
             read it from device memory, refresh on the device and launch the same way at every
             step, without a host sync: the step can be captured in a CUDA graph and replayed
             (warm up one step first: the first call on a state sets up its device buffers and
@@ -623,8 +646,15 @@ def _device_decode(
     check_device_length(q, k, length, state)
     assert state is not None
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
-        n = read_device_length(length, k.shape[2])
-        return hip_attention(q, k[:, :, :n], v[:, :, :n], config, scale=scale, state=state)
+        ns = read_device_lengths(length, k.shape[2])
+        if len(ns) == 1:
+            return hip_attention(q, k[:, :, : ns[0]], v[:, :, : ns[0]], config, scale=scale,
+                                 state=state)  # fmt: skip
+        return torch.cat([  # a padded batch: each sequence over its own keys, as the kernels do
+            hip_attention(q[s : s + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], config,
+                          scale=scale, state=state._sequences.setdefault(s, HiPDecodeState()))
+            for s, n in enumerate(ns)
+        ])  # fmt: skip
     check_inference_only(q, k, v)
     from hip_attn.triton_kernels.attention import KVSegments
     from hip_attn.triton_kernels.mask import decode_search_triton

@@ -135,14 +135,16 @@ def check_inference_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
 
 
 def check_device_length(q: torch.Tensor, k: torch.Tensor, length: object, state: object) -> None:
-    """``hip_attention``'s ``length``: an int32 tensor of one element on the device of ``k``,
-    with a decode state and one query token."""
+    """``hip_attention``'s ``length``: an int32 tensor on the device of ``k`` of one element
+    or one per sequence (``[B]``, contiguous), with a decode state and one query token."""
     if not isinstance(length, torch.Tensor):
         raise TypeError(f"length must be a torch.Tensor or None, got {type(length).__name__}")
-    if length.dtype != torch.int32 or length.numel() != 1 or length.device != k.device:
+    batch = k.shape[0]
+    shaped = length.numel() == 1 or (tuple(length.shape) == (batch,) and length.stride(0) == 1)
+    if length.dtype != torch.int32 or not shaped or length.device != k.device:
         raise ValueError(
-            f"length must be an int32 tensor of one element on {k.device}, got "
-            f"{length.dtype} of shape {tuple(length.shape)} on {length.device}"
+            f"length must be an int32 tensor on {k.device} of one element or [{batch}] (one "
+            f"per sequence), got {length.dtype} of shape {tuple(length.shape)} on {length.device}"
         )
     if state is None or q.shape[2] != 1:
         raise ValueError(
@@ -151,10 +153,11 @@ def check_device_length(q: torch.Tensor, k: torch.Tensor, length: object, state:
         )
 
 
-def read_device_length(length: torch.Tensor, capacity: int) -> int:
-    """The value of ``hip_attention``'s ``length`` (a host read), checked against the key
+def read_device_lengths(length: torch.Tensor, capacity: int) -> list[int]:
+    """The values of ``hip_attention``'s ``length`` (one host read), checked against the key
     buffers' ``capacity``: the keys in use must be at least one and fit the buffers."""
-    n = int(length)
-    if not 1 <= n <= capacity:
-        raise ValueError(f"length must be in [1, {capacity}] (the key buffers' size), got {n}")
-    return n
+    counts: list[int] = length.flatten().tolist()
+    for n in counts:
+        if not 1 <= n <= capacity:
+            raise ValueError(f"length must be in [1, {capacity}] (the key buffers' size), got {n}")
+    return counts

@@ -10,6 +10,8 @@ SDPA, masked from the device count, as dense layers attend theirs.
 
 A padded batch runs sequence by sequence over each sequence's own keys, so every sequence gets
 exactly what it would get alone (HiP's blocks and sinks count from the sequence's first token).
+On a cache on the device each sequence's tokens sit first in its row, counted apart: the
+kernels read each sequence's count, and the batch runs in the launches of an unpadded one.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _DECODE_STATES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None], HiPD
 
 def decode_states(cache: Any) -> dict[tuple[int, int | None], HiPDecodeState]:
     """The HiP decode states held for ``cache`` (the cache of a generation),
-    keyed by ``(layer_idx, sequence)``; ``sequence`` is ``None`` for an unpadded batch."""
+    keyed by ``(layer_idx, sequence)``; ``sequence`` is that of a padded batch run sequence by
+    sequence on the host, else ``None`` (an unpadded batch, or a batch on the device)."""
     return _DECODE_STATES.get(cache, {})
 
 
@@ -143,18 +146,12 @@ def hip_attention_forward(
                 f"layer {module.layer_idx}: the model {'passes' if sliding else 'passes no'} "
                 f"sliding_window but its cache layer is a {type(layer).__name__}"
             )
+        # a left-padded batch: each sequence's tokens first in its row, in_use counts them apart
         if dense or sliding:  # a sliding layer's buffers are its window's ring
             out = dense_attention(query, key, value, scale, length=layer.in_use)
-        elif layer.sequence_counts is None:
-            state = _state(module, None)
-            out = hip_attention(query, key, value, config, scale=scale, state=state,
-                                length=layer.in_use)  # fmt: skip
-        else:  # a left-padded batch, each sequence's tokens first in its row, counted apart
-            out = torch.cat([
-                hip_attention(query[b : b + 1], key[b : b + 1], value[b : b + 1], config,
-                              scale=scale, state=_state(module, b), length=length)
-                for b, length in enumerate(layer.sequence_counts)
-            ])  # fmt: skip
+        else:
+            out = hip_attention(query, key, value, config, scale=scale,
+                                state=_state(module, None), length=layer.in_use)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: int | None) -> torch.Tensor:

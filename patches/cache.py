@@ -47,15 +47,12 @@ def check_starts(starts: list[int], batch: int, tokens: int) -> None:
 
 class _DeviceCount:
     """The count of a layer on the device, shared by :class:`PreallocatedLayer` and
-    :class:`RingWindowLayer`: what attention reads (:attr:`in_use`, and for a left-padded
-    batch :attr:`sequence_counts`) and the bookkeeping of a padded batch."""
+    :class:`RingWindowLayer`: what attention reads (:attr:`in_use`) and the bookkeeping of a
+    padded batch."""
 
     #: On the device: the tokens in use, one element (one per sequence of a left-padded
     #: batch); otherwise ``None``.
     in_use: torch.Tensor | None
-    #: A left-padded batch on the device: each sequence's count, ``in_use[b : b + 1]``, the
-    #: same view at every step (a decode state knows its length by identity).
-    sequence_counts: list[torch.Tensor] | None
     _starts: list[int] | None  # a left-padded batch's first real tokens
     _rows: torch.Tensor | None  # arange(B) on the device, to write each at its count
 
@@ -65,10 +62,9 @@ class _DeviceCount:
         self._starts = starts
         if starts is not None:
             self._rows = torch.arange(len(starts), device=device)
-            self.sequence_counts = [self.in_use[b : b + 1] for b in range(len(starts))]
 
     def _uncount(self) -> None:
-        self.in_use = self.sequence_counts = self._starts = self._rows = None
+        self.in_use = self._starts = self._rows = None
 
 
 class PreallocatedLayer(_DeviceCount, DynamicLayer):

@@ -102,7 +102,8 @@ def graph_generate(
         attention_mask: ``[B, T]``, 1 for a real token, 0 for padding, as ``generate()``
             takes it; prompts of different lengths must be left-padded (zeros first). Each
             sequence then attends its own tokens only, moved to the front of its row on the
-            device; HiP layers run each sequence's attention in its own launches.
+            device and counted apart (the kernels read each sequence's count: the launches
+            are those of an unpadded batch).
         cuda_graph: capture the decode step in a CUDA graph and replay it (default: when the
             model is on a CUDA device); ``False`` runs the same step eagerly.
         eos_token_id: a sequence ends after this token (or any of a list); not given: the

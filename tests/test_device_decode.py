@@ -55,6 +55,53 @@ def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dt
     assert host.refreshes == -(-steps // cfg.refresh_interval)
 
 
+@pytest.mark.parametrize(
+    "sharing,leaves,kernels",
+    [
+        ("kv_group", "summary", True),  # the search extends each sequence's tree itself
+        ("head", "keys", True),  # the gated extension launch, leaves from the buffer's keys
+        ("kv_group", "summary", False),  # the PyTorch reference: a loop over the sequences
+    ],
+)
+def test_a_count_per_sequence_decodes_each_as_if_alone(rand_qkv, monkeypatch, sharing, leaves,
+                                                       kernels):  # fmt: skip
+    """A left-padded batch on the device: each sequence's keys first in its row, ``length``
+    one count per sequence. Every step (refreshing or not, blocks completing at different
+    steps) gives each sequence the output and selection of its own host-driven decode over
+    its own keys, and a host call afterwards starts afresh."""
+    if not kernels:
+        monkeypatch.setattr("hip_attn.attention.uses_triton", lambda device: False)
+    cfg = CFG.replace(head_sharing=sharing, leaf_scores=leaves)
+    prompts, steps, capacity = [411, 300, 358], 10, 448
+    q, k, v = rand_qkv(3, 4, 2, capacity, capacity, 64, device=DEVICE, seed=47)
+    k_buf, v_buf = k.clone(), v.clone()
+    for b, n in enumerate(prompts):  # not written yet: must never be read
+        k_buf[b, :, n:] = v_buf[b, :, n:] = 1e4
+    hosts, dev = [HiPDecodeState() for _ in prompts], HiPDecodeState()
+    for b, n in enumerate(prompts):  # each prefill on the host, as graph_generate's
+        hip_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], cfg,
+                      state=hosts[b])  # fmt: skip
+    length = torch.tensor(prompts, dtype=torch.int32, device=DEVICE)
+    for step in range(steps):
+        ts = [n + step for n in prompts]
+        for b, t in enumerate(ts):
+            k_buf[b, :, t], v_buf[b, :, t] = k[b, :, t], v[b, :, t]
+        length += 1
+        rows = torch.stack([q[b, :, t] for b, t in enumerate(ts)])[:, :, None]
+        got = hip_attention(rows, k_buf, v_buf, cfg, state=dev, length=length)
+        for b, t in enumerate(ts):
+            want = hip_attention(rows[b : b + 1], k[b : b + 1, :, : t + 1],
+                                 v[b : b + 1, :, : t + 1], cfg, state=hosts[b])  # fmt: skip
+            torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
+            if kernels:
+                width = hosts[b].indices.shape[-1]
+                assert torch.equal(dev.indices[b : b + 1, ..., :width], hosts[b].indices), (b, t)
+    assert all(h.refreshes == -(-steps // cfg.refresh_interval) for h in hosts)
+    if kernels:  # a host-driven call after the device steps: no selection carried over
+        hip_attention(q[:1, :, 421:422], k[:1, :, :422], v[:1, :, :422], cfg, state=dev)
+        assert dev.refreshes == 1 and dev.tokens_since_refresh == 1
+
+
 def _host_call(states, q, k, v, rows, keys, cfg):
     for s in states:  # the same host-driven call on each state
         hip_attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], cfg, state=s)
@@ -237,8 +284,10 @@ def test_bad_lengths_raise(rand_qkv):
     one = torch.tensor([100], dtype=torch.int32)
     with pytest.raises(TypeError, match="length must be a torch.Tensor"):
         hip_attention(q, k, v, CFG, state=state, length=100)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="int32 tensor of one element"):
+    with pytest.raises(ValueError, match=r"int32 tensor on cpu of one element or \[1\]"):
         hip_attention(q, k, v, CFG, state=state, length=one.long())
+    with pytest.raises(ValueError, match=r"one element or \[1\].*shape \(2,\)"):
+        hip_attention(q, k, v, CFG, state=state, length=torch.tensor([9, 9], dtype=torch.int32))
     with pytest.raises(ValueError, match="needs a HiPDecodeState and one query token"):
         hip_attention(q, k, v, CFG, length=one)
     q2, _, _ = rand_qkv(1, 2, 1, 2, 128, 64)

@@ -254,8 +254,9 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
     the token (argmax, or a draw after temperature, top-k and top-p) and the bookkeeping run
     the same PyTorch ops with the same arguments and the same Triton launches at every step
     (reusing or refreshing the selection, completing blocks; Gemma-3's sliding layer writing
-    its ring around; a left-padded batch of two, each sequence at its own count and in its own
-    launches), and read nothing back: what one CUDA graph replays. Also on transformers 5.17."""
+    its ring around; a left-padded batch of two, each sequence at its own count, in the
+    launches of one sequence), and read nothing back: what one CUDA graph replays. Also on
+    transformers 5.17."""
     pytest.importorskip("transformers")
     import hip_attn
     from hip_attn.patches.graph_generate import prefill
@@ -284,9 +285,11 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
         steps.append((counter.syncs, counter.ops, counter.launches))
     assert int(step.position) == 613
     first = steps[0]
-    # one layer's device decode (a context this short needs no split-K merge), per sequence
-    hip = ["_hip_mask_kernel", "_sparse_attention_kernel"] * batch
-    assert [name for name, *_ in first[2]] == hip
+    # one layer's device decode (a context this short needs no split-K merge), the whole batch
+    # in each launch
+    grids = [(name, tuple(grid)) for name, grid, *_ in first[2]]
+    assert grids == [("_hip_mask_kernel", (1, batch * 2)),
+                     ("_sparse_attention_kernel", (batch * 2, 1, 1))]  # fmt: skip
     assert any("scaled_dot_product" in op for op, *_ in first[1])  # the dense layer
     assert any("exponential" in op for op, *_ in first[1]) == sample
     for syncs, ops, launches in steps:

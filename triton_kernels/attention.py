@@ -21,7 +21,7 @@ import triton.language as tl
 
 from hip_attn.config import HiPConfig
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
-from hip_attn.triton_kernels.lengths import keys_in_use
+from hip_attn.triton_kernels.lengths import count_stride, keys_in_use
 from hip_attn.triton_kernels.scratch import scratch_tensor
 
 _LOG2E = 1.4426950408889634
@@ -44,7 +44,9 @@ def _sparse_attention_kernel(
     SLOT,  # with INDIRECT: int32 like SEL, the block-cache slot holding each selected block
     OUT, stride_o_s, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, ...]
     M_OUT, L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, if SPLIT
-    tq, tk, h_prog, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
+    tq, tk,
+    stride_tk,  # with TK_ON_DEVICE: 0 for one count shared by the batch, 1 for one per sequence
+    h_prog, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
     qk_scale, num_splits,
     HEADS: tl.constexpr,  # query heads per program
     BLOCK_Q: tl.constexpr,  # block_size_q
@@ -62,7 +64,6 @@ def _sparse_attention_kernel(
     TK_ON_DEVICE: tl.constexpr,  # tk points at the keys in use (int32 in device memory)
     HEADS_FIRST: tl.constexpr,  # grid (heads, query blocks, splits), else query blocks first
 ):  # fmt: skip
-    tk = keys_in_use(tk, TK_ON_DEVICE)
     if HEADS_FIRST:  # a GQA group's heads, which read the same K/V, run side by side
         bh = tl.program_id(0)
         qb = tl.program_id(1)
@@ -73,6 +74,7 @@ def _sparse_attention_kernel(
         n_b = tl.num_programs(1) // h_prog
     split = tl.program_id(2)
     b = (bh // h_prog).to(OFFSET)
+    tk = keys_in_use(tk, TK_ON_DEVICE, b * stride_tk)
     head0 = (bh % h_prog) * HEADS
     kv_head = (head0 // q_per_kv).to(OFFSET)
     sel_head = head0 // sel_div
@@ -231,8 +233,9 @@ def sparse_attention_triton(
     scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel for queries ``q`` at positions ``tk - Tq .. tk - 1``. ``tk`` may be
-    an int32 device tensor of one element, read by the kernel: the launch is then the same
-    whatever the length (what a CUDA graph replays).
+    an int32 device tensor, read by the kernel: the launch is then the same whatever the
+    length (what a CUDA graph replays). Of one element it counts every sequence's keys; of
+    ``B``, sequence ``b``'s (its keys first in its row, a left-padded batch compacted).
 
     ``kv`` says where keys and values live (:meth:`KVSegments.full` for plain K/V),
     ``indices``: the ``[B, H_sel, n_query_blocks, W]`` selection (blocks first, then ``-1``),
@@ -287,7 +290,7 @@ def sparse_attention_triton(
         slots,
         dest, *o_strides,
         row_max, row_sum,
-        tq, tk, hq // heads_per_program, rows_per_head, hq // hkv, hq // h_sel,
+        tq, tk, count_stride(tk, b), hq // heads_per_program, rows_per_head, hq // hkv, hq // h_sel,
         config.sink_tokens, config.window, width, kv.window_offset, scale * _LOG2E, num_splits,
         HEADS=heads_per_program,
         BLOCK_Q=bq,

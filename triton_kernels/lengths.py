@@ -7,8 +7,24 @@ memory, as FlashInfer's decode kernels read their sequence lengths.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def count_stride(tk: int | torch.Tensor, batch: int) -> int:
+    """How a kernel steps from one sequence's count ``tk`` to the next: 0 for one count shared
+    by the batch (an int, or a device tensor of one element), 1 for an int32 device tensor
+    holding each of the ``batch`` sequences' own (a left-padded batch, each sequence's keys
+    first in its row)."""
+    if not isinstance(tk, torch.Tensor) or tk.numel() == 1:
+        return 0
+    if tuple(tk.shape) != (batch,) or tk.stride(0) != 1:
+        raise ValueError(
+            f"a count per sequence must be a contiguous [{batch}] tensor, got shape "
+            f"{tuple(tk.shape)}"
+        )
+    return 1
 
 
 @triton.jit

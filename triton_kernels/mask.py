@@ -38,7 +38,7 @@ from hip_attn.triton_kernels.dtypes import (
     round_to,
     saturate,
 )
-from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
+from hip_attn.triton_kernels.lengths import count_stride, keys_in_use, refresh_due
 from hip_attn.triton_kernels.scratch import scratch_tensor
 from hip_attn.triton_kernels.tree import (
     ALL_LEVELS,
@@ -187,7 +187,7 @@ def _hip_mask_kernel(
     # (with EXTEND, its blocks after `done` join the tree first); with LEAVES_IN, the block
     # cache's slots [B, Hkv, slots * BK, D]
     done,  # with ON_DEVICE: int32 [B, Hkv] in device memory, updated here
-    anchor,  # with ON_DEVICE: int32 in device memory, see refresh_due
+    anchor,  # with ON_DEVICE: int32 in device memory, one per count of tk, see refresh_due
     interval,
     CAND,
     stride_c_b,
@@ -201,6 +201,7 @@ def _hip_mask_kernel(
     h_sel,
     tq,
     tk,
+    stride_tk,  # with ON_DEVICE: 0 for one count shared by the batch, 1 for one per sequence
     window,
     first,
     beam_width,
@@ -237,9 +238,9 @@ def _hip_mask_kernel(
     bh = tl.program_id(1)
     b = (bh // h_sel).to(OFFSET)
     hs = bh % h_sel
-    tk = keys_in_use(tk, ON_DEVICE)
+    tk = keys_in_use(tk, ON_DEVICE, b * stride_tk)
     if ON_DEVICE:  # noqa: SIM102 (one `and` would compile refresh_due without a pointer)
-        if not refresh_due(tk, anchor, interval):
+        if not refresh_due(tk, anchor + b * stride_tk, interval):
             return
     if EXTEND:  # this program alone owns its KV head's tree (decode, kv_group sharing)
         kv = (hs * HEADS_PER_SEL // q_per_kv).to(OFFSET)
@@ -486,7 +487,8 @@ def decode_search_triton(
 ) -> None:
     """One decode step's search with every length in device memory, so that its launches do not
     depend on the step (a CUDA graph replays them): ``tk`` (int32, one element) keys of the
-    ``[B, Hkv, capacity, D]`` buffer ``keys`` are in use; ``tree`` (room for the buffer's blocks)
+    ``[B, Hkv, capacity, D]`` buffer ``keys`` are in use, or with ``tk`` and ``anchor`` of
+    ``B`` elements, ``tk[b]`` of sequence ``b``'s; ``tree`` (room for the buffer's blocks)
     holds ``done[b, h]`` (int32 ``[B, Hkv]``) blocks of each row. When ``refresh_due`` (the
     first step after ``anchor`` keys and every ``refresh_interval`` steps after), the kernel
     summarizes the blocks completed since into ``tree`` (updating ``done``) and writes the
@@ -503,6 +505,10 @@ def decode_search_triton(
         )
     if tree_capacity(tree) < tree_blocks(keys.shape[2], config) or tree.stride(-1) != 1:
         raise ValueError("the tree needs room for every block of the key buffer, unit stride")
+    if anchor.shape != tk.shape:
+        raise ValueError(
+            f"anchor must have tk's shape {tuple(tk.shape)}, got {tuple(anchor.shape)}"
+        )
     interval = config.refresh_interval
     fuse = h_sel == hkv
     if not fuse:  # several programs read one tree: summarize in a launch of its own first
@@ -615,6 +621,7 @@ def _launch(
         h_sel,
         tq,
         tk,
+        count_stride(tk, b),
         config.window,
         first_candidate_block(config),
         config.beam * g,

@@ -26,7 +26,7 @@ from hip_attn.geometry import (
     tree_capacity,
 )
 from hip_attn.triton_kernels.dtypes import needs_int64, round_to, saturate
-from hip_attn.triton_kernels.lengths import keys_in_use, refresh_due
+from hip_attn.triton_kernels.lengths import count_stride, keys_in_use, refresh_due
 
 
 @triton.jit
@@ -114,7 +114,9 @@ def extend_tree(
 def _extend_tree_kernel(
     K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
     T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 2 * D]
-    heads, done, tk, capacity, first, key0, anchor, interval, first_level, last_level,
+    heads, done, tk,
+    stride_tk,  # with ON_DEVICE: 0 for one count (and anchor) shared by the batch, 1 per sequence
+    capacity, first, key0, anchor, interval, first_level, last_level,
     BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
     OFFSET: tl.constexpr,
     CHUNKED: tl.constexpr,  # program (c, bh) takes the c-th run of 2**last_level blocks
@@ -123,10 +125,10 @@ def _extend_tree_kernel(
     bh = tl.program_id(1)  # runs on axis 0: CUDA caps the others at 65535
     b = (bh // heads).to(OFFSET)
     h = (bh % heads).to(OFFSET)
-    tk = keys_in_use(tk, ON_DEVICE)
+    tk = keys_in_use(tk, ON_DEVICE, b * stride_tk)
     n = tl.maximum(tk // BK - first, 0)
     if ON_DEVICE:  # noqa: SIM108 (a decode step summarizes only when it searches)
-        due = refresh_due(tk, anchor, interval)
+        due = refresh_due(tk, anchor + b * stride_tk, interval)
     else:
         due = True
     if due:
@@ -208,7 +210,7 @@ def _extend(
     args = (
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, tk, tree_capacity(tree), first_candidate_block(config), key0, 0, 1,
+        h, done, tk, 0, tree_capacity(tree), first_candidate_block(config), key0, 0, 1,
     )  # fmt: skip
     constants = dict(
         BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
@@ -236,13 +238,15 @@ def extend_tree_device(
     """:func:`extend_tree_triton` for a decode step with its lengths in device memory (see
     :func:`hip_attn.triton_kernels.mask.decode_search_triton`): on a step that searches, row
     ``(b, h)`` of ``tree`` is extended from ``done[b, h]`` blocks to those of the first ``tk``
-    keys of the buffer ``k``; other steps launch and return at once."""
+    keys (``tk[b]`` with a count per sequence) of the buffer ``k``; other steps launch and
+    return at once."""
     b, h, _, d = k.shape
     first = first_candidate_block(config)
     _extend_tree_kernel[(1, b * h)](
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, tk, tree_capacity(tree), first, first * config.block_size_k, anchor,
+        h, done, tk, count_stride(tk, b), tree_capacity(tree), first, first * config.block_size_k,
+        anchor,
         config.refresh_interval, 0, ALL_LEVELS.value,
         BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
         OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, CHUNKED=False, ON_DEVICE=True,
