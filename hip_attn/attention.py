@@ -179,9 +179,9 @@ class HiPDecodeState:
     first call sets them up from the state's history (continuing its selection and refresh
     phase), the steps after it only launch kernels, and ``refreshes`` stops counting; the next
     host-driven call takes ``tokens_since_refresh`` back from the device rule's phase. With a
-    count per sequence (a left-padded batch) the history is not continued: the first step
-    searches, as the first decode step after a prefill does, and a host-driven call after such
-    steps starts afresh (the host runs a padded batch's sequences apart, on states of their own).
+    count per sequence (a left-padded batch) the histories are those of the sequences' own
+    states (:meth:`sequence`), which host-driven calls on one sequence use; a host-driven call
+    on this state after such steps starts afresh.
 
     Attributes:
         indices: the selection in use, ``[B, H_sel, 1, G]``, or ``None``.
@@ -201,7 +201,7 @@ class HiPDecodeState:
         self._anchor = 0  # the device refresh rule's phase, as set up (see _device_anchor)
         self._length: torch.Tensor | None = None  # the device steps' key count (the caller's)
         self._per_sequence = False  # the device steps count each sequence's keys apart
-        self._sequences: dict[int, HiPDecodeState] = {}  # the reference's, per sequence
+        self._sequences: dict[int, HiPDecodeState] = {}  # see sequence()
 
     def reset(self) -> None:
         self.indices = None
@@ -250,26 +250,30 @@ class HiPDecodeState:
         reads ``length`` once and fills the buffers, in place when they exist for this key
         buffer (a CUDA graph captured before keeps its addresses); the steps after it return
         it as is. The first step after a setup searches, as the first decode step after a
-        prefill does, then every ``refresh_interval`` steps."""
+        prefill does, then every ``refresh_interval`` steps. With a count per sequence the
+        history is each sequence's state's (:meth:`sequence`), and a host-driven call on any
+        of them sets the next device step up again."""
         per_sequence = length.numel() > 1
+        states = [self.sequence(s) for s in range(length.numel())] if per_sequence else [self]
         key = (k.data_ptr(), tuple(k.shape), k.stride(), length.numel(), h_sel, config)
         dev = self._device
-        if dev is not None and dev.key == key and self._device_current:
+        if dev is not None and dev.key == key and all(s._device_current for s in states):
             return dev
         counts = read_device_lengths(length, k.shape[2])
         if length is self._length:  # it counts the new buffers' keys now, not the old steps'
-            self._length = None
+            for state in (self, *states):
+                state._length = None
+        for state, n in zip(states, counts, strict=True):
+            state.leave_device(n - 1, config)  # other buffers without a host call: counts first
+            state.follow(1, n, config)  # a rollback or a new sequence: nothing to continue
         capacity = tree_blocks(k.shape[2], config)
-        if not per_sequence:
-            self.leave_device(counts[0] - 1, config)  # other buffers, no host call: counts first
-            self.follow(1, counts[0], config)  # a rollback or a new sequence: nothing to continue
-            tree = summary_tree(k[:, :, : counts[0]], config, min_capacity=capacity)
-        else:  # a padded batch: a tree per sequence, of its own keys, no history
-            self.reset()
+        if per_sequence:  # each sequence's tree, of its own keys
             tree = torch.cat([
                 summary_tree(k[s : s + 1, :, :n], config, min_capacity=capacity)
                 for s, n in enumerate(counts)
             ])  # fmt: skip
+        else:
+            tree = summary_tree(k[:, :, : counts[0]], config, min_capacity=capacity)
         b, hkv = k.shape[:2]
         g = config.blocks_per_query_block
         if dev is None or dev.key != key:
@@ -283,16 +287,32 @@ class HiPDecodeState:
             )
         else:
             dev.tree.copy_(tree)
-        held = None if self.indices is None else self.indices.clone()  # may be dev.indices
+        # the selections in use, which may be views of dev.indices
+        held = [None if s.indices is None else s.indices.clone() for s in states]
         done = [tree_blocks(n, config) for n in counts]
         dev.done.copy_(torch.tensor(done, dtype=torch.int32).view(-1, 1).expand(b, hkv))
         dev.indices.fill_(-1)
-        anchors = [self._device_anchor(n, k.shape[2], config, held, dev.indices) for n in counts]
-        dev.anchor.copy_(torch.tensor(anchors, dtype=torch.int32))
-        self._anchor, self._per_sequence = anchors[0], per_sequence
-        self.indices, self._device_current = dev.indices, True
-        self._length = None if per_sequence else length
+        rows = [dev.indices[s : s + 1] for s in range(b)] if per_sequence else [dev.indices]
+        lengths = [length[s : s + 1] for s in range(b)] if per_sequence else [length]
+        for state, n, kept, row, count in zip(states, counts, held, rows, lengths, strict=True):
+            state._anchor = state._device_anchor(n, k.shape[2], config, kept, row)
+            state.indices, state._device_current, state._length = row, True, count
+        dev.anchor.copy_(torch.tensor([s._anchor for s in states], dtype=torch.int32))
+        self.indices, self._device_current, self._length = dev.indices, True, length
+        self._per_sequence = per_sequence
         return dev
+
+    def sequence(self, b: int) -> HiPDecodeState:
+        """The state of sequence ``b`` of this state's batch, for calls that run the batch
+        sequence by sequence (a padded batch, each sequence over its own keys: the patched
+        models' host path, the reference's device decode). A device decode with a count per
+        sequence continues these states' histories, and they continue its."""
+        return self._sequences.setdefault(b, HiPDecodeState())
+
+    @property
+    def sequences(self) -> dict[int, HiPDecodeState]:
+        """The states :meth:`sequence` made so far, by sequence."""
+        return dict(self._sequences)
 
     def _device_anchor(
         self,
@@ -652,7 +672,7 @@ def _device_decode(
                                  state=state)  # fmt: skip
         return torch.cat([  # a padded batch: each sequence over its own keys, as the kernels do
             hip_attention(q[s : s + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], config,
-                          scale=scale, state=state._sequences.setdefault(s, HiPDecodeState()))
+                          scale=scale, state=state.sequence(s))
             for s, n in enumerate(ns)
         ])  # fmt: skip
     check_inference_only(q, k, v)

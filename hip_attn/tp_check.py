@@ -93,8 +93,9 @@ def cache_report(cache: Any) -> dict[str, Any]:
     from hip_attn.patches import decode_states
     from hip_attn.patches.offload import HiPOffloadCache
 
+    states = decode_states(cache).items()
     report: dict[str, Any] = {
-        "refreshes": {str(layer): s.refreshes for (layer, _), s in decode_states(cache).items()}
+        "refreshes": {str(layer): s.refreshes for (layer, seq), s in states if seq is None}
     }
     if isinstance(cache, HiPOffloadCache):
         stats = cache.stats()

@@ -29,19 +29,24 @@ ATTN_NAME = "hip"
 # What patch() attaches to a model, kept beside it rather than on transformers' objects:
 # the HiPConfig of each patched attention module, the cache of the call in flight (set by the
 # module's forward hooks: the attention function itself never sees the cache), and per cache
-# the decode states {(layer_idx, sequence or None): state}. Entries die with their keys.
+# the decode state of each layer's batch {layer_idx: state}. Entries die with their keys.
 LAYER_CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, HiPConfig] = weakref.WeakKeyDictionary()
 LAYER_CACHES: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
-_DECODE_STATES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None], HiPDecodeState]] = (
+_DECODE_STATES: weakref.WeakKeyDictionary[Any, dict[int, HiPDecodeState]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def decode_states(cache: Any) -> dict[tuple[int, int | None], HiPDecodeState]:
-    """The HiP decode states held for ``cache`` (the cache of a generation),
-    keyed by ``(layer_idx, sequence)``; ``sequence`` is that of a padded batch run sequence by
-    sequence on the host, else ``None`` (an unpadded batch, or a batch on the device)."""
-    return _DECODE_STATES.get(cache, {})
+    """The HiP decode states held for ``cache`` (the cache of a generation), keyed by
+    ``(layer_idx, sequence)``: ``sequence`` is ``None`` for the state of the layer's batch, ``b``
+    for that of sequence ``b`` of a padded batch run sequence by sequence on the host
+    (:meth:`~hip_attn.HiPDecodeState.sequence`)."""
+    found: dict[tuple[int, int | None], HiPDecodeState] = {}
+    for layer, state in _DECODE_STATES.get(cache, {}).items():
+        found[(layer, None)] = state
+        found.update({(layer, b): seq for b, seq in state.sequences.items()})
+    return found
 
 
 def _state(module: torch.nn.Module, sequence: int | None) -> HiPDecodeState | None:
@@ -49,7 +54,8 @@ def _state(module: torch.nn.Module, sequence: int | None) -> HiPDecodeState | No
     if cache is None:
         return None
     states = _DECODE_STATES.setdefault(cache, {})
-    return states.setdefault((cast(int, module.layer_idx), sequence), HiPDecodeState())
+    state = states.setdefault(cast(int, module.layer_idx), HiPDecodeState())
+    return state if sequence is None else state.sequence(sequence)
 
 
 def _offloaded_kv(module: torch.nn.Module) -> Any:
@@ -157,7 +163,9 @@ def hip_attention_forward(
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: int | None) -> torch.Tensor:
         if dense:
             return dense_attention(q, k, v, scale)
-        return hip_attention(q, k, v, config, scale=scale, state=_state(module, seq))
+        alone = query.shape[0] == 1  # a padded sequence alone is the batch: the batch's state
+        return hip_attention(q, k, v, config, scale=scale,
+                             state=_state(module, None if alone else seq))  # fmt: skip
 
     if attention_mask is None:
         out = attend(query, key, value, None)

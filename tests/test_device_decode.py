@@ -66,24 +66,35 @@ def test_device_steps_equal_the_host_decode_state(rand_qkv, hq, hkv, sharing, dt
 def test_a_count_per_sequence_decodes_each_as_if_alone(rand_qkv, monkeypatch, sharing, leaves,
                                                        kernels):  # fmt: skip
     """A left-padded batch on the device: each sequence's keys first in its row, ``length``
-    one count per sequence. Every step (refreshing or not, blocks completing at different
-    steps) gives each sequence the output and selection of its own host-driven decode over
-    its own keys, and a host call afterwards starts afresh."""
+    one count per sequence. The device steps continue each sequence's host-driven history
+    (``state.sequence(b)``: a prefill alone, host steps mid-cycle, a short chunk), give each
+    sequence the output and selection of its own host-driven decode over its own keys at
+    every step (refreshing or not, blocks completing at different steps), and host steps after
+    them continue their schedule."""
     if not kernels:
         monkeypatch.setattr("hip_attn.attention.uses_triton", lambda device: False)
     cfg = CFG.replace(head_sharing=sharing, leaf_scores=leaves)
-    prompts, steps, capacity = [411, 300, 358], 10, 448
+    prompts, capacity = [411, 300, 358], 448
     q, k, v = rand_qkv(3, 4, 2, capacity, capacity, 64, device=DEVICE, seed=47)
     k_buf, v_buf = k.clone(), v.clone()
-    for b, n in enumerate(prompts):  # not written yet: must never be read
-        k_buf[b, :, n:] = v_buf[b, :, n:] = 1e4
     hosts, dev = [HiPDecodeState() for _ in prompts], HiPDecodeState()
-    for b, n in enumerate(prompts):  # each prefill on the host, as graph_generate's
-        hip_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], cfg,
-                      state=hosts[b])  # fmt: skip
-    length = torch.tensor(prompts, dtype=torch.int32, device=DEVICE)
-    for step in range(steps):
-        ts = [n + step for n in prompts]
+
+    def host_step(b, rows, keys):  # one host-driven call of sequence b alone, on both sides
+        args = (q[b : b + 1, :, rows], k[b : b + 1, :, :keys], v[b : b + 1, :, :keys], cfg)
+        want = hip_attention(*args, state=hosts[b])
+        torch.testing.assert_close(hip_attention(*args, state=dev.sequence(b)), want)
+
+    for b, n in enumerate(prompts):  # each prefill alone, as a patched model's padded batch's
+        host_step(b, slice(0, n), n)
+    for t in range(300, 305):  # sequence 1: host decode steps, mid-cycle
+        host_step(1, slice(t, t + 1), t + 1)
+    host_step(2, slice(358, 361), 361)  # sequence 2: a chunk shorter than a query block
+    starts = [411, 305, 361]
+    for b, n in enumerate(starts):  # not written yet: must never be read
+        k_buf[b, :, n:] = v_buf[b, :, n:] = 1e4
+    length = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    for step in range(10):
+        ts = [n + step for n in starts]
         for b, t in enumerate(ts):
             k_buf[b, :, t], v_buf[b, :, t] = k[b, :, t], v[b, :, t]
         length += 1
@@ -96,10 +107,12 @@ def test_a_count_per_sequence_decodes_each_as_if_alone(rand_qkv, monkeypatch, sh
             if kernels:
                 width = hosts[b].indices.shape[-1]
                 assert torch.equal(dev.indices[b : b + 1, ..., :width], hosts[b].indices), (b, t)
-    assert all(h.refreshes == -(-steps // cfg.refresh_interval) for h in hosts)
-    if kernels:  # a host-driven call after the device steps: no selection carried over
-        hip_attention(q[:1, :, 421:422], k[:1, :, :422], v[:1, :, :422], cfg, state=dev)
-        assert dev.refreshes == 1 and dev.tokens_since_refresh == 1
+    assert [h.refreshes for h in hosts] == [3, 4, 4]
+    for b, n in enumerate(starts):  # host steps after the device's, on each sequence's state
+        for t in range(n + 10, n + 16):
+            host_step(b, slice(t, t + 1), t + 1)
+            assert dev.sequence(b).tokens_since_refresh == hosts[b].tokens_since_refresh
+    assert [h.refreshes for h in hosts] == [4, 6, 5]
 
 
 def _host_call(states, q, k, v, rows, keys, cfg):
