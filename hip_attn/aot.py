@@ -305,9 +305,16 @@ def _record_hip(
 
 
 def _record_device_decode(
-    batch: int, tk: int, dtype: torch.dtype, head_dim: int, config: HiPConfig, sms: int
+    batch: int,
+    tk: int,
+    dtype: torch.dtype,
+    head_dim: int,
+    config: HiPConfig,
+    sms: int,
+    per_sequence: bool = False,
 ) -> list[Launch]:
-    """The launches of one ``hip_attention(..., length=)`` step over a ``tk``-token buffer."""
+    """The launches of one ``hip_attention(..., length=)`` step over a ``tk``-token buffer
+    (``per_sequence``: a left-padded batch, one count per sequence)."""
     import torch
 
     from hip_attn.attention import BLOCK_N, launch_shape
@@ -323,7 +330,8 @@ def _record_device_decode(
     def ints(*shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.int32, device="meta")
 
-    length, anchor, done = ints(1), ints(1), ints(batch, 8)
+    counts = batch if per_sequence else 1
+    length, anchor, done = ints(counts), ints(counts), ints(batch, 8)
     indices = ints(batch, h_sel, 1, config.blocks_per_query_block)
     scale = head_dim**-0.5
     with recorded_launches() as launches:
@@ -370,6 +378,9 @@ def variants(quick: bool = False, sms: int = 132) -> list[Variant]:
                     out.append(Variant(f"{mode}, {tag}", launches))
                 launches = _record_device_decode(1, 1 << 20, dtype, d, config, sms)
                 out.append(Variant(f"device decode at 1M (CUDA-graph step), {tag}", launches))
+                launches = _record_device_decode(4, 128 << 10, dtype, d, config, sms, True)
+                out.append(Variant(f"device decode at 128K, left-padded batch 4, {tag}",
+                                   launches))  # fmt: skip
     return out
 
 

@@ -266,6 +266,8 @@ class HiPDecodeState:
         for state, n in zip(states, counts, strict=True):
             state.leave_device(n - 1, config)  # other buffers without a host call: counts first
             state.follow(1, n, config)  # a rollback or a new sequence: nothing to continue
+        if not per_sequence:  # the batch runs under one count: its sequences' states are past
+            self._sequences.clear()
         capacity = tree_blocks(k.shape[2], config)
         if per_sequence:  # each sequence's tree, of its own keys
             tree = torch.cat([
@@ -307,7 +309,12 @@ class HiPDecodeState:
         sequence by sequence (a padded batch, each sequence over its own keys: the patched
         models' host path, the reference's device decode). A device decode with a count per
         sequence continues these states' histories, and they continue its."""
-        return self._sequences.setdefault(b, HiPDecodeState())
+        state = self._sequences.get(b)
+        if state is None:
+            if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+                raise ValueError(f"b must be a sequence index (an int >= 0), got {b!r}")
+            state = self._sequences[b] = HiPDecodeState()
+        return state
 
     @property
     def sequences(self) -> dict[int, HiPDecodeState]:

@@ -41,7 +41,8 @@ def decode_states(cache: Any) -> dict[tuple[int, int | None], HiPDecodeState]:
     """The HiP decode states held for ``cache`` (the cache of a generation), keyed by
     ``(layer_idx, sequence)``: ``sequence`` is ``None`` for the state of the layer's batch, ``b``
     for that of sequence ``b`` of a padded batch run sequence by sequence on the host
-    (:meth:`~hip_attn.HiPDecodeState.sequence`)."""
+    (:meth:`~hip_attn.HiPDecodeState.sequence`; the batch's state then only holds them, its
+    own refresh count stays 0 unless the batch decodes on the device)."""
     found: dict[tuple[int, int | None], HiPDecodeState] = {}
     for layer, state in _DECODE_STATES.get(cache, {}).items():
         found[(layer, None)] = state

@@ -67,52 +67,62 @@ def test_a_count_per_sequence_decodes_each_as_if_alone(rand_qkv, monkeypatch, sh
                                                        kernels):  # fmt: skip
     """A left-padded batch on the device: each sequence's keys first in its row, ``length``
     one count per sequence. The device steps continue each sequence's host-driven history
-    (``state.sequence(b)``: a prefill alone, host steps mid-cycle, a short chunk), give each
-    sequence the output and selection of its own host-driven decode over its own keys at
-    every step (refreshing or not, blocks completing at different steps), and host steps after
-    them continue their schedule."""
+    (``state.sequence(b)``: a prefill alone, host steps mid-cycle, a short chunk; later one
+    sequence's host step between device steps), give each sequence the output and selection of
+    its own host-driven decode over its own keys at every step (refreshing or not, blocks
+    completing at different steps), host steps after them continue their schedule, and a
+    host call on the batch's state starts afresh."""
     if not kernels:
         monkeypatch.setattr("hip_attn.attention.uses_triton", lambda device: False)
     cfg = CFG.replace(head_sharing=sharing, leaf_scores=leaves)
-    prompts, capacity = [411, 300, 358], 448
-    q, k, v = rand_qkv(3, 4, 2, capacity, capacity, 64, device=DEVICE, seed=47)
-    k_buf, v_buf = k.clone(), v.clone()
+    prompts, capacity = [211, 150, 178], 256
+    q, k, v = rand_qkv(3, 4, 2, capacity, capacity, 32, device=DEVICE, seed=47)
+    k_buf, v_buf = torch.full_like(k, 1e4), torch.full_like(v, 1e4)  # 1e4: must never be read
     hosts, dev = [HiPDecodeState() for _ in prompts], HiPDecodeState()
 
     def host_step(b, rows, keys):  # one host-driven call of sequence b alone, on both sides
         args = (q[b : b + 1, :, rows], k[b : b + 1, :, :keys], v[b : b + 1, :, :keys], cfg)
         want = hip_attention(*args, state=hosts[b])
         torch.testing.assert_close(hip_attention(*args, state=dev.sequence(b)), want)
+        k_buf[b, :, :keys], v_buf[b, :, :keys] = k[b, :, :keys], v[b, :, :keys]
+
+    def device_steps(ends, steps):  # sequence b holds ends[b] keys; returns them after
+        length = torch.tensor(ends, dtype=torch.int32, device=DEVICE)
+        for _ in range(steps):
+            for b, t in enumerate(ends):
+                k_buf[b, :, t], v_buf[b, :, t] = k[b, :, t], v[b, :, t]
+            length += 1
+            rows = torch.stack([q[b, :, t] for b, t in enumerate(ends)])[:, :, None]
+            got = hip_attention(rows, k_buf, v_buf, cfg, state=dev, length=length)
+            for b, t in enumerate(ends):
+                want = hip_attention(rows[b : b + 1], k[b : b + 1, :, : t + 1],
+                                     v[b : b + 1, :, : t + 1], cfg, state=hosts[b])  # fmt: skip
+                torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
+                if kernels:
+                    width = hosts[b].indices.shape[-1]
+                    row = dev.indices[b : b + 1]
+                    assert torch.equal(row[..., :width], hosts[b].indices), (b, t)
+                    assert (row[..., width:] == -1).all()
+            ends = [t + 1 for t in ends]
+        return ends
 
     for b, n in enumerate(prompts):  # each prefill alone, as a patched model's padded batch's
         host_step(b, slice(0, n), n)
-    for t in range(300, 305):  # sequence 1: host decode steps, mid-cycle
+    for t in range(150, 155):  # sequence 1: host decode steps, mid-cycle
         host_step(1, slice(t, t + 1), t + 1)
-    host_step(2, slice(358, 361), 361)  # sequence 2: a chunk shorter than a query block
-    starts = [411, 305, 361]
-    for b, n in enumerate(starts):  # not written yet: must never be read
-        k_buf[b, :, n:] = v_buf[b, :, n:] = 1e4
-    length = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
-    for step in range(10):
-        ts = [n + step for n in starts]
-        for b, t in enumerate(ts):
-            k_buf[b, :, t], v_buf[b, :, t] = k[b, :, t], v[b, :, t]
-        length += 1
-        rows = torch.stack([q[b, :, t] for b, t in enumerate(ts)])[:, :, None]
-        got = hip_attention(rows, k_buf, v_buf, cfg, state=dev, length=length)
-        for b, t in enumerate(ts):
-            want = hip_attention(rows[b : b + 1], k[b : b + 1, :, : t + 1],
-                                 v[b : b + 1, :, : t + 1], cfg, state=hosts[b])  # fmt: skip
-            torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
-            if kernels:
-                width = hosts[b].indices.shape[-1]
-                assert torch.equal(dev.indices[b : b + 1, ..., :width], hosts[b].indices), (b, t)
-    assert [h.refreshes for h in hosts] == [3, 4, 4]
-    for b, n in enumerate(starts):  # host steps after the device's, on each sequence's state
-        for t in range(n + 10, n + 16):
+    host_step(2, slice(178, 181), 181)  # sequence 2: a chunk shorter than a query block
+    ends = device_steps([211, 155, 181], 5)
+    host_step(1, slice(160, 161), 161)  # one sequence's host step: the next device step sets up
+    ends = device_steps([ends[0], 161, ends[2]], 4)
+    assert [h.refreshes for h in hosts] == [3, 4, 3]
+    for b, n in enumerate(ends):  # host steps after the device's, on each sequence's state
+        for t in range(n, n + 3):
             host_step(b, slice(t, t + 1), t + 1)
             assert dev.sequence(b).tokens_since_refresh == hosts[b].tokens_since_refresh
-    assert [h.refreshes for h in hosts] == [4, 6, 5]
+    assert [h.refreshes for h in hosts] == [3, 5, 4]
+    if kernels:  # a host call on the batch's state after its device steps: no selection kept
+        hip_attention(q[:1, :, 220:221], k[:1, :, :221], v[:1, :, :221], cfg, state=dev)
+        assert dev.refreshes == 1 and dev.tokens_since_refresh == 1 and not dev.sequences
 
 
 def _host_call(states, q, k, v, rows, keys, cfg):
@@ -306,6 +316,15 @@ def test_bad_lengths_raise(rand_qkv):
     q2, _, _ = rand_qkv(1, 2, 1, 2, 128, 64)
     with pytest.raises(ValueError, match="2 queries"):
         hip_attention(q2, k, v, CFG, state=state, length=one)
+    scalar = torch.tensor(100, dtype=torch.int32)  # one element, of any shape
+    want = hip_attention(q, k[:, :, :100], v[:, :, :100], CFG, state=HiPDecodeState())
+    got = hip_attention(q, k, v, CFG, state=HiPDecodeState(), length=scalar)
+    torch.testing.assert_close(got, want)
+    _, k3, v3 = rand_qkv(3, 2, 1, 1, 128, 64)
+    q3, _, _ = rand_qkv(3, 2, 1, 1, 128, 64)
+    bad = torch.tensor([100, 129, 60], dtype=torch.int32)  # one count per sequence
+    with pytest.raises(ValueError, match=r"length must be in \[1, 128\].*got 129"):
+        hip_attention(q3, k3, v3, CFG, state=HiPDecodeState(), length=bad)
     for n in (-5, 0, 129):  # read at the setup step (and on the host-driven path)
         bad = torch.tensor([n], dtype=torch.int32)
         with pytest.raises(ValueError, match=rf"length must be in \[1, 128\].*got {n}"):

@@ -121,7 +121,12 @@ def test_left_padded_batch_equals_sequences_alone(family):
     model = patch(make_model(family), SPARSE.replace(block_size_q=32))
     seqs = [prompt(120, seed=4), prompt(90, seed=5)]
     ids, mask = _left_padded(seqs)
-    batch = greedy(model, ids, 5, attention_mask=mask)
+    out = greedy(model, ids, 5, attention_mask=mask, return_dict_in_generate=True)
+    batch = out.sequences
+    # each sequence decoded on its own state, held by the batch's: (layer, 0), (layer, 1)
+    states = decode_states(output_cache(out))
+    assert {seq for _, seq in states} == {None, 0, 1}
+    assert all(s.refreshes > 0 for (_, seq), s in states.items() if seq is not None)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
     for i, s in enumerate(seqs):
