@@ -95,16 +95,6 @@ def test_the_cache_is_counted_on_the_device_during_the_steps():
 
 
 @torch.no_grad()
-def test_gemma3s_sliding_layer_decodes_over_a_ring_on_the_device():
-    # Gemma-3: layer 0 slides over 32 tokens (dense over its ring on the device), layer 1 runs
-    # HiP; 100 + 12 tokens: the ring starts full and wrapped, and 12 of its slots are rewritten
-    model = patch(make_model("gemma3", eos_token_id=None), SPARSE)
-    ids = prompt(100, seed=36, batch=2)
-    want = greedy(model, ids, 12)
-    assert torch.equal(graph_generate(model, ids, 12, cuda_graph=False), want)
-
-
-@torch.no_grad()
 @pytest.mark.parametrize("prompt_tokens", [20, 45])  # fewer tokens than the window, and more
 def test_a_ring_holds_the_window_transformers_layer_holds(prompt_tokens):
     from hip_attn.patches.cache import RingWindowLayer
@@ -144,11 +134,13 @@ def test_a_left_padded_batch_decodes_each_sequence_over_its_own_tokens(family):
     ids, mask = prompt(100, seed=40, batch=2), torch.ones(2, 100, dtype=torch.long)
     ids[1, :23], mask[1, :23] = 0, 0
     want = greedy(model, ids, 12, attention_mask=mask, return_dict_in_generate=True)
-    got = graph_generate(model, ids, 12, attention_mask=mask, cuda_graph=False)
-    assert torch.equal(got, want.sequences)
+    if family == "llama":  # the entry point once; the steps below are what it runs
+        got = graph_generate(model, ids, 12, attention_mask=mask, cuda_graph=False)
+        assert torch.equal(got, want.sequences)
     step = prefill(model, ids, 12, starts=[0, 23])
     for _ in range(11):
         step()
+    assert torch.equal(step.tokens, want.sequences)
     step.cache.leave_device()
     for mine, theirs in zip(step.cache.layers, output_cache(want).layers, strict=True):
         assert mine.keys.shape == theirs.keys.shape
