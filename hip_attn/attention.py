@@ -309,10 +309,12 @@ class HiPDecodeState:
         sequence by sequence (a padded batch, each sequence over its own keys: the patched
         models' host path, the reference's device decode). A device decode with a count per
         sequence continues these states' histories, and they continue its."""
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise TypeError(f"b must be an int (a sequence index), got {type(b).__name__}")
+        if b < 0:
+            raise ValueError(f"b must be a sequence index >= 0, got {b}")
         state = self._sequences.get(b)
         if state is None:
-            if not isinstance(b, int) or isinstance(b, bool) or b < 0:
-                raise ValueError(f"b must be a sequence index (an int >= 0), got {b!r}")
             state = self._sequences[b] = HiPDecodeState()
         return state
 
@@ -606,9 +608,10 @@ def hip_attention(
         length: device decode (with ``state``, one query token): ``k`` and ``v`` are buffers
             ``[B, Hkv, capacity, D]`` whose first ``length`` keys (an int32 tensor on their
             device, the new token's key included) are in use: of one element, every row's; of
-            ``B`` (a left-padded batch, each sequence's keys moved to the front of its row),
-            ``length[b]`` of row ``b``, each sequence attending its own keys in the same
-            launches (its sinks, blocks and window counted from its first key). The kernels
+            shape ``[B]``, contiguous (a left-padded batch, each sequence's keys moved to the
+            front of its row), ``length[b]`` of row ``b``, each sequence attending its own keys
+            in the same launches (its sinks, blocks and window counted from its first key; the
+            history each continues is ``state.sequence(b)``'s). The kernels
             read it from device memory, refresh on the device and launch the same way at every
             step, without a host sync: the step can be captured in a CUDA graph and replayed
             (warm up one step first: the first call on a state sets up its device buffers and
@@ -674,9 +677,12 @@ def _device_decode(
     assert state is not None
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
         ns = read_device_lengths(length, k.shape[2])
-        if len(ns) == 1:
+        if len(ns) == 1:  # as the kernels' setup: the sequences' past states go
+            state._sequences.clear()
             return hip_attention(q, k[:, :, : ns[0]], v[:, :, : ns[0]], config, scale=scale,
                                  state=state)  # fmt: skip
+        # as the kernels' steps: a host-driven call on the batch's state afterwards starts afresh
+        state._device_current = state._per_sequence = True
         return torch.cat([  # a padded batch: each sequence over its own keys, as the kernels do
             hip_attention(q[s : s + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], config,
                           scale=scale, state=state.sequence(s))

@@ -41,8 +41,9 @@ def decode_states(cache: Any) -> dict[tuple[int, int | None], HiPDecodeState]:
     """The HiP decode states held for ``cache`` (the cache of a generation), keyed by
     ``(layer_idx, sequence)``: ``sequence`` is ``None`` for the state of the layer's batch, ``b``
     for that of sequence ``b`` of a padded batch run sequence by sequence on the host
-    (:meth:`~hip_attn.HiPDecodeState.sequence`; the batch's state then only holds them, its
-    own refresh count stays 0 unless the batch decodes on the device)."""
+    (:meth:`~hip_attn.HiPDecodeState.sequence`; two or more sequences: a padded sequence alone
+    uses the batch's state). The batch's state then only holds them: its own refresh count
+    stays 0 (device steps are not counted)."""
     found: dict[tuple[int, int | None], HiPDecodeState] = {}
     for layer, state in _DECODE_STATES.get(cache, {}).items():
         found[(layer, None)] = state

@@ -120,9 +120,9 @@ def test_a_count_per_sequence_decodes_each_as_if_alone(rand_qkv, monkeypatch, sh
             host_step(b, slice(t, t + 1), t + 1)
             assert dev.sequence(b).tokens_since_refresh == hosts[b].tokens_since_refresh
     assert [h.refreshes for h in hosts] == [3, 5, 4]
-    if kernels:  # a host call on the batch's state after its device steps: no selection kept
-        hip_attention(q[:1, :, 220:221], k[:1, :, :221], v[:1, :, :221], cfg, state=dev)
-        assert dev.refreshes == 1 and dev.tokens_since_refresh == 1 and not dev.sequences
+    # a host call on the batch's state after its device steps: no selection kept
+    hip_attention(q[:1, :, 220:221], k[:1, :, :221], v[:1, :, :221], cfg, state=dev)
+    assert dev.refreshes == 1 and dev.tokens_since_refresh == 1 and not dev.sequences
 
 
 def _host_call(states, q, k, v, rows, keys, cfg):
@@ -325,6 +325,10 @@ def test_bad_lengths_raise(rand_qkv):
     bad = torch.tensor([100, 129, 60], dtype=torch.int32)  # one count per sequence
     with pytest.raises(ValueError, match=r"length must be in \[1, 128\].*got 129"):
         hip_attention(q3, k3, v3, CFG, state=HiPDecodeState(), length=bad)
+    state.sequence(1)  # exists now: a bad index must not find it either
+    for b, error in ((True, TypeError), (1.0, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="b must be"):
+            state.sequence(b)
     for n in (-5, 0, 129):  # read at the setup step (and on the host-driven path)
         bad = torch.tensor([n], dtype=torch.int32)
         with pytest.raises(ValueError, match=rf"length must be in \[1, 128\].*got {n}"):

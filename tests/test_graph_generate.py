@@ -117,6 +117,9 @@ def test_a_ring_holds_the_window_transformers_layer_holds(prompt_tokens):
     torch.testing.assert_close(ring.keys, keys.layers[0].keys, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ring.values, keys.layers[0].values, atol=1e-5, rtol=1e-5)
     assert ring.keys.shape[2] == 31
+    # layer 1's keys follow layer 0's attention over its ring, wrapped around
+    torch.testing.assert_close(step.cache.layers[1].keys, keys.layers[1].keys, atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
 
 
 @torch.no_grad()

@@ -505,9 +505,9 @@ def decode_search_triton(
         )
     if tree_capacity(tree) < tree_blocks(keys.shape[2], config) or tree.stride(-1) != 1:
         raise ValueError("the tree needs room for every block of the key buffer, unit stride")
-    if anchor.numel() != tk.numel():
-        raise ValueError(f"anchor must hold one phase per count of tk ({tk.numel()}), got "
-                         f"{anchor.numel()}")  # fmt: skip
+    if anchor.numel() != tk.numel() or count_stride(anchor, b) != count_stride(tk, b):
+        raise ValueError(f"anchor must hold one phase per count of tk ({tk.numel()}), laid out "
+                         f"as tk; got {anchor.numel()}")  # fmt: skip
     interval = config.refresh_interval
     fuse = h_sel == hkv
     if not fuse:  # several programs read one tree: summarize in a launch of its own first
