@@ -253,12 +253,15 @@ class HiPDecodeState:
         prefill does, then every ``refresh_interval`` steps. With a count per sequence the
         history is each sequence's state's (:meth:`sequence`), and a host-driven call on any
         of them sets the next device step up again."""
-        per_sequence = length.numel() > 1
-        states = [self.sequence(s) for s in range(length.numel())] if per_sequence else [self]
         key = (k.data_ptr(), tuple(k.shape), k.stride(), length.numel(), h_sel, config)
         dev = self._device
-        if dev is not None and dev.key == key and all(s._device_current for s in states):
+        # a per-sequence setup made every sequence's state; a host call on one unsets its flag
+        sequences = self._sequences.values() if self._per_sequence else ()
+        if (dev is not None and dev.key == key and self._device_current
+                and all(s._device_current for s in sequences)):  # fmt: skip
             return dev
+        per_sequence = length.numel() > 1
+        states = [self.sequence(s) for s in range(length.numel())] if per_sequence else [self]
         counts = read_device_lengths(length, k.shape[2])
         if length is self._length:  # it counts the new buffers' keys now, not the old steps'
             for state in (self, *states):
@@ -266,8 +269,6 @@ class HiPDecodeState:
         for state, n in zip(states, counts, strict=True):
             state.leave_device(n - 1, config)  # other buffers without a host call: counts first
             state.follow(1, n, config)  # a rollback or a new sequence: nothing to continue
-        if not per_sequence:  # the batch runs under one count: its sequences' states are past
-            self._sequences.clear()
         capacity = tree_blocks(k.shape[2], config)
         if per_sequence:  # each sequence's tree, of its own keys
             tree = torch.cat([
@@ -302,6 +303,7 @@ class HiPDecodeState:
         dev.anchor.copy_(torch.tensor([s._anchor for s in states], dtype=torch.int32))
         self.indices, self._device_current, self._length = dev.indices, True, length
         self._per_sequence = per_sequence
+        self._note_device_step(per_sequence)
         return dev
 
     def sequence(self, b: int) -> HiPDecodeState:
@@ -317,6 +319,15 @@ class HiPDecodeState:
         if state is None:
             state = self._sequences[b] = HiPDecodeState()
         return state
+
+    def _note_device_step(self, per_sequence: bool) -> None:
+        """A device step (``hip_attention(..., length=)``), by the kernels' setup or the
+        reference: under one count the sequences' states are past; with a count per sequence
+        a host-driven call on this state afterwards starts afresh (see leave_device)."""
+        if per_sequence:
+            self._device_current = self._per_sequence = True
+        else:
+            self._sequences.clear()
 
     @property
     def sequences(self) -> dict[int, HiPDecodeState]:
@@ -677,12 +688,10 @@ def _device_decode(
     assert state is not None
     if not uses_triton(q.device):  # the reference: read the length, attend what it covers
         ns = read_device_lengths(length, k.shape[2])
-        if len(ns) == 1:  # as the kernels' setup: the sequences' past states go
-            state._sequences.clear()
+        state._note_device_step(len(ns) > 1)
+        if len(ns) == 1:
             return hip_attention(q, k[:, :, : ns[0]], v[:, :, : ns[0]], config, scale=scale,
                                  state=state)  # fmt: skip
-        # as the kernels' steps: a host-driven call on the batch's state afterwards starts afresh
-        state._device_current = state._per_sequence = True
         return torch.cat([  # a padded batch: each sequence over its own keys, as the kernels do
             hip_attention(q[s : s + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], config,
                           scale=scale, state=state.sequence(s))
