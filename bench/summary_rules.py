@@ -355,6 +355,10 @@ def search_one_block(
     visited: set[tuple[int, int]] | None = None,
     half: bool = False,
     pair_rows: torch.Tensor | None = None,
+    heads: int = 1,
+    vote: str = "sum",
+    vote_scale: float = 1.0,
+    penult: float = 0.0,
 ) -> list[int]:
     """:func:`hip_attn.reference._search_one_block` with a child scored by
     ``max_j q . rep_j`` (``reps [rows, r, D]`` of one KV head), or on the last level, with
@@ -374,7 +378,13 @@ def search_one_block(
     scored on the 16 RoPE pairs (of 32) with the largest ``sum_rows q_p**2 * E[k_p**2]`` over
     the candidates (what the summaries covering them hold), the rows being ``pair_rows`` (a KV
     group's, so that its searches read the same half) or ``rows``, and ``rerank`` re-ranks
-    their short list on the other half too."""
+    their short list on the other half too. ``vote`` (session 18): how the rows' softmaxes (at
+    ``vote_scale`` times ``scale``) rank a child: ``"sum"`` over the rows (the library's rule
+    before session 18; every result above), ``"rowmax"`` the largest over the rows (the
+    library's since, with ``vote_scale = 0.5``), ``"headmax"`` the largest over the ``heads``
+    query heads stacked in ``rows`` of each head's sum, ``"roundrobin"`` the heads' rankings
+    by their sums taken in turns. ``penult``: the level above the leaves keeps
+    ``penult * G`` nodes instead of ``beam * G`` (fewer leaves to read)."""
     g = config.blocks_per_query_block
     if n <= g:
         return list(range(n))
@@ -435,12 +445,14 @@ def search_one_block(
         else:
             summary = reps[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             score = torch.einsum("pd,crd->pcr", rows, summary).amax(-1)  # [P, children]
-        p = torch.exp((score - score.amax(dim=1, keepdim=True)) * scale)
-        child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
+        p = torch.exp((score - score.amax(dim=1, keepdim=True)) * (scale * vote_scale))
+        p = p / p.sum(dim=1, keepdim=True)
         keep = g if last else width
+        if penult and step == levels - 2:
+            keep = min(width, int(penult * g))
         if last and rerank and all(lv == 0 for _, lv in children):
             keep = int(rerank * g)
-        best = sorted(range(len(children)), key=lambda i: (-child_scores[i], children[i][0]))
+        best = _vote(p, heads, vote, [lo for lo, _ in children])
         nodes = [children[i] for i in best[:keep]]
     if rerank and len(nodes) > g:  # the short list re-ranked by exact max logits
         if visited is not None and half:
@@ -453,6 +465,22 @@ def search_one_block(
         best = sorted(range(len(nodes)), key=lambda i: (-child_scores[i], nodes[i][0]))
         nodes = [nodes[i] for i in best[:g]]
     return sorted(lo for lo, _ in nodes)
+
+
+def _vote(p: torch.Tensor, heads: int, vote: str, starts: list[int]) -> list[int]:
+    """The children (columns of the rows' softmaxes ``p [rows, children]``, ``heads`` query
+    heads' rows stacked) best first under ``vote`` (:func:`search_one_block`); ties to the lower
+    block."""
+    per_head = p.unflatten(0, (heads, -1)).sum(1)  # [heads, children]
+    if vote == "roundrobin":
+        orders = [sorted(range(p.shape[1]), key=lambda i: (-h[i], starts[i]))
+                  for h in per_head.tolist()]  # fmt: skip
+        best: list[int] = []
+        for turn in zip(*orders, strict=True):
+            best += [i for i in turn if i not in best]
+        return best
+    scores = {"sum": per_head.sum(0), "rowmax": p.amax(0), "headmax": per_head.amax(0)}[vote]
+    return sorted(range(p.shape[1]), key=lambda i: (-float(scores[i]), starts[i]))
 
 
 def _top_pairs(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -544,6 +572,9 @@ def make_select(  # noqa: ANN201
     group_tree: bool = False,
     union: bool = False,
     half: bool = False,
+    vote: str = "sum",
+    vote_scale: float = 1.0,
+    penult: float = 0.0,
 ):
     """``gauss = a``: the Gaussian (mean/variance) tree with ``c = a sqrt(2 ln m)``; ``box``:
     its variance replaced by the box half-width squared. ``flat``: 0 = the tree; 1 = every
@@ -578,6 +609,7 @@ def make_select(  # noqa: ANN201
                         gauss=gauss, lse=lse, rerank=rerank, leaf=leaf, rank=rank,
                         leaf_rows=leaf_rows, visited=seen.setdefault((bi, kv), set()),
                         half=half, pair_rows=group_rows if half else None,
+                        heads=per_sel, vote=vote, vote_scale=vote_scale, penult=penult,
                     )  # fmt: skip
                 elif bound:  # the library's max/min summaries as r = 2 "representatives"
                     tree = state.bound[bi, kv]  # type: ignore[index]
@@ -781,6 +813,38 @@ VARIANTS = {
         "would read)",
         make_select(2, True, False, gauss=1.25, pair=True, union=True),
     ),
+    # session 18: how the rows' votes combine (``vote``) and at which softmax scale
+    **{
+        f"{base}{tag}": (
+            f"{base} ranked by {vote} votes at {vote_scale} x the attention scale"
+            + (f", {penult} G nodes above the leaves" if penult else ""),
+            make_select(
+                2,
+                base.endswith("x"),
+                False,
+                gauss=1.25,
+                pair="pair" in base,
+                vote=vote,
+                vote_scale=vote_scale,
+                penult=penult,
+            ),
+        )
+        for base, tag, vote, vote_scale, penult in (
+            ("gauss125x", "headmax", "headmax", 1.0, 0.0),
+            ("gauss125x", "headmaxt2", "headmax", 2.0, 0.0),
+            ("gauss125x", "headmaxt05", "headmax", 0.5, 0.0),
+            ("gauss125x", "roundrobin", "roundrobin", 1.0, 0.0),
+            ("gausspairx", "headmax", "headmax", 1.0, 0.0),
+            ("gausspairx", "roundrobin", "roundrobin", 1.0, 0.0),
+            ("gauss125x", "rowmax", "rowmax", 1.0, 0.0),
+            ("gauss125x", "rowmaxt2", "rowmax", 2.0, 0.0),
+            ("gauss125x", "rowmaxt05", "rowmax", 0.5, 0.0),
+            ("gauss125x", "rowmaxt025", "rowmax", 0.25, 0.0),
+            ("gauss125x", "rowmaxp1375", "rowmax", 1.0, 1.375),
+            ("gauss125", "rowmax", "rowmax", 1.0, 0.0),
+            ("gauss125", "rowmaxt05", "rowmax", 0.5, 0.0),
+        )
+    },  # fmt: skip
 }
 METHODS.update(VARIANTS)
 

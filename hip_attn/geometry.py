@@ -310,6 +310,11 @@ def merged_moments(
 #: (docs/accuracy.md, "Node summaries"). It is the asymptotic expected maximum of ``m``
 #: independent Gaussians (``sqrt(2 ln m)``) inflated by a quarter, not a derived constant.
 SPREAD = 1.25
+#: The ranking's per-row softmax runs at this multiple of the attention scale: softer than the
+#: attention itself, so a row's vote reaches the children close to its best. 0.5 ranked best
+#: among 0.25-2 on SmolLM2 at 8K with each child keeping its largest vote over the rows
+#: (docs/accuracy.md, "Votes"); an empirical constant like SPREAD.
+VOTE_SCALE = 0.5
 #: levels of the summary tree a spread table covers (26 bits of node start in the mask kernel)
 MAX_LEVELS = 32
 

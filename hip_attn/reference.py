@@ -15,6 +15,7 @@ from einops import repeat
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
+    VOTE_SCALE,
     first_candidate_block,
     level_offset,
     level_spreads,
@@ -120,10 +121,11 @@ def _search_one_block(
             spread = spreads[[lv for _, lv in children]]
             # [P, children]: each row's estimate of its largest logit against the child's keys
             estimate = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
-        # each row spreads one unit of estimated attention over the children, so rows that
-        # match many children alike (filler) cannot outvote a row focused on a few
-        p = torch.exp((estimate - estimate.amax(dim=1, keepdim=True)) * scale)
-        child_scores = (p / p.sum(dim=1, keepdim=True)).sum(dim=0).tolist()
+        # each row spreads one unit of estimated attention over the children and a child
+        # keeps its largest share: a child one row wants (the question's row, on the needle)
+        # survives however many rows want other children (filler matching filler)
+        p = torch.exp((estimate - estimate.amax(dim=1, keepdim=True)) * (scale * VOTE_SCALE))
+        child_scores = (p / p.sum(dim=1, keepdim=True)).amax(dim=0).tolist()
         scored += len(children)
         keep = g if step == levels - 1 else width
         best = sorted(range(len(children)), key=lambda i: (-child_scores[i], children[i][0]))

@@ -7,6 +7,7 @@ import torch
 
 from hip_attn import HiPConfig
 from hip_attn.geometry import (
+    VOTE_SCALE,
     first_candidate_block,
     first_window_start,
     query_blocks,
@@ -129,9 +130,28 @@ def test_search_finds_a_planted_span(seed):
         assert span <= set(idx[0, 0, 0].tolist())
 
 
+@pytest.mark.parametrize("leaf_scores", ["summary", "keys"])
+def test_one_focused_row_outranks_many_spread_rows(leaf_scores):
+    """A block keeps its largest vote over the rows, not their sum: seven query heads (one row
+    each, one KV group) that split their attention over three blocks cannot push out the one
+    block the eighth head attends alone (summed, each of the three would score 7/3 to its 1)."""
+    cfg = CFG.replace(k=16, beam=8, leaf_scores=leaf_scores)  # G = 2; width 16 >= N: one level
+    first, n, d = first_candidate_block(cfg), 12, 16
+    k = torch.zeros(1, 1, 8 * (first + n) + cfg.window + 8, d)
+    basis = torch.eye(d)
+    for block, direction in ((3, 0), (4, 1), (5, 2), (9, 3)):
+        k[0, 0, (first + block) * 8 : (first + block + 1) * 8] = basis[direction]
+    q = torch.zeros(1, 8, 1, d)
+    q[0, :7, 0] = 80 * (basis[0] + basis[1] + basis[2])  # spread over blocks 3, 4 and 5
+    q[0, 7, 0] = 80 * basis[3]  # only block 9
+    idx, stats = estimate_mask_reference(q, k, cfg, scale=0.25)
+    assert int(stats.n_candidates[0, 0, 0]) == n
+    assert idx[0, 0, 0].tolist() == [first + 3, first + 9]  # block 9; ties: the lower block
+
+
 def test_exact_leaves_rank_blocks_by_their_keys_largest_logits(rand_qkv):
     """With one level (every candidate a child), ``leaf_scores="keys"`` selects the ``G`` blocks
-    with the largest summed per-row softmax of each row's largest logit over the block's keys,
+    with the largest per-row softmax share of each row's largest logit over the block's keys,
     and scoring one key per block far above the rest of its block still finds that block."""
     cfg = CFG.replace(k=32, beam=4, leaf_scores="keys")  # G = 4; width 16 >= N: one level
     q, k, _ = rand_qkv(1, 2, 1, 1, 8 * 14 + cfg.window + 8, 16, seed=8)
@@ -142,7 +162,7 @@ def test_exact_leaves_rank_blocks_by_their_keys_largest_logits(rand_qkv):
     assert int(stats.n_candidates[0, 0, 0]) == n and int(stats.scored[0, 0, 0]) == n
     keys = k[0, 0, first * 8 : (first + n) * 8].float().unflatten(0, (n, 8))
     best = torch.einsum("pd,nkd->pnk", pooled, keys).amax(-1)  # [rows, blocks]
-    score = (best * 0.25).softmax(dim=1).sum(0)
+    score = (best * (0.25 * VOTE_SCALE)).softmax(dim=1).amax(0)
     want = sorted((first + score.topk(4).indices).tolist())
     assert idx[0, 0, 0].tolist() == want and first + 5 in want
     summary, _ = estimate_mask_reference(q, k, cfg.replace(leaf_scores="summary"), scale=0.25)

@@ -25,6 +25,7 @@ from triton.runtime.errors import OutOfResources
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
+    VOTE_SCALE,
     first_candidate_block,
     level_spreads,
     num_query_blocks,
@@ -77,11 +78,12 @@ def _pooled_rows(
 @triton.jit
 def _row_votes(best, child_ok, row_ok, scale):
     """Each row's softmax over the children of its estimates ``best`` ``[rows, children]``,
-    summed over the rows present: the children's share of the vote (see the reference)."""
+    its largest over the rows present: each child's vote (see the reference). Votes of row
+    tiles combine by ``tl.maximum``; they are >= 0, so a zero start is neutral."""
     best = tl.where(child_ok[None, :], best, float("-inf"))
     p = tl.exp((best - tl.max(best, axis=1)[:, None]) * scale)
     p = p / tl.sum(p, axis=1)[:, None]
-    return tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
+    return tl.max(tl.where(row_ok[:, None], p, 0.0), axis=0)
 
 
 @triton.jit
@@ -143,7 +145,7 @@ def _leaf_votes(
             logit = tl.dot(qp.to(DOT_DTYPE), tl.trans(key.to(DOT_DTYPE)),
                            input_precision=PRECISION)  # fmt: skip
             best = tl.maximum(best, logit)
-        score += _row_votes(best, child_ok, row_ok, scale)
+        score = tl.maximum(score, _row_votes(best, child_ok, row_ok, scale))
     return score
 
 
@@ -358,7 +360,7 @@ def _hip_mask_kernel(
                         best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean),
                                       input_precision=PRECISION)  # fmt: skip
                         best = best + spread[None, :] * tl.sqrt_rn(var)
-                        score += _row_votes(best, child_ok, row_ok, scale)
+                        score = tl.maximum(score, _row_votes(best, child_ok, row_ok, scale))
                 scored += tl.sum(child_ok.to(tl.int32))
                 keep = tl.where(level == levels - 1, G, width)
                 lo, lvl, valid = _ranked(score, c_lo, c_lvl, child_ok, keep, NODES)
@@ -626,7 +628,7 @@ def _launch(
         config.beam * g,
         hq // hkv,
         tree_capacity(tree),
-        scale,
+        scale * VOTE_SCALE,  # the votes' softmax scale (the reference's)
     )
     meta = dict(
         BLOCK_Q=config.block_size_q,

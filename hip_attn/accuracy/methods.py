@@ -12,15 +12,16 @@ methods differ only in the blocks they pick:
   queries and the heads sharing the selection. It maximizes the attention-mass recall, so no
   method can beat it on that metric; it needs the full attention to choose, so it is an upper
   bound, not a method one could run.
-* ``exact``: the ``G`` blocks ranked like HiP ranks children (per-row softmax, summed over the
-  block's rows and sharing heads) but from each row's *exact* largest logit in the block
+* ``exact``: the ``G`` blocks ranked like HiP ranks children (per-row softmax, each block's
+  largest share over the block's rows and sharing heads) but from each row's *exact* largest
+  logit in the block
   rather than a bound on it, every query row unpooled. It reads every candidate key, so it is a
   reference, not a method: the gap between ``hip`` and ``exact`` is what the node summaries and
   the query pooling lose.
 * ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes summarized by the
   mean and variance of their keys, each row's largest logit in a child estimated from them
   (with ``leaf_scores="keys"``, on the last level read from the block's keys),
-  children ranked by per-row softmax mass.
+  children ranked by their largest per-row softmax share.
 * ``quest``: per key block the elementwise min and max of its keys; a block scores
   ``sum_d max(q_d min_d, q_d max_d)`` (an upper bound on ``q . k`` over the block), max over
   the block's pooled query rows (and heads sharing the selection); the top ``G`` blocks.
@@ -39,7 +40,13 @@ from dataclasses import dataclass
 import torch
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import first_candidate_block, pool_queries, search_levels, search_width
+from hip_attn.geometry import (
+    VOTE_SCALE,
+    first_candidate_block,
+    pool_queries,
+    search_levels,
+    search_width,
+)
 
 
 @dataclass
@@ -176,16 +183,18 @@ def select_oracle(block: QueryBlock, config: HiPConfig) -> Selection:
 
 
 def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
-    """Top ``G`` blocks by the per-row softmax of each row's exact max logit in the block."""
+    """Top ``G`` blocks by HiP's vote (each row's softmax at ``VOTE_SCALE`` times the
+    attention scale, a block keeping its largest share over the rows and sharing heads) over
+    each row's exact max logit in the block."""
     bk, first, n = config.block_size_k, first_candidate_block(config), block.n_candidates
     h_sel = selection_heads(block.q, block.k, config)
     scale = block.q.shape[-1] ** -0.5
     group = block.q.shape[1] // block.k.shape[1]
     keys = _candidate_keys(block, config).repeat_interleave(group, dim=1)  # [B, Hq, N, bk, D]
     logits = torch.einsum("bhrd,bhnkd->bhrnk", block.q.float(), keys).amax(-1)  # [B, Hq, r, N]
-    mass = (logits * scale).softmax(dim=-1).sum(dim=2)  # [B, Hq, N]
-    b, hq, _ = mass.shape
-    scores = mass.view(b, h_sel, hq // h_sel, n).sum(dim=2)
+    votes = (logits * (scale * VOTE_SCALE)).softmax(dim=-1).amax(dim=2)  # [B, Hq, N]
+    b, hq, _ = votes.shape
+    scores = votes.view(b, h_sel, hq // h_sel, n).amax(dim=2)
     return Selection(top_blocks(scores, config, first), config, n * bk)
 
 
