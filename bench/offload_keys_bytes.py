@@ -4,9 +4,9 @@ fetched keys-only (values only for the blocks selected) against fetched whole (K
 Both counts come from one run: the block cache's slot decisions do not depend on values, so
 fetching the candidates whole would miss the same blocks, each at a whole block's bytes
 (``misses x block_bytes``). Random fp32 inputs, one KV head with 4 query heads, D=64, the
-quality setting (per-head selection, ``beam=2``, unpooled rows, keys at the leaves), the block
-cache at its minimum (``HiPConfig.offload_cache_blocks``) or ``--cache-blocks``. The kernels
-run interpreted on the CPU (minutes; ``TRITON_INTERPRET=1``)::
+quality setting of session 15 (per-head selection, ``beam=2``, unpooled rows, keys at the
+leaves), the block cache at its minimum (``HiPConfig.offload_cache_blocks``) or
+``--cache-blocks``. The kernels run interpreted on the CPU (minutes; ``TRITON_INTERPRET=1``)::
 
     TRITON_INTERPRET=1 python bench/offload_keys_bytes.py --context 2048 --steps 24 --k 256 \
         --sinks 64 --window 256

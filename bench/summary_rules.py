@@ -2,10 +2,12 @@
 representative keys and Gaussian (mean, variance) summaries. Results merged in
 ``bench/results/summary-rules-smollm2-8k.json``; read in docs/accuracy.md ("Node summaries").
 
-The library's search (:func:`hip_attn.reference._search_one_block`) is kept exactly: the same
-start partition, width ``beam * G``, number of levels, pooled query rows
-(``query_pool_stride``), per-row softmax over the children summed over rows and over the query
-heads of the KV group, ties to the lower block. Only the node summary and the child score change:
+The library's search (:func:`hip_attn.reference._search_one_block`) is kept: the same start
+partition, width ``beam * G``, number of levels, pooled query rows (``query_pool_stride``),
+per-row softmax over the children summed over rows and over the query heads of the KV group
+(the library's vote until session 18; ``vote=`` and ``vote_scale=`` of :func:`search_one_block`
+give its largest-share vote at half the scale since), ties to the lower block. Only the node
+summary and the child score change:
 
 * a node's summary is ``r`` representative keys (full head dim, post-RoPE as stored in the KV
   cache): representative ``j`` is the node's key with the largest *pre-RoPE* projection on a
@@ -477,7 +479,9 @@ def _vote(p: torch.Tensor, heads: int, vote: str, starts: list[int]) -> list[int
                   for h in per_head.tolist()]  # fmt: skip
         best: list[int] = []
         for turn in zip(*orders, strict=True):
-            best += [i for i in turn if i not in best]
+            for i in turn:  # a child two heads rank alike counts once
+                if i not in best:
+                    best.append(i)
         return best
     scores = {"sum": per_head.sum(0), "rowmax": p.amax(0), "headmax": per_head.amax(0)}[vote]
     return sorted(range(p.shape[1]), key=lambda i: (-float(scores[i]), starts[i]))
@@ -843,6 +847,7 @@ VARIANTS = {
             ("gauss125x", "rowmaxp1375", "rowmax", 1.0, 1.375),
             ("gauss125", "rowmax", "rowmax", 1.0, 0.0),
             ("gauss125", "rowmaxt05", "rowmax", 0.5, 0.0),
+            ("gausspairx", "rowmaxt05", "rowmax", 0.5, 0.0),
         )
     },  # fmt: skip
 }

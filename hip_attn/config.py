@@ -31,8 +31,8 @@ class HiPConfig:
             dividing ``block_size_q``).
         sink_tokens: first tokens always attended (a multiple of ``block_size_k``).
         window: most recent tokens always attended (>= ``block_size_q``).
-        head_sharing: ``"kv_group"`` selects once per KV head (the per-row softmax scores of
-            its query heads' rows summed); ``"head"`` selects once per query head.
+        head_sharing: ``"kv_group"`` selects once per KV head (a child keeps its largest
+            per-row vote over its query heads' rows); ``"head"`` selects once per query head.
         beam: search width; levels before the last keep ``beam * G`` nodes.
         refresh_interval: decode steps between re-estimations of the selection
             (<= ``window``, so tokens added since the last refresh sit in the window).

@@ -14,6 +14,7 @@ from hip_attn.accuracy.methods import (
     REFERENCE_METHODS,
     QueryBlock,
     quest_scores,
+    select_exact,
     select_quest,
     top_blocks,
 )
@@ -21,7 +22,7 @@ from hip_attn.accuracy.metrics import dense_block, mass_breakdown
 from hip_attn.accuracy.model_eval import MODES
 from hip_attn.accuracy.synthetic import PROFILES, make_inputs, plant_spans
 from hip_attn.cli import main
-from hip_attn.reference import dense_attention_reference
+from hip_attn.reference import dense_attention_reference, estimate_mask_reference
 
 SMALL = HiPConfig(k=128, window=128, sink_tokens=16)
 SHAPE = {"heads": 4, "kv_heads": 2, "head_dim": 64}
@@ -79,6 +80,20 @@ def test_dense_block_matches_dense_attention():
     _, out = dense_block(x.q[:, :, 448:], x.k, x.v, 448)
     ref = dense_attention_reference(x.q, x.k, x.v)[:, :, 448:]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_ranks_like_a_one_level_search_with_keys_at_the_leaves():
+    """``exact`` is HiP's ranking (each block's largest per-row vote at half the attention
+    scale) over every block's exact logits: where the search has one level (``beam * G >= N``),
+    unpooled rows and keys at the leaves, the two select the same blocks."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 64, 64, generator=gen), torch.randn(1, 2, 1024, 64, generator=gen)
+    cfg = HiPConfig(k=64, window=128, sink_tokens=16, query_pool_stride=1, beam=16,
+                    leaf_scores="keys")  # fmt: skip
+    block = QueryBlock(q, k, k, 960, 1024, 832, 102, torch.zeros(1, 4, 1024))
+    want, stats = estimate_mask_reference(q, k, cfg)
+    assert int(stats.scored.max()) == 102  # one level: every candidate block a child
+    assert torch.equal(select_exact(block, cfg).indices, want)
 
 
 def test_quest_bound_is_an_upper_bound_and_top_blocks_breaks_ties_low():

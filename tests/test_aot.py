@@ -46,7 +46,7 @@ _QUALITY_SEARCH_ON = """
 import json, sys, torch
 from hip_attn.aot import _record_hip, compile_as_launched, compile_launch
 from hip_attn.config import HiPConfig
-cfg = HiPConfig(head_sharing="head", beam=2, query_pool_stride=1, leaf_scores="keys")
+cfg = HiPConfig(beam=2, query_pool_stride=1, leaf_scores="keys")
 launches = _record_hip(1, 1, 1 << 20, torch.bfloat16, 128, cfg, 132, False)
 search = [x for x in launches if x.kernel.__name__ == "_hip_mask_kernel"][0]
 arch = int(sys.argv[1])

@@ -27,6 +27,7 @@ def _step_both(q, k, v, t, buffers, cfg, host, dev):
         (4, 2, "kv_group", torch.float32, "summary"),  # the search extends its own tree
         # a gated extension launch first; the leaves read the buffer's keys
         (4, 2, "head", torch.float32, "keys"),
+        (4, 2, "kv_group", torch.float32, "keys"),  # also a launch of its own (no spills)
         (2, 1, "kv_group", torch.bfloat16, "summary"),
     ],
 )

@@ -1,6 +1,7 @@
 """Triton kernels against the PyTorch reference on fresh random inputs (CPU: interpreter)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from hip_attn.triton_kernels.mask import estimate_mask_triton
 from hip_attn.triton_kernels.tree import extend_tree_triton
 from hip_attn.triton_kernels.tree import level_offset as level_offset_kernel
 from tests import interpreter_sort
+from tests.test_reference import focused_row_case, vote_scale_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
@@ -79,6 +81,20 @@ def test_mask_kernel_matches_reference(rand_qkv, hq, hkv, tq, tk, sharing, beam)
     assert stats.scored.max() > 0  # the tree search ran
     torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
     torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "case", [*(partial(focused_row_case, leaves) for leaves in ("summary", "keys")),
+             vote_scale_case],
+)  # fmt: skip
+def test_kernel_votes_as_the_reference_rule_says(case):
+    """The planted inputs of the reference's vote tests: each child's largest per-row share,
+    at half the attention scale."""
+    q, k, cfg, want = case()
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    out, _ = estimate_mask_triton(q, node_summaries(k, cfg), k.shape[2], cfg, 1, 0.25, keys=k,
+                                  done=tree_blocks(k.shape[2], cfg))  # fmt: skip
+    assert out[0, 0, 0].tolist() == want
 
 
 @pytest.mark.parametrize(
@@ -519,3 +535,12 @@ def test_kernels_level_offset_is_the_references():
     for capacity in capacities:
         _level_offset_kernel[(1,)](out, capacity, LEVELS=32)
         assert out[:27].tolist() == [level_offset(lv, capacity) for lv in range(27)]
+
+
+def test_the_search_extends_the_tree_itself_only_with_summaries_and_a_selection_per_kv_head():
+    """One program per tree row can extend it in the search kernel; with keys at the leaves
+    that kernel would spill beside the extension (``hip-attn aot``, sm_90, D=128), so the
+    extension gets a launch of its own there, as where several programs read one tree."""
+    assert mask.fuses_extension(HiPConfig(), 8, 8)
+    assert not mask.fuses_extension(HiPConfig(leaf_scores="keys"), 8, 8)
+    assert not mask.fuses_extension(HiPConfig(head_sharing="head"), 32, 8)

@@ -130,11 +130,12 @@ def test_search_finds_a_planted_span(seed):
         assert span <= set(idx[0, 0, 0].tolist())
 
 
-@pytest.mark.parametrize("leaf_scores", ["summary", "keys"])
-def test_one_focused_row_outranks_many_spread_rows(leaf_scores):
-    """A block keeps its largest vote over the rows, not their sum: seven query heads (one row
-    each, one KV group) that split their attention over three blocks cannot push out the one
-    block the eighth head attends alone (summed, each of the three would score 7/3 to its 1)."""
+def focused_row_case(leaf_scores: str) -> tuple[torch.Tensor, torch.Tensor, HiPConfig, list[int]]:
+    """Seven query heads (one row each, one KV group) that split their attention over blocks 3,
+    4 and 5, and an eighth that attends block 9 alone; one level (every candidate a child),
+    ``G = 2``. A block keeps its largest vote over the rows, so block 9 is selected with block
+    3 (a tie of 4 and 5, to the lower block); summed votes would give 7/3 to each of the three
+    against block 9's 1. Returns ``q, k, config`` and the selection (absolute blocks)."""
     cfg = CFG.replace(k=16, beam=8, leaf_scores=leaf_scores)  # G = 2; width 16 >= N: one level
     first, n, d = first_candidate_block(cfg), 12, 16
     k = torch.zeros(1, 1, 8 * (first + n) + cfg.window + 8, d)
@@ -144,9 +145,43 @@ def test_one_focused_row_outranks_many_spread_rows(leaf_scores):
     q = torch.zeros(1, 8, 1, d)
     q[0, :7, 0] = 80 * (basis[0] + basis[1] + basis[2])  # spread over blocks 3, 4 and 5
     q[0, 7, 0] = 80 * basis[3]  # only block 9
+    return q, k, cfg, [first + 3, first + 9]
+
+
+def vote_scale_case() -> tuple[torch.Tensor, torch.Tensor, HiPConfig, list[int]]:
+    """Eight query heads of one KV group, one row each, ranking 12 single blocks by their keys
+    in one level (``G = 4``, attention scale 0.25): an input whose selection differs between
+    the votes at half the attention scale (the rule), at the full scale, and summed over the
+    rows. Returns ``q, k, config`` and the rule's selection, computed here from the logits."""
+    cfg = CFG.replace(k=32, beam=4, leaf_scores="keys")
+    first, n = first_candidate_block(cfg), 12
+    gen = torch.Generator().manual_seed(14)
+    q = 3 * torch.randn(1, 8, 1, 16, generator=gen)
+    k = torch.randn(1, 1, 8 * (first + n) + cfg.window + 8, 16, generator=gen)
+    keys = k[0, 0, first * 8 : (first + n) * 8].unflatten(0, (n, 8))
+    best = torch.einsum("pd,nkd->pnk", q[0, :, 0], keys).amax(-1)  # [rows, blocks]
+
+    def top(votes: torch.Tensor) -> list[int]:
+        return sorted((first + votes.topk(4).indices).tolist())
+
+    want = top((best * (0.25 * VOTE_SCALE)).softmax(dim=1).amax(0))
+    assert want != top((best * 0.25).softmax(dim=1).amax(0))  # the scale matters here
+    assert want != top((best * (0.25 * VOTE_SCALE)).softmax(dim=1).sum(0))  # and the maximum
+    return q, k, cfg, want
+
+
+@pytest.mark.parametrize("leaf_scores", ["summary", "keys"])
+def test_one_focused_row_outranks_many_spread_rows(leaf_scores):
+    q, k, cfg, want = focused_row_case(leaf_scores)
     idx, stats = estimate_mask_reference(q, k, cfg, scale=0.25)
-    assert int(stats.n_candidates[0, 0, 0]) == n
-    assert idx[0, 0, 0].tolist() == [first + 3, first + 9]  # block 9; ties: the lower block
+    assert int(stats.n_candidates[0, 0, 0]) == 12
+    assert idx[0, 0, 0].tolist() == want
+
+
+def test_votes_are_each_childs_largest_share_at_half_the_attention_scale():
+    q, k, cfg, want = vote_scale_case()
+    idx, stats = estimate_mask_reference(q, k, cfg, scale=0.25)
+    assert int(stats.scored[0, 0, 0]) == 12 and idx[0, 0, 0].tolist() == want
 
 
 def test_exact_leaves_rank_blocks_by_their_keys_largest_logits(rand_qkv):

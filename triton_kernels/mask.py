@@ -9,8 +9,9 @@ How the tree is held in registers: a node is ``(lo, level)``, the aligned candid
 (:func:`hip_attn.geometry.level_offset`). Every level splits each
 node into its two aligned halves (a one-block node has only itself), estimates each child's
 largest logit for every pooled query row (``q . mean + spread(level) * sqrt(q**2 . var)``: two
-tensor-core dots), turns each row's estimates into a softmax over the children and ranks the
-children by the summed probabilities. Ranking packs ``(score, lower block first, level)`` into
+tensor-core dots), turns each row's estimates into a softmax over the children (at
+``scale * VOTE_SCALE``) and ranks the children by their largest probability over the rows.
+Ranking packs ``(score, lower block first, level)`` into
 one int64 so a single descending ``tl.topk`` ranks them.
 """
 
@@ -413,7 +414,7 @@ def estimate_mask_triton(
             raise ValueError(f"keys has {keys.shape[2]} keys, fewer than tk={tk}")
         keys = keys[:, :, :tk]
     extend = keys is not None and check_extension(tree, keys, done, config) > done
-    fuse = extend and n_qb == 1 and h_sel == tree.shape[1]
+    fuse = extend and n_qb == 1 and fuses_extension(config, h_sel, tree.shape[1])
     if extend and not fuse:
         extend_tree_triton(tree, keys, done, config)
     if tree.stride(-1) != 1:
@@ -475,6 +476,13 @@ def rank_leaves_triton(
                    leaves=(candidates, table, blocks))  # fmt: skip
 
 
+def fuses_extension(config: HiPConfig, h_sel: int, hkv: int) -> bool:
+    """Whether the search kernel summarizes new blocks into the tree itself: only where one
+    program owns each tree row (one selection per KV head), and not with keys at the leaves,
+    whose branch beside the extension's spills (16 bytes at D=128 on sm_90: ``hip-attn aot``)."""
+    return h_sel == hkv and config.leaf_scores != "keys"
+
+
 def decode_search_triton(
     q: torch.Tensor,
     tree: torch.Tensor,
@@ -511,8 +519,8 @@ def decode_search_triton(
         raise ValueError(f"anchor must hold one phase per count of tk ({tk.numel()}), laid out "
                          f"as tk; got {anchor.numel()}")  # fmt: skip
     interval = config.refresh_interval
-    fuse = h_sel == hkv
-    if not fuse:  # several programs read one tree: summarize in a launch of its own first
+    fuse = fuses_extension(config, h_sel, hkv)
+    if not fuse:  # summarize in a launch of its own first
         extend_tree_device(tree, keys, tk, done, anchor, config)
     reads_keys = fuse or config.leaf_scores == "keys"
     k_args = (keys, *keys.stride()[:3], done) if reads_keys else (tree, 0, 0, 0, done)
