@@ -79,6 +79,14 @@ vectors counts ``r``, an exactly scored child counts its keys; a quarter of Ques
   ``gausspairxu``: ``gausspairx`` with its reads counted per KV head (the distinct children
   its group's searches score); ``gausspairxh15``: the same with the leaves scored on half the
   dimensions and their top 1.5 G re-ranked on all.
+* Session 18 (how the rows' votes combine, ``vote=`` / ``vote_scale=`` of
+  :func:`search_one_block`, one search per KV head): ``gauss125xheadmax`` (``t2``, ``t05``: at
+  2 / 0.5 times the attention scale), ``gauss125xroundrobin``, ``gauss125xrowmax`` (``t2``,
+  ``t05``, ``t025``; ``p1375``: the level above the leaves keeps ``1.375 G`` nodes),
+  ``gausspairxheadmax`` / ``gausspairxroundrobin`` / ``gausspairxrowmaxt05``, ``gauss125rowmax``
+  / ``gauss125rowmaxt05`` (the default's search). Results in docs/accuracy.md ("Votes"): the
+  rows' largest share at half the scale is the library's rule since (``gauss125xrowmaxt05``:
+  +0.8%).
 
 Results at 8K (SmolLM2-135M, pydoc, ``k=512``; dense 10.268; run on 2 CPU cores, one thread):
 
@@ -483,7 +491,12 @@ def _vote(p: torch.Tensor, heads: int, vote: str, starts: list[int]) -> list[int
                 if i not in best:
                     best.append(i)
         return best
-    scores = {"sum": per_head.sum(0), "rowmax": p.amax(0), "headmax": per_head.amax(0)}[vote]
+    if vote == "sum":
+        scores = per_head.sum(0)
+    elif vote == "rowmax":
+        scores = p.amax(0)
+    else:  # "headmax"
+        scores = per_head.amax(0)
     return sorted(range(p.shape[1]), key=lambda i: (-float(scores[i]), starts[i]))
 
 
@@ -603,6 +616,7 @@ def make_select(  # noqa: ANN201
                 rows = pooled[bi, hs * per_sel : (hs + 1) * per_sel].reshape(-1, pooled.shape[-1])
                 group_rows = pooled[bi, kv * group : (kv + 1) * group].reshape(-1, rows.shape[-1])
                 leaf_rows = None
+                assert vote in ("sum", "rowmax") or not group_tree  # heads=per_sel: own rows
                 if group_tree:  # the KV group's rows search, this selection's rank the leaves
                     leaf_rows, rows = rows, group_rows
                 if gauss:

@@ -329,6 +329,17 @@ def level_spreads(block_size_k: int) -> tuple[float, ...]:
     return tuple(torch.tensor(spreads, dtype=torch.float32).tolist())
 
 
+def vote_shares(estimates: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each row's softmax over the last dimension of ``estimates`` (its estimated logits of
+    the children) at ``scale * VOTE_SCALE``: the shares of which a child keeps the largest over
+    the rows. Written as the mask kernel's ``_row_votes`` computes it (the exponent of each
+    estimate's difference to the row's largest, then normalized)."""
+    if estimates.shape[-1] == 0:  # no children: no row has a largest estimate
+        return estimates.clone()
+    p = torch.exp((estimates - estimates.amax(dim=-1, keepdim=True)) * (scale * VOTE_SCALE))
+    return p / p.sum(dim=-1, keepdim=True)
+
+
 def pool_queries(q: torch.Tensor, config: HiPConfig) -> torch.Tensor:
     """Mean-pool consecutive query rows in groups of ``query_pool_stride``:
     ``[B, Hq, ceil(Tq / stride), D]`` in the dtype of ``q``. Groups never straddle query blocks

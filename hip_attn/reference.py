@@ -15,7 +15,6 @@ from einops import repeat
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
-    VOTE_SCALE,
     first_candidate_block,
     level_offset,
     level_spreads,
@@ -28,6 +27,7 @@ from hip_attn.geometry import (
     selection_config,
     start_level,
     tree_capacity,
+    vote_shares,
 )
 
 
@@ -124,8 +124,7 @@ def _search_one_block(
         # each row spreads one unit of estimated attention over the children and a child
         # keeps its largest share: a child one row wants (the question's row, on the needle)
         # survives however many rows want other children (filler matching filler)
-        p = torch.exp((estimate - estimate.amax(dim=1, keepdim=True)) * (scale * VOTE_SCALE))
-        child_scores = (p / p.sum(dim=1, keepdim=True)).amax(dim=0).tolist()
+        child_scores = vote_shares(estimate, scale).amax(dim=0).tolist()
         scored += len(children)
         keep = g if step == levels - 1 else width
         best = sorted(range(len(children)), key=lambda i: (-child_scores[i], children[i][0]))

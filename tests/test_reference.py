@@ -179,6 +179,7 @@ def test_one_focused_row_outranks_many_spread_rows(leaf_scores):
 
 
 def test_votes_are_each_childs_largest_share_at_half_the_attention_scale():
+    assert VOTE_SCALE == 0.5  # what README and docs/accuracy.md measured and state
     q, k, cfg, want = vote_scale_case()
     idx, stats = estimate_mask_reference(q, k, cfg, scale=0.25)
     assert int(stats.scored[0, 0, 0]) == 12 and idx[0, 0, 0].tolist() == want

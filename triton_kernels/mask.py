@@ -11,8 +11,8 @@ node into its two aligned halves (a one-block node has only itself), estimates e
 largest logit for every pooled query row (``q . mean + spread(level) * sqrt(q**2 . var)``: two
 tensor-core dots), turns each row's estimates into a softmax over the children (at
 ``scale * VOTE_SCALE``) and ranks the children by their largest probability over the rows.
-Ranking packs ``(score, lower block first, level)`` into
-one int64 so a single descending ``tl.topk`` ranks them.
+Ranking packs ``(score, lower block first, level)`` into one int64 so a single descending
+``tl.topk`` ranks them.
 """
 
 from __future__ import annotations
@@ -396,10 +396,10 @@ def estimate_mask_triton(
     With ``keys`` (the ``[B, Hkv, >= tk, D]`` keys of a tree whose first ``done`` blocks are
     summarized, a decode refresh; only the first ``tk`` are read), the blocks completed since
     are summarized into ``tree`` first (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`):
-    inside this launch when each program owns one KV head's tree (one query block,
-    ``h_sel == Hkv``), else by a launch before it. With ``leaf_scores="keys"`` the last level
-    reads the candidate blocks' keys: ``keys`` is required (``done`` = the tree's blocks when
-    it is complete).
+    inside this launch where :func:`fuses_extension` (one query block, each program owning
+    one KV head's tree, summaries at the leaves), else by a launch before it. With
+    ``leaf_scores="keys"`` the last level reads the candidate blocks' keys: ``keys`` is required
+    (``done`` = the tree's blocks when it is complete).
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
     per program ``[B, h_sel, n_query_blocks]`` (int32)."""
     b, _, tq, _ = q.shape

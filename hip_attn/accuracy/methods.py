@@ -14,10 +14,9 @@ methods differ only in the blocks they pick:
   bound, not a method one could run.
 * ``exact``: the ``G`` blocks ranked like HiP ranks children (per-row softmax, each block's
   largest share over the block's rows and sharing heads) but from each row's *exact* largest
-  logit in the block
-  rather than a bound on it, every query row unpooled. It reads every candidate key, so it is a
-  reference, not a method: the gap between ``hip`` and ``exact`` is what the node summaries and
-  the query pooling lose.
+  logit in the block rather than a bound on it, every query row unpooled. It reads every
+  candidate key, so it is a reference, not a method: the gap between ``hip`` and ``exact`` is
+  what the node summaries and the query pooling lose.
 * ``hip``: HiP's tree search (:func:`hip_attn.estimate_mask`): aligned nodes summarized by the
   mean and variance of their keys, each row's largest logit in a child estimated from them
   (with ``leaf_scores="keys"``, on the last level read from the block's keys),
@@ -41,11 +40,11 @@ import torch
 
 from hip_attn.config import HiPConfig
 from hip_attn.geometry import (
-    VOTE_SCALE,
     first_candidate_block,
     pool_queries,
     search_levels,
     search_width,
+    vote_shares,
 )
 
 
@@ -192,7 +191,7 @@ def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
     group = block.q.shape[1] // block.k.shape[1]
     keys = _candidate_keys(block, config).repeat_interleave(group, dim=1)  # [B, Hq, N, bk, D]
     logits = torch.einsum("bhrd,bhnkd->bhrnk", block.q.float(), keys).amax(-1)  # [B, Hq, r, N]
-    votes = (logits * (scale * VOTE_SCALE)).softmax(dim=-1).amax(dim=2)  # [B, Hq, N]
+    votes = vote_shares(logits, scale).amax(dim=2)  # [B, Hq, N]
     b, hq, _ = votes.shape
     scores = votes.view(b, h_sel, hq // h_sel, n).amax(dim=2)
     return Selection(top_blocks(scores, config, first), config, n * bk)

@@ -57,14 +57,14 @@ class LaunchProfile:
     (``tests/test_perf_launches.py`` recounts it from the code): a decode step runs the
     sparse kernel and the merge of its flash-decoding splits (which a one-token decode takes at
     batch 1), a refreshing step also searches (the search kernel first extends the summary tree
-    by the completed blocks, with ``head_sharing="kv_group"`` and summaries at the leaves; the
-    other configs extend it in a launch of their own, one more than counted here); a prefill
+    by the completed blocks, with ``head_sharing="kv_group"`` and summaries at the leaves;
+    ``head_sharing="head"`` with grouped query heads and ``leaf_scores="keys"`` extend it in a
+    launch of their own, one more than counted here); a prefill
     zeroes the tree's allocation and builds it with two launches of the tree kernel (every run
     of 32 blocks up to its root in parallel, then the levels above) before searching and
-    attending: 5 for a whole
-    prompt of at least 64 candidate blocks (a chunk that extends the tree in place skips the
-    allocation; one that grows it copies each level over). ``fused`` is
-    one search kernel and one attention kernel, what a fully fused path would launch.
+    attending: 5 for a whole prompt of at least 64 candidate blocks (a chunk that extends the
+    tree in place skips the allocation; one that grows it copies each level over). ``fused``
+    is one search kernel and one attention kernel, what a fully fused path would launch.
 
     Attributes:
         name: ``today``, ``fused`` or a label.
