@@ -209,17 +209,23 @@ def test_decode_step_writes_do_not_grow_with_the_context(counter: _Kernels, cach
         assert min(growth) >= 1200 * 2 * 2 * 16 * 4 * 2, written
 
 
-def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) -> None:
+@pytest.mark.parametrize("quality", [False, True], ids=["default", "quality-setting"])
+def test_device_decode_launches_the_same_way_at_every_step(
+    counter: _Kernels, quality: bool
+) -> None:
     """hip_attention(..., length=): after the step that sets the state up, every step (reusing
     or refreshing) makes the same launches with the same arguments, reads nothing back, runs
     no PyTorch op and allocates only its output: what a CUDA graph can capture once and
-    replay."""
+    replay. The README's quality setting (keys at the leaves) extends the tree in a launch of
+    its own first (``fuses_extension``)."""
+    from hip_attn import HiPConfig
     from hip_attn.attention import HiPDecodeState, hip_attention
 
+    config = HiPConfig(beam=2, query_pool_stride=1, leaf_scores="keys") if quality else None
     q, k, v = _qkv(1, 8192, 32, 8)  # buffers for 8K tokens
     state = HiPDecodeState()
     prompt, _, _ = _qkv(128, 4095, 32, 8)
-    hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
+    hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], config, state=state)
     length = torch.tensor([4095], dtype=torch.int32)
     steps, buffers = [], []
     for _ in range(12):  # 4096 .. 4107 keys: refreshes at 4096 and 4104, blocks complete
@@ -227,15 +233,17 @@ def test_device_decode_launches_the_same_way_at_every_step(counter: _Kernels) ->
         counter.count = counter.syncs = counter.allocations = 0
         counter.launches = []
         with counter:
-            hip_attention(q, k, v, state=state, length=length)
+            hip_attention(q, k, v, config, state=state, length=length)
         steps.append((counter.count, counter.syncs, counter.launches, counter.allocations))
         buffers.append(state._device)
     _, *rest = steps
     assert all(b is buffers[0] for b in buffers)  # set up once, then only read and updated
     names = [name for name, *_ in rest[0][2]]
-    assert names == ["_hip_mask_kernel", "_sparse_attention_kernel", "_merge_splits_kernel"]
+    extension = ["_extend_tree_kernel"] if quality else []
+    assert names == [*extension, "_hip_mask_kernel", "_sparse_attention_kernel",
+                     "_merge_splits_kernel"]  # fmt: skip
     for count, syncs, launches, allocations in rest:
-        assert syncs == 0 and count == len(launches) == 3  # Triton launches only
+        assert syncs == 0 and count == len(launches) == len(names)  # Triton launches only
         assert launches == rest[0][2]
         assert allocations == 1  # the output: the split partials and counters are kept
 
