@@ -318,13 +318,13 @@ def _record_device_decode(
     import torch
 
     from hip_attn.attention import BLOCK_N, launch_shape
-    from hip_attn.geometry import tree_blocks, tree_rows
+    from hip_attn.geometry import summary_width, tree_blocks, tree_rows
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import decode_search_triton
 
     q, k, v = _llama_qkv(batch, 1, tk, dtype, head_dim)
     h_sel = 8 if config.head_sharing == "kv_group" else 32
-    tree_shape = (batch, 8, tree_rows(tree_blocks(tk, config)), 2 * head_dim)
+    tree_shape = (batch, 8, tree_rows(tree_blocks(tk, config)), summary_width(head_dim))
     tree = torch.empty(tree_shape, dtype=dtype, device="meta")
 
     def ints(*shape: int) -> torch.Tensor:

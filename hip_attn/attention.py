@@ -134,7 +134,7 @@ class SummaryTree(NamedTuple):
     """A summary tree (:func:`~hip_attn.geometry.node_summaries`) as the search gets it.
 
     Attributes:
-        tree: the ``[B, Hkv, rows, 2 * D]`` tree.
+        tree: the ``[B, Hkv, rows, summary_width(D)]`` tree.
         keys: ``None`` when the tree is complete; else the keys it summarizes, of which only
             the blocks before ``done`` are in it yet: the search summarizes the rest in place
             before it reads the tree.

@@ -140,17 +140,24 @@ def node_summaries(
     *,
     min_capacity: int = 0,
 ) -> torch.Tensor:
-    """The summary tree the search reads: ``[B, Hkv, tree_rows(capacity), 2 * D]`` in ``k``'s
-    dtype, which is ``2 * D`` values per block and level: about half the size of ``k``.
+    """The summary tree the search reads: ``[B, Hkv, tree_rows(capacity), summary_width(D)]``
+    in ``k``'s dtype, which is ``1.5 * D`` values per block and level: about 3/8 the size of
+    ``k``.
 
     Node ``i`` of level ``l`` covers the candidate-area blocks ``[i * 2**l, (i + 1) * 2**l)``
     (block 0 is the first block after the sinks). Its row ``level_offset(l, capacity) + i``
     (``capacity`` is the last dimension's allocation in blocks, see :func:`extend_summaries`)
-    holds the mean of the node's keys, then their per-dimension (population) variance: the
-    search estimates the largest logit of a query row ``q`` over the node's ``m`` keys as
-    ``q . mean + spread(l) * sqrt(q**2 . variance)`` (:func:`level_spreads`), what the largest
-    of ``m`` Gaussian logits with that mean and variance would be. Only complete nodes are
-    written (the search reads no others), so a node's summary never depends on keys after it.
+    holds the mean of the node's keys (``D`` values), then one variance per dimension pair
+    ``(d, d + D/2)``, the pair RoPE rotates together (``D/2`` values: the mean of the two
+    dimensions' population variances, :func:`paired`). The search estimates the largest logit
+    of a query row ``q`` over the node's ``m`` keys as ``q . mean + spread(l) * sqrt(q**2 .
+    [var, var])`` (:func:`level_spreads`), what the largest of ``m`` Gaussian logits with that
+    mean and variance would be. Only complete nodes are written (the search reads no others),
+    so a node's summary never depends on keys after it.
+
+    Why pairs: as a node's keys sit at different positions, RoPE turns each pair's energy
+    between its two dimensions, so the pair's mean variance estimates either better than the
+    dimension's own, and costs a quarter less to read (docs/accuracy.md, "Pair variances").
 
     ``tree`` with ``done`` blocks already summarized is extended (see :func:`extend_summaries`;
     a new allocation holds at least ``min_capacity`` blocks: room to extend in place).
@@ -185,7 +192,7 @@ def holds_blocks(tree: torch.Tensor, keys: torch.Tensor, done: int, n: int) -> b
     b, h, _, d = keys.shape
     return (
         tuple(tree.shape[:2]) == (b, h)
-        and tree.shape[-1] == 2 * d
+        and tree.shape[-1] == summary_width(d)
         and tree.device == keys.device
         and done <= n <= tree_capacity(tree)
         and keys.stride(-1) == 1
@@ -231,16 +238,16 @@ def extend_summaries(
     blocks = rearrange(keys, "b h (n t) d -> b h n t d", t=bk)  # the leaves: one block each
     mean, var = leaf_moments(blocks)
     tree[..., done:n, :d] = mean
-    tree[..., done:n, d:] = saturated(var, tree.dtype)
+    tree[..., done:n, d:] = saturated(paired(var), tree.dtype)
     for level in range(1, n.bit_length()):
         lo, hi = done >> level, n >> level
         if lo == hi:
             continue
         below = level_offset(level - 1, capacity)
         children = tree[..., below + 2 * lo : below + 2 * hi, :].float()
-        pairs = rearrange(children, "b h (n two) c -> b h n two c", two=2)  # a node's halves
-        mean, var = merged_moments(pairs[..., 0, :d], pairs[..., 0, d:], pairs[..., 1, :d],
-                                   pairs[..., 1, d:])  # fmt: skip
+        halves = rearrange(children, "b h (n two) c -> b h n two c", two=2)  # a node's halves
+        mean, var = merged_moments(halves[..., 0, :d], halves[..., 0, d:], halves[..., 1, :d],
+                                   halves[..., 1, d:])  # fmt: skip
         row = level_offset(level, capacity)
         tree[..., row + lo : row + hi, :d] = mean
         tree[..., row + lo : row + hi, d:] = saturated(var, tree.dtype)
@@ -265,7 +272,7 @@ def with_room(
     if tree is not None and capacity >= n:
         return tree
     grown_capacity = max(n if tree is None else n + n // 4, min_capacity)
-    grown = keys.new_zeros(b, h, tree_rows(grown_capacity), 2 * d)
+    grown = keys.new_zeros(b, h, tree_rows(grown_capacity), summary_width(d))
     if tree is not None and done:  # copy the old levels to their new rows
         for level in range(done.bit_length()):
             count = done >> level
@@ -295,14 +302,31 @@ def saturated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.clamp(max=torch.finfo(dtype).max) if dtype == torch.float16 else x
 
 
+def summary_width(head_dim: int) -> int:
+    """Values per node of a summary tree over keys of ``head_dim`` (even) dimensions: the
+    mean, then one variance per dimension pair (:func:`node_summaries`)."""
+    if head_dim % 2:
+        raise ValueError(
+            f"the head dim must be even (the summaries pair dimensions d and d + D/2, as RoPE "
+            f"does), got {head_dim}"
+        )
+    return head_dim + head_dim // 2
+
+
+def paired(x: torch.Tensor) -> torch.Tensor:
+    """The mean of dimensions ``d`` and ``d + D/2`` of ``x`` ``[..., D]``: ``[..., D/2]``."""
+    half = x.shape[-1] // 2
+    return (x[..., :half] + x[..., half:]) * 0.5
+
+
 def merged_moments(
     mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of the union of two equally large sets of keys, from theirs (exact):
-    the mean of the means, and the mean of the variances plus the squared half-difference of
-    the means."""
+    """Mean and pair variances (:func:`node_summaries`) of the union of two equally large sets
+    of keys, from theirs (exact): the mean of the means, and the mean of the pair variances
+    plus each pair's mean squared half-difference of the means."""
     half = (mean_a - mean_b) * 0.5
-    return (mean_a + mean_b) * 0.5, (var_a + var_b) * 0.5 + half * half
+    return (mean_a + mean_b) * 0.5, (var_a + var_b) * 0.5 + paired(half * half)
 
 
 #: ``a`` in a node's spread ``a * sqrt(2 ln m)`` (:func:`level_spreads`): 1.25 ranked best among

@@ -119,8 +119,10 @@ def _search_one_block(
         else:
             summary = tree[[level_offset(lv, capacity) + (lo >> lv) for lo, lv in children]]
             spread = spreads[[lv for _, lv in children]]
+            # a pair's variance serves both of its dimensions (d, d + D/2)
+            variance = summary[:, d:].repeat(1, 2)
             # [P, children]: each row's estimate of its largest logit against the child's keys
-            estimate = rows @ summary[:, :d].T + spread * (squares @ summary[:, d:].T).sqrt()
+            estimate = rows @ summary[:, :d].T + spread * (squares @ variance.T).sqrt()
         # each row spreads one unit of estimated attention over the children and a child
         # keeps its largest share: a child one row wants (the question's row, on the needle)
         # survives however many rows want other children (filler matching filler)

@@ -109,10 +109,10 @@ def check_qkv(q: object, k: object, v: object = _NO_VALUES) -> None:
             f"q has more tokens ({tq}) than k ({tk}); queries sit at the last Tq key positions"
         )
     d = q.shape[-1]
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM or d % 2:
         raise ValueError(
-            f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (the last dimension of q, k "
-            f"and v), got {d}"
+            f"head_dim must be even and in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (the last dimension "
+            f"of q, k and v; the search's summaries pair dimensions d and d + D/2), got {d}"
         )
 
 

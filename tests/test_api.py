@@ -152,7 +152,13 @@ def _bad_inputs():
         "tiny_d",
         (torch.randn(1, 4, 8, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)),
         ValueError,
-        "head_dim must be in",
+        "head_dim must be even and in",
+    )
+    yield (
+        "odd_d",
+        (torch.randn(1, 4, 8, 17), torch.randn(1, 2, 16, 17), torch.randn(1, 2, 16, 17)),
+        ValueError,
+        "head_dim must be even",
     )
     yield "not_tensor", (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"
 

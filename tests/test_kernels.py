@@ -353,19 +353,27 @@ def _tree_levels(tree, n):
     ]
 
 
-def test_each_node_holds_the_mean_and_variance_of_its_keys(rand_qkv):
+def test_each_node_holds_the_mean_and_the_pair_variances_of_its_keys(rand_qkv):
+    """Composed up the tree from its halves', a node's summary is its keys' mean, then for each
+    dimension pair (d, d + D/2) the mean of the two dimensions' variances over its keys."""
     _, k, _ = rand_qkv(1, 1, 2, 1, 16 + 8 * 45 + 5, 64, seed=41)  # 45 blocks, a partial one
     tree = node_summaries(k, CFG)
     first, bk, cap = 16, CFG.block_size_k, tree_capacity(tree)
-    assert cap == 45
+    assert cap == 45 and tree.shape[-1] == 96
     for level in range(cap.bit_length()):
         for i in range(cap >> level):
             keys = k[:, :, first + i * (bk << level) : first + (i + 1) * (bk << level)]
             row = tree[:, :, level_offset(level, cap) + i]
             torch.testing.assert_close(row[..., :64], keys.mean(dim=2), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(
-                row[..., 64:], keys.var(dim=2, unbiased=False), atol=1e-5, rtol=1e-5
-            )
+            var = keys.var(dim=2, unbiased=False)
+            pairs = (var[..., :32] + var[..., 32:]) / 2
+            torch.testing.assert_close(row[..., 64:], pairs, atol=1e-5, rtol=1e-5)
+
+
+def test_odd_head_dims_are_refused_with_the_reason(rand_qkv):
+    _, k, _ = rand_qkv(1, 1, 1, 1, 200, 15, seed=3)
+    with pytest.raises(ValueError, match="head dim must be even"):
+        node_summaries(k, CFG)
 
 
 def test_a_nodes_estimate_is_its_mean_logit_plus_a_spread_growing_with_its_keys():

@@ -24,8 +24,8 @@ NORMS = (2 * L + 1) * H
 WEIGHTS = 2 * (P_MM + 2 * LM_HEAD + NORMS)  # untied embedding stored beside the LM head
 KV_TOKEN = 2 * L * HKV * D * 2  # 131,072 bytes
 # HiP's summary tree: per 8-token block about two nodes (leaves, then half as many per level)
-# of 2 * D values (mean and variance): 32,768 bytes per token
-TREE_TOKEN = 2 * L * HKV * 2 * D * 2 / 8
+# of 1.5 * D values (the mean, one variance per dimension pair): 24,576 bytes per token
+TREE_TOKEN = 2 * L * HKV * 1.5 * D * 2 / 8
 
 
 def levels_of(n: int, width: int = 64) -> int:
@@ -37,14 +37,15 @@ def levels_of(n: int, width: int = 64) -> int:
     return max(1, level)
 
 
-def search_reads(width: int, leaf: float) -> float:
-    """Summaries the 32K prefill's searches read per head, summed over the searching blocks
-    (N = 8 i - 40 for i >= 14): two children per node of the width on each level, the last
-    level's at most N, each ``leaf`` summaries' worth."""
+def search_reads(width: int, leaf: float, child: float = 1.0) -> float:
+    """What the 32K prefill's searches score per head, summed over the searching blocks
+    (N = 8 i - 40 for i >= 14): two children per node of the width on each level, each worth
+    ``child``, the last level's at most N, each worth ``leaf`` (estimates: 1 and 1, or a
+    leaf's 8 keys 4; key-sized vectors read: 1.5 a summary, 8 a leaf's keys)."""
     total = 0.0
     for n in (8 * i - 40 for i in range(14, 512)):
         w = min(n, width)
-        total += 2 * w * (levels_of(n, width) - 1) + min(n, 2 * w) * leaf
+        total += child * 2 * w * (levels_of(n, width) - 1) + min(n, 2 * w) * leaf
     return total
 
 
@@ -120,16 +121,18 @@ def test_hip_prefill_counts_by_hand() -> None:
 
     # leaves: N where N < 128, not the 128 children of 64 nodes
     less = sum(128 - n for n in range(72, 128, 8))
-    assert c.rep_reads == search_reads(64, 1) == 2 * 64 * levels - less
-    assert c.search_dots == 32 * c.rep_reads  # 32 pooled rows per block (stride 2)
+    assert search_reads(64, 1) == 2 * 64 * levels - less
+    assert c.search_dots == 32 * search_reads(64, 1)  # 32 pooled rows per block (stride 2)
+    assert c.rep_reads == search_reads(64, 1.5, 1.5)  # 1.5 vectors a summary
     assert c.key_reads == 64 * (13 * 14 // 2) + 499 * (64 + 512 + 320)
     assert c.selected_tokens == 499 * 512
-    # a leaf read as its 8 keys is 4 summaries' worth of loads and dot products
+    # a leaf read as its 8 keys is 8 vectors and 4 estimates' worth of dot products
     keys = hip_prefill_counts(CTX, HiPConfig(leaf_scores="keys"))
-    assert keys.rep_reads == search_reads(64, 8 / 2)
-    assert keys.search_dots == 32 * keys.rep_reads and keys.key_reads == c.key_reads
+    assert keys.rep_reads == search_reads(64, 8, 1.5)
+    assert keys.search_dots == 32 * search_reads(64, 8 / 2) and keys.key_reads == c.key_reads
     # beam 2 keeps 128 nodes: a level fewer and twice the children
-    assert hip_prefill_counts(CTX, HiPConfig(beam=2)).rep_reads == search_reads(128, 1)
+    beam2 = hip_prefill_counts(CTX, HiPConfig(beam=2))
+    assert beam2.rep_reads == search_reads(128, 1.5, 1.5)
 
 
 def test_hip(sc: Scenario) -> None:
@@ -161,13 +164,14 @@ def test_hip(sc: Scenario) -> None:
     # Decode at the mean context: sinks + k + window = 832 keys; N = (32892.5 - 320) // 8 = 4071
     # candidate blocks, 7 levels, 2 * 64 * 7 = 896 summaries per KV head, read once every 8
     # steps. Gathers: the 512 selected tokens come in 2 KB runs per head (2048 / (2048 + 128) of
-    # the bandwidth), each summary (mean and variance) is a 512 B run (512 / 640).
+    # the bandwidth), each summary (mean and pair variances, 1.5 vectors) is a 384 B run
+    # (384 / 512).
     assert levels_of(4071) == 7
     reps_per_step = 896 / 8
     step_bytes = (
         2 * (P_MM + LM_HEAD)
         + (320 + 512 * (2048 + 128) / 2048) * KV_TOKEN
-        + L * HKV * 2 * D * 2 * reps_per_step * 640 / 512
+        + L * HKV * 1.5 * D * 2 * reps_per_step * 512 / 384
         + ACT_TOKEN
         + ACT_ATTN
         + ACT_LM
@@ -192,16 +196,16 @@ def test_hip_offload(sc: Scenario) -> None:
     assert est.host_bytes_per_request == (CTX + OUT) * KV_TOKEN
     by_hbm = math.floor((FREE - CTX * ACT) / gpu_per_request)
     by_host = math.floor(512e9 / ((CTX + OUT) * KV_TOKEN))
-    assert (by_hbm, by_host) == (20, 118)
-    assert est.max_concurrency == 20
+    assert (by_hbm, by_host) == (22, 118)
+    assert est.max_concurrency == 22
     # Unchunked, the prompt's activations (100 KB/token) bound it long before host RAM.
     by_hbm_ctx = math.floor((FREE - resident - OUT * TREE_TOKEN) / (TREE_TOKEN + ACT))
-    assert est.max_context == min(math.floor(512e9 / KV_TOKEN) - OUT, by_hbm_ctx) == 500_423
+    assert est.max_context == min(math.floor(512e9 / KV_TOKEN) - OUT, by_hbm_ctx) == 532_724
     assert max_context(sc, "dense") == 298_991
     chunked = Scenario(sc.model, sc.gpu, output_tokens=OUT, prefill_chunk=8192)
-    # chunked, the summary tree's HBM (32 KB/token) bounds it before host RAM (3.9M tokens)
+    # chunked, the summary tree's HBM (24 KB/token) bounds it before host RAM (3.9M tokens)
     by_tree = math.floor((FREE - resident - OUT * TREE_TOKEN - 8192 * ACT) / TREE_TOKEN)
-    assert max_context(chunked, "hip+offload") == by_tree == 2_038_645
+    assert max_context(chunked, "hip+offload") == by_tree == 2_718_277
 
     # Prefill: same FLOPs as hip; the KV also goes to host once (4.3 GB at 64 GB/s, hidden).
     hip = estimate(sc, "hip", CTX)

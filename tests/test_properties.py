@@ -276,7 +276,7 @@ def valid_shapes(draw):
             draw(st.integers(0, 4)),  # an empty batch is valid: SDPA returns an empty output
             hkv * draw(st.integers(1, 8)),
             draw(st.integers(1, tk)),
-            draw(st.integers(MIN_HEAD_DIM, MAX_HEAD_DIM)),
+            2 * draw(st.integers(MIN_HEAD_DIM // 2, MAX_HEAD_DIM // 2)),  # even
         ),
         (hkv, tk),
     )
@@ -377,9 +377,14 @@ def bad_inputs(draw):
         first_bad = next(n for n, x in zip(NAMES, args, strict=True) if x.dtype == bad)
         return args, TypeError, rf"^{first_bad} must be float16, bfloat16 or float32", first_bad
     if kind == "dim_range":
-        bad_d = draw(st.integers(1, MIN_HEAD_DIM - 1) | st.integers(MAX_HEAD_DIM + 1, 1024))
+        bad_d = draw(
+            st.integers(1, MIN_HEAD_DIM - 1)
+            | st.integers(MAX_HEAD_DIM + 1, 1024)
+            | st.integers(MIN_HEAD_DIM // 2, MAX_HEAD_DIM // 2 - 1).map(lambda h: 2 * h + 1)
+        )
         args = list(make_qkv(((b, hq, tq, bad_d), (hkv, tk)), dtype))
-        return args, ValueError, r"^head_dim must be in \[16, 256\] \(the last dimension of q", "q"
+        pattern = r"^head_dim must be even and in \[16, 256\] \(the last dimension of q"
+        return args, ValueError, pattern, "q"
     if kind == "not_tensor":
         x = args[NAMES.index(which)]
         args[NAMES.index(which)] = draw(

@@ -4,7 +4,8 @@
 Reference: :func:`hip_attn.reference.estimate_mask_reference`.
 
 How the tree is held in registers: a node is ``(lo, level)``, the aligned candidate-area blocks
-``[lo, lo + 2**level)``; its summary (the mean of its keys, then their variance) sits at row
+``[lo, lo + 2**level)``; its summary (the mean of its keys, then one variance per dimension
+pair ``(d, d + D/2)``, loaded once for each of the pair's dimensions) sits at row
 ``level_offset(level, capacity) + (lo >> level)`` of the summary tree
 (:func:`hip_attn.geometry.level_offset`). Every level splits each
 node into its two aligned halves (a one-block node has only itself), estimates each child's
@@ -176,7 +177,7 @@ def _hip_mask_kernel(
     S,
     stride_s_b,
     stride_s_h,
-    stride_s_n,  # node summaries [B, Hkv, tree_rows(capacity), 2 * D]: mean, then variance
+    stride_s_n,  # node summaries [B, Hkv, tree_rows(capacity), 1.5 * D]: mean, pair variances
     SPREADS,  # fp32 [MAX_LEVELS]: hip_attn.geometry.level_spreads
     OUT,
     stride_o_b,
@@ -341,8 +342,10 @@ def _hip_mask_kernel(
                     load_ok = child_ok[:, None] & (dims[None, :] < D)
                     row_ptr = summ + node[:, None] * stride_s_n + dims[None, :]
                     k_mean = tl.load(row_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                    # a pair's variance serves both of its dimensions (d, d + D/2)
+                    var_ptr = summ + node[:, None] * stride_s_n + D + (dims % (D // 2))[None, :]
                     if not RELOAD_VARIANCES:
-                        k_var = tl.load(row_ptr + D, mask=load_ok, other=0.0).to(DOT_DTYPE)
+                        k_var = tl.load(var_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
                     spread = tl.load(SPREADS + c_lvl)
                     score = tl.zeros([2 * NODES], tl.float32)
                     for t in range(HEADS_PER_SEL * ROW_TILES):
@@ -355,7 +358,7 @@ def _hip_mask_kernel(
                         # operands
                         sq = round_to(saturate(qp * qp, Q.dtype.element_ty), Q.dtype.element_ty)
                         if RELOAD_VARIANCES:  # `t * zero`: an address the compiler cannot hoist
-                            k_var = tl.load(row_ptr + D + t * zero, mask=load_ok,
+                            k_var = tl.load(var_ptr + t * zero, mask=load_ok,
                                             other=0.0).to(DOT_DTYPE)  # fmt: skip
                         var = tl.dot(sq.to(DOT_DTYPE), tl.trans(k_var), input_precision=PRECISION)
                         best = tl.dot(qp.to(DOT_DTYPE), tl.trans(k_mean),
@@ -387,7 +390,7 @@ def estimate_mask_triton(
     done: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the search kernel for queries ``q`` ``[B, Hq, Tq, D]`` (pooled inside the kernel,
-    as :func:`hip_attn.geometry.pool_queries` pools them) over the ``[B, Hkv, rows, 2 * D]``
+    as :func:`hip_attn.geometry.pool_queries` pools them) over the ``[B, Hkv, rows, 1.5 * D]``
     summary tree ``tree`` (:func:`hip_attn.geometry.node_summaries`) of ``tk`` keys; the kernel
     derives each query block's candidates from ``Tq`` and ``tk``
     (:func:`hip_attn.geometry.query_blocks`). Bounds accumulate in fp32; when both inputs

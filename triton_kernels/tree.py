@@ -6,8 +6,9 @@ the search kernel), instead of PyTorch ops per key row and level.
 Reference: :func:`hip_attn.geometry.extend_summaries` (which also builds whole trees and grows
 their allocation; this kernel only fills a tree whose capacity already holds the new blocks).
 Node ``i`` of level ``l`` sits at row ``level_offset(l, capacity) + i`` and holds the mean of
-its keys, then their per-dimension variance (:func:`hip_attn.geometry.node_summaries`), computed
-with the reference's operations in its order (:func:`hip_attn.geometry.leaf_moments`,
+its keys, then one variance per dimension pair ``(d, d + D/2)``
+(:func:`hip_attn.geometry.node_summaries`), computed with the reference's operations in its
+order (:func:`hip_attn.geometry.leaf_moments`, :func:`hip_attn.geometry.paired`,
 :func:`hip_attn.geometry.merged_moments`) so that both round alike.
 """
 
@@ -69,25 +70,36 @@ def extend_tree(
     the only one writing these nodes; its later loads of the tree may follow a
     ``tl.debug_barrier``. Each element is summed in the reference's order
     (:func:`hip_attn.geometry.leaf_moments`), ``TILE`` nodes at a time."""
-    dims = tl.arange(0, D_PAD)
-    dim_ok = dims < D
+    # a node's dimension pairs (d, d + D/2) side by side: two [TILE, D/2] tiles
+    dims = tl.arange(0, D_PAD // 2)
+    dim_ok = dims < D // 2
     nodes = tl.arange(0, TILE)
     if first_level == 0:
         for start in range(done, n, TILE):  # the leaves: one key block each
             block = start + nodes
             ok = (block < n)[:, None] & dim_ok[None, :]
             row = keys + (zero + key0 + block * BK)[:, None] * stride_k_t + dims[None, :]
-            total = tl.zeros([TILE, D_PAD], tl.float32)
+            total_lo = tl.zeros([TILE, D_PAD // 2], tl.float32)
+            total_hi = tl.zeros([TILE, D_PAD // 2], tl.float32)
             for i in tl.static_range(BK):  # in row order, in fp32
-                total += tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32)
-            mean = total / BK  # exact on a GPU too: BK is a power of two
-            spread = tl.zeros([TILE, D_PAD], tl.float32)
+                total_lo += tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32)
+                total_hi += tl.load(row + i * stride_k_t + D // 2, mask=ok,
+                                    other=0.0).to(tl.float32)  # fmt: skip
+            mean_lo = total_lo / BK  # exact on a GPU too: BK is a power of two
+            mean_hi = total_hi / BK
+            spread_lo = tl.zeros([TILE, D_PAD // 2], tl.float32)
+            spread_hi = tl.zeros([TILE, D_PAD // 2], tl.float32)
             for i in tl.static_range(BK):
-                dev = tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32) - mean
-                spread += dev * dev
+                dev = tl.load(row + i * stride_k_t, mask=ok, other=0.0).to(tl.float32) - mean_lo
+                spread_lo += dev * dev
+                dev = tl.load(row + i * stride_k_t + D // 2, mask=ok, other=0.0).to(tl.float32)
+                dev -= mean_hi
+                spread_hi += dev * dev
             node = tree + (zero + block)[:, None] * stride_t_n + dims[None, :]
-            _store_rounded(node, mean, ok)
-            _store_rounded(node + D, saturate(spread / BK, tree.dtype.element_ty), ok)
+            _store_rounded(node, mean_lo, ok)
+            _store_rounded(node + D // 2, mean_hi, ok)
+            var = (spread_lo / BK + spread_hi / BK) * 0.5  # the pair's mean variance
+            _store_rounded(node + D, saturate(var, tree.dtype.element_ty), ok)
     level = tl.maximum(first_level, 1)
     while (level <= last_level) & ((n >> level) > 0):  # the parents of what changed
         tl.debug_barrier()  # the level below is written
@@ -98,14 +110,18 @@ def extend_tree(
             ok = (i < (n >> level))[:, None] & dim_ok[None, :]
             left = tree + (zero + below + 2 * i)[:, None] * stride_t_n + dims[None, :]
             right = left + stride_t_n
-            mean_a = tl.load(left, mask=ok, other=0.0).to(tl.float32)
-            mean_b = tl.load(right, mask=ok, other=0.0).to(tl.float32)
+            a_lo = tl.load(left, mask=ok, other=0.0).to(tl.float32)
+            a_hi = tl.load(left + D // 2, mask=ok, other=0.0).to(tl.float32)
+            b_lo = tl.load(right, mask=ok, other=0.0).to(tl.float32)
+            b_hi = tl.load(right + D // 2, mask=ok, other=0.0).to(tl.float32)
             var_a = tl.load(left + D, mask=ok, other=0.0).to(tl.float32)
             var_b = tl.load(right + D, mask=ok, other=0.0).to(tl.float32)
-            half = (mean_a - mean_b) * 0.5
-            var = (var_a + var_b) * 0.5 + half * half
+            half_lo = (a_lo - b_lo) * 0.5
+            half_hi = (a_hi - b_hi) * 0.5
+            var = (var_a + var_b) * 0.5 + (half_lo * half_lo + half_hi * half_hi) * 0.5
             node = tree + (zero + here + i)[:, None] * stride_t_n + dims[None, :]
-            _store_rounded(node, (mean_a + mean_b) * 0.5, ok)
+            _store_rounded(node, (a_lo + b_lo) * 0.5, ok)
+            _store_rounded(node + D // 2, (a_hi + b_hi) * 0.5, ok)
             _store_rounded(node + D, saturate(var, tree.dtype.element_ty), ok)
         level += 1
 
@@ -113,7 +129,7 @@ def extend_tree(
 @triton.jit
 def _extend_tree_kernel(
     K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
-    T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 2 * D]
+    T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 1.5 * D]
     heads, done, tk,
     stride_tk,  # with ON_DEVICE: 0 for one count (and anchor) shared by the batch, 1 per sequence
     capacity, first, key0, anchor, interval, first_level, last_level,

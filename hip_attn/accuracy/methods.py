@@ -199,15 +199,16 @@ def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
 
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
     """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
-    two children per node of the search width per level, each a summary of two vectors (mean,
-    variance), the last level's at most ``N`` (single blocks), with ``leaf_scores="keys"``
-    each its ``block_size_k`` keys."""
+    two children per node of the search width per level, each a summary of 1.5 vectors (the
+    mean, one variance per dimension pair), the last level's at most ``N`` (single blocks),
+    with ``leaf_scores="keys"`` each its ``block_size_k`` keys (rounded up to whole vectors)."""
     levels = search_levels(n_candidates, config)
     if not levels:
         return 0
     children = 2 * search_width(n_candidates, config)
-    leaf = config.block_size_k if config.leaf_scores == "keys" else 2
-    return 2 * children * (levels - 1) + min(n_candidates, children) * leaf
+    leaves = min(n_candidates, children)
+    leaf = 2 * config.block_size_k if config.leaf_scores == "keys" else 3  # in half vectors
+    return -(-(3 * children * (levels - 1) + leaves * leaf) // 2)
 
 
 def select_hip(block: QueryBlock, config: HiPConfig) -> Selection:

@@ -7,7 +7,8 @@ search the children the tree search actually scored. The byte counts are the nec
 traffic under the analytic model's conventions (``docs/roofline.md``): each query block loads
 the keys and values it attends once per selection head (per KV head with
 ``head_sharing="kv_group"``), queries are read and outputs written once; the search reads one
-node summary (``2 * D`` values in the keys' dtype: mean and variance) per scored child and
+node summary (``1.5 * D`` values in the keys' dtype: the mean, one variance per dimension
+pair) per scored child and
 scores it with two dot products of length ``D`` per pooled row (with ``leaf_scores="keys"``, a
 child of the last level reads its ``block_size_k`` keys and takes as many dot products instead,
 counted for at most ``2 * search_width`` such children per search, the bound, since the kernel
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from hip_attn.bench.cases import BenchCase
-from hip_attn.geometry import query_blocks, search_width
+from hip_attn.geometry import query_blocks, search_width, summary_width
 from hip_attn.perf.estimator import DENSE_QUERY_TILE
 
 
@@ -137,7 +138,7 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     search = Work(
         4.0 * d * (search_dots - leaf_dots) + 2.0 * d * bk * leaf_dots,
         float(
-            int((scored64 - leaves).sum()) * 2 * d * eb  # a summary (mean, variance) per child
+            int((scored64 - leaves).sum()) * summary_width(d) * eb  # a summary per child
             + int(leaves.sum()) * bk * d * eb  # a block of keys per exactly scored child
             + sh.batch * sh.heads * n_pooled * d * eb  # each program reads its pooled rows
             + index_bytes  # the selection written
@@ -146,10 +147,11 @@ def hip_work(case: BenchCase, indices: torch.Tensor, scored: torch.Tensor) -> Hi
     pool_adds = sh.batch * sh.heads * tq * d
     pool_bytes = sh.batch * sh.heads * (tq + n_pooled) * d * eb  # read q, write pooled
     # the summary tree: every key read once (its mean, then its squared deviation: 4 FLOPs an
-    # element), ~2 summaries of 2 * D values zeroed (the allocation), then written, per block
+    # element), ~2 summaries zeroed (the allocation), then written, per block
     n_blocks = tk // cfg.block_size_k
     tree_ops = sh.batch * sh.kv_heads * n_blocks * cfg.block_size_k * 4 * d
-    tree_bytes = sh.batch * sh.kv_heads * (n_blocks * cfg.block_size_k + 8 * n_blocks) * d * eb
+    tree_elems = n_blocks * (cfg.block_size_k * d + 4 * summary_width(d))
+    tree_bytes = sh.batch * sh.kv_heads * tree_elems * eb
     prep = Work(float(pool_adds + tree_ops), float(pool_bytes + tree_bytes))
     return HipWork(
         sparse=sparse,

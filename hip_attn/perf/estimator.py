@@ -277,11 +277,11 @@ class Scenario:
     @property
     def rep_bytes_per_token_per_gpu(self) -> float:
         """HiP's search summary tree: per ``block_size_k`` tokens about two nodes (one per
-        level, halving) of ``2 * D`` values (mean and variance), i.e. half the keys' bytes at
-        ``block_size_k = 8``."""
+        level, halving) of ``1.5 * D`` values (:data:`SUMMARY_VECTORS`), i.e. 3/8 of the keys'
+        bytes at ``block_size_k = 8``."""
         m = self.model
         key_bytes = m.layers * self.kv_heads_per_gpu * m.head_dim * self.kv_bytes_per_elem
-        return 4 * key_bytes / self.hip.block_size_k
+        return 2 * SUMMARY_VECTORS * key_bytes / self.hip.block_size_k
 
     def prefill_chunks(self, seq_len: int) -> int:
         """Prefill passes of a ``seq_len``-token prompt."""
@@ -338,13 +338,30 @@ def search_levels(candidate_blocks: int, budget_blocks: int, beam: int = 1) -> i
     return max(1, level)
 
 
+#: Key-sized vectors (``D`` values) in one node summary: the mean, then one variance per
+#: dimension pair (``hip_attn.geometry.summary_width``).
+SUMMARY_VECTORS = 1.5
+
+
+def search_vectors(candidate_blocks: int, cfg: HiPConfig) -> float:
+    """Key-sized vectors one search loads, at most: a summary (:data:`SUMMARY_VECTORS`) per
+    child it scores (:func:`search_estimates`), a last-level child's ``block_size_k`` keys
+    instead with ``leaf_scores="keys"`` (``hip_attn.geometry.search_reads``)."""
+    budget, n = cfg.blocks_per_query_block, candidate_blocks
+    levels = search_levels(n, budget, cfg.beam)
+    if not levels:
+        return 0.0
+    children = 2 * search_width(n, budget, cfg.beam)
+    leaf = cfg.block_size_k if cfg.leaf_scores == "keys" else SUMMARY_VECTORS
+    return SUMMARY_VECTORS * children * (levels - 1) + min(n, children) * leaf
+
+
 def search_estimates(candidate_blocks: int, cfg: HiPConfig) -> float:
-    """Node estimates one search makes per pooled query row, at most, which is also the
-    summary-sized loads it makes: two children per node of the search width per level
-    (:func:`search_levels`), the last level's at most ``N`` (single blocks). With
-    ``leaf_scores="keys"`` a child of the last level reads its ``block_size_k`` keys and takes
-    as many dot products instead of one ``2 * D`` summary and two: ``block_size_k / 2``
-    estimates' worth."""
+    """Node estimates one search makes per pooled query row, at most (two dot products of
+    ``D`` each): two children per node of the search width per level (:func:`search_levels`),
+    the last level's at most ``N`` (single blocks). With ``leaf_scores="keys"`` a child of the
+    last level takes its ``block_size_k`` keys' dot products instead of two:
+    ``block_size_k / 2`` estimates' worth."""
     budget, n = cfg.blocks_per_query_block, candidate_blocks
     levels = search_levels(n, budget, cfg.beam)
     if not levels:
@@ -379,7 +396,8 @@ class HipPrefillCounts:
         key_visits: sum over query rows of the keys each row attends (QK and PV pairs).
         key_reads: sum over query blocks of the distinct keys each block loads.
         search_dots: node estimates (two dot products of ``D`` each), summed over pooled query rows.
-        rep_reads: node summaries loaded, summed over query blocks.
+        rep_reads: key-sized vectors the searches load (:func:`search_vectors`), summed over
+            query blocks.
         selected_tokens: tokens selected by the search, summed over query blocks.
         leaf_tokens: tokens of the leaf candidates the search reads the keys of but does not
             select, summed over query blocks (:func:`leaf_candidates` less ``G`` blocks).
@@ -401,7 +419,8 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
     ``block_size_k`` tokens, and the window ``[max(sink, s - window), e)`` causally, where
     ``N = (s - window - sink) // block_size_k`` candidate blocks and ``G = k / block_size_k``.
     Blocks with ``e <= dense_threshold`` run dense. When ``N > G`` the search costs at most
-    ``2 * width`` node estimates per level and pooled query row (:func:`search_estimates`).
+    ``2 * width`` node estimates per level and pooled query row (:func:`search_estimates`),
+    reading :func:`search_vectors` key-sized vectors.
     """
     bq, bk, budget = cfg.block_size_q, cfg.block_size_k, cfg.blocks_per_query_block
     sink, window, threshold = cfg.sink_tokens, cfg.window, cfg.effective_dense_threshold
@@ -423,9 +442,8 @@ def hip_prefill_counts(seq_len: int, cfg: HiPConfig) -> HipPrefillCounts:
         window_visits = _sum_range(first - w0, end - w0)
         visits += sink_visits + (end - start) * sel + window_visits
         reads += min(end, sink) + sel + max(0, end - w0)
-        per_row = search_estimates(n_cand, cfg)
-        dots += -(-(end - start) // cfg.query_pool_stride) * per_row
-        reps += per_row
+        dots += -(-(end - start) // cfg.query_pool_stride) * search_estimates(n_cand, cfg)
+        reps += search_vectors(n_cand, cfg)
         selected += sel
         leaf += _unselected_leaves(n_cand, cfg) * bk
     return HipPrefillCounts(visits, reads, dots, reps, selected, leaf)
@@ -438,8 +456,10 @@ class HipDecodeCounts:
     Attributes:
         keys: KV tokens read by attention (sinks + selected + window, or all when dense).
         selected_tokens: tokens of the selected blocks (what offload may miss).
-        rep_reads: node summaries the search reads when it runs (every
-            ``refresh_interval`` steps).
+        rep_reads: key-sized vectors the search reads when it runs (every
+            ``refresh_interval`` steps; :func:`search_vectors`).
+        search_estimates: node estimates it makes per query row then
+            (:func:`search_estimates`).
         leaf_tokens: tokens of the leaf candidates the search reads the keys of but does not
             select when it runs (:func:`leaf_candidates` less ``G`` blocks).
     """
@@ -447,12 +467,13 @@ class HipDecodeCounts:
     keys: float
     selected_tokens: int
     rep_reads: float
+    search_estimates: float = 0.0
     leaf_tokens: int = 0
 
 
 def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
     """Tokens one HiP decode step reads at ``context`` cached tokens (dense at or below the
-    dense threshold), and the node summaries its search reads."""
+    dense threshold), and what its search reads and estimates."""
     if context <= cfg.effective_dense_threshold:
         return HipDecodeCounts(context, 0, 0)
     sink, window, bk, budget = (
@@ -465,7 +486,9 @@ def hip_decode_counts(context: float, cfg: HiPConfig) -> HipDecodeCounts:
     sel = min(n_cand, budget) * bk
     keys = min(context, sink) + sel + (context - max(sink, context - window))
     leaf = _unselected_leaves(n_cand, cfg) * bk
-    return HipDecodeCounts(keys, sel, search_estimates(n_cand, cfg), leaf)
+    return HipDecodeCounts(
+        keys, sel, search_vectors(n_cand, cfg), search_estimates(n_cand, cfg), leaf
+    )
 
 
 # ---- operators ------------------------------------------------------------------------------
@@ -547,14 +570,15 @@ def _search_chain_s(sc: Scenario, levels: int) -> float:
 def _search_op(
     sc: Scenario, phase: str, dots: float, rep_reads: float, latency_s: float, kernels: float
 ) -> Operator:
-    """HiP's node scoring: ``dots`` estimates per query head (``2 * D`` multiply-adds each),
-    ``rep_reads`` summaries loaded per searching head (KV heads with ``kv_group`` sharing, else
-    query heads), each a random ``2 * D``-element run (exact leaves' key blocks, longer runs,
-    counted as summaries of the same bytes: :func:`search_estimates`); ``latency_s`` and
-    ``kernels`` per layer."""
+    """HiP's node scoring: ``dots`` estimates per query head (``2 * D`` multiply-adds each: the
+    variance dot runs over every dimension), ``rep_reads`` key-sized vectors loaded per
+    searching head (KV heads with ``kv_group`` sharing, else query heads), in random runs of a
+    summary's ``1.5 * D`` elements (exact leaves' key blocks are longer runs, counted at the
+    summaries' efficiency: :func:`search_vectors`); ``latency_s`` and ``kernels`` per layer."""
     m = sc.model
     searching = sc.kv_heads_per_gpu if sc.hip.head_sharing == "kv_group" else sc.heads_per_gpu
-    key_bytes = 2 * m.head_dim * sc.kv_bytes_per_elem
+    vector_bytes = m.head_dim * sc.kv_bytes_per_elem
+    summary_bytes = SUMMARY_VECTORS * vector_bytes
     return Operator(
         "hip_search",
         phase,
@@ -563,8 +587,8 @@ def _search_op(
         * sc.batch
         * rep_reads
         * searching
-        * key_bytes
-        / gather_efficiency(key_bytes),
+        * vector_bytes
+        / gather_efficiency(summary_bytes),
         latency_s=m.layers * latency_s,
         kernels=m.layers * kernels,
     )
@@ -574,8 +598,9 @@ def _summary_tree_op(sc: Scenario, context: float) -> Operator:
     """The search summary tree's upkeep (``hip_attn.geometry.node_summaries``). A prefill builds
     it from the whole K: K read (``b_kv`` per element; the variance pass reads a block again
     while it is in cache), 4 FLOPs per element (the sum, then a difference squared and summed),
-    about ``4 / bk`` summary elements per key element zeroed at allocation and as many written,
-    and those above the leaves read again one level up (``2 / bk``). Decode extends it by the
+    about ``3 / bk`` summary elements per key element zeroed at allocation (two nodes of
+    :data:`SUMMARY_VECTORS` ``* D`` per block) and as many written, and those above the leaves
+    read again one level up (``1.5 / bk``). Decode extends it by the
     block a step completes (kept in the decode state): nothing that grows with the context,
     counted as free. Its launches are in the :class:`LaunchProfile` counts."""
     m, b, bk = sc.model, sc.kv_bytes_per_elem, sc.hip.block_size_k
@@ -584,7 +609,7 @@ def _summary_tree_op(sc: Scenario, context: float) -> Operator:
         "hip_representatives",
         "prefill",
         flops=m.layers * sc.batch * elems * 4,
-        hbm_bytes=m.layers * sc.batch * elems * b * (1 + 10 / bk),
+        hbm_bytes=m.layers * sc.batch * elems * b * (1 + 5 * SUMMARY_VECTORS / bk),
     )
 
 
@@ -834,7 +859,7 @@ def _decode_step(sc: Scenario, mode: Mode, context: float) -> PhaseCost:
             extra = lp.hip_decode_refresh - lp.hip_decode_reuse
             ops.append(
                 _search_op(
-                    sc, "decode", c.rep_reads / refresh, c.rep_reads / refresh,
+                    sc, "decode", c.search_estimates / refresh, c.rep_reads / refresh,
                     (extra * launch + _search_chain_s(sc, levels)) / refresh, extra / refresh,
                 )
             )  # fmt: skip
