@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_session.sh install-and-test   # install, CUDA test suite, aot on the real arch
 #   bash bench/gpu_session.sh bench              # prefill + decode against SDPA and flex
-#   bash bench/gpu_session.sh quality            # the same for the README's quality setting, and offloaded
+#   bash bench/gpu_session.sh lighter            # the same for the README's lighter search, and offloaded
 #   bash bench/gpu_session.sh offload            # KV offload memory growth and decode latency
 #   bash bench/gpu_session.sh generate           # a model's decode: dense, HiP, HiP in a CUDA graph
 #
@@ -14,7 +14,7 @@
 # package first: a GPU machine may be fresh at each call. No downloads happen: the GPU image
 # must already hold torch, triton and (for the model tests) transformers.
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_session.sh install-and-test|bench|quality|offload|generate}"
+step="${1:?usage: bash bench/gpu_session.sh install-and-test|bench|lighter|offload|generate}"
 out="${OUT:-bench/results/session}"
 mkdir -p "$out"
 unset TRITON_INTERPRET
@@ -48,13 +48,12 @@ bench)
     "$py" -m hip_attn.cli bench prefill --context 8k,32k,128k --plot 2>&1 | tee "$out/prefill.log" | tail -20
     "$py" -m hip_attn.cli bench decode --context 8k,128k,512k,1m --plot 2>&1 | tee "$out/decode.log" | tail -20
     ;;
-quality)
-    # a wider search, unpooled rows, leaves ranked by their keys (issue 13)
-    q=(--beam 2 --query-pool-stride 1 --leaf-scores keys)
-    "$py" -m hip_attn.cli bench prefill --context 8k,32k,128k "${q[@]}" 2>&1 | tee "$out/quality-prefill.log" | tail -20
-    "$py" -m hip_attn.cli bench decode --context 8k,128k,1m "${q[@]}" 2>&1 | tee "$out/quality-decode.log" | tail -20
-    # offloaded: the search fetches its leaf candidates into the block cache before ranking them
-    "$py" -m hip_attn.cli bench offload --parts decode --context 128k "${q[@]}" 2>&1 | tee "$out/quality-offload.log" | tail -20
+lighter)
+    # the defaults before session 19: one node per selected block, pooled rows, summary leaves
+    q=(--beam 1 --query-pool-stride 2 --leaf-scores summary)
+    "$py" -m hip_attn.cli bench prefill --context 8k,32k,128k "${q[@]}" 2>&1 | tee "$out/lighter-prefill.log" | tail -20
+    "$py" -m hip_attn.cli bench decode --context 8k,128k,1m "${q[@]}" 2>&1 | tee "$out/lighter-decode.log" | tail -20
+    "$py" -m hip_attn.cli bench offload --parts decode --context 128k "${q[@]}" 2>&1 | tee "$out/lighter-offload.log" | tail -20
     ;;
 offload)
     "$py" -m hip_attn.cli bench offload --plot 2>&1 | tee "$out/offload.log" | tail -20

@@ -23,9 +23,9 @@ def test_every_quick_variant_compiles_for_sm90_without_spilling():
     assert done.returncode == 0, done.stdout + done.stderr
     rows = re.findall(r"^\s+(_\w+_kernel)\s+([\dx]+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout, re.M)
     kernels = [name for name, *_ in rows]
-    # the offloaded quality setting searches in two launches (candidates, then their keys);
+    # the offloaded default searches in two launches (candidates, then their keys);
     # device decode runs with one count and with a count per sequence (stride_tk 0 and 1)
-    assert kernels.count("_hip_mask_kernel") == kernels.count("_sparse_attention_kernel") + 1 == 14
+    assert kernels.count("_hip_mask_kernel") == kernels.count("_sparse_attention_kernel") + 1 == 13
     for _, _, warps, regs, stack in rows:
         assert int(warps) >= 4 and 0 < int(regs) <= 255 and int(stack) == 0
     # decode at 1M on 132 SMs: 8 KV heads' packed tiles split into 7 key ranges
@@ -42,11 +42,11 @@ def test_aot_refuses_the_interpreter():
     )
 
 
-_QUALITY_SEARCH_ON = """
+_DEFAULT_SEARCH_ON = """
 import json, sys, torch
 from hip_attn.aot import _record_hip, compile_as_launched, compile_launch
 from hip_attn.config import HiPConfig
-cfg = HiPConfig(beam=2, query_pool_stride=1, leaf_scores="keys")
+cfg = HiPConfig()
 launches = _record_hip(1, 1, 1 << 20, torch.bfloat16, 128, cfg, 132, False)
 search = [x for x in launches if x.kernel.__name__ == "_hip_mask_kernel"][0]
 arch = int(sys.argv[1])
@@ -54,12 +54,12 @@ print(json.dumps([compile_launch(search, arch), compile_as_launched(search, arch
 """
 
 
-def test_the_quality_search_fits_sm89_by_reloading_its_variances():
-    """sm_86, sm_89 and sm_120 give a program 99 KB of shared memory: the quality setting's
-    decode search at D = 128 asks for more as launched on sm_90 (its means and variances of
-    256 children), and fits as the library launches it there, reloading the variances."""
+def test_the_default_search_fits_sm89_by_reloading_its_variances():
+    """sm_86, sm_89 and sm_120 give a program 99 KB of shared memory: the defaults' decode
+    search at D = 128 asks for more as launched on sm_90 (its means and variances of 256
+    children), and fits as the library launches it there, reloading the variances."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-c", _QUALITY_SEARCH_ON, "89"]
+    cmd = [sys.executable, "-c", _DEFAULT_SEARCH_ON, "89"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     as_on_sm90, launched = json.loads(done.stdout.splitlines()[-1])

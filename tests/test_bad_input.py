@@ -47,7 +47,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"
         (["demo", "--offload", "--cache-blocks", "0"], "argument --cache-blocks: must be >= 1"),
         (
             ["demo", "--offload", "--cache-blocks", "4"],
-            "--cache-blocks: cache_blocks must be >= k // block_size_k",
+            "--cache-blocks: cache_blocks must be >= 2 x beam x k // block_size_k (the leaf ",
         ),
         (["demo", "--cache-blocks", "64"], "--cache-blocks sizes the block cache of --offload"),
         (["accuracy", "--depth", "0.9"], "--depth: for a real model's prompt; add --model"),
@@ -174,7 +174,8 @@ CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64
          "gather"),
         ({"cache_blocks": "64"}, TypeError, "offload option cache_blocks must be int, got str"),
         ({"max_chunk": True}, TypeError, "offload option max_chunk must be int, got bool"),
-        ({"cache_blocks": 4}, ValueError, "cache_blocks must be >= k // block_size_k = 8"),
+        ({"cache_blocks": 4}, ValueError,
+         "cache_blocks must be >= 2 x beam x k // block_size_k (the leaf candidates) = 32"),
         ({"max_chunk": 48}, ValueError, "max_chunk must be a positive multiple of block_size_q"),
         ({"host_chunk_tokens": 0}, ValueError, "host_chunk_tokens must be a positive multiple"),
         ({"gather": "gpu"}, ValueError, "gather must be one of"),
@@ -189,7 +190,7 @@ def test_patch_checks_offload_options(model, options, error, needle):
 
 
 def test_patch_accepts_good_offload_options(model):
-    options = {"cache_blocks": 8, "max_chunk": 64, "host_chunk_tokens": 64, "gather": "torch"}
+    options = {"cache_blocks": 32, "max_chunk": 64, "host_chunk_tokens": 64, "gather": "torch"}
     try:
         hip_attn.patch(model, CFG, offload=True, offload_options=options)
         assert is_patched(model) and "generate" in model.__dict__

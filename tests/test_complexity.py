@@ -13,7 +13,9 @@ from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_trito
 from hip_attn.triton_kernels.mask import estimate_mask_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CFG = HiPConfig(k=64, block_size_q=64, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
+# the lighter search: summaries at the leaves (the search kernel reads the tree alone)
+CFG = HiPConfig(k=64, block_size_q=64, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0,
+                beam=1, query_pool_stride=2, leaf_scores="summary")  # fmt: skip
 
 
 def test_prefill_never_allocates_a_t_by_t_matrix(rand_qkv):

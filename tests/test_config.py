@@ -5,9 +5,10 @@ from hip_attn import HiPConfig
 
 def test_defaults_follow_the_design():
     cfg = HiPConfig()
-    assert (cfg.k, cfg.block_size_q, cfg.block_size_k, cfg.query_pool_stride) == (512, 64, 8, 2)
+    assert (cfg.k, cfg.block_size_q, cfg.block_size_k, cfg.query_pool_stride) == (512, 64, 8, 1)
     assert (cfg.sink_tokens, cfg.window, cfg.head_sharing) == (64, 256, "kv_group")
-    assert cfg.leaf_scores == "summary"
+    # the setting that finds what dense attention finds on SmolLM2 (issue 13, README)
+    assert (cfg.beam, cfg.leaf_scores) == (2, "keys")
     assert cfg.blocks_per_query_block == 64
     assert cfg.replace(k=1024).blocks_per_query_block == 128
 

@@ -111,7 +111,7 @@ def test_hip_and_hip_offload_with_a_covering_budget_match_dense(lm, monkeypatch)
         ppl_tokens=384,  # two windows: the second scores only its last 128 tokens
         ppl_window=256,
         ppl_stride=128,
-        offload=OffloadOptions(cache_blocks=64, max_chunk=128),
+        offload=OffloadOptions(cache_blocks=128, max_chunk=128),  # 2 x beam x G leaf candidates
     )
     ppl = result["perplexity"]["results"]
     assert set(ppl) == {"dense", "hip", "hip+offload"}
@@ -127,7 +127,7 @@ def test_hip_and_hip_offload_with_a_covering_budget_match_dense(lm, monkeypatch)
     # offload ran, in calls of at most max_chunk queries, each on both layers: passkey prefill
     # 2 x 128 and 2 decode steps (the last token is never fed back), perplexity 2 windows x 2
     assert calls == [128] * 2 * 2 + [1] * 2 * 2 + [128] * 4 * 2
-    assert result["offload"] == {"cache_blocks": 64, "max_chunk": 128}
+    assert result["offload"] == {"cache_blocks": 128, "max_chunk": 128}
     json.dumps(result)
 
 
@@ -213,8 +213,9 @@ def test_eval_cli_random_model_json_records_the_offload_options(capsys):
     [
         (["--offload-chunk", "100"], "--offload-chunk must be a multiple of --block-size-q (64)"),
         (["--offload-chunk", "64"], "larger than it"),
-        (["--cache-blocks", "8"], "--cache-blocks 8 cannot hold the 64 blocks"),
-        (["--cache-blocks", "16", "--head-sharing", "head"], "cannot hold the 128 blocks"),
+        # the defaults' search ranks 2 x beam x k // block_size_k leaf candidates at once
+        (["--cache-blocks", "8"], "--cache-blocks 8 cannot hold the 256 blocks"),
+        (["--cache-blocks", "16", "--head-sharing", "head"], "cannot hold the 512 blocks"),
     ],
 )
 def test_eval_refuses_offload_options_it_cannot_run_with(flags, needle, capsys):

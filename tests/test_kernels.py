@@ -38,7 +38,10 @@ from tests import interpreter_sort
 from tests.test_reference import focused_row_case, vote_scale_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
+# the lighter search (one node per selected block, pooled rows, summaries at the leaves); keys
+# at the leaves, the defaults' last level, have tests of their own
+CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0,
+                beam=1, query_pool_stride=2, leaf_scores="summary")  # fmt: skip
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -549,6 +552,6 @@ def test_the_search_extends_the_tree_itself_only_with_summaries_and_a_selection_
     """One program per tree row can extend it in the search kernel; with keys at the leaves
     that kernel would spill beside the extension (``hip-attn aot``, sm_90, D=128), so the
     extension gets a launch of its own there, as where several programs read one tree."""
-    assert mask.fuses_extension(HiPConfig(), 8, 8)
-    assert not mask.fuses_extension(HiPConfig(leaf_scores="keys"), 8, 8)
-    assert not mask.fuses_extension(HiPConfig(head_sharing="head"), 32, 8)
+    assert mask.fuses_extension(HiPConfig(leaf_scores="summary"), 8, 8)
+    assert not mask.fuses_extension(HiPConfig(), 8, 8)  # keys at the leaves
+    assert not mask.fuses_extension(HiPConfig(head_sharing="head", leaf_scores="summary"), 32, 8)

@@ -16,8 +16,11 @@ from hip_attn.offload.gather import gather_torch
 from hip_attn.triton_kernels import mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the lighter search (summaries at the leaves: the search reads only the tree); tests of keys at
+# the leaves, the defaults' last level, replace leaf_scores
 CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
-                refresh_interval=4, dense_threshold=0)  # fmt: skip
+                refresh_interval=4, dense_threshold=0, beam=1, query_pool_stride=2,
+                leaf_scores="summary")  # fmt: skip
 
 
 def qkv(b, hq, hkv, t, d=64, seed=0):

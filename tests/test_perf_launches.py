@@ -209,19 +209,20 @@ def test_decode_step_writes_do_not_grow_with_the_context(counter: _Kernels, cach
         assert min(growth) >= 1200 * 2 * 2 * 16 * 4 * 2, written
 
 
-@pytest.mark.parametrize("quality", [False, True], ids=["default", "quality-setting"])
+@pytest.mark.parametrize("summary_leaves", [False, True], ids=["default", "summary-leaves"])
 def test_device_decode_launches_the_same_way_at_every_step(
-    counter: _Kernels, quality: bool
+    counter: _Kernels, summary_leaves: bool
 ) -> None:
     """hip_attention(..., length=): after the step that sets the state up, every step (reusing
     or refreshing) makes the same launches with the same arguments, reads nothing back, runs
     no PyTorch op and allocates only its output: what a CUDA graph can capture once and
-    replay. The README's quality setting (keys at the leaves) extends the tree in a launch of
-    its own first (``fuses_extension``)."""
+    replay. The default (keys at the leaves) extends the tree in a launch of its own first;
+    with summaries at the leaves the search kernel extends it (``fuses_extension``)."""
     from hip_attn import HiPConfig
     from hip_attn.attention import HiPDecodeState, hip_attention
 
-    config = HiPConfig(beam=2, query_pool_stride=1, leaf_scores="keys") if quality else None
+    lighter = HiPConfig(beam=1, query_pool_stride=2, leaf_scores="summary")
+    config = lighter if summary_leaves else None
     q, k, v = _qkv(1, 8192, 32, 8)  # buffers for 8K tokens
     state = HiPDecodeState()
     prompt, _, _ = _qkv(128, 4095, 32, 8)
@@ -239,7 +240,7 @@ def test_device_decode_launches_the_same_way_at_every_step(
     _, *rest = steps
     assert all(b is buffers[0] for b in buffers)  # set up once, then only read and updated
     names = [name for name, *_ in rest[0][2]]
-    extension = ["_extend_tree_kernel"] if quality else []
+    extension = [] if summary_leaves else ["_extend_tree_kernel"]
     assert names == [*extension, "_hip_mask_kernel", "_sparse_attention_kernel",
                      "_merge_splits_kernel"]  # fmt: skip
     for count, syncs, launches, allocations in rest:
@@ -294,9 +295,9 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
     assert int(step.position) == 613
     first = steps[0]
     # one layer's device decode (a context this short needs no split-K merge), the whole batch
-    # in each launch
+    # in each launch: the tree's extension (keys at the leaves), the search, the attention
     grids = [(name, tuple(grid)) for name, grid, *_ in first[2]]
-    assert grids == [("_hip_mask_kernel", (1, batch * 2)),
+    assert grids == [("_extend_tree_kernel", (1, batch * 2)), ("_hip_mask_kernel", (1, batch * 2)),
                      ("_sparse_attention_kernel", (batch * 2, 1, 1))]  # fmt: skip
     assert any("scaled_dot_product" in op for op, *_ in first[1])  # the dense layer
     assert any("exponential" in op for op, *_ in first[1]) == sample

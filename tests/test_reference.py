@@ -20,7 +20,10 @@ from hip_attn.reference import (
     hip_attention_reference,
 )
 
-CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0)
+# the lighter search (one node per selected block, pooled rows, summaries at the leaves); keys
+# at the leaves, the defaults' last level, have tests of their own
+CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64, dense_threshold=0,
+                beam=1, query_pool_stride=2, leaf_scores="summary")  # fmt: skip
 
 
 def test_geometry_parts_are_disjoint_and_cover_the_causal_prefix():

@@ -536,7 +536,7 @@ MAX_TILE = 4096
 
 #: Search kernel variants (device, input dtypes, launch constants) with 16-bit operands that
 #: needed more shared memory than their device has: they launch with
-#: :func:`reloading_variances` (``hip-attn aot --arch 89 --quick``: the quality setting at
+#: :func:`reloading_variances` (``hip-attn aot --arch 89 --quick``: the defaults' search at
 #: D = 128 takes 80 KB instead of 136 KB in bf16, 88 KB in fp16 on sm_86).
 _RELOADING: set[tuple[object, ...]] = set()
 
