@@ -37,8 +37,8 @@ class HiPConfig:
         beam: search width; levels before the last keep ``beam * G`` nodes.
             The defaults (``beam=2, query_pool_stride=1, leaf_scores="keys"``) are the setting
             that finds what dense attention finds on SmolLM2 (README "Accuracy"); ``beam=1,
-            query_pool_stride=2, leaf_scores="summary"`` reads about half as much per search
-            and loses more (+4.4% perplexity at 8K instead of +1.2%).
+            query_pool_stride=2, leaf_scores="summary"`` reads 0.39x as much per search at 64K
+            and loses more (+5.2% perplexity at 8K instead of +1.2%).
         refresh_interval: decode steps between re-estimations of the selection
             (<= ``window``, so tokens added since the last refresh sit in the window).
         dense_threshold: at or below this many keys, exact dense attention runs instead.

@@ -69,7 +69,7 @@ def add_parser(subparsers: Any) -> None:
         "--cache-blocks",
         type=count,
         help="with --offload: GPU block-cache slots per (batch, KV head), at least "
-        "--hip-k / --block-size-k (512)",
+        "--hip-k / --block-size-k, times 2 x --beam with --leaf-scores keys, the default (512)",
     )
     add_device_arguments(p)
     add_hip_arguments(p, title="HiP configuration (defaults: HiPConfig(k=256))", defaults=_BASE)

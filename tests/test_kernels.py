@@ -555,3 +555,21 @@ def test_the_search_extends_the_tree_itself_only_with_summaries_and_a_selection_
     assert mask.fuses_extension(HiPConfig(leaf_scores="summary"), 8, 8)
     assert not mask.fuses_extension(HiPConfig(), 8, 8)  # keys at the leaves
     assert not mask.fuses_extension(HiPConfig(head_sharing="head", leaf_scores="summary"), 32, 8)
+
+
+@pytest.mark.parametrize("leaves", ["summary", "keys"])
+def test_tree_and_search_kernels_at_a_head_dim_not_a_power_of_two(rand_qkv, leaves):
+    """D = 80: the tree kernel's half tiles (40 of 64 lanes) and the search's pair-variance
+    loads are masked, and both still equal the reference bit for bit."""
+    cfg = CFG.replace(leaf_scores=leaves)
+    q, k, _ = rand_qkv(1, 2, 1, 1, 901, 80, dtype=torch.float16, device=DEVICE, seed=80)
+    ref_tree = node_summaries(k, cfg)
+    tree = torch.zeros_like(ref_tree)
+    extend_tree_triton(tree, k, 0, cfg)
+    assert torch.equal(tree, ref_tree)
+    ref, stats = estimate_mask_reference(q, k, cfg)
+    out, scored = estimate_mask_triton(q, tree, 901, cfg, 1, 80**-0.5, keys=k,
+                                       done=tree_blocks(901, cfg))  # fmt: skip
+    assert stats.scored.max() > 0
+    torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)

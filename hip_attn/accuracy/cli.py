@@ -63,8 +63,9 @@ _ACCURACY_EPILOG = """metrics (per method and context, over the sampled query bl
   out rel err    ||o - o_dense|| / ||o_dense|| of the attention output
   keys/query     keys in each query's softmax (the same budget for every sparse method)
   select reads   key-sized vectors the selection itself reads per query block and KV head
-                 (HiP: a bound, 2 summaries per child, 2*width children per level, the
-                 last level's at most N; quest: min+max of every candidate block;
+                 (HiP: a bound, 1.5 vectors a node summary, 2*width children per level,
+                 the last level's at most N, each its block_size_k keys with --leaf-scores
+                 keys, the default; quest: min+max of every candidate block;
                  oracle: every key, it needs the true attention; exact: every candidate key)
   *              the best sparse method of the context (dense, oracle and exact excluded)
 
@@ -339,7 +340,7 @@ def _add_eval(subparsers: Any) -> None:
         default=2048,
         metavar="N",
         help="block-cache slots per (batch, KV head) on the device; at least --hip-k / "
-        "--block-size-k (default: 2048)",
+        "--block-size-k, times 2 x --beam with --leaf-scores keys (the default) (default: 2048)",
     )
     off.add_argument(
         "--offload-chunk",

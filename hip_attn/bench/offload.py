@@ -35,7 +35,7 @@ from hip_attn.attention import HiPDecodeState, hip_attention
 from hip_attn.bench.cases import OffloadPlan
 from hip_attn.bench.runner import backend_label, failure_entry, timing_label
 from hip_attn.bench.timing import L2_FLUSH_BYTES, StepClock, summarize
-from hip_attn.geometry import tree_blocks, tree_rows
+from hip_attn.geometry import summary_width, tree_blocks, tree_rows
 from hip_attn.offload import OffloadedKV
 from hip_attn.perf.units import fmt_bytes, short_tokens
 
@@ -330,7 +330,7 @@ def _memory_at(plan: OffloadPlan, context: int, device: torch.device, seed: int)
     sh, cfg = plan.shape, plan.config
     tokens = layer.length
     rows = tree_rows(tree_blocks(tokens, cfg))
-    rep_used = sh.batch * sh.kv_heads * rows * 2 * sh.head_dim * rep.element_size()
+    rep_used = sh.batch * sh.kv_heads * rows * summary_width(sh.head_dim) * rep.element_size()
     entry: dict[str, Any] = {
         "context": context,
         "tokens": tokens,
