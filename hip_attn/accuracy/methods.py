@@ -33,19 +33,15 @@ selection head (the attention itself reads sinks + ``k`` + window for all but ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from hip_attn.config import HiPConfig
-from hip_attn.geometry import (
-    first_candidate_block,
-    pool_queries,
-    search_levels,
-    search_width,
-    vote_shares,
-)
+from hip_attn.geometry import first_candidate_block, pool_queries, vote_shares
+from hip_attn.perf.estimator import search_vectors
 
 
 @dataclass
@@ -198,17 +194,11 @@ def select_exact(block: QueryBlock, config: HiPConfig) -> Selection:
 
 
 def hip_search_reads(n_candidates: int, config: HiPConfig) -> int:
-    """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks:
-    two children per node of the search width per level, each a summary of 1.5 vectors (the
-    mean, one variance per dimension pair), the last level's at most ``N`` (single blocks),
-    with ``leaf_scores="keys"`` each its ``block_size_k`` keys (rounded up to whole vectors)."""
-    levels = search_levels(n_candidates, config)
-    if not levels:
-        return 0
-    children = 2 * search_width(n_candidates, config)
-    leaves = min(n_candidates, children)
-    leaf = 2 * config.block_size_k if config.leaf_scores == "keys" else 3  # in half vectors
-    return -(-(3 * children * (levels - 1) + leaves * leaf) // 2)
+    """Upper bound on the key-sized vectors HiP's search reads for ``n_candidates`` blocks, in
+    whole vectors: the roofline's count (:func:`hip_attn.perf.estimator.search_vectors`: 1.5
+    vectors a node summary, with ``leaf_scores="keys"`` a last-level child's
+    ``block_size_k`` keys)."""
+    return math.ceil(search_vectors(n_candidates, config))
 
 
 def select_hip(block: QueryBlock, config: HiPConfig) -> Selection:

@@ -347,7 +347,7 @@ SUMMARY_VECTORS = 1.5
 def search_vectors(candidate_blocks: int, cfg: HiPConfig) -> float:
     """Key-sized vectors one search loads, at most: a summary (:data:`SUMMARY_VECTORS`) per
     child it scores (:func:`search_estimates`), a last-level child's ``block_size_k`` keys
-    instead with ``leaf_scores="keys"`` (``hip_attn.accuracy.methods.hip_search_reads``)."""
+    instead with ``leaf_scores="keys"`` (the accuracy harness's ``select reads``, rounded up)."""
     budget, n = cfg.blocks_per_query_block, candidate_blocks
     levels = search_levels(n, budget, cfg.beam)
     if not levels:
