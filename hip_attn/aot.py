@@ -101,7 +101,6 @@ def recorded_launches() -> Iterator[list[Launch]]:
     slots = [
         (mask, "_hip_mask_kernel"),
         (attention, "_sparse_attention_kernel"),
-        (attention, "_merge_splits_kernel"),
         (tree, "_extend_tree_kernel"),
     ]
     saved = [getattr(module, name) for module, name in slots]

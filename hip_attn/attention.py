@@ -202,6 +202,7 @@ class HiPDecodeState:
         self._length: torch.Tensor | None = None  # the device steps' key count (the caller's)
         self._per_sequence = False  # the device steps count each sequence's keys apart
         self._sequences: dict[int, HiPDecodeState] = {}  # see sequence()
+        self._scratch: dict[str, torch.Tensor] = {}  # the host-driven steps' kernel scratch
 
     def reset(self) -> None:
         self.indices = None
@@ -567,12 +568,13 @@ def _sparse(
     indices: torch.Tensor,
     config: HiPConfig,
     scale: float,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     if not uses_triton(q.device):
         return hip_attention_reference(q, k, v, config, scale=scale, indices=indices)
     from hip_attn.triton_kernels.attention import KVSegments
 
-    return launch_sparse(q, KVSegments.full(k, v), k.shape[2], indices, config, scale)
+    return launch_sparse(q, KVSegments.full(k, v), k.shape[2], indices, config, scale, scratch)
 
 
 def launch_sparse(
@@ -586,7 +588,7 @@ def launch_sparse(
 ) -> torch.Tensor:
     """The sparse attention kernel with the launch shape for this call: for decode (one query
     block) the query heads of a selection share a tile and the key range is split (the split
-    partials kept in ``scratch`` when given)."""
+    partials and arrival counters kept in ``scratch`` when given)."""
     from hip_attn.triton_kernels.attention import sparse_attention_triton
 
     b, hq, tq, _ = q.shape
@@ -672,7 +674,7 @@ def hip_attention(
         return search_tree(q, tree, k.shape[2], config, scale, k)
 
     indices = select_blocks(q, search, k.shape[2], config, state, k.shape[1])
-    return _sparse(q, k, v, indices, config, scale)
+    return _sparse(q, k, v, indices, config, scale, None if state is None else state._scratch)
 
 
 def _device_decode(

@@ -7,7 +7,8 @@ heads (rows of the tile are ``(head, query)`` pairs, so with ``head_sharing="kv_
 step reads each selected key once for the whole GQA group) and walks a virtual list of key tiles:
 the sink tiles, then the selected blocks gathered ``BLOCK_N`` tokens at a time, then the window
 tiles. With ``num_splits > 1`` (flash-decoding) the tile list is cut into contiguous ranges, one
-program each, whose unnormalized partial outputs are merged with their log-sum-exp. Keys are
+program each, whose unnormalized partial outputs are merged with their log-sum-exp by the last
+program of the tile to finish (an arrival counter per tile: one launch, not two). Keys are
 never repeated per query head and no score matrix larger than ``BLOCK_M x BLOCK_N`` exists.
 """
 
@@ -44,6 +45,9 @@ def _sparse_attention_kernel(
     SLOT,  # with INDIRECT: int32 like SEL, the block-cache slot holding each selected block
     OUT, stride_o_s, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D] or fp32 [S, ...]
     M_OUT, L_OUT,  # fp32 [S, B, Hq, Tq] contiguous: running max (log2 units) and sum, if SPLIT
+    # if SPLIT: the merged output [B, Hq, Tq, D] and int32 arrival counters, one per program of
+    # the splits' grid slice (zero before the launch, zero again after it)
+    FINAL, stride_f_b, stride_f_h, stride_f_t, ARRIVALS,
     tq, tk,
     stride_tk,  # with TK_ON_DEVICE: 0 for one count shared by the batch, 1 for one per sequence
     h_prog, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
@@ -68,10 +72,12 @@ def _sparse_attention_kernel(
         bh = tl.program_id(0)
         qb = tl.program_id(1)
         n_b = tl.num_programs(0) // h_prog
+        n_qb = tl.num_programs(1)
     else:
         qb = tl.program_id(0)
         bh = tl.program_id(1)
         n_b = tl.num_programs(1) // h_prog
+        n_qb = tl.num_programs(0)
     split = tl.program_id(2)
     b = (bh // h_prog).to(OFFSET)
     tk = keys_in_use(tk, TK_ON_DEVICE, b * stride_tk)
@@ -163,18 +169,49 @@ def _sparse_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
+    tile_ok = row_ok[:, None] & dim_ok[None, :]
     out = OUT + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
     if SPLIT:
-        tl.store(out[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(out[:, None] + dims[None, :], acc, mask=tile_ok)
         stat = ((split * n_b + b) * h_prog * HEADS + head) * tq + t
         tl.store(M_OUT + stat, m_i, mask=row_ok)
         tl.store(L_OUT + stat, l_i, mask=row_ok)
+        # the last of the tile's splits to finish merges them all (no second launch): the
+        # barrier orders every thread's stores before the arrival's release, the merging
+        # program reads the others' partials after acquiring it (from L2: .cg)
+        tl.debug_barrier()
+        arrival = ARRIVALS + bh * n_qb + qb
+        if tl.atomic_add(arrival, 1, sem="acq_rel") == num_splits - 1:
+            tl.store(arrival, 0)  # for the next launch, which runs after this one
+            split_stat = stat - split * n_b * h_prog * HEADS * tq  # split 0's
+            stat_stride = n_b * h_prog * HEADS * tq
+            m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            num = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+            den = tl.zeros([BLOCK_M], tl.float32)
+            part = out - split * stride_o_s
+            # online over the splits, as over key tiles above (one pass: a first pass for the
+            # maximum, as merge_partials takes it, spilled registers on sm_90)
+            for s in range(num_splits):
+                m_s = tl.load(M_OUT + split_stat + s * stat_stride, mask=row_ok,
+                              other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+                m_new = tl.maximum(m_max, m_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet
+                alpha = tl.exp2(m_max - m_safe)
+                weight = tl.exp2(m_s - m_safe)
+                l_s = tl.load(L_OUT + split_stat + s * stat_stride, mask=row_ok, other=0.0,
+                              cache_modifier=".cg")  # fmt: skip
+                den = den * alpha + weight * l_s
+                acc_s = tl.load(part[:, None] + s * stride_o_s + dims[None, :], mask=tile_ok,
+                                other=0.0, cache_modifier=".cg")  # fmt: skip
+                num = num * alpha[:, None] + weight[:, None] * acc_s
+                m_max = m_new
+            den = tl.where(row_ok, den, 1.0)
+            final = FINAL + b * stride_f_b + head * stride_f_h + t * stride_f_t
+            merged = (num / den[:, None]).to(FINAL.dtype.element_ty)
+            tl.store(final[:, None] + dims[None, :], merged, mask=tile_ok)
     else:
-        tl.store(
-            out[:, None] + dims[None, :],
-            (acc / l_i[:, None]).to(OUT.dtype.element_ty),
-            mask=row_ok[:, None] & dim_ok[None, :],
-        )
+        tl.store(out[:, None] + dims[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
+                 mask=tile_ok)  # fmt: skip
 
 
 @dataclass
@@ -245,9 +282,11 @@ def sparse_attention_triton(
     launch reads nothing from the device and runs no other op.
     ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
     needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
-    key tiles into that many ranges merged by a second kernel (flash-decoding). The result is
-    written into ``out`` when given (shape and dtype of ``q``); the split partials are kept in
-    ``scratch`` when given (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`)."""
+    key tiles into that many ranges (flash-decoding), which the last of them to finish merges
+    in the same launch. The result is written into ``out`` when given (shape and dtype of
+    ``q``); the split partials and the arrival counters are kept in ``scratch`` when given
+    (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`; a split launch without it zeroes
+    fresh counters first, one fill)."""
     b, hq, tq, d = q.shape
     hkv = kv.sel_k.shape[1]
     h_sel, n_qb, width = indices.shape[1:]
@@ -283,6 +322,13 @@ def sparse_attention_triton(
     heads_first = n_qb <= MAX_QUERY_BLOCKS
     programs = b * hq // heads_per_program
     grid = (programs, n_qb, num_splits) if heads_first else (n_qb, programs, num_splits)
+    arrivals = (
+        scratch_tensor(
+            scratch, "split_arrivals", (programs * n_qb,), torch.int32, q.device, zeroed=True
+        )
+        if split
+        else indices  # unused without splits
+    )
     _sparse_attention_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *kv.launch_args(),
@@ -290,6 +336,7 @@ def sparse_attention_triton(
         slots,
         dest, *o_strides,
         row_max, row_sum,
+        final, *final.stride()[:3], arrivals,
         tq, tk, count_stride(tk, b), hq // heads_per_program, rows_per_head, hq // hkv, hq // h_sel,
         config.sink_tokens, config.window, width, kv.window_offset, scale * _LOG2E, num_splits,
         HEADS=heads_per_program,
@@ -308,43 +355,13 @@ def sparse_attention_triton(
         TK_ON_DEVICE=isinstance(tk, torch.Tensor),
         HEADS_FIRST=heads_first,
     )  # fmt: skip
-    if split:
-        _merge_splits_kernel[(b * hq * tq,)](
-            dest, row_max, row_sum, final, *final.stride()[:3], hq, tq, num_splits,
-            D=d, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        )  # fmt: skip
     return final
 
 
-@triton.jit
-def _merge_splits_kernel(
-    ACC, M, L,  # fp32 [S, B, Hq, Tq, D] and [S, B, Hq, Tq], contiguous
-    OUT, stride_o_b, stride_o_h, stride_o_t,  # [B, Hq, Tq, D]
-    hq, tq, num_splits,
-    D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):  # fmt: skip
-    """One output row from its split partials. Reference: :func:`merge_partials`."""
-    row = tl.program_id(0)
-    rows = tl.num_programs(0)
-    splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, D_PAD)
-    ok = splits < num_splits
-    stat = splits.to(tl.int64) * rows + row
-    m = tl.load(M + stat, mask=ok, other=float("-inf"))
-    m_max = tl.max(m, axis=0)
-    weight = tl.where(ok, tl.exp2(m - m_max), 0.0)
-    acc = tl.load(ACC + stat[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :],
-                  other=0.0)  # fmt: skip
-    den = tl.sum(weight * tl.load(L + stat, mask=ok, other=0.0), axis=0)
-    o = tl.sum(weight[:, None] * acc, axis=0) / den
-    b, h, t = row // (hq * tq), (row // tq) % hq, row % tq
-    out = OUT + b.to(tl.int64) * stride_o_b + h * stride_o_h + t * stride_o_t
-    tl.store(out + dims, o.to(OUT.dtype.element_ty), mask=dims < D)
-
-
 def merge_partials(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
-    """What the split merge kernel computes: the combination of split partials ``acc``
-    ``[S, ..., D]`` (unnormalized outputs), ``row_max`` ``[S, ...]`` (their running maxima in log2
-    units, ``-inf`` for a split that saw no key) and ``row_sum`` (their softmax denominators)."""
+    """What the last split of a tile to finish computes in the sparse kernel (there online,
+    split by split): the combination of split partials ``acc`` ``[S, ..., D]`` (unnormalized
+    outputs), ``row_max`` ``[S, ...]`` (their running maxima in log2 units, ``-inf`` for a split
+    that saw no key) and ``row_sum`` (their softmax denominators)."""
     weight = torch.exp2(row_max - row_max.amax(dim=0, keepdim=True))
     return (weight[..., None] * acc).sum(dim=0) / (weight * row_sum).sum(dim=0)[..., None]

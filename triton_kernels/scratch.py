@@ -12,9 +12,12 @@ def scratch_tensor(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
+    *,
+    zeroed: bool = False,
 ) -> torch.Tensor:
     """``scratch[name]`` when it has this shape, dtype and device; otherwise a new tensor
-    (kept in ``scratch`` when one is given). The contents are not initialized."""
+    (kept in ``scratch`` when one is given), uninitialized or, with ``zeroed``, zeros (counters
+    the kernels leave at zero for the next launch)."""
     held = None if scratch is None else scratch.get(name)
     if (
         held is not None
@@ -23,7 +26,7 @@ def scratch_tensor(
         and held.device == device
     ):
         return held
-    fresh = torch.empty(shape, dtype=dtype, device=device)
+    fresh = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
     if scratch is not None:
         scratch[name] = fresh
     return fresh

@@ -156,6 +156,7 @@ class OffloadedKV:
         self._stepped = False  # whether this attend has counted a cache step
         # after a two-launch search: the query blocks that ranked no candidates (N <= G)
         self._unsearched: torch.Tensor | None = None
+        self._scratch: dict[str, torch.Tensor] = {}  # the sparse kernel's split scratch
 
     # -- appending -----------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -322,7 +323,7 @@ class OffloadedKV:
             self.sink_k, self.sink_v, self.cache.k, self.cache.v, self.recent_k, self.recent_v,
             slots=slots, window_offset=self.recent_start,
         )  # fmt: skip
-        return launch_sparse(q, kv, self.length, indices, self.config, scale)
+        return launch_sparse(q, kv, self.length, indices, self.config, scale, self._scratch)
 
     def prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None

@@ -54,18 +54,19 @@ class LaunchProfile:
     """Kernel launches per layer of each attention path (docs/roofline.md, "Latency floors").
 
     ``today`` counts what ``hip_attn.hip_attention`` launches on a GPU in bf16
-    (``tests/test_perf_launches.py`` recounts it from the code): a decode step runs the
-    sparse kernel and the merge of its flash-decoding splits (which a one-token decode takes at
-    batch 1), a refreshing step also extends the summary tree by the completed blocks and
-    searches, in two launches with the default ``leaf_scores="keys"`` (the search kernel that
-    also extended the tree spilled registers: ``hip_attn.triton_kernels.mask.fuses_extension``);
-    with ``head_sharing="kv_group"`` and summaries at the leaves the search kernel extends the
-    tree itself, one launch fewer than counted here; a prefill
-    zeroes the tree's allocation and builds it with two launches of the tree kernel (every run
-    of 32 blocks up to its root in parallel, then the levels above) before searching and
-    attending: 5 for a whole prompt of at least 64 candidate blocks (a chunk that extends the
-    tree in place skips the allocation; one that grows it copies each level over). ``fused``
-    is one search kernel and one attention kernel, what a fully fused path would launch.
+    (``tests/test_perf_launches.py`` recounts it from the code): a decode step runs the sparse
+    kernel, whose flash-decoding splits (which a one-token decode takes at batch 1) are merged
+    by the last of them to finish; a refreshing step also extends the summary tree by the
+    completed blocks and searches, in two launches with the default ``leaf_scores="keys"``
+    (the search kernel that also extended the tree spilled registers:
+    ``hip_attn.triton_kernels.mask.fuses_extension``); with ``head_sharing="kv_group"`` and
+    summaries at the leaves the search kernel extends the tree itself, one launch fewer than
+    counted here; a prefill zeroes the tree's allocation and builds it with two launches of the
+    tree kernel (every run of 32 blocks up to its root in parallel, then the levels above)
+    before searching and attending: 5 for a whole prompt of at least 64 candidate blocks (a
+    chunk that extends the tree in place skips the allocation; one that grows it copies each
+    level over). ``fused`` is one search kernel and one attention kernel, what a fully fused
+    path would launch.
 
     Attributes:
         name: ``today``, ``fused`` or a label.
@@ -84,7 +85,7 @@ class LaunchProfile:
 
 
 LAUNCH_PROFILES: dict[str, LaunchProfile] = {
-    p.name: p for p in (LaunchProfile("today", 2, 4, 5), LaunchProfile("fused", 1, 2, 2))
+    p.name: p for p in (LaunchProfile("today", 1, 3, 5), LaunchProfile("fused", 1, 2, 2))
 }
 
 
