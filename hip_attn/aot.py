@@ -265,7 +265,7 @@ def _record_hip(
             indices = torch.empty((batch, h_sel, 1, config.blocks_per_query_block),
                                   dtype=torch.int32, device="meta")  # fmt: skip
             rank_leaves_triton(q, candidates, cache_k, table, tk, config, scale, indices)
-        elif tq <= config.block_size_q:  # a decode refresh: the search extends the tree first
+        elif tq <= config.block_size_q:  # a decode refresh: the search launch extends the tree
             before = tk - config.block_size_k
             blocks = tree_blocks(before, config)
             tree = node_summaries(k[:, :, :before], config, min_capacity=blocks + blocks // 4)

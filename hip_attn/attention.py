@@ -373,7 +373,7 @@ class HiPDecodeState:
         """The summary tree of ``k``, from the one kept since the last call. When its
         allocation holds the new blocks and the kernels run (a decode refresh), the blocks
         completed since are left for the search to summarize in place (in its own launch where
-        :func:`~hip_attn.triton_kernels.mask.fuses_extension`, else in a launch before it);
+        :func:`~hip_attn.triton_kernels.mask.extends_beside`, else in a launch before it);
         otherwise it is rebuilt or grown
         (:func:`~hip_attn.geometry.node_summaries`)."""
         blocks = tree_blocks(k.shape[2], config)

@@ -24,10 +24,10 @@ def _step_both(q, k, v, t, buffers, cfg, host, dev):
 @pytest.mark.parametrize(
     "hq,hkv,sharing,dtype,leaves",
     [
-        (4, 2, "kv_group", torch.float32, "summary"),  # the search extends its own tree
-        # a gated extension launch first; the leaves read the buffer's keys
-        (4, 2, "head", torch.float32, "keys"),
-        (4, 2, "kv_group", torch.float32, "keys"),  # also a launch of its own (no spills)
+        # the search launch extends the tree beside the search, at every step
+        (4, 2, "kv_group", torch.float32, "summary"),
+        (4, 2, "head", torch.float32, "keys"),  # the leaves read the buffer's keys
+        (4, 2, "kv_group", torch.float32, "keys"),
         (2, 1, "kv_group", torch.bfloat16, "summary"),
     ],
 )

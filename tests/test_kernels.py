@@ -444,21 +444,26 @@ def test_tree_kernel_builds_whole_trees_like_the_reference(rand_qkv, dtype):
 
 
 @pytest.mark.parametrize(
-    "sharing,tq,dtype",
+    "sharing,tq,before,dtype,leaves",
     [
-        ("kv_group", 1, torch.bfloat16),  # decode: the search program extends its own tree
-        ("kv_group", 1, torch.float32),
-        ("head", 1, torch.float32),  # several programs read one tree: extended by a launch first
-        ("kv_group", 40, torch.float32),  # two query blocks: likewise
+        # decode, the candidates (51 blocks) within the tree's: extended beside the search
+        ("kv_group", 1, 424, torch.bfloat16, "summary"),
+        ("kv_group", 1, 424, torch.float32, "keys"),
+        ("head", 1, 424, torch.float32, "summary"),  # one row's extension, four searches
+        # the candidates reach past the tree's 48 blocks: extended by a launch first
+        ("kv_group", 1, 400, torch.float32, "summary"),
+        ("kv_group", 40, 400, torch.float32, "keys"),  # two query blocks: likewise
     ],
 )
-def test_search_extends_the_tree_before_reading_it(rand_qkv, sharing, tq, dtype):
-    cfg = CFG.replace(head_sharing=sharing, leaf_scores="keys" if tq == 40 else "summary")
+def test_search_extends_the_tree(rand_qkv, sharing, tq, before, dtype, leaves):
+    cfg = CFG.replace(head_sharing=sharing, leaf_scores=leaves)
     q, k, _ = rand_qkv(2, 4, 2, tq, 520, 64, dtype=dtype, device=DEVICE, seed=32)
-    tree = node_summaries(k[:, :, :400], cfg, min_capacity=60)  # 48 blocks
+    done = tree_blocks(before, cfg)
+    tree = node_summaries(k[:, :, :before], cfg, min_capacity=60)
     h_sel = 2 if sharing == "kv_group" else 4
-    keys = k[:, :, :496]  # 12 blocks more
-    got, _ = estimate_mask_triton(q, tree, 496, cfg, h_sel, 0.125, keys=keys, done=48)
+    keys = k[:, :, :496]  # 60 blocks
+    assert mask.extends_beside(tq, 496, done, cfg) == (before == 424)
+    got, _ = estimate_mask_triton(q, tree, 496, cfg, h_sel, 0.125, keys=keys, done=done)
     fresh = node_summaries(keys, cfg)
     want, _ = estimate_mask_triton(q, fresh, 496, cfg, h_sel, 0.125, keys=keys, done=60)
     for a, b in zip(_tree_levels(tree, 60), _tree_levels(fresh, 60), strict=True):
@@ -552,13 +557,14 @@ def test_kernels_level_offset_is_the_references():
         assert out[:27].tolist() == [level_offset(lv, capacity) for lv in range(27)]
 
 
-def test_the_search_extends_the_tree_itself_only_with_summaries_and_a_selection_per_kv_head():
-    """One program per tree row can extend it in the search kernel; with keys at the leaves
-    that kernel would spill beside the extension (``hip-attn aot``, sm_90, D=128), so the
-    extension gets a launch of its own there, as where several programs read one tree."""
-    assert mask.fuses_extension(HiPConfig(leaf_scores="summary"), 8, 8)
-    assert not mask.fuses_extension(HiPConfig(), 8, 8)  # keys at the leaves
-    assert not mask.fuses_extension(HiPConfig(head_sharing="head", leaf_scores="summary"), 32, 8)
+def test_the_extension_runs_beside_the_search_only_where_the_tree_holds_its_candidates():
+    """One query block whose candidates end at or before the tree's blocks: the nodes the
+    extension writes (ending after them) are none the search reads, so both run in one launch;
+    a decode refresh within ``window`` tokens of the last qualifies, a prefill chunk does not."""
+    cfg = HiPConfig()  # window 256, block_size_k 8, 8 sink blocks
+    assert mask.extends_beside(1, 4096, 471, cfg)  # (4095 - 256) // 8 - 8 candidates
+    assert not mask.extends_beside(1, 4096, 470, cfg)
+    assert not mask.extends_beside(65, 4096, 600, cfg)  # two query blocks
 
 
 @pytest.mark.parametrize("leaves", ["summary", "keys"])

@@ -118,7 +118,7 @@ def test_decode_launches(counter: _Kernels) -> None:
     state = HiPDecodeState()
     # as in generation: the prefill builds the summary tree (with room to grow) that the decode
     # steps extend, and each step appends one token; the refreshes at 4096 and 4104 keys
-    # each complete a block, which the search kernel summarizes in its own launch
+    # each complete a block, which the search launch summarizes beside the search
     prompt, _, _ = _qkv(128, 4095, 32, 8)
     hip_attention(prompt, k[:, :, :4095], v[:, :, :4095], state=state)
     counts = []
@@ -216,8 +216,8 @@ def test_device_decode_launches_the_same_way_at_every_step(
     """hip_attention(..., length=): after the step that sets the state up, every step (reusing
     or refreshing) makes the same launches with the same arguments, reads nothing back, runs
     no PyTorch op and allocates only its output: what a CUDA graph can capture once and
-    replay. The default (keys at the leaves) extends the tree in a launch of its own first;
-    with summaries at the leaves the search kernel extends it (``fuses_extension``)."""
+    replay. Two launches: the search, whose last column of programs extends the tree (either
+    leaf rule), and the sparse attention, whose last split merges."""
     from hip_attn import HiPConfig
     from hip_attn.attention import HiPDecodeState, hip_attention
 
@@ -239,9 +239,9 @@ def test_device_decode_launches_the_same_way_at_every_step(
         buffers.append(state._device)
     _, *rest = steps
     assert all(b is buffers[0] for b in buffers)  # set up once, then only read and updated
-    names = [name for name, *_ in rest[0][2]]
-    extension = [] if summary_leaves else ["_extend_tree_kernel"]
-    assert names == [*extension, "_hip_mask_kernel", "_sparse_attention_kernel"]
+    names = [name for name, grid, *_ in rest[0][2]]
+    assert names == ["_hip_mask_kernel", "_sparse_attention_kernel"]
+    assert rest[0][2][0][1] == (2, 8)  # the query block's column, the extension's; 8 KV heads
     for count, syncs, launches, allocations in rest:
         assert syncs == 0 and count == len(launches) == len(names)  # Triton launches only
         assert launches == rest[0][2]
@@ -293,10 +293,10 @@ def test_a_patched_models_decode_step_is_the_same_at_every_step(
         steps.append((counter.syncs, counter.ops, counter.launches))
     assert int(step.position) == 613
     first = steps[0]
-    # one layer's device decode (a context this short needs no split-K merge), the whole batch
-    # in each launch: the tree's extension (keys at the leaves), the search, the attention
+    # one layer's device decode (a context this short needs no split), the whole batch in
+    # each launch: the search beside the tree's extension, the attention
     grids = [(name, tuple(grid)) for name, grid, *_ in first[2]]
-    assert grids == [("_extend_tree_kernel", (1, batch * 2)), ("_hip_mask_kernel", (1, batch * 2)),
+    assert grids == [("_hip_mask_kernel", (2, batch * 2)),
                      ("_sparse_attention_kernel", (batch * 2, 1, 1))]  # fmt: skip
     assert any("scaled_dot_product" in op for op, *_ in first[1])  # the dense layer
     assert any("exponential" in op for op, *_ in first[1]) == sample

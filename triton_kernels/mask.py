@@ -30,6 +30,7 @@ from hip_attn.geometry import (
     VOTE_SCALE,
     first_candidate_block,
     level_spreads,
+    most_candidates,
     num_query_blocks,
     tree_blocks,
     tree_capacity,
@@ -48,7 +49,6 @@ from hip_attn.triton_kernels.tree import (
     TILE,
     check_extension,
     extend_tree,
-    extend_tree_device,
     extend_tree_triton,
     level_offset,
 )
@@ -188,9 +188,9 @@ def _hip_mask_kernel(
     stride_k_b,
     stride_k_h,
     stride_k_t,  # with EXTEND or EXACT_LEAVES: the keys [B, Hkv, Tk, D] the tree summarizes
-    # (with EXTEND, its blocks after `done` join the tree first); with LEAVES_IN, the block
+    # (with EXTEND, its blocks after `done` join the tree); with LEAVES_IN, the block
     # cache's slots [B, Hkv, slots * BK, D]
-    done,  # with ON_DEVICE: int32 [B, Hkv] in device memory, updated here
+    done,  # blocks the tree holds; with ON_DEVICE: int32 [B, Hkv] in device memory, updated
     anchor,  # with ON_DEVICE: int32 in device memory, one per count of tk, see refresh_due
     interval,
     CAND,
@@ -226,7 +226,7 @@ def _hip_mask_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (16-bit inputs: tensor cores)
     OFFSET: tl.constexpr,  # int32, or int64 when the queries span 2^31 elements
-    EXTEND: tl.constexpr,  # summarize the new key blocks first (one program per KV head)
+    EXTEND: tl.constexpr,  # a last column of programs summarizes the new key blocks
     ON_DEVICE: tl.constexpr,  # a decode step reading tk (and done) from device memory, which
     # searches only when refresh_due says so and leaves the selection in place otherwise
     EXACT_LEAVES: tl.constexpr,  # leaf_scores="keys": the last level reads the blocks' keys
@@ -238,26 +238,31 @@ def _hip_mask_kernel(
     # only the means stay
     RELOAD_VARIANCES: tl.constexpr,
 ):
-    qb = qb0 + tl.program_id(0)
     bh = tl.program_id(1)
+    # the launch's last column summarizes the blocks completed since `done` into the tree,
+    # one program per (batch, KV head), every step, beside the search: the search reads only
+    # nodes the tree held before (its candidates end at or before `done`, see extends_beside)
+    # and this writes only nodes after them
+    if EXTEND and tl.program_id(0) == tl.num_programs(0) - 1:
+        hkv = h_sel * HEADS_PER_SEL // q_per_kv
+        if bh < tl.num_programs(1) // h_sel * hkv:  # rows (b, kv), b * Hkv + kv of done
+            b = (bh // hkv).to(OFFSET)
+            kv = (bh % hkv).to(OFFSET)
+            n_tree = tl.maximum(keys_in_use(tk, ON_DEVICE, b * stride_tk) // BK - first, 0)
+            extend_tree(K + b * stride_k_b + kv * stride_k_h, stride_k_t,
+                        S + b * stride_s_b + kv * stride_s_h, stride_s_n,
+                        keys_in_use(done, ON_DEVICE, bh), n_tree, capacity, first * BK, b * 0,
+                        0, ALL_LEVELS, BK, D, D_PAD, TILE)  # fmt: skip
+            if ON_DEVICE:
+                tl.store(done + bh, n_tree)
+        return
+    qb = qb0 + tl.program_id(0)
     b = (bh // h_sel).to(OFFSET)
     hs = bh % h_sel
     tk = keys_in_use(tk, ON_DEVICE, b * stride_tk)
     if ON_DEVICE:  # noqa: SIM102 (one `and` would compile refresh_due without a pointer)
         if not refresh_due(tk, anchor + b * stride_tk, interval):
             return
-    if EXTEND:  # this program alone owns its KV head's tree (decode, kv_group sharing)
-        kv = (hs * HEADS_PER_SEL // q_per_kv).to(OFFSET)
-        n_tree = tl.maximum(tk // BK - first, 0)
-        keys = K + b * stride_k_b + kv * stride_k_h
-        tree = S + b * stride_s_b + kv * stride_s_h
-        row = b * (h_sel * HEADS_PER_SEL // q_per_kv) + kv  # of done, with ON_DEVICE
-        extend_tree(keys, stride_k_t, tree, stride_s_n, keys_in_use(done, ON_DEVICE, row),
-                    n_tree, capacity, first * BK, b * 0, 0, ALL_LEVELS, BK, D, D_PAD,
-                    TILE)  # fmt: skip
-        if ON_DEVICE:
-            tl.store(done + row, n_tree)
-        tl.debug_barrier()  # the search below reads what was written
     # hip_attn.geometry.query_blocks: the candidates end at the block boundary at or before
     # s - window (s: the block's first query) and start after the sinks
     n = tl.maximum((tl.maximum(tk - tq + qb * BLOCK_Q - window, 0) // BK) - first, 0)
@@ -398,9 +403,9 @@ def estimate_mask_triton(
     otherwise in fp32.
     With ``keys`` (the ``[B, Hkv, >= tk, D]`` keys of a tree whose first ``done`` blocks are
     summarized, a decode refresh; only the first ``tk`` are read), the blocks completed since
-    are summarized into ``tree`` first (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`):
-    inside this launch where :func:`fuses_extension` (one query block, each program owning
-    one KV head's tree, summaries at the leaves), else by a launch before it. With
+    are summarized into ``tree`` (:func:`~hip_attn.triton_kernels.tree.extend_tree_triton`):
+    in this launch, beside the search, where :func:`extends_beside` (one query block whose
+    candidates the tree holds already), else by a launch before it. With
     ``leaf_scores="keys"`` the last level reads the candidate blocks' keys: ``keys`` is required
     (``done`` = the tree's blocks when it is complete).
     Returns the selection ``[B, h_sel, n_query_blocks, G]`` (int32) and the children scored
@@ -417,17 +422,17 @@ def estimate_mask_triton(
             raise ValueError(f"keys has {keys.shape[2]} keys, fewer than tk={tk}")
         keys = keys[:, :, :tk]
     extend = keys is not None and check_extension(tree, keys, done, config) > done
-    fuse = extend and n_qb == 1 and fuses_extension(config, h_sel, tree.shape[1])
-    if extend and not fuse:
+    beside = extend and extends_beside(tq, tk, done, config)
+    if extend and not beside:
         extend_tree_triton(tree, keys, done, config)
     if tree.stride(-1) != 1:
         tree = tree.contiguous()
     k_args = (
         (keys, *keys.stride()[:3], done)
-        if keys is not None and (fuse or exact)
+        if keys is not None and (beside or exact)
         else (tree, 0, 0, 0, 0)
     )
-    scored = _launch(q, tree, tk, out, k_args, (0, 1), config, scale, fuse, on_device=False)
+    scored = _launch(q, tree, tk, out, k_args, (0, 1), config, scale, beside, on_device=False)
     return out, scored
 
 
@@ -479,11 +484,14 @@ def rank_leaves_triton(
                    leaves=(candidates, table, blocks))  # fmt: skip
 
 
-def fuses_extension(config: HiPConfig, h_sel: int, hkv: int) -> bool:
-    """Whether the search kernel summarizes new blocks into the tree itself: only where one
-    program owns each tree row (one selection per KV head), and not with keys at the leaves,
-    whose branch beside the extension's spills (16 bytes at D=128 on sm_90: ``hip-attn aot``)."""
-    return h_sel == hkv and config.leaf_scores != "keys"
+def extends_beside(tq: int, tk: int, done: int, config: HiPConfig) -> bool:
+    """Whether the search launch can summarize the blocks completed since the tree's ``done``
+    in a column of programs of its own, beside the search programs: ``tq`` queries make one
+    query block whose candidates end at or before those ``done`` blocks (a decode refresh
+    within ``window`` tokens of the last one), so the search reads none of the nodes the
+    extension writes (those ending after ``done``). A device decode step always can: it
+    extends the tree at every step."""
+    return num_query_blocks(tq, config) == 1 and most_candidates(tq, tk, config) <= done
 
 
 def decode_search_triton(
@@ -502,14 +510,16 @@ def decode_search_triton(
     depend on the step (a CUDA graph replays them): ``tk`` (int32, one element) keys of the
     ``[B, Hkv, capacity, D]`` buffer ``keys`` are in use, or with ``tk`` and ``anchor`` of
     ``B`` elements, ``tk[b]`` of sequence ``b``'s; ``tree`` (room for the buffer's blocks)
-    holds ``done[b, h]`` (int32 ``[B, Hkv]``) blocks of each row. When ``refresh_due`` (the
-    first step after ``anchor`` keys and every ``refresh_interval`` steps after), the kernel
-    summarizes the blocks completed since into ``tree`` (updating ``done``) and writes the
-    selection of the one-token ``q`` into ``out`` (``[B, H_sel, 1, G]``, ``-1`` padded);
-    otherwise it leaves ``out`` as it is. ``scratch`` keeps the kernel's counters between
-    steps (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`). Reference: the host-side
-    rule of :class:`hip_attn.HiPDecodeState` with :func:`estimate_mask_triton`."""
-    b, hkv = tree.shape[:2]
+    holds ``done[b, h]`` (int32 ``[B, Hkv]``) blocks of each row. One launch: at every step a
+    column of its programs summarizes the blocks completed since into ``tree`` (updating
+    ``done``; the tree then holds the candidates of the next step, see
+    :func:`extends_beside`); when ``refresh_due`` (the first step after ``anchor`` keys and
+    every ``refresh_interval`` steps after) the others write the selection of the one-token
+    ``q`` into ``out`` (``[B, H_sel, 1, G]``, ``-1`` padded), otherwise they return at once and
+    leave it as it is. ``scratch`` keeps the kernel's counters between steps
+    (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`). Reference: the host-side rule of
+    :class:`hip_attn.HiPDecodeState` with :func:`estimate_mask_triton`."""
+    b = tree.shape[0]
     h_sel = out.shape[1]
     if q.shape[2] != 1 or tuple(out.shape) != (b, h_sel, 1, config.blocks_per_query_block):
         raise ValueError(
@@ -521,14 +531,9 @@ def decode_search_triton(
     if anchor.numel() != tk.numel() or count_stride(anchor, b) != count_stride(tk, b):
         raise ValueError(f"anchor must hold one phase per count of tk ({tk.numel()}), laid out "
                          f"as tk; got {anchor.numel()}")  # fmt: skip
-    interval = config.refresh_interval
-    fuse = fuses_extension(config, h_sel, hkv)
-    if not fuse:  # summarize in a launch of its own first
-        extend_tree_device(tree, keys, tk, done, anchor, config)
-    reads_keys = fuse or config.leaf_scores == "keys"
-    k_args = (keys, *keys.stride()[:3], done) if reads_keys else (tree, 0, 0, 0, done)
-    _launch(q, tree, tk, out, k_args, (anchor, interval), config, scale, fuse, on_device=True,
-            scratch=scratch)  # fmt: skip
+    k_args = (keys, *keys.stride()[:3], done)
+    _launch(q, tree, tk, out, k_args, (anchor, config.refresh_interval), config, scale, True,
+            on_device=True, scratch=scratch)  # fmt: skip
 
 
 #: Elements of the search's ``[rows, children]`` fp32 score tiles (see ``_launch``).
@@ -672,7 +677,7 @@ def _launch(
         enable_fp_fusion=False,
         RELOAD_VARIANCES=False,
     )
-    grid = (len(launched), b * h_sel)
+    grid = (len(launched) + extend, b * h_sel)  # the extension's column last
     # nothing more on the way of a launch no device refused (never on H100/H200)
     if not (_RELOADING and _reload_key(q, tree, meta) in _RELOADING):
         try:

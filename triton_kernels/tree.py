@@ -1,7 +1,8 @@
 """Building the search's summary tree, or extending it in place by the key blocks completed
 since the last call: a prefill's whole tree in two launches (every run of ``2**CHUNK_LEVELS``
-blocks up to its root in parallel, then the levels above), a decode refresh in one (or inside
-the search kernel), instead of PyTorch ops per key row and level.
+blocks up to its root in parallel, then the levels above), a decode refresh in one (or in a
+column of the search kernel's programs: :func:`hip_attn.triton_kernels.mask.extends_beside`),
+instead of PyTorch ops per key row and level.
 
 Reference: :func:`hip_attn.geometry.extend_summaries` (which also builds whole trees and grows
 their allocation; this kernel only fills a tree whose capacity already holds the new blocks).
@@ -27,7 +28,6 @@ from hip_attn.geometry import (
     tree_capacity,
 )
 from hip_attn.triton_kernels.dtypes import needs_int64, round_to, saturate
-from hip_attn.triton_kernels.lengths import count_stride, keys_in_use, refresh_due
 
 
 @triton.jit
@@ -130,37 +130,24 @@ def extend_tree(
 def _extend_tree_kernel(
     K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
     T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 1.5 * D]
-    heads, done, tk,
-    stride_tk,  # with ON_DEVICE: 0 for one count (and anchor) shared by the batch, 1 per sequence
-    capacity, first, key0, anchor, interval, first_level, last_level,
+    heads, done, tk, capacity, first, key0, first_level, last_level,
     BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
     OFFSET: tl.constexpr,
     CHUNKED: tl.constexpr,  # program (c, bh) takes the c-th run of 2**last_level blocks
-    ON_DEVICE: tl.constexpr,  # tk and done point at device memory, done per (batch, KV head)
 ):  # fmt: skip
     bh = tl.program_id(1)  # runs on axis 0: CUDA caps the others at 65535
     b = (bh // heads).to(OFFSET)
     h = (bh % heads).to(OFFSET)
-    tk = keys_in_use(tk, ON_DEVICE, b * stride_tk)
-    n = tl.maximum(tk // BK - first, 0)
-    if ON_DEVICE:  # noqa: SIM108 (a decode step summarizes only when it searches)
-        due = refresh_due(tk, anchor + b * stride_tk, interval)
-    else:
-        due = True
-    if due:
-        lo = keys_in_use(done, ON_DEVICE, bh)
-        hi = n
-        if CHUNKED:  # runs aligned to 2**last_level blocks: their nodes up to that level
-            run = ((lo >> last_level) + tl.program_id(0)) << last_level
-            lo = tl.maximum(lo, run)
-            hi = tl.minimum(hi, run + (1 << last_level))
-        extend_tree(
-            K + b * stride_k_b + h * stride_k_h, stride_k_t, T + b * stride_t_b + h * stride_t_h,
-            stride_t_n, lo, hi, capacity, key0, b * 0, first_level, last_level,
-            BK, D, D_PAD, TILE,
-        )  # fmt: skip
-        if ON_DEVICE:
-            tl.store(done + bh, n)
+    lo = done
+    hi = tl.maximum(tk // BK - first, 0)
+    if CHUNKED:  # runs aligned to 2**last_level blocks: their nodes up to that level
+        run = ((lo >> last_level) + tl.program_id(0)) << last_level
+        lo = tl.maximum(lo, run)
+        hi = tl.minimum(hi, run + (1 << last_level))
+    extend_tree(
+        K + b * stride_k_b + h * stride_k_h, stride_k_t, T + b * stride_t_b + h * stride_t_h,
+        stride_t_n, lo, hi, capacity, key0, b * 0, first_level, last_level, BK, D, D_PAD, TILE,
+    )  # fmt: skip
 
 
 def check_extension(tree: torch.Tensor, k: torch.Tensor, done: int, config: HiPConfig) -> int:
@@ -226,11 +213,11 @@ def _extend(
     args = (
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, tk, 0, tree_capacity(tree), first_candidate_block(config), key0, 0, 1,
+        h, done, tk, tree_capacity(tree), first_candidate_block(config), key0,
     )  # fmt: skip
     constants = dict(
         BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
-        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, ON_DEVICE=False,
+        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32,
         enable_fp_fusion=False,  # a GPU then rounds as the reference does (no fused multiply-adds)
     )  # fmt: skip
     if runs == 1:
@@ -241,30 +228,3 @@ def _extend(
         _extend_tree_kernel[(1, b * h)](
             *args, CHUNK_LEVELS + 1, ALL_LEVELS.value, CHUNKED=False, **constants
         )
-
-
-def extend_tree_device(
-    tree: torch.Tensor,
-    k: torch.Tensor,
-    tk: torch.Tensor,
-    done: torch.Tensor,
-    anchor: torch.Tensor,
-    config: HiPConfig,
-) -> None:
-    """:func:`extend_tree_triton` for a decode step with its lengths in device memory (see
-    :func:`hip_attn.triton_kernels.mask.decode_search_triton`): on a step that searches, row
-    ``(b, h)`` of ``tree`` is extended from ``done[b, h]`` blocks to those of the first ``tk``
-    keys (``tk[b]`` with a count per sequence) of the buffer ``k``; other steps launch and
-    return at once."""
-    b, h, _, d = k.shape
-    first = first_candidate_block(config)
-    _extend_tree_kernel[(1, b * h)](
-        k, k.stride(0), k.stride(1), k.stride(2),
-        tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, tk, count_stride(tk, b), tree_capacity(tree), first, first * config.block_size_k,
-        anchor,
-        config.refresh_interval, 0, ALL_LEVELS.value,
-        BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
-        OFFSET=tl.int64 if needs_int64(k, tree) else tl.int32, CHUNKED=False, ON_DEVICE=True,
-        enable_fp_fusion=False,
-    )  # fmt: skip

@@ -56,17 +56,16 @@ class LaunchProfile:
     ``today`` counts what ``hip_attn.hip_attention`` launches on a GPU in bf16
     (``tests/test_perf_launches.py`` recounts it from the code): a decode step runs the sparse
     kernel, whose flash-decoding splits (which a one-token decode takes at batch 1) are merged
-    by the last of them to finish; a refreshing step also extends the summary tree by the
-    completed blocks and searches, in two launches with the default ``leaf_scores="keys"``
-    (the search kernel that also extended the tree spilled registers:
-    ``hip_attn.triton_kernels.mask.fuses_extension``); with ``head_sharing="kv_group"`` and
-    summaries at the leaves the search kernel extends the tree itself, one launch fewer than
-    counted here; a prefill zeroes the tree's allocation and builds it with two launches of the
-    tree kernel (every run of 32 blocks up to its root in parallel, then the levels above)
-    before searching and attending: 5 for a whole prompt of at least 64 candidate blocks (a
-    chunk that extends the tree in place skips the allocation; one that grows it copies each
-    level over). ``fused`` is one search kernel and one attention kernel, what a fully fused
-    path would launch.
+    by the last of them to finish; a refreshing step also searches, in a launch whose last
+    column of programs extends the summary tree by the completed blocks beside the search
+    (``hip_attn.triton_kernels.mask.extends_beside``; a refresh whose candidates reach past the
+    tree's blocks, more than ``window`` tokens after the last one, extends it in a launch
+    first); a prefill zeroes the tree's allocation and builds it with two launches of the tree
+    kernel (every run of 32 blocks up to its root in parallel, then the levels above) before
+    searching and attending: 5 for a whole prompt of at least 64 candidate blocks (a chunk that
+    extends the tree in place skips the allocation; one that grows it copies each level over).
+    ``fused`` is one search kernel and one attention kernel, what a fully fused path would
+    launch: a decode step now launches as it counts.
 
     Attributes:
         name: ``today``, ``fused`` or a label.
@@ -85,7 +84,7 @@ class LaunchProfile:
 
 
 LAUNCH_PROFILES: dict[str, LaunchProfile] = {
-    p.name: p for p in (LaunchProfile("today", 1, 3, 5), LaunchProfile("fused", 1, 2, 2))
+    p.name: p for p in (LaunchProfile("today", 1, 2, 5), LaunchProfile("fused", 1, 2, 2))
 }
 
 
