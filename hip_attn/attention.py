@@ -136,8 +136,9 @@ class SummaryTree(NamedTuple):
     Attributes:
         tree: the ``[B, Hkv, rows, summary_width(D)]`` tree.
         keys: ``None`` when the tree is complete; else the keys it summarizes, of which only
-            the blocks before ``done`` are in it yet: the search summarizes the rest in place
-            before it reads the tree.
+            the blocks before ``done`` are in it yet: the search's launch summarizes the rest in
+            place beside the search, or a launch before it
+            (:func:`~hip_attn.triton_kernels.mask.extends_beside`).
         done: see ``keys``.
     """
 
@@ -635,9 +636,12 @@ def hip_attention(
             covers the context (the derived threshold); without the Triton kernels it reads
             ``length`` and runs the host-driven path. ``length`` must be in
             ``[1, capacity]``: checked where it is read on the host (the setup step and the
-            host-driven path), not on the steps that never read it. A host-driven call after
-            device steps reads it once more, as the last device step's count, to notice a
-            cache rolled back behind those steps: advance it only for a device step.
+            host-driven path), not on the steps that never read it; from one device step to
+            the next it grows by one (at most ``window``: the search reads the summaries the
+            steps before wrote while its launch summarizes the blocks after them). A
+            host-driven call after device steps reads it once more, as the last device step's
+            count, to notice a cache rolled back behind those steps: advance it only for a
+            device step.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. At or below ``config.dense_threshold`` keys

@@ -188,7 +188,7 @@ def test_hip(sc: Scenario) -> None:
     decode_latency = L * (LAUNCH + 0.5e-6 + (LAUNCH + chain) / 8)
     assert est.decode.latency_s == pytest.approx(decode_latency, rel=1e-12)
     assert est.decode.time_s == pytest.approx(step_bytes / BW + decode_latency, rel=1e-12)
-    # With 2-3 launches a layer, a batch-1 HiP step beats dense at 32K (25 launches did not).
+    # With 1-2 launches a layer, a batch-1 HiP step beats dense at 32K (25 launches did not).
     assert est.decode.time_s < estimate(sc, "dense", CTX).decode.time_s
     assert est.context_switch_s == pytest.approx(CTX * (KV_TOKEN + TREE_TOKEN) / PCIE, rel=1e-12)
 

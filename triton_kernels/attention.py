@@ -182,7 +182,8 @@ def _sparse_attention_kernel(
         tl.debug_barrier()
         arrival = ARRIVALS + bh * n_qb + qb
         if tl.atomic_add(arrival, 1, sem="acq_rel") == num_splits - 1:
-            tl.store(arrival, 0)  # for the next launch, which runs after this one
+            # back to zero for the next launch: by an atomic, so that a count never goes astray
+            tl.atomic_add(arrival, -num_splits, sem="relaxed")
             split_stat = stat - split * n_b * h_prog * HEADS * tq  # split 0's
             stat_stride = n_b * h_prog * HEADS * tq
             m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -286,7 +287,8 @@ def sparse_attention_triton(
     in the same launch. The result is written into ``out`` when given (shape and dtype of
     ``q``); the split partials and the arrival counters are kept in ``scratch`` when given
     (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`; a split launch without it zeroes
-    fresh counters first, one fill)."""
+    fresh counters first, one fill). Launches that may run at the same time (other streams)
+    must not share a ``scratch``."""
     b, hq, tq, d = q.shape
     hkv = kv.sel_k.shape[1]
     h_sel, n_qb, width = indices.shape[1:]

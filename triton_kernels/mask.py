@@ -249,6 +249,7 @@ def _hip_mask_kernel(
             b = (bh // hkv).to(OFFSET)
             kv = (bh % hkv).to(OFFSET)
             n_tree = tl.maximum(keys_in_use(tk, ON_DEVICE, b * stride_tk) // BK - first, 0)
+            n_tree = tl.minimum(n_tree, capacity)  # a count past the buffer writes no further
             extend_tree(K + b * stride_k_b + kv * stride_k_h, stride_k_t,
                         S + b * stride_s_b + kv * stride_s_h, stride_s_n,
                         keys_in_use(done, ON_DEVICE, bh), n_tree, capacity, first * BK, b * 0,
@@ -516,7 +517,10 @@ def decode_search_triton(
     :func:`extends_beside`); when ``refresh_due`` (the first step after ``anchor`` keys and
     every ``refresh_interval`` steps after) the others write the selection of the one-token
     ``q`` into ``out`` (``[B, H_sel, 1, G]``, ``-1`` padded), otherwise they return at once and
-    leave it as it is. ``scratch`` keeps the kernel's counters between steps
+    leave it as it is. The count must grow by at most ``window`` keys from one step to the next
+    (one token a step does): the search reads the nodes of the blocks before its candidates'
+    end, which the steps before summarized, while the extension writes the nodes after them.
+    ``scratch`` keeps the kernel's counters between steps
     (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`). Reference: the host-side rule of
     :class:`hip_attn.HiPDecodeState` with :func:`estimate_mask_triton`."""
     b = tree.shape[0]
