@@ -62,3 +62,42 @@ def test_offload_device_memory_grows_only_by_the_summary_tree():
     # the tree grows by a quarter, so the old and new copies coexist for a moment
     assert large - small <= (rep_large - rep_small) * 1.9 + (1 << 20)
     assert large < kv_large / 2
+
+
+def test_split_merges_and_the_extension_column_hold_under_real_concurrency():
+    """The interpreter runs a launch's programs one after another (the last split always
+    merges, the search's extension column always runs last); only a GPU races them. Many tiles
+    of many splits, launched again and again on one scratch: each output equals the unsplit
+    kernel's and the counters stay at zero. Decode searches beside the extension of many rows:
+    the tree equals a fresh build and the selection a search on it."""
+    from hip_attn.geometry import node_summaries, tree_blocks
+    from hip_attn.reference import estimate_mask_reference
+    from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
+    from hip_attn.triton_kernels.mask import estimate_mask_triton, extends_beside
+    from tests.test_kernels import _tree_levels
+
+    cfg = HiPConfig(k=512, block_size_q=64, block_size_k=8, sink_tokens=64, window=256)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(8, h, t, 128, generator=gen).to("cuda", torch.bfloat16)
+               for h, t in ((32, 1), (8, 16384), (8, 16384)))  # fmt: skip
+    idx, _ = estimate_mask_reference(q, k, cfg)
+    kv = KVSegments.full(k, v)
+    one = sparse_attention_triton(q, kv, 16384, idx, cfg, 128**-0.5, heads_per_program=4)
+    scratch: dict[str, torch.Tensor] = {}
+    for _ in range(20):
+        out = sparse_attention_triton(q, kv, 16384, idx, cfg, 128**-0.5, num_splits=16,
+                                      heads_per_program=4, scratch=scratch)  # fmt: skip
+        torch.testing.assert_close(out, one, atol=2e-2, rtol=2e-2)
+    assert not scratch["split_arrivals"].any()
+    before = 16384 - 64  # the blocks of 64 keys join the tree beside the search
+    done = tree_blocks(before, cfg)
+    assert extends_beside(1, 16384, done, cfg)
+    for _ in range(5):
+        tree = node_summaries(k[:, :, :before], cfg, min_capacity=tree_blocks(16384, cfg))
+        got, _ = estimate_mask_triton(q, tree, 16384, cfg, 8, 128**-0.5, keys=k, done=done)
+        n = tree_blocks(16384, cfg)
+        fresh = node_summaries(k, cfg)
+        want, _ = estimate_mask_triton(q, fresh, 16384, cfg, 8, 128**-0.5, keys=k, done=n)
+        for a, b in zip(_tree_levels(tree, n), _tree_levels(fresh, n), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(got, want)
