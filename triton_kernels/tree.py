@@ -67,9 +67,10 @@ def extend_tree(
     last_level`` (the leaves are level 0; nodes of a level covering any of those blocks, once
     complete): ``keys`` and ``tree`` point at its keys and its tree, block ``j``'s keys start
     at row ``key0 + j * BK``; ``zero`` is a 0 of the offset width. The caller's program must be
-    the only one writing these nodes; its later loads of the tree may follow a
-    ``tl.debug_barrier``. Each element is summed in the reference's order
-    (:func:`hip_attn.geometry.leaf_moments`), ``TILE`` nodes at a time."""
+    the only one writing these nodes; it writes only nodes ending after block ``done``, so
+    other programs may read those ending at or before it meanwhile. Each element is summed in
+    the reference's order (:func:`hip_attn.geometry.leaf_moments`), ``TILE`` nodes at a
+    time."""
     # a node's dimension pairs (d, d + D/2) side by side: two [TILE, D/2] tiles
     dims = tl.arange(0, D_PAD // 2)
     dim_ok = dims < D // 2
@@ -130,7 +131,7 @@ def extend_tree(
 def _extend_tree_kernel(
     K, stride_k_b, stride_k_h, stride_k_t,  # keys [B, Hkv, Tk, D]
     T, stride_t_b, stride_t_h, stride_t_n,  # tree [B, Hkv, tree_rows(capacity), 1.5 * D]
-    heads, done, tk, capacity, first, key0, first_level, last_level,
+    heads, done, n, capacity, key0, first_level, last_level,
     BK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
     OFFSET: tl.constexpr,
     CHUNKED: tl.constexpr,  # program (c, bh) takes the c-th run of 2**last_level blocks
@@ -139,7 +140,7 @@ def _extend_tree_kernel(
     b = (bh // heads).to(OFFSET)
     h = (bh % heads).to(OFFSET)
     lo = done
-    hi = tl.maximum(tk // BK - first, 0)
+    hi = n
     if CHUNKED:  # runs aligned to 2**last_level blocks: their nodes up to that level
         run = ((lo >> last_level) + tl.program_id(0)) << last_level
         lo = tl.maximum(lo, run)
@@ -168,8 +169,7 @@ def extend_tree_triton(tree: torch.Tensor, k: torch.Tensor, done: int, config: H
     up to the last complete one; ``tree``'s capacity must hold them (else use
     :func:`hip_attn.geometry.node_summaries`, which grows it)."""
     n = check_extension(tree, k, done, config)
-    _extend(tree, k, done, n, k.shape[2], first_candidate_block(config) * config.block_size_k,
-            config)  # fmt: skip
+    _extend(tree, k, done, n, first_candidate_block(config) * config.block_size_k, config)
 
 
 def append_tree_triton(
@@ -187,8 +187,7 @@ def append_tree_triton(
             f"{tree_capacity(tree)} blocks, {done} done): it must be built for these keys, "
             "on their device, and both need unit stride last"
         )
-    tk = (first_candidate_block(config) + n) * bk
-    _extend(tree, keys, done, n, tk, -done * bk, config)
+    _extend(tree, keys, done, n, -done * bk, config)
 
 
 def _extend(
@@ -196,15 +195,13 @@ def _extend(
     k: torch.Tensor,
     done: int,
     n: int,
-    tk: int,
     key0: int,
     config: HiPConfig,
 ) -> None:
-    """Blocks ``done .. n - 1`` (block ``j`` at row ``key0 + j * block_size_k`` of ``k``; ``tk``
-    keys give ``n`` blocks): within one run of ``2**CHUNK_LEVELS`` blocks (a decode refresh)
-    one program per tree does every level; otherwise levels up to ``CHUNK_LEVELS`` by one
-    program per run, then, when the new blocks reach a higher node, the levels above by one
-    program per tree."""
+    """Blocks ``done .. n - 1`` (block ``j`` at row ``key0 + j * block_size_k`` of ``k``):
+    within one run of ``2**CHUNK_LEVELS`` blocks (a decode refresh) one program per tree does
+    every level; otherwise levels up to ``CHUNK_LEVELS`` by one program per run, then, when the
+    new blocks reach a higher node, the levels above by one program per tree."""
     if n == done:
         return
     b, h, _, d = k.shape
@@ -213,7 +210,7 @@ def _extend(
     args = (
         k, k.stride(0), k.stride(1), k.stride(2),
         tree, tree.stride(0), tree.stride(1), tree.stride(2),
-        h, done, tk, tree_capacity(tree), first_candidate_block(config), key0,
+        h, done, n, tree_capacity(tree), key0,
     )  # fmt: skip
     constants = dict(
         BK=config.block_size_k, D=d, D_PAD=max(16, triton.next_power_of_2(d)), TILE=TILE.value,
