@@ -183,9 +183,12 @@ def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
     options = {k: launch.kwargs[k] for k in chosen if k in launch.kwargs}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
+    kw = launch.kwargs  # the attention kernel's tile, which its autotuner varies
+    tile = {"tile": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}"} if "BLOCK_M" in kw else {}
     return {
         "kernel": launch.kernel.__name__,
         "grid": list(launch.grid),
+        **tile,
         "num_warps": compiled.metadata.num_warps,
         "num_stages": compiled.metadata.num_stages,
         "shared_bytes": compiled.metadata.shared,
@@ -241,7 +244,7 @@ def _record_hip(
 ) -> list[Launch]:
     import torch
 
-    from hip_attn.attention import BLOCK_N, launch_shape, summary_tree
+    from hip_attn.attention import launch_shape, summary_tree
     from hip_attn.geometry import node_summaries, tree_blocks
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import (
@@ -288,18 +291,10 @@ def _record_hip(
                 slots=torch.empty_like(indices),
                 window_offset=tk - 4096,
             )
-        heads, splits = launch_shape(batch, 32, h_sel, tq, config, sms)
-        sparse_attention_triton(
-            q,
-            kv,
-            tk,
-            indices,
-            config,
-            scale,
-            num_splits=splits,
-            heads_per_program=heads,
-            block_n=BLOCK_N,
-        )
+        tiles, splits = launch_shape(batch, 32, h_sel, tq, config, sms)
+        for tile in tiles:  # each tile a prefill's autotuner may choose
+            sparse_attention_triton(q, kv, tk, indices, config, scale, num_splits=splits,
+                                    tile=tile)  # fmt: skip
     return launches
 
 
@@ -316,7 +311,7 @@ def _record_device_decode(
     (``per_sequence``: a left-padded batch, one count per sequence)."""
     import torch
 
-    from hip_attn.attention import BLOCK_N, launch_shape
+    from hip_attn.attention import launch_shape
     from hip_attn.geometry import summary_width, tree_blocks, tree_rows
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import decode_search_triton
@@ -335,10 +330,10 @@ def _record_device_decode(
     scale = head_dim**-0.5
     with recorded_launches() as launches:
         decode_search_triton(q, tree, k, length, done, anchor, config, scale, indices)
-        heads, splits = launch_shape(batch, 32, h_sel, 1, config, sms)
+        (tile,), splits = launch_shape(batch, 32, h_sel, 1, config, sms)
         kv = KVSegments.full(k, v)
         sparse_attention_triton(q, kv, length, indices, config, scale, num_splits=splits,
-                                heads_per_program=heads, block_n=BLOCK_N)  # fmt: skip
+                                tile=tile)  # fmt: skip
     return launches
 
 
@@ -464,7 +459,8 @@ def run(args: argparse.Namespace) -> int:
     worst, refused = 0, 0
     print(f"compiling for sm_{args.arch} ({len(all_variants)} variants, "
           f"{SHARED_KB[args.arch]} KB of shared memory)", flush=True)  # fmt: skip
-    header = f"{'kernel':<26}{'grid':>18}{'warps':>6}{'regs':>6}{'stack B':>8}{'smem KB':>8}"
+    header = (f"{'kernel':<26}{'grid':>18}{'tile':>8}{'warps':>6}{'stages':>7}{'regs':>6}"
+              f"{'stack B':>8}{'smem KB':>8}")  # fmt: skip
     for variant in progress_bar(all_variants, desc=f"sm_{args.arch}", unit="variant"):
         say(f"{variant.name}\n  {header}")
         for launch in variant.launches:
@@ -478,7 +474,8 @@ def run(args: argparse.Namespace) -> int:
             note = (f"  reloads variances (was {r['first_shared_bytes'] / 1024:.0f} KB)"
                     if r["reloads_variances"] else "")  # fmt: skip
             say(
-                f"  {r['kernel']:<26}{grid:>18}{r['num_warps']:>6}{r['registers']:>6}"
+                f"  {r['kernel']:<26}{grid:>18}{r.get('tile', ''):>8}{r['num_warps']:>6}"
+                f"{r['num_stages']:>7}{r['registers']:>6}"
                 f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}{note}"
                 + ("" if r["fits"] else f"  over {SHARED_KB[args.arch]} KB: refused")
             )

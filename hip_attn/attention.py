@@ -27,6 +27,7 @@ from hip_attn.geometry import (
 )
 from hip_attn.interpreter import interpreting
 from hip_attn.reference import hip_attention_reference, search_reference
+from hip_attn.triton_kernels.tiles import Tile, prefill_tiles
 from hip_attn.validation import (
     check_config,
     check_device_length,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hip_attn")
 
-#: Keys per tile in the attention kernel.
+#: Keys per tile of a decode launch of the attention kernel.
 BLOCK_N = 64
 #: Rows of a decode tile when query heads of a group are packed together.
 MAX_PACKED_ROWS = 64
@@ -546,20 +547,22 @@ def _multiprocessors(device: torch.device) -> int | None:
 
 def launch_shape(
     batch: int, q_heads: int, sel_heads: int, tq: int, config: HiPConfig, sms: int | None
-) -> tuple[int, int]:
-    """``(heads_per_program, num_splits)`` of the sparse attention launch. A decode call (one
-    query block) packs the query heads of a selection into one tile (up to
-    ``MAX_PACKED_ROWS`` rows) and, on a GPU with ``sms`` multiprocessors, splits each
-    program's key range so the launch has about two programs per SM."""
-    if tq > config.block_size_q:
-        return 1, 1
+) -> tuple[tuple[Tile, ...], int]:
+    """``(tiles, num_splits)`` of the sparse attention launch. A prefill (several query blocks)
+    offers the autotuner the tiles of :func:`~hip_attn.triton_kernels.tiles.prefill_tiles`. A
+    decode call (one query block) launches one tile, the same at every step: it packs the query
+    heads of a selection (up to ``MAX_PACKED_ROWS`` rows) and, on a GPU with ``sms``
+    multiprocessors, splits each program's key range so the launch has about two programs per
+    SM."""
     per_sel = q_heads // sel_heads
+    if tq > config.block_size_q:
+        return prefill_tiles(per_sel, config.block_size_q), 1
     heads = per_sel if per_sel * tq <= MAX_PACKED_ROWS else 1
     if sms is None:
-        return heads, 1
+        return (Tile(heads, BLOCK_N),), 1
     tiles = -(-(config.sink_tokens + config.k + config.window + tq) // BLOCK_N)
     programs = batch * q_heads // heads
-    return heads, max(1, min(tiles // 2, -(-2 * sms // programs)))
+    return (Tile(heads, BLOCK_N),), max(1, min(tiles // 2, -(-2 * sms // programs)))
 
 
 def _sparse(
@@ -587,17 +590,16 @@ def launch_sparse(
     scale: float,
     scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The sparse attention kernel with the launch shape for this call: for decode (one query
-    block) the query heads of a selection share a tile and the key range is split (the split
-    partials and arrival counters kept in ``scratch`` when given)."""
+    """The sparse attention kernel with the launch shape for this call (:func:`launch_shape`):
+    a prefill's tile autotuned, a decode's query heads of a selection sharing a tile and its
+    key range split (the split partials and arrival counters kept in ``scratch`` when given)."""
     from hip_attn.triton_kernels.attention import sparse_attention_triton
 
     b, hq, tq, _ = q.shape
-    heads, splits = launch_shape(b, hq, indices.shape[1], tq, config, _multiprocessors(q.device))
+    tiles, splits = launch_shape(b, hq, indices.shape[1], tq, config, _multiprocessors(q.device))
     return sparse_attention_triton(
-        q, kv, tk, indices, config, scale,
-        num_splits=splits, heads_per_program=heads, block_n=BLOCK_N, scratch=scratch,
-    )  # fmt: skip
+        q, kv, tk, indices, config, scale, num_splits=splits, tile=tiles, scratch=scratch
+    )
 
 
 def hip_attention(

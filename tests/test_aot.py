@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from hip_attn.attention import MAX_PACKED_ROWS, launch_shape
+from hip_attn.attention import BLOCK_N, MAX_PACKED_ROWS, launch_shape
 from hip_attn.config import HiPConfig
+from hip_attn.triton_kernels.tiles import PREFILL_TILES, Tile
 
 
 def test_every_quick_variant_compiles_for_sm90_without_spilling():
@@ -21,12 +22,22 @@ def test_every_quick_variant_compiles_for_sm90_without_spilling():
     cmd = [sys.executable, "-m", "hip_attn.cli", "aot", "--quick", "--max-stack-bytes", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = re.findall(r"^\s+(_\w+_kernel)\s+([\dx]+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout, re.M)
+    rows = re.findall(
+        r"^\s+(_\w+_kernel)\s+([\dx]+)\s+(\d+x\d+)?\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)",
+        done.stdout,
+        re.M,
+    )
     kernels = [name for name, *_ in rows]
     # the offloaded default searches in two launches (candidates, then their keys);
-    # device decode runs with one count and with a count per sequence (stride_tk 0 and 1)
-    assert kernels.count("_hip_mask_kernel") == kernels.count("_sparse_attention_kernel") + 1 == 13
-    for _, _, warps, regs, stack in rows:
+    # device decode runs with one count and with a count per sequence (stride_tk 0 and 1);
+    # the default's prefill compiles each tile its autotuner may choose
+    prefill_tiles = launch_shape(1, 32, 8, 4096, HiPConfig(), 132)[0]
+    assert kernels.count("_hip_mask_kernel") == 13
+    assert kernels.count("_sparse_attention_kernel") == 11 + len(prefill_tiles)
+    assert {tile for name, _, tile, *_ in rows if name == "_sparse_attention_kernel"} >= {
+        f"{64 * t.heads}x{t.block_n}" for t in prefill_tiles
+    }
+    for _, _, _, warps, _, regs, stack in rows:
         assert int(warps) >= 4 and 0 < int(regs) <= 255 and int(stack) == 0
     # decode at 1M on 132 SMs: 8 KV heads' packed tiles split into 7 key ranges
     assert ("_sparse_attention_kernel", "8x1x7") in [(n, g) for n, g, *_ in rows]
@@ -71,14 +82,32 @@ def test_the_default_search_fits_sm89_by_reloading_its_variances():
 @pytest.mark.parametrize(
     "batch,hq,h_sel,tq,sms,expected",
     [
-        (1, 32, 32, 4096, 132, (1, 1)),  # prefill: one head per program, no split
         (1, 32, 8, 1, None, (4, 1)),  # decode off the GPU: packed group, no split
         (1, 32, 8, 1, 132, (4, 7)),  # 8 programs, 2 * 132 SMs wanted: split by 33, capped
         (16, 32, 8, 1, 132, (4, 3)),  # 128 programs: about 2 per SM
         (1, 32, 8, 32, 132, (1, 7)),  # 4 heads x 32 rows > MAX_PACKED_ROWS: one head each
     ],
 )
-def test_launch_shape(batch, hq, h_sel, tq, sms, expected):
+def test_decode_launch_shape(batch, hq, h_sel, tq, sms, expected):
     config = HiPConfig()
     assert MAX_PACKED_ROWS < 4 * 32  # the last case's premise
-    assert launch_shape(batch, hq, h_sel, tq, config, sms) == expected
+    heads, splits = expected
+    assert launch_shape(batch, hq, h_sel, tq, config, sms) == ((Tile(heads, BLOCK_N),), splits)
+
+
+@pytest.mark.parametrize(
+    "h_sel,bq,heads",
+    [
+        (32, 64, {1}),  # one selection per query head: nothing to pack
+        (8, 64, {1, 2}),  # a GQA group of 4 shares a selection: 2 heads x 64 rows fit
+        (8, 128, {1}),  # 2 x 128 rows do not
+        (16, 32, {1, 2}),
+    ],
+)
+def test_prefill_offers_the_autotuner_tiles_of_shared_selections(h_sel, bq, heads):
+    config = HiPConfig(block_size_q=bq)
+    tiles, splits = launch_shape(1, 32, h_sel, 4096, config, 132)
+    assert splits == 1 and {t.heads for t in tiles} == heads
+    assert set(tiles) <= set(PREFILL_TILES) and {t for t in PREFILL_TILES if t.heads == 1} <= set(
+        tiles
+    )

@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hip_attn import HiPConfig, hip_attention
-from hip_attn.geometry import node_summaries, query_blocks, search_width
+from hip_attn.geometry import node_summaries, query_blocks, search_width, tree_blocks
 from hip_attn.reference import attended_keys, estimate_mask_reference, hip_attention_reference
 from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
 from hip_attn.triton_kernels.mask import estimate_mask_triton
@@ -74,3 +74,24 @@ def test_attention_reads_only_sinks_selected_and_window(rand_qkv):
             kv = KVSegments.full(k_bad, v_bad)
             out = sparse_attention_triton(q, kv, tk, idx, CFG, 64**-0.5, num_splits=splits)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_search_scores_a_gqa_groups_rows_in_as_few_row_tiles_as_they_fill():
+    """The search stacks the query rows of the heads sharing a selection head by head into its
+    row tiles: a decode step's one row per head (4 heads of a group) takes one tile for the
+    group, not one per head and pooled row of a full block (16 with the defaults); a prefill
+    block's 64 rows a head still take 4 tiles of 16 each (counted from the launch the search
+    makes, on meta tensors)."""
+    from hip_attn.aot import _llama_qkv, recorded_launches
+
+    config = HiPConfig()
+    for tq, tiles in ((1, 1), (7, 2), (4096, 16)):
+        q, k, _ = _llama_qkv(1, tq, 1 << 17, torch.bfloat16, 128)
+        tree = node_summaries(k, config)
+        with recorded_launches() as launches:
+            done = tree_blocks(1 << 17, config)  # a complete tree
+            estimate_mask_triton(q, tree, 1 << 17, config, 8, 128**-0.5, keys=k, done=done)
+        (search,) = launches
+        meta = search.kwargs
+        assert meta["HEADS_PER_SEL"] == 4 and meta["ROW_TILE"] == 16
+        assert meta["ROW_TILES"] == tiles, tq

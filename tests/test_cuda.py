@@ -74,6 +74,7 @@ def test_split_merges_and_the_extension_column_hold_under_real_concurrency():
     from hip_attn.reference import estimate_mask_reference
     from hip_attn.triton_kernels.attention import KVSegments, sparse_attention_triton
     from hip_attn.triton_kernels.mask import estimate_mask_triton, extends_beside
+    from hip_attn.triton_kernels.tiles import Tile
     from tests.test_kernels import _tree_levels
 
     cfg = HiPConfig(k=512, block_size_q=64, block_size_k=8, sink_tokens=64, window=256)
@@ -82,11 +83,11 @@ def test_split_merges_and_the_extension_column_hold_under_real_concurrency():
                for h, t in ((32, 1), (8, 16384), (8, 16384)))  # fmt: skip
     idx, _ = estimate_mask_reference(q, k, cfg)
     kv = KVSegments.full(k, v)
-    one = sparse_attention_triton(q, kv, 16384, idx, cfg, 128**-0.5, heads_per_program=4)
+    one = sparse_attention_triton(q, kv, 16384, idx, cfg, 128**-0.5, tile=Tile(4))
     scratch: dict[str, torch.Tensor] = {}
     for _ in range(20):
         out = sparse_attention_triton(q, kv, 16384, idx, cfg, 128**-0.5, num_splits=16,
-                                      heads_per_program=4, scratch=scratch)  # fmt: skip
+                                      tile=Tile(4), scratch=scratch)  # fmt: skip
         torch.testing.assert_close(out, one, atol=2e-2, rtol=2e-2)
     assert not scratch["split_arrivals"].any()
     before = 16384 - 64  # the blocks of 64 keys join the tree beside the search

@@ -31,6 +31,7 @@ from hip_attn.triton_kernels.attention import (
     sparse_attention_triton,
 )
 from hip_attn.triton_kernels.mask import estimate_mask_triton
+from hip_attn.triton_kernels.tiles import Tile
 from hip_attn.triton_kernels.tree import extend_tree_triton
 from hip_attn.triton_kernels.tree import level_offset as level_offset_kernel
 from tests import interpreter_sort
@@ -266,7 +267,7 @@ def test_decode_attention_split_and_packed_heads(rand_qkv, tq, heads, splits):
     q, k, v = rand_qkv(2, 4, 2, tq, 700, 64, device=DEVICE, seed=tq * 10 + splits)
     idx, _ = estimate_mask_reference(q, k, CFG)
     expected = hip_attention_reference(q, k, v, CFG, indices=idx)
-    out = run_attention(q, k, v, idx, CFG, num_splits=splits, heads_per_program=heads)
+    out = run_attention(q, k, v, idx, CFG, num_splits=splits, tile=Tile(heads))
     torch.testing.assert_close(out.cpu(), expected.cpu(), atol=1e-5, rtol=1e-5)
 
 
@@ -309,11 +310,11 @@ def test_int64_offsets_give_the_same_results(rand_qkv, monkeypatch):
 
     q, k, v = rand_qkv(2, 4, 2, 5, 700, 64, device=DEVICE, seed=31)
     idx32, _ = run_mask(q, k, CFG)
-    out32 = run_attention(q, k, v, idx32, CFG, num_splits=2, heads_per_program=2)
+    out32 = run_attention(q, k, v, idx32, CFG, num_splits=2, tile=Tile(2))
     monkeypatch.setattr(mask_kernel, "needs_int64", lambda *t: True)
     monkeypatch.setattr(attention_kernel, "needs_int64", lambda *t: True)
     idx64, _ = run_mask(q, k, CFG)
-    out64 = run_attention(q, k, v, idx64, CFG, num_splits=2, heads_per_program=2)
+    out64 = run_attention(q, k, v, idx64, CFG, num_splits=2, tile=Tile(2))
     torch.testing.assert_close(idx64, idx32, atol=0, rtol=0)
     torch.testing.assert_close(out64, out32, atol=0, rtol=0)
     torch.testing.assert_close(
@@ -481,14 +482,14 @@ def test_the_last_split_to_finish_merges_them_in_the_same_launch(rand_qkv, tq, h
     q, k, v = rand_qkv(2, 4, 2, tq, 700, 80, device=DEVICE, seed=tq + heads)
     idx, _ = estimate_mask_reference(q, k, CFG)
     scratch: dict[str, torch.Tensor] = {}
-    out = run_attention(q, k, v, idx, CFG, num_splits=3, heads_per_program=heads,
+    out = run_attention(q, k, v, idx, CFG, num_splits=3, tile=Tile(heads),
                         scratch=scratch)  # fmt: skip
     assert scratch["split_arrivals"].shape == (2 * 4 // heads,)  # one per program, one query block
     assert not scratch["split_arrivals"].any()
     partials = [scratch[name].cpu() for name in ("split_acc", "split_max", "split_sum")]
     assert (partials[1] == float("-inf")).any()  # the last split has no tile: weighs nothing
     torch.testing.assert_close(out.cpu(), merge_partials(*partials), atol=1e-6, rtol=1e-6)
-    again = run_attention(q, k, v, idx, CFG, num_splits=3, heads_per_program=heads,
+    again = run_attention(q, k, v, idx, CFG, num_splits=3, tile=Tile(heads),
                           scratch=scratch)  # fmt: skip
     assert torch.equal(again, out) and not scratch["split_arrivals"].any()
     expected = hip_attention_reference(q, k, v, CFG, indices=idx)
@@ -583,3 +584,42 @@ def test_tree_and_search_kernels_at_a_head_dim_not_a_power_of_two(rand_qkv, leav
     assert stats.scored.max() > 0
     torch.testing.assert_close(out.cpu(), ref.cpu(), atol=0, rtol=0)
     torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)
+
+
+def test_a_prefill_autotunes_its_tile_once_per_kernel_variant(rand_qkv, monkeypatch):
+    """Several tiles: the autotuner times each (a stand-in timer here, which finds the second,
+    two heads packed, fastest), launches the fastest, whose output is the reference's, and keeps
+    it for later launches of the same kernel variant whatever the length; tuned_tiles says
+    which it kept."""
+    from hip_attn.triton_kernels import attention as attention_kernel
+
+    monkeypatch.setattr(attention_kernel, "_TUNERS", {})
+    monkeypatch.setattr(attention_kernel, "_can_time", lambda q: True)
+    tiles = (Tile(1, 64, 4, 2), Tile(2, 16, 8, 2), Tile(1, 128, 8, 3))
+    times = [2.0, 1.0, 3.0]  # Triton times the configs in their order
+    timed = []
+
+    def stand_in_timer(kernel_call, quantiles):
+        kernel_call()
+        timed.append(times[len(timed)])
+        return [timed[-1]] * len(quantiles)
+
+    tuner = attention_kernel._autotuned(tiles, CFG.block_size_q)
+    vars(tuner)["do_bench"] = stand_in_timer  # the tuner is this test's (a fresh _TUNERS)
+    for tq, tk in ((140, 300), (96, 500)):
+        q, k, v = rand_qkv(2, 4, 2, tq, tk, 64, device=DEVICE, seed=tq)
+        idx, _ = estimate_mask_reference(q, k, CFG)
+        out = torch.full_like(q, float("nan"))
+        run_attention(q, k, v, idx, CFG, tile=tiles, out=out)
+        expected = hip_attention_reference(q, k, v, CFG, indices=idx)
+        torch.testing.assert_close(out.cpu(), expected.cpu(), atol=1e-5, rtol=1e-5)
+    assert timed == times  # each tile timed once, at the first length only
+    (chosen,) = attention_kernel.tuned_tiles()
+    assert {k: chosen[k] for k in ("heads", "block_n", "num_warps", "num_stages")} == {
+        "heads": 2, "block_n": 16, "num_warps": 8, "num_stages": 2
+    }  # fmt: skip
+    assert chosen["D"] == "64" and "torch.float32" in chosen["dtypes"]
+    with pytest.raises(ValueError, match="one tile"):
+        run_attention(q, k, v, idx, CFG, tile=tiles, num_splits=2)
+    with pytest.raises(ValueError, match=r"divide the query heads per selection head \(2\)"):
+        run_attention(q, k, v, idx, CFG, tile=Tile(4))

@@ -34,6 +34,7 @@ from hip_attn.reference import (
     estimate_mask_reference,
     hip_attention_reference,
 )
+from hip_attn.triton_kernels.tiles import Tile
 from hip_attn.validation import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,13 +179,13 @@ def test_estimate_mask_kernel_equals_reference(rand_qkv, case):
 
 
 @st.composite
-def launches(draw, case: Case) -> dict[str, int]:
-    """A launch shape the kernel supports: packed heads need a single query block."""
+def launches(draw, case: Case) -> dict[str, object]:
+    """A launch shape the kernel supports: packed heads share a selection (prefill tiles
+    included), any keys per tile, splits."""
     per_sel = case.hq // case.h_sel
-    one_block = case.tq <= case.cfg.block_size_q
-    divisors = [h for h in range(1, per_sel + 1) if per_sel % h == 0] if one_block else [1]
+    heads = draw(st.sampled_from([h for h in range(1, per_sel + 1) if per_sel % h == 0]))
     return {
-        "heads_per_program": draw(st.sampled_from(divisors)),
+        "tile": Tile(heads, draw(st.sampled_from([16, 32, 64, 128]))),
         "num_splits": draw(st.integers(1, 3)),
     }
 

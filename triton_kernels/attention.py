@@ -3,27 +3,34 @@
 Reference: :func:`hip_attn.reference.hip_attention_reference`.
 
 One kernel serves prefill and decode. A program owns one query block of one or more query
-heads (rows of the tile are ``(head, query)`` pairs, so with ``head_sharing="kv_group"`` a decode
-step reads each selected key once for the whole GQA group) and walks a virtual list of key tiles:
+heads (rows of the tile are ``(head, query)`` pairs, so with ``head_sharing="kv_group"`` each
+selected key is loaded once for the heads of a GQA group in the tile) and walks a virtual list
+of key tiles:
 the sink tiles, then the selected blocks gathered ``BLOCK_N`` tokens at a time, then the window
 tiles. With ``num_splits > 1`` (flash-decoding) the tile list is cut into contiguous ranges, one
 program each, whose unnormalized partial outputs are merged with their log-sum-exp by the last
 program of the tile to finish (an arrival counter per tile: one launch, not two). Keys are
 never repeated per query head and no score matrix larger than ``BLOCK_M x BLOCK_N`` exists.
+The launch shapes (heads per tile, keys per tile, warps, stages) are :class:`.tiles.Tile`; a
+prefill lets Triton's autotuner pick among several.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from hip_attn.config import HiPConfig
+from hip_attn.interpreter import interpreting
 from hip_attn.triton_kernels.dtypes import TL_DTYPES, dot_operand_dtype, needs_int64
 from hip_attn.triton_kernels.lengths import count_stride, keys_in_use
 from hip_attn.triton_kernels.scratch import scratch_tensor
+from hip_attn.triton_kernels.tiles import Tile
 
 _LOG2E = 1.4426950408889634
 #: CUDA's limit on the second launch-grid axis (query blocks, while they fit: 4.2M tokens at
@@ -50,7 +57,7 @@ def _sparse_attention_kernel(
     FINAL, stride_f_b, stride_f_h, stride_f_t, ARRIVALS,
     tq, tk,
     stride_tk,  # with TK_ON_DEVICE: 0 for one count shared by the batch, 1 for one per sequence
-    h_prog, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
+    q_heads, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
     qk_scale, num_splits,
     HEADS: tl.constexpr,  # query heads per program
     BLOCK_Q: tl.constexpr,  # block_size_q
@@ -68,6 +75,7 @@ def _sparse_attention_kernel(
     TK_ON_DEVICE: tl.constexpr,  # tk points at the keys in use (int32 in device memory)
     HEADS_FIRST: tl.constexpr,  # grid (heads, query blocks, splits), else query blocks first
 ):  # fmt: skip
+    h_prog = q_heads // HEADS  # programs per sequence and query block
     if HEADS_FIRST:  # a GQA group's heads, which read the same K/V, run side by side
         bh = tl.program_id(0)
         qb = tl.program_id(1)
@@ -173,7 +181,7 @@ def _sparse_attention_kernel(
     out = OUT + split * stride_o_s + b * stride_o_b + head * stride_o_h + t * stride_o_t
     if SPLIT:
         tl.store(out[:, None] + dims[None, :], acc, mask=tile_ok)
-        stat = ((split * n_b + b) * h_prog * HEADS + head) * tq + t
+        stat = ((split * n_b + b) * q_heads + head) * tq + t
         tl.store(M_OUT + stat, m_i, mask=row_ok)
         tl.store(L_OUT + stat, l_i, mask=row_ok)
         # the last of the tile's splits to finish merges them all (no second launch): the
@@ -184,8 +192,8 @@ def _sparse_attention_kernel(
         if tl.atomic_add(arrival, 1, sem="acq_rel") == num_splits - 1:
             # back to zero for the next launch: by an atomic, so that a count never goes astray
             tl.atomic_add(arrival, -num_splits, sem="relaxed")
-            split_stat = stat - split * n_b * h_prog * HEADS * tq  # split 0's
-            stat_stride = n_b * h_prog * HEADS * tq
+            split_stat = stat - split * n_b * q_heads * tq  # split 0's
+            stat_stride = n_b * q_heads * tq
             m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
             num = tl.zeros([BLOCK_M, D_PAD], tl.float32)
             den = tl.zeros([BLOCK_M], tl.float32)
@@ -256,6 +264,56 @@ class KVSegments:
         return args
 
 
+#: What the autotuner times each prefill tile again for: a kernel variant (the arguments that
+#: shape its work; Triton adds the tensors' dtypes), not a length.
+_TUNING_KEY = ("q_heads", "rows_per_head", "q_per_kv", "sel_div", "SEL_PAD", "D", "BK",
+               "INDIRECT", "OFFSET", "TK_ON_DEVICE", "HEADS_FIRST")  # fmt: skip
+#: The autotuners made so far, by (tiles, rows per head): each keeps its choices.
+_TUNERS: dict[tuple[tuple[Tile, ...], int], Any] = {}
+
+
+def _tile_constants(tile: Tile, rows_per_head: int) -> dict[str, int]:
+    return {
+        "HEADS": tile.heads,
+        "BLOCK_M": max(16, triton.next_power_of_2(tile.heads * rows_per_head)),
+        "BLOCK_N": tile.block_n,
+    }
+
+
+def _autotuned(tiles: tuple[Tile, ...], rows_per_head: int) -> Any:
+    """The kernel under Triton's autotuner, choosing among ``tiles`` (timed on the GPU at the
+    first launch of each kernel variant, :data:`_TUNING_KEY`)."""
+    key = (tiles, rows_per_head)
+    if key not in _TUNERS:
+        configs = [
+            triton.Config(
+                _tile_constants(t, rows_per_head), num_warps=t.num_warps, num_stages=t.num_stages
+            )
+            for t in tiles
+        ]
+        _TUNERS[key] = triton.autotune(configs, key=list(_TUNING_KEY))(_sparse_attention_kernel)
+    return _TUNERS[key]
+
+
+def _can_time(q: torch.Tensor) -> bool:
+    """Whether the autotuner can time tiles for ``q``: on a GPU, not in the interpreter."""
+    return q.is_cuda and not interpreting()
+
+
+def tuned_tiles() -> list[dict[str, Any]]:
+    """The tile the autotuner chose for each kernel variant launched so far in this process
+    (its key's arguments, the tile's fields): what a benchmark records beside its timings."""
+    chosen = []
+    for tuner in _TUNERS.values():
+        for key, config in tuner.cache.items():
+            variant = dict(zip(_TUNING_KEY, map(str, key), strict=False))
+            variant["dtypes"] = ",".join(map(str, key[len(_TUNING_KEY) :]))
+            kw = config.kwargs
+            tile = Tile(kw["HEADS"], kw["BLOCK_N"], config.num_warps, config.num_stages)
+            chosen.append({**variant, **asdict(tile)})
+    return chosen
+
+
 def sparse_attention_triton(
     q: torch.Tensor,
     kv: KVSegments,
@@ -265,8 +323,7 @@ def sparse_attention_triton(
     scale: float,
     *,
     num_splits: int = 1,
-    heads_per_program: int = 1,
-    block_n: int = 64,
+    tile: Tile | Sequence[Tile] | None = None,
     out: torch.Tensor | None = None,
     scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -281,9 +338,13 @@ def sparse_attention_triton(
     is applied to them).
     The kernel derives each query block's window and selected-block count itself, so the
     launch reads nothing from the device and runs no other op.
-    ``heads_per_program > 1`` packs that many query heads of one selection into a tile (decode:
-    needs one query block, i.e. ``Tq <= block_size_q``); ``num_splits > 1`` cuts each program's
-    key tiles into that many ranges (flash-decoding), which the last of them to finish merges
+    ``tile`` is the launch shape (:class:`~hip_attn.triton_kernels.tiles.Tile`, by default
+    ``Tile()``: one head, 64 keys, Triton's default warps and stages): its ``heads``
+    query heads of one selection share a tile (``Hq // H_sel`` must be a multiple of it); a
+    sequence of tiles lets Triton's autotuner time them on the GPU at the first launch of each
+    kernel variant and keep the fastest (:func:`tuned_tiles` says which it kept; without a GPU
+    to time on, the first is launched). ``num_splits > 1`` cuts each program's key tiles into
+    that many ranges (flash-decoding; one tile only), which the last of them to finish merges
     in the same launch. The result is written into ``out`` when given (shape and dtype of
     ``q``); the split partials and the arrival counters are kept in ``scratch`` when given
     (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`; a split launch without it zeroes
@@ -294,12 +355,22 @@ def sparse_attention_triton(
     h_sel, n_qb, width = indices.shape[1:]
     bq = config.block_size_q
     rows_per_head = min(tq, bq)  # one short query block (decode) gets a short tile
-    block_m = max(16, triton.next_power_of_2(heads_per_program * rows_per_head))
+    tiles = (Tile(),) if tile is None else (tile,) if isinstance(tile, Tile) else tuple(tile)
+    if not tiles or not all(isinstance(t, Tile) for t in tiles):
+        raise TypeError(f"tile must be a Tile or a non-empty sequence of them, got {tile!r}")
+    for t in tiles:
+        if (hq // h_sel) % t.heads:
+            raise ValueError(f"tile.heads must divide the query heads per selection head "
+                             f"({hq // h_sel}), got {t.heads}")  # fmt: skip
+    split = num_splits > 1
+    if split and len(tiles) > 1:
+        raise ValueError("num_splits > 1 launches one tile; got several to choose from")
+    if not _can_time(q):
+        tiles = tiles[:1]
     slots = indices if kv.slots is None else kv.slots
     if slots.stride() != indices.stride() or indices.stride(-1) != 1:
         raise ValueError("kv.slots must have the shape and strides of indices, unit stride last")
     dot_dtype = dot_operand_dtype(q.dtype)
-    split = num_splits > 1
     final = torch.empty_like(q) if out is None else out
     if final.stride(-1) != 1:
         raise ValueError("out must have unit stride on the last dimension")
@@ -322,8 +393,12 @@ def sparse_attention_triton(
     # same K/V (and, sharing a selection, the same blocks) run together and share L2; past
     # the second grid axis's limit the query blocks take the first axis
     heads_first = n_qb <= MAX_QUERY_BLOCKS
-    programs = b * hq // heads_per_program
-    grid = (programs, n_qb, num_splits) if heads_first else (n_qb, programs, num_splits)
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        programs = b * hq // meta["HEADS"]
+        return (programs, n_qb, num_splits) if heads_first else (n_qb, programs, num_splits)
+
+    programs = b * hq // tiles[0].heads  # with splits, one tile
     arrivals = (
         scratch_tensor(
             scratch, "split_arrivals", (programs * n_qb,), torch.int32, q.device, zeroed=True
@@ -331,7 +406,7 @@ def sparse_attention_triton(
         if split
         else indices  # unused without splits
     )
-    _sparse_attention_kernel[grid](
+    args = (
         q, q.stride(0), q.stride(1), q.stride(2),
         *kv.launch_args(),
         indices, indices.stride(0), indices.stride(1), indices.stride(2),
@@ -339,24 +414,31 @@ def sparse_attention_triton(
         dest, *o_strides,
         row_max, row_sum,
         final, *final.stride()[:3], arrivals,
-        tq, tk, count_stride(tk, b), hq // heads_per_program, rows_per_head, hq // hkv, hq // h_sel,
+        tq, tk, count_stride(tk, b), hq, rows_per_head, hq // hkv, hq // h_sel,
         config.sink_tokens, config.window, width, kv.window_offset, scale * _LOG2E, num_splits,
-        HEADS=heads_per_program,
-        BLOCK_Q=bq,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BK=config.block_size_k,
-        SEL_PAD=triton.next_power_of_2(width),
-        D=d,
-        D_PAD=d_pad,
-        INDIRECT=kv.slots is not None,
-        SPLIT=split,
-        PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        DOT_DTYPE=TL_DTYPES[dot_dtype],
-        OFFSET=tl.int64 if needs_int64(q, dest, *kv.tensors()) else tl.int32,
-        TK_ON_DEVICE=isinstance(tk, torch.Tensor),
-        HEADS_FIRST=heads_first,
     )  # fmt: skip
+    constants = {
+        "BLOCK_Q": bq,
+        "BK": config.block_size_k,
+        "SEL_PAD": triton.next_power_of_2(width),
+        "D": d,
+        "D_PAD": d_pad,
+        "INDIRECT": kv.slots is not None,
+        "SPLIT": split,
+        "PRECISION": "ieee" if dot_dtype == torch.float32 else "tf32",
+        "DOT_DTYPE": TL_DTYPES[dot_dtype],
+        "OFFSET": tl.int64 if needs_int64(q, dest, *kv.tensors()) else tl.int32,
+        "TK_ON_DEVICE": isinstance(tk, torch.Tensor),
+        "HEADS_FIRST": heads_first,
+    }
+    if len(tiles) > 1:
+        _autotuned(tiles, rows_per_head)[grid](*args, **constants)
+    else:
+        (one,) = tiles
+        shape = _tile_constants(one, rows_per_head)
+        _sparse_attention_kernel[grid(shape)](
+            *args, **constants, **shape, num_warps=one.num_warps, num_stages=one.num_stages
+        )
     return final
 
 

@@ -56,19 +56,24 @@ from hip_attn.triton_kernels.tree import (
 
 @triton.jit
 def _pooled_rows(
-    q, stride_q_t, qb, tq, tile, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE, D, D_PAD, OFFSET
-):
-    """Tile ``tile`` (``ROW_TILE`` rows) of query block ``qb``'s pooled rows of one head (``q``
-    points at the head), in fp32, and its row mask: as :func:`hip_attn.geometry.pool_queries`
-    pools, an fp32 sum in row order divided by the rows present, rounded once to q's dtype."""
-    rows = tile * ROW_TILE + tl.arange(0, ROW_TILE)
-    first_row = qb * BLOCK_Q + rows * STRIDE
-    row_ok = (rows < ROWS) & (first_row < tq)
+    q, stride_q_h, stride_q_t, qb, tq, tile, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE, HEADS, D,
+    D_PAD, OFFSET,
+):  # fmt: skip
+    """Tile ``tile`` (``ROW_TILE`` rows) of query block ``qb``'s pooled rows of ``HEADS`` heads
+    (``q`` points at the first), stacked head by head (row ``r`` is row ``r % ROWS`` of head
+    ``r // ROWS``: a decode step's one row per head shares one tile), in fp32, and its row
+    mask: as :func:`hip_attn.geometry.pool_queries` pools, an fp32 sum in row order divided by
+    the rows present, rounded once to q's dtype."""
+    stacked = tile * ROW_TILE + tl.arange(0, ROW_TILE)
+    head = stacked // ROWS
+    first_row = qb * BLOCK_Q + (stacked % ROWS) * STRIDE
+    row_ok = (head < HEADS) & (first_row < tq)
+    head_off = head.to(OFFSET) * stride_q_h
     total = tl.zeros([ROW_TILE, D_PAD], tl.float32)
     for i in tl.static_range(STRIDE):
         t = first_row + i
         total += tl.load(
-            q + t.to(OFFSET)[:, None] * stride_q_t + dims[None, :],
+            q + (head_off + t.to(OFFSET) * stride_q_t)[:, None] + dims[None, :],
             mask=(row_ok & (t < tq))[:, None] & (dims[None, :] < D),
             other=0.0,
         ).to(tl.float32)
@@ -134,10 +139,10 @@ def _leaf_votes(
     over their keys (``key_row``: each child's first key, an offset from ``leaf_keys``)."""
     load_ok = child_ok[:, None] & (dims[None, :] < D)
     score = tl.zeros([2 * NODES], tl.float32)
-    for t in range(HEADS_PER_SEL * ROW_TILES):
+    for t in range(ROW_TILES):
         qp, row_ok = _pooled_rows(
-            q_head + (t // ROW_TILES) * stride_q_h, stride_q_t, qb, tq, t % ROW_TILES, dims,
-            BLOCK_Q, STRIDE, ROWS, ROW_TILE, D, D_PAD, OFFSET,
+            q_head, stride_q_h, stride_q_t, qb, tq, t, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE,
+            HEADS_PER_SEL, D, D_PAD, OFFSET,
         )  # fmt: skip
         # each row's largest logit over the block's keys, one key at a time
         best = tl.full([ROW_TILE, 2 * NODES], float("-inf"), tl.float32)
@@ -216,9 +221,9 @@ def _hip_mask_kernel(
     BK: tl.constexpr,  # block_size_k
     HEADS_PER_SEL: tl.constexpr,
     STRIDE: tl.constexpr,  # query_pool_stride
-    ROWS: tl.constexpr,  # pooled rows per query block
+    ROWS: tl.constexpr,  # pooled rows per head of a query block (a power of two)
     ROW_TILE: tl.constexpr,  # pooled rows scored at a time (power of two >= 16, for tl.dot)
-    ROW_TILES: tl.constexpr,  # tiles covering ROWS
+    ROW_TILES: tl.constexpr,  # tiles covering the HEADS_PER_SEL * ROWS stacked rows
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     G: tl.constexpr,
@@ -333,10 +338,10 @@ def _hip_mask_kernel(
                 leaves = False
                 if EXACT_LEAVES:  # the last level's children are single blocks (search_levels)
                     leaves = level == levels - 1
-                # one head and ROW_TILE rows at a time (each row's softmax is its own): a tile of
-                # every row of the group's heads needs 257 KB of shared memory for Llama-8B
-                # shapes on sm_90 (hip-attn aot). Two branches, so that the summaries are not
-                # held in registers while the leaves' keys are scored.
+                # ROW_TILE of the group's (head, row) pairs at a time (each row's softmax is its
+                # own): a tile of every row of the group's heads needs 257 KB of shared memory
+                # for Llama-8B shapes on sm_90 (hip-attn aot). Two branches, so that the
+                # summaries are not held in registers while the leaves' keys are scored.
                 if leaves:
                     score = _leaf_votes(
                         q_head, stride_q_h, stride_q_t, qb, tq, leaf_keys,
@@ -354,11 +359,13 @@ def _hip_mask_kernel(
                         k_var = tl.load(var_ptr, mask=load_ok, other=0.0).to(DOT_DTYPE)
                     spread = tl.load(SPREADS + c_lvl)
                     score = tl.zeros([2 * NODES], tl.float32)
-                    for t in range(HEADS_PER_SEL * ROW_TILES):
+                    # from `zero`: a loop the compiler keeps when ROW_TILES is 1 (a decode
+                    # step's group in one tile); without it, the summaries moved from shared
+                    # memory into registers and spilled on sm_90 (hip-attn aot)
+                    for t in range(zero, ROW_TILES):
                         qp, row_ok = _pooled_rows(
-                            q_head + (t // ROW_TILES) * stride_q_h, stride_q_t, qb, tq,
-                            t % ROW_TILES, dims, BLOCK_Q, STRIDE, ROWS, ROW_TILE, D, D_PAD,
-                            OFFSET,
+                            q_head, stride_q_h, stride_q_t, qb, tq, t, dims, BLOCK_Q, STRIDE,
+                            ROWS, ROW_TILE, HEADS_PER_SEL, D, D_PAD, OFFSET,
                         )  # fmt: skip
                         # squares rounded to q's dtype, as the reference rounds them: 16-bit
                         # operands
@@ -559,12 +566,12 @@ def _spread_table(block_size_k: int, device: torch.device) -> torch.Tensor:
 
 def reloading_variances(meta: dict[str, object]) -> dict[str, object] | None:
     """The search's launch constants ``meta`` for a device whose shared memory does not hold
-    them: the variances reloaded per row tile, in one stage (two would double-buffer the
-    reloaded operand: 136 KB again at beam 2, G 64, D 128; one takes 80 KB on sm_89).
-    ``None`` for fp32 operands, which reloaded take more shared memory, not less."""
+    them: the variances reloaded per row tile (80 KB on sm_89 at beam 2, G 64, D 128, in the
+    search's one stage: two would double-buffer the reloaded operand). ``None`` for fp32
+    operands, which reloaded take more shared memory, not less."""
     if str(meta["DOT_DTYPE"]) == "fp32":
         return None
-    return {**meta, "RELOAD_VARIANCES": True, "num_stages": 1}
+    return {**meta, "RELOAD_VARIANCES": True}
 
 
 def _reload_key(q: torch.Tensor, tree: torch.Tensor, meta: dict[str, object]) -> tuple[object, ...]:
@@ -601,7 +608,13 @@ def _launch(
     b, hq, tq, d = q.shape
     hkv = tree.shape[1]
     h_sel, n_qb, g = out.shape[1:]
-    rows = config.block_size_q // config.query_pool_stride
+    # pooled rows a head of a query block has at most (fewer in one short block: a decode
+    # step's one), to a power of two so that short chunks share few compiled variants
+    rows = min(
+        triton.next_power_of_2(-(-min(tq, config.block_size_q) // config.query_pool_stride)),
+        config.block_size_q // config.query_pool_stride,
+    )
+    stacked = hq // h_sel * rows  # the group's heads' rows, one after another
     scored = scratch_tensor(scratch, "scored", (b, h_sel, n_qb), torch.int32, q.device)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -609,7 +622,7 @@ def _launch(
     nodes = _nodes(config)
     # [rows, children] fp32 tiles of at most 4,096 elements: the default config's whole query
     # block (32 x 128); a wider beam or unpooled rows take several tiles instead of spilling
-    row_tile = max(16, min(triton.next_power_of_2(rows), MAX_TILE // (2 * nodes)))
+    row_tile = max(16, min(triton.next_power_of_2(stacked), MAX_TILE // (2 * nodes)))
     cand, table, blocks = leaves if leaves is not None else (out, None, None)
     if blocks is not None and len(blocks) < n_qb:
         scored.zero_()
@@ -657,7 +670,7 @@ def _launch(
         STRIDE=config.query_pool_stride,
         ROWS=rows,
         ROW_TILE=row_tile,
-        ROW_TILES=-(-rows // row_tile),
+        ROW_TILES=-(-stacked // row_tile),
         D=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         G=g,
@@ -671,11 +684,12 @@ def _launch(
         CANDIDATES_OUT=leaves is not None and table is None,
         LEAVES_IN=table is not None,
         num_warps=8,
-        # 2 stages keep the beam-1 16-bit variants within sm_89's 99 KB of shared memory (3: 104
-        # KB); beam 2 at G = 64 needs 136 KB at D = 128 (68 KB at 64), its [2 * NODES, D]
-        # means and variances: where a device has less, the launch is refused and runs
-        # reloading_variances (hip-attn aot --arch)
-        num_stages=2,
+        # 1 stage: a level's loads wait for the last level's ranking, nothing to pipeline; 2
+        # took 254-255 registers and spilled 8-32 bytes in decode once a group's rows shared a
+        # tile (1: 229, no stack; hip-attn aot). Beam 2 at G = 64 needs 132 KB of shared memory
+        # at D = 128, its [2 * NODES, D] means and variances: where a device has less (sm_89's
+        # 99 KB), the launch is refused and runs reloading_variances (hip-attn aot --arch)
+        num_stages=1,
         # no fused multiply-adds: the summaries it extends and its estimates round as the
         # reference's, so a GPU selects the blocks the reference and the offloaded path select
         enable_fp_fusion=False,

@@ -102,7 +102,9 @@ def extend_tree(
             var = (spread_lo / BK + spread_hi / BK) * 0.5  # the pair's mean variance
             _store_rounded(node + D, saturate(var, tree.dtype.element_ty), ok)
     level = tl.maximum(first_level, 1)
-    while (level <= last_level) & ((n >> level) > 0):  # the parents of what changed
+    # the parents of what changed: level l's nodes [done >> l, n >> l); none changed at a
+    # level, none above it did (a device decode step that completed no block: no iteration)
+    while (level <= last_level) & ((n >> level) > (done >> level)):
         tl.debug_barrier()  # the level below is written
         below = level_offset(level - 1, capacity)
         here = level_offset(level, capacity)

@@ -409,7 +409,18 @@ def run_case(
         "prediction": prediction,
         "accuracy": accuracy,
         "notes": notes,
+        "tuned_tiles": _tuned_tiles(device),
     }
+
+
+def _tuned_tiles(device: torch.device) -> list[dict[str, Any]] | None:
+    """The sparse kernel's tiles the autotuner chose in this process so far (a prefill's:
+    ``hip_attn.triton_kernels.attention.tuned_tiles``), ``None`` without the kernels."""
+    if not uses_triton(device):
+        return None
+    from hip_attn.triton_kernels.attention import tuned_tiles
+
+    return tuned_tiles()
 
 
 def _accuracy(
