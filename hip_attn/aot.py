@@ -10,7 +10,9 @@ thread, stack bytes per thread (local arrays and spills, from ``cuobjdump -res-u
 memory and warps, so a kernel that would not compile, or would spill, shows up before any GPU
 time is spent on it. A search launch that needs more shared memory than the target has is
 compiled again as the library launches it there (reloading its variances); a launch that still
-does not fit makes the exit status 1.
+does not fit makes the exit status 1. A prefill's attention kernel is compiled for each tile
+its autotuner may choose; one that does not fit is not offered there (Triton's autotuner
+scores it as failed), and only a prefill none of whose tiles fits is refused.
 """
 
 from __future__ import annotations
@@ -64,12 +66,15 @@ _TRITON_TYPES = {
 
 @dataclass
 class Launch:
-    """One recorded kernel launch: the JIT function, its grid and its arguments."""
+    """One recorded kernel launch: the JIT function, its grid and its arguments; ``candidate``:
+    one of several tiles a prefill's autotuner times (one the target refuses for shared memory
+    is not offered there: Triton scores it as failed)."""
 
     kernel: Any
     grid: tuple[int, ...]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    candidate: bool = False
 
 
 @dataclass
@@ -215,7 +220,7 @@ def compile_as_launched(launch: Launch, arch: int = 90) -> dict[str, Any]:
         result = compile_launch(Launch(launch.kernel, launch.grid, launch.args, kwargs), arch)
     first = {"first_shared_bytes": first_shared} if reloads else {}
     return {**result, "reloads_variances": reloads, **first,
-            "fits": result["shared_bytes"] <= limit}  # fmt: skip
+            "fits": result["shared_bytes"] <= limit, "candidate": launch.candidate}  # fmt: skip
 
 
 # -- the variants: the shapes the library launches -----------------------------------------
@@ -295,6 +300,7 @@ def _record_hip(
         for tile in tiles:  # each tile a prefill's autotuner may choose
             sparse_attention_triton(q, kv, tk, indices, config, scale, num_splits=splits,
                                     tile=tile)  # fmt: skip
+            launches[-1].candidate = len(tiles) > 1
     return launches
 
 
@@ -461,24 +467,34 @@ def run(args: argparse.Namespace) -> int:
           f"{SHARED_KB[args.arch]} KB of shared memory)", flush=True)  # fmt: skip
     header = (f"{'kernel':<26}{'grid':>18}{'tile':>8}{'warps':>6}{'stages':>7}{'regs':>6}"
               f"{'stack B':>8}{'smem KB':>8}")  # fmt: skip
+    over = f"over {SHARED_KB[args.arch]} KB"
     for variant in progress_bar(all_variants, desc=f"sm_{args.arch}", unit="variant"):
         say(f"{variant.name}\n  {header}")
+        offered = None  # of the autotuner's candidates, whether one fits
         for launch in variant.launches:
             if wanted and launch.kernel.__name__ != wanted:
                 continue
             r = compile_as_launched(launch, args.arch)
             variant.results.append(r)
-            worst = max(worst, r["stack_bytes"] + r["local_bytes"])
-            refused += not r["fits"]
+            if r["fits"]:  # a candidate the target refuses is never launched there
+                worst = max(worst, r["stack_bytes"] + r["local_bytes"])
+            if r["candidate"]:
+                offered = bool(offered) or r["fits"]
+            else:
+                refused += not r["fits"]
             grid = "x".join(map(str, r["grid"]))
             note = (f"  reloads variances (was {r['first_shared_bytes'] / 1024:.0f} KB)"
                     if r["reloads_variances"] else "")  # fmt: skip
+            if not r["fits"]:
+                note += f"  {over}: not offered" if r["candidate"] else f"  {over}: refused"
             say(
                 f"  {r['kernel']:<26}{grid:>18}{r.get('tile', ''):>8}{r['num_warps']:>6}"
                 f"{r['num_stages']:>7}{r['registers']:>6}"
                 f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}{note}"
-                + ("" if r["fits"] else f"  over {SHARED_KB[args.arch]} KB: refused")
             )
+        if offered is False:
+            say("  no tile the autotuner may choose fits: refused")
+            refused += 1
     if args.json:
         try:
             _write_json(args.json, args.arch, all_variants)

@@ -34,8 +34,9 @@ def test_every_quick_variant_compiles_for_sm90_without_spilling():
     prefill_tiles = launch_shape(1, 32, 8, 4096, HiPConfig(), 132)[0]
     assert kernels.count("_hip_mask_kernel") == 13
     assert kernels.count("_sparse_attention_kernel") == 11 + len(prefill_tiles)
-    assert {tile for name, _, tile, *_ in rows if name == "_sparse_attention_kernel"} >= {
-        f"{64 * t.heads}x{t.block_n}" for t in prefill_tiles
+    shapes = {(tile, int(w), int(st)) for name, _, tile, w, st, *_ in rows if tile}
+    assert shapes >= {
+        (f"{64 * t.heads}x{t.block_n}", t.num_warps, t.num_stages) for t in prefill_tiles
     }
     for _, _, _, warps, _, regs, stack in rows:
         assert int(warps) >= 4 and 0 < int(regs) <= 255 and int(stack) == 0
@@ -111,3 +112,32 @@ def test_prefill_offers_the_autotuner_tiles_of_shared_selections(h_sel, bq, head
     assert set(tiles) <= set(PREFILL_TILES) and {t for t in PREFILL_TILES if t.heads == 1} <= set(
         tiles
     )
+
+
+@pytest.mark.parametrize("fitting,status", [((True, False), 0), ((False, False), 1)])
+def test_a_prefill_tile_over_the_shared_memory_is_not_offered_unless_none_fits(
+    monkeypatch, capsys, fitting, status
+):
+    """A tile of the autotuner's the target refuses is marked, not fatal: the autotuner scores
+    it as failed; a prefill none of whose tiles fits is refused (exit status 1)."""
+    import argparse
+
+    from hip_attn import aot
+
+    launches = [aot.Launch(None, (1,), (), {}, candidate=True) for _ in fitting]
+    results = iter(fitting)
+
+    def compiled(launch, arch):
+        return {"kernel": "_sparse_attention_kernel", "grid": [1], "tile": "64x64",
+                "num_warps": 8, "num_stages": 2, "registers": 200, "stack_bytes": 0,
+                "local_bytes": 0, "shared_bytes": 120 << 10, "reloads_variances": False,
+                "fits": next(results), "candidate": launch.candidate}  # fmt: skip
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot, "variants", lambda quick, sms: [aot.Variant("prefill", launches)])
+    monkeypatch.setattr(aot, "compile_as_launched", compiled)
+    args = argparse.Namespace(quick=True, sms=132, arch=89, only=None, max_stack_bytes=0, json=None)
+    assert aot.run(args) == status
+    out = capsys.readouterr().out
+    assert out.count("over 99 KB: not offered") == 2 - sum(fitting)
+    assert ("no tile the autotuner may choose fits: refused" in out) == (status == 1)

@@ -509,3 +509,30 @@ def test_cuda_timing_also_reports_the_wall_clock_between_synchronizations(monkey
     result = timing.time_cuda(lambda: time.sleep(0.002), settings)
     assert result.runs >= 3 and result.ms >= 2 and result.wall_ms is not None
     assert result.wall_ms >= 2
+
+
+def test_a_record_lists_the_tiles_tuned_for_its_own_shape_and_size_class(monkeypatch):
+    """Of the autotuner's choices so far in the process, a case's record keeps those of its
+    query heads, head dim, dtype and size class (the prefill's programs to a power of two)."""
+    from hip_attn.bench import runner
+    from hip_attn.triton_kernels import attention as attention_kernel
+
+    case = BenchCase("prefill", 8192, 8192, Shape(1, 32, 8, 128, "bfloat16"), HiPConfig())
+    own = attention_kernel.size_class(1, 32, 8192 // 64)
+
+    def entry(q_heads, d, dtype, size, heads):
+        return {"q_heads": str(q_heads), "D": str(d), "dtypes": f"torch.{dtype},torch.int32",
+                "size_class": str(size), "heads": heads}  # fmt: skip
+
+    chosen = [
+        entry(32, 128, "bfloat16", own, 2),  # this case's
+        entry(32, 128, "bfloat16", own + 1, 1),  # a longer prefill's
+        entry(32, 128, "float16", own, 1),
+        entry(32, 64, "bfloat16", own, 1),
+        entry(16, 128, "bfloat16", own, 1),
+    ]
+    monkeypatch.setattr(attention_kernel, "tuned_tiles", lambda: chosen)
+    monkeypatch.setattr(runner, "uses_triton", lambda device: True)
+    assert runner._tuned_tiles(case, torch.device("cpu")) == chosen[:1]
+    monkeypatch.setattr(runner, "uses_triton", lambda device: False)
+    assert runner._tuned_tiles(case, torch.device("cpu")) is None

@@ -586,17 +586,17 @@ def test_tree_and_search_kernels_at_a_head_dim_not_a_power_of_two(rand_qkv, leav
     torch.testing.assert_close(scored.long().cpu(), stats.scored, atol=0, rtol=0)
 
 
-def test_a_prefill_autotunes_its_tile_once_per_kernel_variant(rand_qkv, monkeypatch):
-    """Several tiles: the autotuner times each (a stand-in timer here, which finds the second,
-    two heads packed, fastest), launches the fastest, whose output is the reference's, and keeps
-    it for later launches of the same kernel variant whatever the length; tuned_tiles says
-    which it kept."""
+def test_a_prefill_autotunes_its_tile_once_per_kernel_variant_and_size_class(rand_qkv, monkeypatch):
+    """Several tiles: the autotuner times each (a stand-in timer here), launches the fastest,
+    whose output is the reference's, and keeps it for later launches of the same kernel variant
+    and size class (programs to a power of two) whatever the length; another size class is
+    timed again. tuned_tiles says what it kept."""
     from hip_attn.triton_kernels import attention as attention_kernel
 
     monkeypatch.setattr(attention_kernel, "_TUNERS", {})
     monkeypatch.setattr(attention_kernel, "_can_time", lambda q: True)
     tiles = (Tile(1, 64, 4, 2), Tile(2, 16, 8, 2), Tile(1, 128, 8, 3))
-    times = [2.0, 1.0, 3.0]  # Triton times the configs in their order
+    times = [2.0, 1.0, 3.0, 1.0, 3.0, 2.0]  # Triton times the configs in their order
     timed = []
 
     def stand_in_timer(kernel_call, quantiles):
@@ -606,20 +606,40 @@ def test_a_prefill_autotunes_its_tile_once_per_kernel_variant(rand_qkv, monkeypa
 
     tuner = attention_kernel._autotuned(tiles, CFG.block_size_q)
     vars(tuner)["do_bench"] = stand_in_timer  # the tuner is this test's (a fresh _TUNERS)
-    for tq, tk in ((140, 300), (96, 500)):
+    # 5, 5 and 2 query blocks of 32: 40, 40 and 16 programs of one head (size classes 6, 6, 5)
+    for tq, tk, tunings in ((140, 300, 1), (130, 500, 1), (64, 400, 2)):
         q, k, v = rand_qkv(2, 4, 2, tq, tk, 64, device=DEVICE, seed=tq)
         idx, _ = estimate_mask_reference(q, k, CFG)
         out = torch.full_like(q, float("nan"))
         run_attention(q, k, v, idx, CFG, tile=tiles, out=out)
         expected = hip_attention_reference(q, k, v, CFG, indices=idx)
         torch.testing.assert_close(out.cpu(), expected.cpu(), atol=1e-5, rtol=1e-5)
-    assert timed == times  # each tile timed once, at the first length only
-    (chosen,) = attention_kernel.tuned_tiles()
-    assert {k: chosen[k] for k in ("heads", "block_n", "num_warps", "num_stages")} == {
-        "heads": 2, "block_n": 16, "num_warps": 8, "num_stages": 2
-    }  # fmt: skip
-    assert chosen["D"] == "64" and "torch.float32" in chosen["dtypes"]
+        assert len(timed) == tunings * len(tiles)
+    fields = ("size_class", "heads", "block_n", "num_warps", "num_stages")
+    assert [tuple(c[f] for f in fields) for c in attention_kernel.tuned_tiles()] == [
+        ("6", 2, 16, 8, 2),
+        ("5", 1, 64, 4, 2),
+    ]
+    assert all(
+        c["D"] == "64" and "torch.float32" in c["dtypes"] for c in attention_kernel.tuned_tiles()
+    )
     with pytest.raises(ValueError, match="one tile"):
         run_attention(q, k, v, idx, CFG, tile=tiles, num_splits=2)
     with pytest.raises(ValueError, match=r"divide the query heads per selection head \(2\)"):
         run_attention(q, k, v, idx, CFG, tile=Tile(4))
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ((0,), "heads must be a positive int"),
+        ((1, 48), "block_n must be a power of two"),
+        ((1, 8), "block_n must be at least 16"),
+        ((1, 64, 6), "num_warps must be a power of two"),
+        ((1, 64, 4, 0), "num_stages must be a positive int"),
+        ((1, 64.0), "block_n must be a positive int"),
+    ],
+)
+def test_a_tile_refuses_what_the_kernel_cannot_launch(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Tile(*fields)

@@ -3,6 +3,7 @@
 * :mod:`.mask`: hierarchical mask estimation (the tree search);
 * :mod:`.tree`: extending the search's summary tree by the blocks decode completes;
 * :mod:`.attention`: block-sparse flash attention for prefill and decode (flash-decoding splits);
+* :mod:`.tiles`: its launch shapes, the prefill's autotuned among several (Triton-free);
 * :mod:`.dtypes`: the dtypes they compute in (``tl.dot`` operands, element offsets).
 
 Each kernel's readable specification is in :mod:`hip_attn.reference` (the tree's in

@@ -59,6 +59,7 @@ def _sparse_attention_kernel(
     stride_tk,  # with TK_ON_DEVICE: 0 for one count shared by the batch, 1 for one per sequence
     q_heads, rows_per_head, q_per_kv, sel_div, sink, window, sel_width, win_offset,
     qk_scale, num_splits,
+    size_class,  # bit length of the launch's programs at one head each: for the autotuner's key
     HEADS: tl.constexpr,  # query heads per program
     BLOCK_Q: tl.constexpr,  # block_size_q
     BLOCK_M: tl.constexpr,  # rows of the tile: >= HEADS * rows_per_head
@@ -264,10 +265,12 @@ class KVSegments:
         return args
 
 
-#: What the autotuner times each prefill tile again for: a kernel variant (the arguments that
-#: shape its work; Triton adds the tensors' dtypes), not a length.
+#: What the autotuner times the prefill tiles again for: a kernel variant (the arguments that
+#: shape a program's work; Triton adds the tensors' dtypes) and the launch's size class (its
+#: programs to a power of two: a 65-token prefill's few programs tune apart from 128K's), not
+#: the exact length.
 _TUNING_KEY = ("q_heads", "rows_per_head", "q_per_kv", "sel_div", "SEL_PAD", "D", "BK",
-               "INDIRECT", "OFFSET", "TK_ON_DEVICE", "HEADS_FIRST")  # fmt: skip
+               "INDIRECT", "OFFSET", "TK_ON_DEVICE", "HEADS_FIRST", "size_class")  # fmt: skip
 #: The autotuners made so far, by (tiles, rows per head): each keeps its choices.
 _TUNERS: dict[tuple[tuple[Tile, ...], int], Any] = {}
 
@@ -293,6 +296,12 @@ def _autotuned(tiles: tuple[Tile, ...], rows_per_head: int) -> Any:
         ]
         _TUNERS[key] = triton.autotune(configs, key=list(_TUNING_KEY))(_sparse_attention_kernel)
     return _TUNERS[key]
+
+
+def size_class(batch: int, q_heads: int, query_blocks: int) -> int:
+    """The autotuner's size class of a launch: the bit length of its programs at one query head
+    each (:data:`_TUNING_KEY`)."""
+    return (batch * q_heads * query_blocks).bit_length()
 
 
 def _can_time(q: torch.Tensor) -> bool:
@@ -342,14 +351,15 @@ def sparse_attention_triton(
     ``Tile()``: one head, 64 keys, Triton's default warps and stages): its ``heads``
     query heads of one selection share a tile (``Hq // H_sel`` must be a multiple of it); a
     sequence of tiles lets Triton's autotuner time them on the GPU at the first launch of each
-    kernel variant and keep the fastest (:func:`tuned_tiles` says which it kept; without a GPU
-    to time on, the first is launched). ``num_splits > 1`` cuts each program's key tiles into
-    that many ranges (flash-decoding; one tile only), which the last of them to finish merges
-    in the same launch. The result is written into ``out`` when given (shape and dtype of
-    ``q``); the split partials and the arrival counters are kept in ``scratch`` when given
-    (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`; a split launch without it zeroes
-    fresh counters first, one fill). Launches that may run at the same time (other streams)
-    must not share a ``scratch``."""
+    kernel variant and size class (:data:`_TUNING_KEY`) and keep the fastest for the process
+    (:func:`tuned_tiles` says which; ``TRITON_CACHE_AUTOTUNING=1`` keeps the choice on disk for
+    later processes; without a GPU to time on, the first is launched). ``num_splits > 1``
+    cuts each program's key tiles into that many ranges (flash-decoding; one tile only), which
+    the last of them to finish merges in the same launch. The result is written into ``out``
+    when given (shape and dtype of ``q``); the split partials and the arrival counters are
+    kept in ``scratch`` when given (:func:`~hip_attn.triton_kernels.scratch.scratch_tensor`; a
+    split launch without it zeroes fresh counters first, one fill). Launches that may run at
+    the same time (other streams) must not share a ``scratch``."""
     b, hq, tq, d = q.shape
     hkv = kv.sel_k.shape[1]
     h_sel, n_qb, width = indices.shape[1:]
@@ -416,6 +426,7 @@ def sparse_attention_triton(
         final, *final.stride()[:3], arrivals,
         tq, tk, count_stride(tk, b), hq, rows_per_head, hq // hkv, hq // h_sel,
         config.sink_tokens, config.window, width, kv.window_offset, scale * _LOG2E, num_splits,
+        size_class(b, hq, n_qb),
     )  # fmt: skip
     constants = {
         "BLOCK_Q": bq,

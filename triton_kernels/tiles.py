@@ -17,7 +17,7 @@ class Tile:
     """One launch shape: ``heads`` query heads of one selection per program (their rows
     stacked in one tile, so each K/V tile is loaded once for all of them), ``block_n`` keys per
     tile, ``num_warps`` and ``num_stages`` (software-pipelining depth) of the compiled kernel.
-    The defaults are Triton's own launch defaults on CUDA."""
+    ``num_warps`` and ``num_stages`` default to Triton's own launch defaults on CUDA."""
 
     heads: int = 1
     block_n: int = 64
@@ -33,6 +33,8 @@ class Tile:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"Tile.{name} must be a power of two, got {value}")
+        if self.block_n < 16:  # the smallest tl.dot operand
+            raise ValueError(f"Tile.block_n must be at least 16, got {self.block_n}")
 
 
 #: The prefill tiles the autotuner chooses from: those of a 64-row query block (Llama-3.1-8B

@@ -409,18 +409,27 @@ def run_case(
         "prediction": prediction,
         "accuracy": accuracy,
         "notes": notes,
-        "tuned_tiles": _tuned_tiles(device),
+        "tuned_tiles": _tuned_tiles(case, device),
     }
 
 
-def _tuned_tiles(device: torch.device) -> list[dict[str, Any]] | None:
-    """The sparse kernel's tiles the autotuner chose in this process so far (a prefill's:
-    ``hip_attn.triton_kernels.attention.tuned_tiles``), ``None`` without the kernels."""
+def _tuned_tiles(case: BenchCase, device: torch.device) -> list[dict[str, Any]] | None:
+    """The tiles the autotuner chose for this case's shape and size class (a prefill's sparse
+    attention: ``hip_attn.triton_kernels.attention.tuned_tiles``; empty for decode, which
+    launches one tile), ``None`` without the kernels."""
     if not uses_triton(device):
         return None
-    from hip_attn.triton_kernels.attention import tuned_tiles
+    from hip_attn.triton_kernels.attention import size_class, tuned_tiles
 
-    return tuned_tiles()
+    s = case.shape
+    query_blocks = -(-case.queries // case.config.block_size_q)
+    want = {"q_heads": s.heads, "D": s.head_dim,
+            "size_class": size_class(s.batch, s.heads, query_blocks)}  # fmt: skip
+    return [
+        t
+        for t in tuned_tiles()
+        if all(t[k] == str(v) for k, v in want.items()) and f"torch.{s.dtype}" in t["dtypes"]
+    ]
 
 
 def _accuracy(
