@@ -620,8 +620,8 @@ def _launch(
         q = q.contiguous()
     dot_dtype = dot_operand_dtype(q.dtype if q.dtype == tree.dtype else torch.float32)
     nodes = _nodes(config)
-    # [rows, children] fp32 tiles of at most 4,096 elements: the default config's whole query
-    # block (32 x 128); a wider beam or unpooled rows take several tiles instead of spilling
+    # [rows, children] fp32 tiles of at most 4,096 elements (16 x 256 with the defaults, the
+    # lighter search's 32 x 128): more rows take several tiles instead of spilling
     row_tile = max(16, min(triton.next_power_of_2(stacked), MAX_TILE // (2 * nodes)))
     cand, table, blocks = leaves if leaves is not None else (out, None, None)
     if blocks is not None and len(blocks) < n_qb:
@@ -684,12 +684,13 @@ def _launch(
         CANDIDATES_OUT=leaves is not None and table is None,
         LEAVES_IN=table is not None,
         num_warps=8,
-        # 1 stage: a level's loads wait for the last level's ranking, nothing to pipeline; 2
-        # took 254-255 registers and spilled 8-32 bytes in decode once a group's rows shared a
-        # tile (1: 229, no stack; hip-attn aot). Beam 2 at G = 64 needs 132 KB of shared memory
-        # at D = 128, its [2 * NODES, D] means and variances: where a device has less (sm_89's
-        # 99 KB), the launch is refused and runs reloading_variances (hip-attn aot --arch)
-        num_stages=1,
+        # 16-bit operands in 1 stage: a level's loads wait for the last level's ranking,
+        # nothing to pipeline, and 2 spilled 8-32 bytes in decode once a group's rows shared a
+        # tile (1: 229 registers, no stack); fp32 in 2 (1 takes 272 KB of shared memory at
+        # D = 128, over sm_90's 227; 2: 152 KB; hip-attn aot). Beam 2 at G = 64 in 16 bits
+        # needs 132 KB at D = 128, its [2 * NODES, D] means and variances: where a device has
+        # less (sm_89's 99 KB), the launch is refused and runs reloading_variances
+        num_stages=2 if dot_dtype == torch.float32 else 1,
         # no fused multiply-adds: the summaries it extends and its estimates round as the
         # reference's, so a GPU selects the blocks the reference and the offloaded path select
         enable_fp_fusion=False,
