@@ -121,7 +121,8 @@ def recorded_launches() -> Iterator[list[Launch]]:
 def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], Any]]:
     """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource`, specialized
     as Triton's launcher would: pointers and multiples of 16 marked 16-divisible, the integer
-    1 a constant, integers outside int32 as i64."""
+    1 a constant (neither for an argument the kernel does not specialize), integers outside
+    int32 as i64."""
     import torch
 
     kernel = launch.kernel
@@ -142,11 +143,12 @@ def specialize(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tup
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
-            if value == 1:
+            special = not param.do_not_specialize
+            if value == 1 and special:
                 signature[name], constexprs[name] = "constexpr", 1
                 continue
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
+            if value % 16 == 0 and special:
                 attrs[(i,)] = divisible
         elif isinstance(value, float):
             signature[name] = "fp32"

@@ -38,7 +38,9 @@ _LOG2E = 1.4426950408889634
 MAX_QUERY_BLOCKS = 65535
 
 
-@triton.jit
+# size_class only keys the autotuner: specialized (16 is a multiple of 16), it would compile
+# every tile again for a launch of 32K-64K one-head programs
+@triton.jit(do_not_specialize=["size_class"])
 def _sparse_attention_kernel(
     Q, stride_q_b, stride_q_h, stride_q_t,
     # Keys and values come from three places, each with its own (batch, head, token) strides
@@ -310,8 +312,9 @@ def _can_time(q: torch.Tensor) -> bool:
 
 
 def tuned_tiles() -> list[dict[str, Any]]:
-    """The tile the autotuner chose for each kernel variant launched so far in this process
-    (its key's arguments, the tile's fields): what a benchmark records beside its timings."""
+    """The tile the autotuner chose for each kernel variant and size class launched so far in
+    this process (its key's arguments, the tile's fields): what a benchmark records beside its
+    timings."""
     chosen = []
     for tuner in _TUNERS.values():
         for key, config in tuner.cache.items():

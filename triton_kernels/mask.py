@@ -553,7 +553,7 @@ MAX_TILE = 4096
 #: Search kernel variants (device, input dtypes, launch constants) with 16-bit operands that
 #: needed more shared memory than their device has: they launch with
 #: :func:`reloading_variances` (``hip-attn aot --arch 89 --quick``: the defaults' search at
-#: D = 128 takes 80 KB instead of 136 KB in bf16, 88 KB in fp16 on sm_86).
+#: D = 128 takes 80 KB instead of 132 KB in bf16).
 _RELOADING: set[tuple[object, ...]] = set()
 
 
@@ -688,8 +688,8 @@ def _launch(
         # nothing to pipeline, and 2 spilled 8-32 bytes in decode once a group's rows shared a
         # tile (1: 229 registers, no stack); fp32 in 2 (1 takes 272 KB of shared memory at
         # D = 128, over sm_90's 227; 2: 152 KB; hip-attn aot). Beam 2 at G = 64 in 16 bits
-        # needs 132 KB at D = 128, its [2 * NODES, D] means and variances: where a device has
-        # less (sm_89's 99 KB), the launch is refused and runs reloading_variances
+        # needs 132-136 KB at D = 128, its [2 * NODES, D] means and variances: where a device
+        # has less (sm_89's 99 KB), the launch is refused and runs reloading_variances
         num_stages=2 if dot_dtype == torch.float32 else 1,
         # no fused multiply-adds: the summaries it extends and its estimates round as the
         # reference's, so a GPU selects the blocks the reference and the offloaded path select

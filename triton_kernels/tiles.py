@@ -2,9 +2,9 @@
 dispatch can choose one where Triton is not installed.
 
 A prefill offers the autotuner several tiles (:data:`PREFILL_TILES`); it times them at the
-first launch of each kernel variant on the GPU and keeps the fastest. A decode step launches
-one tile (packed heads, flash-decoding splits: ``hip_attn.attention.launch_shape``), the same
-at every step, which a CUDA graph can replay.
+first launch of each kernel variant and size class on the GPU and keeps the fastest. A decode
+step launches one tile (packed heads, flash-decoding splits:
+``hip_attn.attention.launch_shape``), the same at every step, which a CUDA graph can replay.
 """
 
 from __future__ import annotations

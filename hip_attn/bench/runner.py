@@ -414,11 +414,13 @@ def run_case(
 
 
 def _tuned_tiles(case: BenchCase, device: torch.device) -> list[dict[str, Any]] | None:
-    """The tiles the autotuner chose for this case's shape and size class (a prefill's sparse
-    attention: ``hip_attn.triton_kernels.attention.tuned_tiles``; empty for decode, which
-    launches one tile), ``None`` without the kernels."""
+    """The tiles the autotuner chose for this prefill case's shape and size class (its sparse
+    attention: ``hip_attn.triton_kernels.attention.tuned_tiles``; empty for other modes, which
+    launch one tile), ``None`` without the kernels."""
     if not uses_triton(device):
         return None
+    if case.mode != "prefill":
+        return []
     from hip_attn.triton_kernels.attention import size_class, tuned_tiles
 
     s = case.shape
@@ -428,7 +430,8 @@ def _tuned_tiles(case: BenchCase, device: torch.device) -> list[dict[str, Any]] 
     return [
         t
         for t in tuned_tiles()
-        if all(t[k] == str(v) for k, v in want.items()) and f"torch.{s.dtype}" in t["dtypes"]
+        if all(t[k] == str(v) for k, v in want.items())
+        and t["dtypes"].split(",")[0] == f"torch.{s.dtype}"  # q's
     ]
 
 
