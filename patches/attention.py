@@ -60,13 +60,15 @@ def _state(module: torch.nn.Module, sequence: int | None) -> HiPDecodeState | No
     return state if sequence is None else state.sequence(sequence)
 
 
-def _offloaded_kv(module: torch.nn.Module) -> Any:
+def _offloaded_kv(module: torch.nn.Module) -> tuple[Any, Any]:
+    """The module's offloaded KV and the one it prefetches to (``None`` for none)."""
     from hip_attn.patches.offload import HiPOffloadCache  # imports transformers
 
     cache = LAYER_CACHES.get(module)
     if not isinstance(cache, HiPOffloadCache):
-        return None
-    return cache.offloaded(cast(int, module.layer_idx))
+        return None, None
+    layer = cast(int, module.layer_idx)
+    return cache.offloaded(layer), cache.prefetch_target(layer)
 
 
 def _on_device(module: torch.nn.Module) -> Any:
@@ -140,11 +142,12 @@ def hip_attention_forward(
     config = LAYER_CONFIGS.get(module) or HiPConfig()
     dense = getattr(module, "layer_idx", None) in config.dense_layers
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    offloaded = _offloaded_kv(module)
+    offloaded, following = _offloaded_kv(module)
     if offloaded is not None:  # the keys and values live in host memory
         if attention_mask is not None:
             raise ValueError("hip attention with KV offload does not support padded batches yet")
-        out = offloaded.attend(query, scale=scale, state=_state(module, None))
+        out = offloaded.attend(query, scale=scale, state=_state(module, None),
+                               prefetch_into=following)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
     if layer is not None:
         if attention_mask is not None:

@@ -95,8 +95,10 @@ def patch(
             :class:`~hip_attn.patches.offload.HiPOffloadCache` and prefills in chunks of
             ``max_chunk`` tokens.
         offload_options: :class:`~hip_attn.offload.OffloadedKV` options (``cache_blocks``,
-            ``max_chunk``, ``host_chunk_tokens``, ``gather``), checked here: an unknown name or
-            a wrong type raises ``TypeError``, a bad value ``ValueError``.
+            ``max_chunk``, ``host_chunk_tokens``, ``gather``) and ``prefetch`` (a refreshing
+            layer prefetches its selection into the next layer's block cache,
+            :class:`~hip_attn.patches.offload.HiPOffloadCache`), checked here: an unknown name
+            or a wrong type raises ``TypeError``, a bad value ``ValueError``.
 
     Returns:
         ``model``, patched in place. Patching again only updates the configuration;

@@ -74,11 +74,16 @@ class HiPOffloadCache(Cache):
     Args:
         model_config: the model's transformers config (its layer types decide each layer).
         config: the HiP configuration (``dense_layers`` stay on the device).
+        prefetch: on a decode step that refreshes, each offloaded layer starts bringing its
+            new selection into the next offloaded layer's block cache
+            (:meth:`OffloadedKV.prefetch`), ahead of that layer's own search.
         **options: :class:`OffloadedKV` options: ``cache_blocks``, ``max_chunk``,
             ``host_chunk_tokens``, ``gather``.
     """
 
-    def __init__(self, model_config: Any, config: HiPConfig, **options: Any) -> None:
+    def __init__(
+        self, model_config: Any, config: HiPConfig, *, prefetch: bool = False, **options: Any
+    ) -> None:
         text = model_config.get_text_config()
         kinds = getattr(text, "layer_types", None)
         if kinds is None:
@@ -97,14 +102,25 @@ class HiPOffloadCache(Cache):
             else:
                 layers.append(OffloadedLayer(config, options))
         super().__init__(layers=layers)
+        self.prefetching = prefetch  # (Cache.prefetch is transformers' own offloading)
 
     def offloaded(self, layer_idx: int) -> OffloadedKV | None:
         """The offloaded KV of layer ``layer_idx`` (``None`` for a layer kept on the device)."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         return layer.kv if isinstance(layer, OffloadedLayer) else None
 
+    def prefetch_target(self, layer_idx: int) -> OffloadedKV | None:
+        """Where layer ``layer_idx`` prefetches to: the next offloaded layer, with ``prefetch``
+        (else ``None``)."""
+        if not self.prefetching:
+            return None
+        following = (layer for layer in self.layers[layer_idx + 1 :]
+                     if isinstance(layer, OffloadedLayer))  # fmt: skip
+        return next((layer.kv for layer in following), None)
+
     def stats(self) -> dict[int, dict[str, Any]]:
-        """Per offloaded layer: hits, misses, bytes moved, device and host bytes held."""
+        """Per offloaded layer: hits, misses, bytes moved (prefetched too), device and host
+        bytes held."""
         return {
             i: layer.kv.stats()
             for i, layer in enumerate(self.layers)

@@ -171,7 +171,8 @@ CFG = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64
     [
         ({"foo": 1}, TypeError,
          "unknown offload option 'foo'; accepted: cache_blocks, max_chunk, host_chunk_tokens, "
-         "gather"),
+         "gather, prefetch"),
+        ({"prefetch": 1}, TypeError, "offload option prefetch must be bool, got int"),
         ({"cache_blocks": "64"}, TypeError, "offload option cache_blocks must be int, got str"),
         ({"max_chunk": True}, TypeError, "offload option max_chunk must be int, got bool"),
         ({"cache_blocks": 4}, ValueError,
@@ -190,7 +191,8 @@ def test_patch_checks_offload_options(model, options, error, needle):
 
 
 def test_patch_accepts_good_offload_options(model):
-    options = {"cache_blocks": 32, "max_chunk": 64, "host_chunk_tokens": 64, "gather": "torch"}
+    options = {"cache_blocks": 32, "max_chunk": 64, "host_chunk_tokens": 64, "gather": "torch",
+               "prefetch": True}  # fmt: skip
     try:
         hip_attn.patch(model, CFG, offload=True, offload_options=options)
         assert is_patched(model) and "generate" in model.__dict__

@@ -19,6 +19,7 @@ from hip_attn.geometry import (
 )
 from hip_attn.offload import BlockCache, HostKV, OffloadedKV
 from hip_attn.offload.gather import gather_torch
+from hip_attn.offload.readable_lru import ReadableLRU
 from hip_attn.triton_kernels import mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,38 +230,6 @@ def test_lru_evicts_the_least_recently_used_block():
     assert s.bytes_moved == 3 * cache.block_bytes
 
 
-def _lru(slots, requests):
-    """A readable LRU over one row: ``requests`` lists ``(blocks, values)`` per step (repeats
-    and -1 allowed; ``values``: the values come in too); returns ``{block: slot}``, (hits,
-    misses, evictions, keys-only misses, value fills) and the (block, K slot, V slot) copies."""
-    table, holds, last, copies = {}, [-1] * slots, [0] * slots, []
-    has_values, counts = [False] * slots, [0] * 5
-    for step, (request, values) in enumerate(requests, 1):
-        need = sorted({b for b in request if b >= 0})
-        hits, misses = [b for b in need if b in table], [b for b in need if b not in table]
-        busy = {table[b] for b in hits}
-        free = iter(sorted((s for s in range(slots) if s not in busy), key=lambda s: (last[s], s)))
-        for b in need:  # in block order, as the gather gets them
-            if b in hits:
-                s = table[b]
-                last[s] = step
-                if values and not has_values[s]:
-                    has_values[s] = True
-                    copies.append((b, -1, s))
-                    counts[4] += 1
-                continue
-            s = next(free)
-            if holds[s] >= 0:
-                del table[holds[s]]
-                counts[2] += 1
-            table[b], holds[s], last[s], has_values[s] = s, b, step, values
-            copies.append((b, s, s if values else -1))
-            counts[3] += not values
-        counts[0] += len(hits)
-        counts[1] += len(misses)
-    return table, tuple(counts), copies
-
-
 @pytest.mark.parametrize("width", [5, 9])  # within the slots (no host read) and beyond
 def test_device_lru_matches_a_readable_lru_on_random_requests(width):
     """Requests with and without values (a search's candidates, then the selection among
@@ -289,10 +258,12 @@ def test_device_lru_matches_a_readable_lru_on_random_requests(width):
         cache.ensure(r.to(DEVICE), n_blocks, gather, values=values)
     totals = [0] * 5
     for row in range(rows):
-        table, counts, want_copies = _lru(slots, [(r[row].tolist(), v) for r, v in requests])
+        lru = ReadableLRU(slots)
+        for r, values in requests:
+            lru.ensure(r[row].tolist(), values)
         got = {b: int(s) for b, s in enumerate(cache.table[row, :n_blocks].tolist()) if s >= 0}
-        assert got == table and copies[row] == want_copies
-        totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        assert got == lru.table and copies[row] == lru.copies
+        totals = [a + b for a, b in zip(totals, lru.counts, strict=True)]
     s = cache.stats
     assert 0 < totals[3] < totals[1] and totals[4] > 0  # both kinds of request happened
     assert [s.hits, s.misses, s.evictions, s.keys_only, s.value_fills] == totals
@@ -494,3 +465,69 @@ def test_bad_arguments():
     off.append(torch.randn(1, 1, 4, 64, device=DEVICE), torch.randn(1, 1, 4, 64, device=DEVICE))
     with pytest.raises(ValueError, match="queries"):
         off.attend(torch.randn(1, 2, 5, 64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"selection must be \[1, H_sel, n_qb, G\]"):
+        off.prefetch(torch.zeros(2, 1, 1, 8, dtype=torch.int32, device=DEVICE))
+
+
+def _fill(off, k, v, n):
+    for lo in range(0, n, off.max_chunk):
+        hi = min(lo + off.max_chunk, n)
+        off.append(k[:, :, lo:hi], v[:, :, lo:hi])
+
+
+def _decode(off, q, k, v, t, state, prefetch_into=None):
+    off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    return off.attend(q[:, :, t : t + 1], state=state, prefetch_into=prefetch_into)
+
+
+def test_a_prefetch_serves_the_next_layers_refresh():
+    """A layer whose selection the previous one prefetched finds every selected block resident
+    (two layers with the same keys and queries select the same blocks); its result is exact,
+    and the prefetch's bytes count apart from its misses."""
+    q, k, v = qkv(1, 4, 2, 530, seed=21)
+    layers = [offloaded(CFG, 1, 2) for _ in range(3)]  # the third gets no prefetch
+    for off in layers:
+        _fill(off, k, v, 520)
+    states = [HiPDecodeState() for _ in layers]
+    theirs = HiPDecodeState()
+    for t in range(520, 530):
+        before = [off.stats() for off in layers]
+        first = _decode(layers[0], q, k, v, t, states[0], prefetch_into=layers[1])
+        outs = [_decode(off, q, k, v, t, state)
+                for off, state in zip(layers[1:], states[1:], strict=True)]  # fmt: skip
+        want = hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], CFG,
+                             state=theirs)  # fmt: skip
+        for out in (first, *outs):
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        after = [off.stats() for off in layers]
+        assert after[1]["misses"] == before[1]["misses"]  # all prefetched
+        assert (after[1]["hits"] > before[1]["hits"]) == (states[0].tokens_since_refresh == 1)
+        # every KV head got both heads' selections: at least what the third layer missed
+        ahead = after[1]["prefetched_bytes"] - before[1]["prefetched_bytes"]
+        assert ahead >= after[2]["bytes_moved"] - before[2]["bytes_moved"]
+    assert layers[2].stats()["misses"] > 0
+    stats = layers[1].stats()
+    assert stats["prefetched_bytes"] == stats["bytes_moved"] > layers[2].stats()["bytes_moved"]
+    assert layers[0].stats()["prefetched_bytes"] == 0
+
+
+def test_a_prefetch_that_evicts_a_reused_selection_leaves_the_reuse_exact():
+    """A prefetch may evict the blocks a layer's current selection reads (here a cache of one
+    selection's blocks, and another layer's unrelated selection): the layer's next decode
+    step, which reuses its selection, looks its slots up again and stays exact."""
+    g = CFG.blocks_per_query_block
+    q, k, v = qkv(1, 2, 1, 530, seed=22)
+    q2, k2, v2 = qkv(1, 2, 1, 530, seed=23)
+    target = offloaded(CFG, 1, 1, cache_blocks=g)
+    source = offloaded(CFG, 1, 1)
+    _fill(target, k, v, 520)
+    _fill(source, k2, v2, 521)
+    ours, theirs = HiPDecodeState(), HiPDecodeState()
+    want = [hip_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], CFG,
+                          state=theirs) for t in (520, 521)]  # fmt: skip
+    torch.testing.assert_close(_decode(target, q, k, v, 520, ours), want[0], atol=1e-5, rtol=1e-5)
+    _decode(source, q2, k2, v2, 521, HiPDecodeState(), prefetch_into=target)
+    assert target.stats()["evictions"] > 0  # the prefetch displaced the selection's blocks
+    got = _decode(target, q, k, v, 521, ours)
+    assert ours.refreshes == 1  # a reuse step
+    torch.testing.assert_close(got, want[1], atol=1e-5, rtol=1e-5)

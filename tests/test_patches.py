@@ -202,17 +202,20 @@ def test_unsupported_models_raise_naming_the_class():
 
 
 @pytest.mark.parametrize(
-    "family,leaves", [("llama", "summary"), ("gemma3", "summary"), ("llama", "keys")]
-)
+    "family,leaves,prefetch",
+    [("llama", "summary", False), ("gemma3", "summary", False), ("llama", "keys", False),
+     ("llama", "keys", True)],
+)  # fmt: skip
 @torch.no_grad()
-def test_offloaded_generation_equals_on_gpu_hip(family, leaves):
+def test_offloaded_generation_equals_on_gpu_hip(family, leaves, prefetch):
     from hip_attn.patches.offload import HiPOffloadCache
 
     config = SPARSE.replace(leaf_scores=leaves)
     model = patch(make_model(family), config)
     ids = prompt(150, seed=10)
     on_gpu = greedy(model, ids, 5, prefill_chunk_size=64)  # the calls offload makes
-    options = {"cache_blocks": 64, "max_chunk": 64, "host_chunk_tokens": 256}
+    options = {"cache_blocks": 64, "max_chunk": 64, "host_chunk_tokens": 256,
+               "prefetch": prefetch}  # fmt: skip
     patch(model, config, offload=True, offload_options=options)
     out = greedy(model, ids, 5, return_dict_in_generate=True)
     assert torch.equal(out.sequences, on_gpu)
@@ -221,11 +224,15 @@ def test_offloaded_generation_equals_on_gpu_hip(family, leaves):
     stats = cache.stats()
     hip_layers = [1] if family == "gemma3" else [0, 1]  # gemma3's layer 0 is a sliding layer
     assert sorted(stats) == hip_layers
-    for s in stats.values():
+    for layer, s in stats.items():
         assert s["tokens"] == 154 and s["misses"] > 0
         half = cache.offloaded(hip_layers[0]).cache.block_bytes // 2  # a block's K or V
-        assert s["bytes_moved"] == (2 * s["misses"] - s["keys_only"] + s["value_fills"]) * half
+        assert s["bytes_moved"] == (
+            (2 * s["misses"] - s["keys_only"] + s["value_fills"]) * half + s["prefetched_bytes"]
+        )
         assert (s["keys_only"] > 0) == (leaves == "keys")  # candidates come without values
+        # the first layer prefetches into the second when its decode selection changes
+        assert (s["prefetched_bytes"] > 0) == (prefetch and layer == 1)
     unpatch(model)
     assert "generate" not in model.__dict__
 

@@ -346,6 +346,38 @@ def test_offloaded_decode_steps_read_nothing_back(leaves: str) -> None:
         assert all((g[0] < 0).all() and (g[1] >= 0).any() for g in gathers[1::2])
 
 
+@torch.no_grad()
+def test_an_offloaded_prefetch_reads_nothing_back() -> None:
+    """A refreshing layer's prefetch into the next layer (its lookup, LRU and gather on the
+    next layer's cache), and the next layer's refresh after it, read nothing back."""
+    from hip_attn import HiPConfig, HiPDecodeState
+    from hip_attn.offload import OffloadedKV
+
+    config = HiPConfig(k=64, block_size_q=32, block_size_k=8, sink_tokens=16, window=64,
+                       refresh_interval=4, dense_threshold=0, leaf_scores="summary")  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layers = [OffloadedKV(config, 1, 2, 64, torch.float32, device, cache_blocks=64,
+                          max_chunk=128, host_chunk_tokens=256) for _ in range(2)]  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 530, 64, generator=gen).to(device) for h in (4, 2, 2))
+    for off in layers:
+        for lo in range(0, 520, 128):
+            off.append(k[:, :, lo : min(lo + 128, 520)], v[:, :, lo : min(lo + 128, 520)])
+    gathers = []
+    for off in layers:  # the host's part (the CUDA kernel's reads no list back)
+        off._gather = lambda *lists: gathers.append(lists)
+    states, counter = [HiPDecodeState(), HiPDecodeState()], _Kernels()
+    for t in range(520, 530):
+        with counter:
+            for off, state, into in zip(layers, states, (layers[1], None), strict=True):
+                off.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+                off.attend(q[:, :, t : t + 1], state=state, prefetch_into=into)
+    assert counter.syncs == 0
+    # per refresh: the first layer's fetch, its prefetch, the second layer's fetch
+    assert states[0].refreshes == 3 and len(gathers) == 9
+    assert layers[1].stats()["prefetched_bytes"] > 0
+
+
 class _Noop:
     """A ``@triton.jit`` kernel's stand-in that does nothing (no bookkeeping of its own)."""
 

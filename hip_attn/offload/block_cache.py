@@ -24,6 +24,7 @@ class CacheStats:
     steps: int = 0
     keys_only: int = 0  # misses that brought in only the keys (a search's leaf candidates)
     value_fills: int = 0  # hits that brought in the values of a block held without them
+    prefetched_bytes: int = 0  # host -> GPU by prefetches (in bytes_moved too)
 
     @property
     def hit_rate(self) -> float:
@@ -69,8 +70,9 @@ class BlockCache:
         self.last_used = torch.zeros((self.rows, slots + 1), dtype=torch.int64, device=device)
         self.has_values = torch.zeros((self.rows, slots + 1), dtype=torch.bool, device=device)
         self._step = torch.zeros(1, dtype=torch.int64, device=device)
-        # hits, misses, evictions, keys-only misses, value fills, last step's K and V blocks
-        self._counters = torch.zeros(7, dtype=torch.int64, device=device)
+        # hits, misses, evictions, keys-only misses, value fills, last step's K and V blocks,
+        # prefetched K and V blocks
+        self._counters = torch.zeros(8, dtype=torch.int64, device=device)
 
     @property
     def block_bytes(self) -> int:
@@ -80,11 +82,11 @@ class BlockCache:
     @property
     def stats(self) -> CacheStats:
         """The counters so far (reads them from the device)."""
-        hits, misses, evictions, keys_only, fills, last_k, last_v = self._counters.tolist()
+        hits, misses, evictions, keys_only, fills, last_k, last_v, ahead = self._counters.tolist()
         half = self.block_bytes // 2  # the keys or the values of a block
-        moved = (2 * misses - keys_only + fills) * half
+        moved = (2 * misses - keys_only + fills + ahead) * half
         return CacheStats(hits, misses, evictions, moved, (last_k + last_v) * half,
-                          int(self._step), keys_only, fills)  # fmt: skip
+                          int(self._step), keys_only, fills, ahead * half)  # fmt: skip
 
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[rows, slots, block_size, D]`` views of the K and V slots."""
@@ -108,6 +110,7 @@ class BlockCache:
         values: bool = True,
         same_step: bool = False,
         count_hits: torch.Tensor | None = None,
+        prefetch: bool = False,
     ) -> None:
         """Make the blocks listed in ``requested`` resident: their keys, and their values
         unless ``values`` is false.
@@ -125,6 +128,9 @@ class BlockCache:
             count_hits: ``[rows, L]`` bool, the entries whose hits count in the statistics
                 (default: all): not those sure to hit, such as a selection among candidates
                 just fetched.
+            prefetch: a guess ahead of a step rather than a step's need: its copies count as
+                ``prefetched_bytes`` (and in ``bytes_moved``), not as hits, misses or the last
+                step's.
 
         Missing blocks go to free slots or evict the least recently used blocks that this step
         does not need (in ascending block order; empty slots count as used at step 0). All of
@@ -176,11 +182,15 @@ class BlockCache:
             value_slot, fills, keys_only = torch.full_like(new_slot, -1), misses * 0, misses
         hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
         moved = torch.stack([misses, misses - keys_only + fills])
-        self._counters[:5] += torch.stack([hits, misses, evicted.sum(), keys_only, fills])
-        if same_step:
-            self._counters[5:] += moved
+        if prefetch:
+            self._counters[2] += evicted.sum()
+            self._counters[7] += moved.sum()
         else:
-            self._counters[5:] = moved  # the last step's
+            self._counters[:5] += torch.stack([hits, misses, evicted.sum(), keys_only, fills])
+            if same_step:
+                self._counters[5:7] += moved
+            else:
+                self._counters[5:7] = moved  # the last step's
         row_ids = torch.arange(rows, device=blocks.device)[:, None].expand(rows, width)
         gather(row_ids.flatten(), blocks.clamp(min=0).flatten(), new_slot.flatten(),
                value_slot.flatten())  # fmt: skip

@@ -39,21 +39,23 @@ from hip_attn.offload.host import HostKV
 from hip_attn.reference import hip_attention_reference
 from hip_attn.validation import check_config, check_scale
 
-#: The keyword options of :class:`OffloadedKV` (``offload_options`` of ``hip_attn.patch``).
+#: The ``offload_options`` of ``hip_attn.patch``: the keyword options of :class:`OffloadedKV`,
+#: and ``prefetch`` (:class:`~hip_attn.patches.offload.HiPOffloadCache`'s).
 OFFLOAD_OPTIONS: dict[str, type] = {
     "cache_blocks": int,
     "max_chunk": int,
     "host_chunk_tokens": int,
     "gather": str,
+    "prefetch": bool,
 }
 
 
 def check_offload_options(
     config: HiPConfig, options: Mapping[str, Any], heads_per_kv: int = 1
 ) -> None:
-    """Check :class:`OffloadedKV` options for ``config`` before any K/V exists (a patched
-    model's offloaded layers are built inside ``generate()``, far from the mistake), for a
-    model with ``heads_per_kv`` query heads per KV head.
+    """Check offload options (:data:`OFFLOAD_OPTIONS`) for ``config`` before any K/V exists
+    (a patched model's offloaded layers are built inside ``generate()``, far from the
+    mistake), for a model with ``heads_per_kv`` query heads per KV head.
 
     Raises:
         TypeError: an option name not in :data:`OFFLOAD_OPTIONS`, or a value of another type.
@@ -67,7 +69,7 @@ def check_offload_options(
         kind = OFFLOAD_OPTIONS.get(name)
         if kind is None:
             raise TypeError(f"unknown offload option {name!r}; accepted: {accepted}")
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise TypeError(
                 f"offload option {name} must be {kind.__name__}, got {type(value).__name__}"
             )
@@ -157,6 +159,9 @@ class OffloadedKV:
         # after a two-launch search: the query blocks that ranked no candidates (N <= G)
         self._unsearched: torch.Tensor | None = None
         self._scratch: dict[str, torch.Tensor] = {}  # the sparse kernel's split scratch
+        # prefetches run on their own stream; the next attend waits for the last one
+        self._prefetches: torch.cuda.Stream | None = None
+        self._prefetched: torch.cuda.Event | None = None
 
     # -- appending -----------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -211,10 +216,15 @@ class OffloadedKV:
         *,
         scale: float | None = None,
         state: HiPDecodeState | None = None,
+        prefetch_into: OffloadedKV | None = None,
     ) -> torch.Tensor:
         """HiP attention of queries ``[B, Hq, Tq, D]`` at the last ``Tq`` appended positions;
         the same result as :func:`hip_attn.hip_attention` on the full K/V with
-        ``dense_threshold=0``."""
+        ``dense_threshold=0``.
+
+        ``prefetch_into``: the layer that runs next; a decode step (``state`` given, at most
+        ``block_size_q`` queries) that refreshes this layer's selection then starts bringing
+        it into that layer's block cache (:meth:`prefetch`)."""
         b, hq, tq, d = q.shape
         if b != self.batch or d != self.head_dim or hq % self.kv_heads:
             raise ValueError(
@@ -236,6 +246,7 @@ class OffloadedKV:
         scale = check_scale(scale, d)
         q = q.to(self.device)
         tk, config = self.length, self.config
+        self._wait_prefetch()
         self._stepped, self._unsearched = False, None
         indices = select_blocks(q, lambda: self._search(q, scale), tk, config, state,
                                 self.kv_heads)  # fmt: skip
@@ -243,11 +254,63 @@ class OffloadedKV:
         if self._resident is None or self._resident[0] is not indices:
             rows = self._fetch(indices)
             self._resident = indices, self.cache.slots_of(indices, rows)
+            if prefetch_into is not None and state is not None and tq <= config.block_size_q:
+                prefetch_into.prefetch(indices)
         if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
             return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
                                            scale=scale, indices=indices)  # fmt: skip
         return self._sparse(q, indices, self._resident[1], scale)
+
+    def prefetch(self, selection: torch.Tensor) -> None:
+        """Start bringing the blocks of ``selection`` (another layer's, ``[B, H_sel, n_qb,
+        G]`` block indices of the same batch, ``-1`` padded) into this layer's block cache,
+        keys and values: a guess at what this layer's next refresh selects (layers' selections
+        overlap: README, "KV offload"). Every KV head gets the union of the selection's blocks
+        over its heads, or, when that union could outnumber the slots, the blocks of the
+        selection heads that share its index. Blocks this layer has not completed are left
+        out.
+
+        On CUDA it runs on a stream of its own (after the work that produced ``selection``),
+        so it overlaps what runs until this layer's next :meth:`attend`, which waits for it;
+        nothing is read back. Its copies count as ``prefetched_bytes`` in :meth:`stats`."""
+        if selection.dim() != 4 or selection.shape[0] != self.batch:
+            raise ValueError(
+                f"selection must be [{self.batch}, H_sel, n_qb, G], got {tuple(selection.shape)}"
+            )
+        b, h_sel = selection.shape[:2]
+        blocks = selection.reshape(b, 1, -1).expand(b, self.kv_heads, -1)
+        if blocks.shape[-1] > self.cache.slots:  # the union may not fit: KV head by KV head
+            if h_sel % self.kv_heads:
+                raise ValueError(
+                    f"selection has {h_sel} heads, not a multiple of this layer's "
+                    f"{self.kv_heads} KV heads, and more blocks than its {self.cache.slots} slots"
+                )
+            blocks = selection.reshape(b, self.kv_heads, -1)
+        complete = self.length // self.config.block_size_k
+        blocks = torch.where(blocks < complete, blocks, -1).reshape(self.cache.rows, -1)
+        self._resident = None  # its slots may change: the next attend looks them up again
+        if self.device.type != "cuda":
+            self._ensure_ahead(blocks)
+            return
+        if self._prefetches is None:
+            self._prefetches = torch.cuda.Stream(self.device)
+        self._prefetches.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._prefetches):
+            self._ensure_ahead(blocks)
+        blocks.record_stream(self._prefetches)  # made on the current stream, read on this one
+        self._prefetched = torch.cuda.Event()
+        self._prefetched.record(self._prefetches)
+
+    def _ensure_ahead(self, blocks: torch.Tensor) -> None:
+        self.cache.ensure(blocks, self.length // self.config.block_size_k + 1, self._gather,
+                          prefetch=True)  # fmt: skip
+
+    def _wait_prefetch(self) -> None:
+        """Order what follows on the current stream after the last prefetch."""
+        if self._prefetched is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._prefetched)
+            self._prefetched = None
 
     def _summaries(self) -> torch.Tensor:
         if self.tree is None:  # no block after the sinks yet: nothing to select from
@@ -352,8 +415,9 @@ class OffloadedKV:
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses (``keys_only`` of them brought no values: a search's leaf candidates),
-        ``value_fills`` (resident blocks that got their values), bytes moved host -> device,
-        bytes held on each side."""
+        ``value_fills`` (resident blocks that got their values), bytes moved host -> device
+        (``prefetched_bytes`` of them by :meth:`prefetch`), bytes held on each side."""
+        self._wait_prefetch()
         s = self.cache.stats
         return {
             "tokens": self.length,
@@ -364,6 +428,7 @@ class OffloadedKV:
             "keys_only": s.keys_only,
             "value_fills": s.value_fills,
             "bytes_moved": s.bytes_moved,
+            "prefetched_bytes": s.prefetched_bytes,
             "bytes_moved_last_step": s.last_step_bytes if self._fetched else 0,
             "device_bytes": self.device_bytes,
             "host_bytes": self.host_bytes,
