@@ -93,7 +93,11 @@ class BlockCache:
         shape = (self.rows, self.slots, self.block_size, self.k.shape[-1])
         return self.k.view(shape), self.v.view(shape)
 
-    def _grow_table(self, n_blocks: int) -> None:
+    def reserve(self, n_blocks: int) -> None:
+        """Make room in ``table`` for blocks ``[0, n_blocks)`` (it doubles when full). An
+        :meth:`ensure` on another stream calls it first on the stream that uses the table: the
+        old table is freed as it is replaced, and freed memory goes back to the stream it was
+        allocated on, which could reuse it before the other stream's copy out of it ran."""
         width = self.table.shape[1] - 1  # the last column is the spare one
         if n_blocks > width:
             grown = torch.full((self.rows, max(n_blocks, 2 * width) + 1), -1,
@@ -138,7 +142,7 @@ class BlockCache:
         no row needs more blocks than there are slots (``ValueError`` naming ``cache_blocks``).
         """
         rows, width = requested.shape
-        self._grow_table(n_blocks)
+        self.reserve(n_blocks)
         spare_block, spare_slot = self.table.shape[1] - 1, self.slots
         blocks, by_block = requested.long().sort(dim=1)
         repeat = torch.zeros_like(blocks, dtype=torch.bool)

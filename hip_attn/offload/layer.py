@@ -290,21 +290,19 @@ class OffloadedKV:
         complete = self.length // self.config.block_size_k
         blocks = torch.where(blocks < complete, blocks, -1).reshape(self.cache.rows, -1)
         self._resident = None  # its slots may change: the next attend looks them up again
+        n_blocks = self.length // self.config.block_size_k + 1
+        self.cache.reserve(n_blocks)  # on this stream, not the prefetch's (see reserve)
         if self.device.type != "cuda":
-            self._ensure_ahead(blocks)
+            self.cache.ensure(blocks, n_blocks, self._gather, prefetch=True)
             return
         if self._prefetches is None:
             self._prefetches = torch.cuda.Stream(self.device)
         self._prefetches.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._prefetches):
-            self._ensure_ahead(blocks)
+            self.cache.ensure(blocks, n_blocks, self._gather, prefetch=True)
         blocks.record_stream(self._prefetches)  # made on the current stream, read on this one
         self._prefetched = torch.cuda.Event()
         self._prefetched.record(self._prefetches)
-
-    def _ensure_ahead(self, blocks: torch.Tensor) -> None:
-        self.cache.ensure(blocks, self.length // self.config.block_size_k + 1, self._gather,
-                          prefetch=True)  # fmt: skip
 
     def _wait_prefetch(self) -> None:
         """Order what follows on the current stream after the last prefetch."""
