@@ -10,11 +10,16 @@ per new token of
 - ``hip_graph``: ``graph_generate``'s decode step replayed from a CUDA graph (eager off CUDA),
 
 and whether ``hip`` and ``hip_graph`` produced the same greedy tokens (random weights give flat
-logits: a flipped near-tie is possible, so this is reported, not asserted).
+logits: a flipped near-tie is possible, so this is reported, not asserted). With ``--offload``
+also ``generate()`` with the KV cache in host memory (``hip_offload``, ``--cache-blocks`` slots
+per KV head) and the same with each refreshing layer prefetching its selection into the next
+layer's block cache (``hip_offload_prefetch``; the same tokens, asserted: a prefetch changes
+what is resident, not what is selected). Random weights make adjacent layers' selections
+unrelated, so this measures what a prefetch costs a decode step more than what it saves.
 
 On a GPU (``bash bench/gpu_session.sh generate``)::
 
-    python bench/generate_speed.py --context 8k,32k,128k --layers 4
+    python bench/generate_speed.py --context 8k,32k,128k --layers 4 --offload
 
 ``--batch 4 --padded`` decodes four prompts, left-padded to the longest (sequence ``b`` is
 ``b * context / 8`` tokens shorter): ``graph_generate`` then counts each sequence's keys
@@ -44,6 +49,7 @@ import hip_attn
 from hip_attn.bench.environment import environment, result_stem
 from hip_attn.cli_args import comma_list, positive_int
 from hip_attn.patches import unpatch
+from hip_attn.patches.compat import output_cache
 from hip_attn.patches.graph_generate import capture, left_padding_mask, prefill
 from hip_attn.perf.units import parse_tokens
 
@@ -129,6 +135,28 @@ def graph_ms(
     return {"ms_per_token": statistics.median(per_token), "tokens": tokens}
 
 
+def offload_ms(
+    model: Any, config: hip_attn.HiPConfig, ids: torch.Tensor, args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """:func:`generate_ms` with the KV cache offloaded, without and with the prefetch."""
+    out = {}
+    new = args.new_tokens + 1
+    for name, prefetch in (("hip_offload", False), ("hip_offload_prefetch", True)):
+        options = {"cache_blocks": args.cache_blocks, "prefetch": prefetch}
+        hip_attn.patch(model, config, offload=True, offload_options=options)
+        out[name] = generate_ms(model, ids, args.new_tokens, args.repeats)
+        # host -> device bytes of one timed generate(), prefill included, over all layers
+        done = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              return_dict_in_generate=True)  # fmt: skip
+        layers = output_cache(done).stats().values()
+        for key in ("bytes_moved", "prefetched_bytes"):
+            out[name][key] = sum(layer[key] for layer in layers)
+    if not torch.equal(out["hip_offload"]["tokens"], out["hip_offload_prefetch"]["tokens"]):
+        raise AssertionError("the prefetch changed the generated tokens")
+    hip_attn.patch(model, config)  # as the caller had it
+    return out
+
+
 def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = build_model(args.layers, args.tiny, device)
     config = TINY_CONFIG if args.tiny else hip_attn.HiPConfig()
@@ -142,11 +170,12 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         hip_attn.patch(model, config)
         hip = generate_ms(model, ids, args.new_tokens, args.repeats, starts)
         graph = graph_ms(model, ids, args.new_tokens, args.repeats, starts)
+        offloaded = offload_ms(model, config, ids, args) if args.offload else {}
         unpatch(model)
         prompt = ids.shape[1]
         same = torch.equal(hip["tokens"][:, prompt:], graph["tokens"][:, prompt : prompt + 1 +
                                                                       args.new_tokens])  # fmt: skip
-        for name, r in (("dense", dense), ("hip", hip), ("hip_graph", graph)):
+        for name, r in (("dense", dense), ("hip", hip), ("hip_graph", graph), *offloaded.items()):
             row[name] = {k: v for k, v in r.items() if k != "tokens"}
         row["hip_graph_tokens_equal_hip"] = same
         row["speedup"] = {
@@ -163,10 +192,12 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def _line(row: dict[str, Any]) -> str:
+    names = [name for name in ("hip_offload", "hip_offload_prefetch") if name in row]
+    offloaded = "".join(f", {name} {row[name]['ms_per_token']:.2f}" for name in names)
     return (
         f"context {row['context']}: ms/token dense {row['dense']['ms_per_token']:.2f}, "
         f"hip {row['hip']['ms_per_token']:.2f}, hip_graph {row['hip_graph']['ms_per_token']:.2f} "
-        f"(x{row['speedup']['hip_graph_vs_dense']:.2f} vs dense); tokens equal "
+        f"(x{row['speedup']['hip_graph_vs_dense']:.2f} vs dense){offloaded}; tokens equal "
         f"{row['hip_graph_tokens_equal_hip']}"
     )
 
@@ -186,10 +217,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="left-pad the prompts: sequence b is b * context / (2 * batch) "
                              "tokens shorter")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model (CPU smoke run)")
+    parser.add_argument("--offload", action="store_true",
+                        help="also time generate() with the KV cache in host memory, without "
+                             "and with the prefetch into the next layer")  # fmt: skip
+    parser.add_argument("--cache-blocks", type=positive_int, default=2048,
+                        help="with --offload: block-cache slots per KV head")  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/...)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one warm-up step, then the timed ones)")
+    if args.offload and (args.padded or args.batch > 1):
+        parser.error("--offload decodes one unpadded prompt (offload has no padded batches yet)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record = {"environment": environment(device), **measure(args, device)}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

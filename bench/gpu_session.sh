@@ -59,7 +59,7 @@ offload)
     "$py" -m hip_attn.cli bench offload --plot 2>&1 | tee "$out/offload.log" | tail -20
     ;;
 generate)
-    "$py" bench/generate_speed.py --context 8k,32k,128k --layers 4 2>&1 | tee "$out/generate.log" | tail -20
+    "$py" bench/generate_speed.py --context 8k,32k,128k --layers 4 --offload 2>&1 | tee "$out/generate.log" | tail -20
     # a left-padded batch: each sequence counted apart, in the launches of an unpadded batch
     "$py" bench/generate_speed.py --context 8k,32k --layers 4 --batch 4 --padded 2>&1 | tee "$out/generate-padded.log" | tail -20
     ;;

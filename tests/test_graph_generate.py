@@ -290,27 +290,32 @@ def test_replayed_graph_gives_the_eager_tokens_cuda(family, padded):
     assert torch.equal(got, want)
 
 
+def _run_generate_speed(argv):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "generate_speed.py"
+    old, sys.argv = sys.argv, ["generate_speed.py", *argv]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old
+    return done.value.code
+
+
 def test_generate_speed_bench_runs_and_records(tmp_path):
     """bench/generate_speed.py (what a GPU session runs) on a tiny model, two left-padded
     prompts: a record per context with the three paths' times, and the two HiP paths' tokens
     compared."""
     import json
     import math
-    import runpy
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "generate_speed.py"
     out = tmp_path / "generate.json"
-    argv = ["generate_speed.py", "--tiny", "--layers", "1", "--context", "100", "--batch", "2",
-            "--padded", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]  # fmt: skip
-    old, sys.argv = sys.argv, argv
-    try:
-        with pytest.raises(SystemExit) as done:
-            runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = old
-    assert done.value.code == 0
+    argv = ["--tiny", "--layers", "1", "--context", "100", "--batch", "2", "--padded",
+            "--new-tokens", "2", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    assert _run_generate_speed(argv) == 0
     record = json.loads(out.read_text())
     (row,) = record["results"]
     assert row["context"] == 100 and record["batch"] == 2 and record["left_padded"]
@@ -319,3 +324,23 @@ def test_generate_speed_bench_runs_and_records(tmp_path):
     for name in ("dense", "hip"):  # differences of two timings: finite, of either sign here
         assert math.isfinite(row[name]["ms_per_token"]) and row[name]["prefill_ms"] > 0
     assert record["environment"]["device_type"] in ("cpu", "cuda")
+    assert "hip_offload" not in row
+
+
+def test_generate_speed_bench_times_offload_with_and_without_prefetch(tmp_path, capsys):
+    """``--offload`` adds the offloaded generate() without and with the prefetch (two layers:
+    the first prefetches into the second; the script asserts their tokens equal); with a
+    padded batch it is refused in one line."""
+    import json
+
+    out = tmp_path / "generate.json"
+    argv = ["--tiny", "--layers", "2", "--context", "120", "--new-tokens", "3", "--repeats", "1",
+            "--offload", "--cache-blocks", "64", "--out", str(out)]  # fmt: skip
+    assert _run_generate_speed(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    for name in ("hip_offload", "hip_offload_prefetch"):
+        assert row[name]["prefill_ms"] > 0 and row[name]["bytes_moved"] > 0
+    prefetched = [row[name]["prefetched_bytes"] for name in ("hip_offload", "hip_offload_prefetch")]
+    assert prefetched[0] == 0 < prefetched[1]
+    assert _run_generate_speed(["--tiny", "--offload", "--batch", "2", "--padded"]) == 2
+    assert "--offload decodes one unpadded prompt" in capsys.readouterr().err
