@@ -15,7 +15,9 @@ also ``generate()`` with the KV cache in host memory (``hip_offload``, ``--cache
 per KV head) and the same with each refreshing layer prefetching its selection into the next
 layer's block cache (``hip_offload_prefetch``; the same tokens, asserted: a prefetch changes
 what is resident, not what is selected). Random weights make adjacent layers' selections
-unrelated, so this measures what a prefetch costs a decode step more than what it saves.
+unrelated, so this measures what a prefetch costs a decode step more than what it saves; and a
+context of ``--cache-blocks`` blocks or fewer (8K at the default 1024 and ``block_size_k=8``)
+fits the block cache whole, so only longer ones show the offloaded fetches at all.
 
 On a GPU (``bash bench/gpu_session.sh generate``)::
 
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", action="store_true",
                         help="also time generate() with the KV cache in host memory, without "
                              "and with the prefetch into the next layer")  # fmt: skip
-    parser.add_argument("--cache-blocks", type=positive_int, default=2048,
+    parser.add_argument("--cache-blocks", type=positive_int, default=1024,
                         help="with --offload: block-cache slots per KV head")  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/...)")
     args = parser.parse_args(argv)

@@ -7,7 +7,8 @@ the leaf candidates the first search launch names, then the values of the blocks
 prefetch queued while the previous layer runs can only guess. Three guesses are replayed:
 
 * ``all_heads``: the union of layer L's selections over its KV heads, into every KV head of
-  layer L+1, keys and values (what :meth:`OffloadedKV.prefetch` does while the union fits);
+  layer L+1, keys and values (what :meth:`OffloadedKV.prefetch` does while the union takes at
+  most half the slots);
 * ``same_head``: layer L's selection of the same KV head (``G`` blocks);
 * ``candidates``: everything layer L fetched for the same KV head (its leaf candidates' keys,
   its selection's values).
@@ -22,8 +23,9 @@ requests are recorded once, and replayed with the readable LRU
 (:class:`~hip_attn.offload.readable_lru.ReadableLRU`, checked against the cache's own counters
 for the largest ``--cache-blocks``) into caches of each ``--cache-blocks`` size, each guess
 prefetched into layer L+1's cache before its own requests. Counted over layers 1.. in half
-blocks (the keys or the values of one block of one KV head): fetched on the critical path,
-and prefetched. The kernels run interpreted (about 25 minutes at 8K on 2 cores)::
+blocks (the keys or the values of one block of one KV head): fetched on the critical path
+(as if each prefetch were done before the next layer needs its cache), and prefetched. The
+kernels run interpreted (about 25 minutes at 8K on 2 cores)::
 
     TRITON_INTERPRET=1 python bench/offload_prefetch.py --context 8192 --cache-blocks 256 384 512
 
@@ -43,6 +45,7 @@ import transformers
 
 from hip_attn import HiPConfig
 from hip_attn.bench.environment import git_commit
+from hip_attn.interpreter import interpreting
 from hip_attn.offload import OffloadedKV
 from hip_attn.offload.block_cache import BlockCache
 from hip_attn.offload.readable_lru import ReadableLRU
@@ -159,9 +162,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=8192, help="prompt tokens")
     parser.add_argument("--answer-tokens", type=int, default=64, help="decode steps replayed")
-    parser.add_argument("--cache-blocks", type=int, nargs="+", default=[256, 512],
+    parser.add_argument("--cache-blocks", type=int, nargs="+", default=[256, 384, 512],
                         help="block-cache slots per KV head (each a run)")  # fmt: skip
     args = parser.parse_args()
+    if not interpreting():  # the reference search fetches no candidates: other requests
+        parser.error("run with TRITON_INTERPRET=1 (the kernels' requests are replayed)")
     config = HiPConfig()
     begin, source = time.time(), git_commit()  # the tree as the run starts
     layers, context = capture(args.context, args.answer_tokens)

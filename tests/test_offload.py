@@ -531,3 +531,66 @@ def test_a_prefetch_that_evicts_a_reused_selection_leaves_the_reuse_exact():
     got = _decode(target, q, k, v, 521, ours)
     assert ours.refreshes == 1  # a reuse step
     torch.testing.assert_close(got, want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_refresh_prefetches_and_prefetches_may_pile_up():
+    """A layer that looks its slots up again on a reuse step (a prefetch moved them) does not
+    prefetch: only a refresh does. Two prefetches into a layer before its next step both land
+    (the second after the first), and the step is exact."""
+    q, k, v = qkv(1, 2, 1, 530, seed=24)
+    a, b, c = (offloaded(CFG, 1, 1) for _ in range(3))
+    for off in (a, b, c):
+        _fill(off, k, v, 520)
+    sa, sb, sc = HiPDecodeState(), HiPDecodeState(), HiPDecodeState()
+    _decode(b, q, k, v, 520, sb, prefetch_into=c)  # b refreshes at 520, 524, ...
+    _decode(c, q, k, v, 520, sc)
+    assert c.stats()["prefetched_bytes"] > 0
+    calls, prefetch = [], c.prefetch
+    c.prefetch = lambda *args, **kw: (calls.append(args), prefetch(*args, **kw))  # type: ignore
+    _decode(a, q, k, v, 521, sa, prefetch_into=b)  # a refreshes at 521: b's slots may move
+    _decode(b, q, k, v, 521, sb, prefetch_into=c)  # b reuses: looks up again, no prefetch
+    assert sb.refreshes == 1 and b._fetched and not calls
+    _decode(c, q, k, v, 521, sc)
+    # two prefetches into c before its step
+    q2, k2, v2 = qkv(1, 2, 1, 530, seed=25)
+    other = offloaded(CFG, 1, 1)
+    _fill(other, k2, v2, 522)
+    _decode(other, q2, k2, v2, 522, HiPDecodeState(), prefetch_into=c)
+    _decode(a, q, k, v, 522, HiPDecodeState(), prefetch_into=c)
+    before = c.stats()
+    got = _decode(c, q, k, v, 522, HiPDecodeState())  # a fresh state: refreshes like a
+    assert c.stats()["misses"] == before["misses"]  # a's prefetch, the last, holds it all
+    want = hip_attention(q[:, :, 522:523], k[:, :, :523], v[:, :, :523], CFG)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots,per_head", [(64, False), (48, True)])
+def test_a_prefetch_of_per_head_selections_gives_each_kv_head_its_own_or_the_union(slots, per_head):
+    """``head_sharing="head"``, batch 2: the union of a selection's 4 heads (32 blocks) goes to
+    every KV head while it takes at most half the slots, else each KV head gets its own two
+    heads' blocks; a twin layer then misses nothing, exactly."""
+    cfg = CFG.replace(head_sharing="head")
+    q, k, v = qkv(2, 4, 2, 530, seed=26)
+    first, second = (offloaded(cfg, 2, 2, cache_blocks=slots) for _ in range(2))
+    for off in (first, second):
+        _fill(off, k, v, 520)
+    requests = []
+    ensure = second.cache.ensure
+    second.cache.ensure = lambda blocks, *a, **kw: (
+        requests.append(blocks),
+        ensure(blocks, *a, **kw),
+    )  # type: ignore
+    _decode(first, q, k, v, 520, HiPDecodeState(), prefetch_into=second)
+    (blocks,) = requests
+    selection = first._resident[0]  # [2, 4, 1, G]
+    want = selection.reshape(2, 2, -1) if per_head else selection.reshape(2, 1, -1).expand(2, 2, -1)
+    assert torch.equal(blocks, want.reshape(4, -1))
+    before = second.stats()
+    got = _decode(second, q, k, v, 520, HiPDecodeState())
+    assert second.stats()["misses"] == before["misses"]
+    want = hip_attention(q[:, :, 520:521], k[:, :, :521], v[:, :, :521], cfg)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of this layer's 2 KV heads"):
+        second.prefetch(torch.zeros(2, 3, 1, 2 * slots, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="selection must be on"):
+        second.prefetch(torch.zeros(2, 4, 1, 8, dtype=torch.int32, device="meta"))

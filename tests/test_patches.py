@@ -238,6 +238,35 @@ def test_offloaded_generation_equals_on_gpu_hip(family, leaves, prefetch):
 
 
 @torch.no_grad()
+def test_a_prefetch_skips_a_layer_kept_on_the_device(monkeypatch):
+    """Three layers, the middle one dense (kept on the device): the first prefetches into the
+    third at each decode refresh, and the tokens are those without offload."""
+    from hip_attn.offload import OffloadedKV
+    from hip_attn.patches.offload import HiPOffloadCache
+
+    targets, prefetch = [], OffloadedKV.prefetch
+
+    def recording(self, *args, **kwargs):
+        targets.append(self)
+        return prefetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedKV, "prefetch", recording)
+    config = SPARSE.replace(dense_layers=(1,))
+    model = patch(make_model("llama", num_hidden_layers=3), config)
+    ids = prompt(150, seed=13)
+    on_gpu = greedy(model, ids, 6, prefill_chunk_size=64)
+    options = {"cache_blocks": 64, "max_chunk": 64, "prefetch": True}
+    patch(model, config, offload=True, offload_options=options)
+    out = greedy(model, ids, 6, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, on_gpu)
+    cache = output_cache(out)
+    assert isinstance(cache, HiPOffloadCache) and sorted(cache.stats()) == [0, 2]
+    assert cache.prefetch_target(0) is cache.offloaded(2) and cache.prefetch_target(2) is None
+    # 5 decode steps (the prefill makes the first token); refreshes at the first and fifth
+    assert targets == [cache.offloaded(2)] * 2
+
+
+@torch.no_grad()
 def test_offload_refuses_padded_batches():
     model = patch(make_model("llama"), SPARSE, offload=True,
                   offload_options={"cache_blocks": 64, "max_chunk": 64})  # fmt: skip

@@ -108,13 +108,6 @@ def make_layer(plan: OffloadPlan, device: torch.device) -> OffloadedKV:
     )
 
 
-def gather_label(layer: OffloadedKV) -> str:
-    """Which host->device copy the layer uses: ``cuda-kernel`` (``csrc/``) or ``torch``."""
-    fn = getattr(layer, "_gather", None)  # a functools.partial of gather_cuda or gather_torch
-    name = getattr(getattr(fn, "func", None), "__name__", "")
-    return {"gather_cuda": "cuda-kernel", "gather_torch": "torch"}.get(name, "unknown")
-
-
 def kv_chunks(
     plan: OffloadPlan, context: int, device: torch.device, seed: int
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -346,7 +339,7 @@ def _memory_at(plan: OffloadPlan, context: int, device: torch.device, seed: int)
         "full_kv_bytes": kv_bytes(plan, tokens),
         "fill_s": fill_s,
         "setup_s": setup_s,
-        "gather": gather_label(layer),
+        "gather": layer.gather_kind,
     }
     entry["measured_bytes"] = (
         entry["peak_bytes"] if device.type == "cuda" else entry["device_bytes"]
@@ -505,7 +498,7 @@ def _offload_decode(
     steps, out, memory = _timed(layer.append, attend, plan, inputs, state, device, counters)
     results = summarize_steps("offload", steps, cfg.refresh_interval, memory, traffic=True)
     info: dict[str, Any] = plan.settings() | {
-        "gather": gather_label(layer),
+        "gather": layer.gather_kind,
         "setup_s": setup_s,
         "fill_s": fill_s,
         "fill_tokens": context,

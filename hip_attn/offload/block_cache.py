@@ -14,14 +14,16 @@ GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], No
 
 @dataclass
 class CacheStats:
-    """Counters of a :class:`BlockCache` (blocks of one batch row and KV head)."""
+    """Counters of a :class:`BlockCache` (blocks of one batch row and KV head). A prefetch
+    (:meth:`BlockCache.ensure` with ``prefetch``) counts in ``evictions``, ``steps``,
+    ``bytes_moved`` and ``prefetched_bytes`` only."""
 
     hits: int = 0
     misses: int = 0  # blocks brought in: their keys, and their values unless keys_only
     evictions: int = 0
     bytes_moved: int = 0  # host -> GPU, keys and values
-    last_step_bytes: int = 0
-    steps: int = 0
+    last_step_bytes: int = 0  # host -> GPU by the last step's own fetches
+    steps: int = 0  # calls of ensure
     keys_only: int = 0  # misses that brought in only the keys (a search's leaf candidates)
     value_fills: int = 0  # hits that brought in the values of a block held without them
     prefetched_bytes: int = 0  # host -> GPU by prefetches (in bytes_moved too)
@@ -93,16 +95,15 @@ class BlockCache:
         shape = (self.rows, self.slots, self.block_size, self.k.shape[-1])
         return self.k.view(shape), self.v.view(shape)
 
-    def reserve(self, n_blocks: int) -> None:
-        """Make room in ``table`` for blocks ``[0, n_blocks)`` (it doubles when full). An
-        :meth:`ensure` on another stream calls it first on the stream that uses the table: the
-        old table is freed as it is replaced, and freed memory goes back to the stream it was
-        allocated on, which could reuse it before the other stream's copy out of it ran."""
+    def _grow_table(self, n_blocks: int) -> None:
         width = self.table.shape[1] - 1  # the last column is the spare one
         if n_blocks > width:
             grown = torch.full((self.rows, max(n_blocks, 2 * width) + 1), -1,
                                dtype=torch.int32, device=self.table.device)  # fmt: skip
             grown[:, :width] = self.table[:, :width]
+            if grown.is_cuda:  # freed to the stream that allocated it: kept until this one
+                # (a prefetch's, maybe) has copied it
+                self.table.record_stream(torch.cuda.current_stream(grown.device))
             self.table = grown
 
     def ensure(
@@ -142,7 +143,7 @@ class BlockCache:
         no row needs more blocks than there are slots (``ValueError`` naming ``cache_blocks``).
         """
         rows, width = requested.shape
-        self.reserve(n_blocks)
+        self._grow_table(n_blocks)
         spare_block, spare_slot = self.table.shape[1] - 1, self.slots
         blocks, by_block = requested.long().sort(dim=1)
         repeat = torch.zeros_like(blocks, dtype=torch.bool)

@@ -81,8 +81,9 @@ class ChunkPointers:
     def __call__(self) -> torch.Tensor:
         if self._chunks != len(self.host.chunks):
             self._chunks = len(self.host.chunks)
-            self.table = torch.tensor([c.data_ptr() for c in self.host.chunks],
-                                      dtype=torch.int64, device=self.device)  # fmt: skip
+            # from pinned memory, not blocking: a copy from a list would wait for the stream
+            addresses = torch.tensor([c.data_ptr() for c in self.host.chunks], dtype=torch.int64)
+            self.table = addresses.pin_memory().to(self.device, non_blocking=True)
         return self.table
 
 
@@ -109,6 +110,13 @@ def gather_cuda(
         host.chunk_blocks, 2 * host.rows * row_bytes, row_bytes,
         torch.cuda.current_stream(device).cuda_stream,
     )  # fmt: skip
+
+
+def gather_kind(gather: Any) -> str:
+    """Which copy a gather from :func:`make_gather` makes: ``cuda-kernel`` (``csrc/``, nothing
+    read back) or ``torch`` (the lists read on the host)."""
+    name = getattr(getattr(gather, "func", None), "__name__", "")
+    return {"gather_cuda": "cuda-kernel", "gather_torch": "torch"}.get(name, "unknown")
 
 
 #: The ``method`` values of :func:`make_gather`.

@@ -34,7 +34,7 @@ from hip_attn.geometry import (
     tree_blocks,
 )
 from hip_attn.offload.block_cache import BlockCache
-from hip_attn.offload.gather import GATHER_METHODS, make_gather
+from hip_attn.offload.gather import GATHER_METHODS, gather_kind, make_gather
 from hip_attn.offload.host import HostKV
 from hip_attn.reference import hip_attention_reference
 from hip_attn.validation import check_config, check_scale
@@ -139,6 +139,7 @@ class OffloadedKV:
                            pin=self.device.type == "cuda")  # fmt: skip
         self.cache = BlockCache(batch, kv_heads, cache_blocks, bk, head_dim, dtype, self.device)
         self._gather = make_gather(self.host, self.cache, gather)
+        self.gather_kind = gather_kind(self._gather)  # "cuda-kernel" or "torch"
         shape = (batch, kv_heads, config.sink_tokens, head_dim)
         self.sink_k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.sink_v = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -159,7 +160,7 @@ class OffloadedKV:
         # after a two-launch search: the query blocks that ranked no candidates (N <= G)
         self._unsearched: torch.Tensor | None = None
         self._scratch: dict[str, torch.Tensor] = {}  # the sparse kernel's split scratch
-        # prefetches run on their own stream; the next attend waits for the last one
+        # prefetches run on their own stream; the block cache's next user waits for the last
         self._prefetches: torch.cuda.Stream | None = None
         self._prefetched: torch.cuda.Event | None = None
 
@@ -222,9 +223,10 @@ class OffloadedKV:
         the same result as :func:`hip_attn.hip_attention` on the full K/V with
         ``dense_threshold=0``.
 
-        ``prefetch_into``: the layer that runs next; a decode step (``state`` given, at most
-        ``block_size_q`` queries) that refreshes this layer's selection then starts bringing
-        it into that layer's block cache (:meth:`prefetch`)."""
+        ``prefetch_into``: the layer that runs next; a call with ``state`` of at most
+        ``block_size_q`` queries (a decode step, or a prompt's short last chunk) that
+        re-estimates this layer's selection then starts bringing it into that layer's block
+        cache (:meth:`prefetch`), unless that layer is on another device."""
         b, hq, tq, d = q.shape
         if b != self.batch or d != self.head_dim or hq % self.kv_heads:
             raise ValueError(
@@ -246,7 +248,6 @@ class OffloadedKV:
         scale = check_scale(scale, d)
         q = q.to(self.device)
         tk, config = self.length, self.config
-        self._wait_prefetch()
         self._stepped, self._unsearched = False, None
         indices = select_blocks(q, lambda: self._search(q, scale), tk, config, state,
                                 self.kv_heads)  # fmt: skip
@@ -254,61 +255,87 @@ class OffloadedKV:
         if self._resident is None or self._resident[0] is not indices:
             rows = self._fetch(indices)
             self._resident = indices, self.cache.slots_of(indices, rows)
-            if prefetch_into is not None and state is not None and tq <= config.block_size_q:
-                prefetch_into.prefetch(indices)
+        # a call of at most block_size_q queries whose state just re-estimated its selection
+        refreshed = (
+            state is not None and tq <= config.block_size_q and state.tokens_since_refresh == tq
+        )
+        ahead = prefetch_into if refreshed and prefetch_into is not None else None
+        if ahead is not None and ahead.device != self.device:
+            ahead = None  # a layer on another GPU: the selection is here
+        ready = _recorded_event(self.device) if ahead is not None else None
         if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
-            return hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
-                                           scale=scale, indices=indices)  # fmt: skip
-        return self._sparse(q, indices, self._resident[1], scale)
+            out = hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
+                                          scale=scale, indices=indices)  # fmt: skip
+        else:
+            out = self._sparse(q, indices, self._resident[1], scale)
+        if ahead is not None:  # launched after this layer's attention, run from `ready` on
+            ahead.prefetch(indices, ready=ready)
+        return out
 
-    def prefetch(self, selection: torch.Tensor) -> None:
-        """Start bringing the blocks of ``selection`` (another layer's, ``[B, H_sel, n_qb,
-        G]`` block indices of the same batch, ``-1`` padded) into this layer's block cache,
-        keys and values: a guess at what this layer's next refresh selects (layers' selections
-        overlap: README, "KV offload"). Every KV head gets the union of the selection's blocks
-        over its heads, or, when that union could outnumber the slots, the blocks of the
-        selection heads that share its index. Blocks this layer has not completed are left
-        out.
+    def prefetch(self, selection: torch.Tensor, *, ready: torch.cuda.Event | None = None) -> None:
+        """Start bringing the blocks of ``selection`` (another layer's decode selection,
+        ``[B, H_sel, n_qb, G]`` block indices of the same batch on this layer's device, ``-1``
+        padded) into this layer's block cache, keys and values: a guess at what this layer's
+        next refresh selects (layers' selections overlap: README, "KV offload"). Every KV head
+        gets the union of the selection's blocks over its heads while that union takes at most
+        half the slots; beyond, the blocks of the selection heads that share its index (more
+        than a KV head's own selection only displaces what the cache holds for it). Blocks
+        this layer has not completed are left out.
 
-        On CUDA it runs on a stream of its own (after the work that produced ``selection``),
-        so it overlaps what runs until this layer's next :meth:`attend`, which waits for it;
-        nothing is read back. Its copies count as ``prefetched_bytes`` in :meth:`stats`."""
+        On CUDA it runs on a stream of its own, after ``ready`` (an event recorded once
+        ``selection`` was written; default: after all the current stream's work so far), so
+        it overlaps what runs until this layer next touches its block cache, which waits for
+        it on the device. Nothing is read back with the ``csrc/`` gather; with the PyTorch
+        gather on CUDA (its lists are read on the host, which would stall until the selection
+        is ready) nothing is prefetched. Its copies count as ``prefetched_bytes`` in
+        :meth:`stats`."""
         if selection.dim() != 4 or selection.shape[0] != self.batch:
             raise ValueError(
                 f"selection must be [{self.batch}, H_sel, n_qb, G], got {tuple(selection.shape)}"
             )
-        b, h_sel = selection.shape[:2]
-        blocks = selection.reshape(b, 1, -1).expand(b, self.kv_heads, -1)
-        if blocks.shape[-1] > self.cache.slots:  # the union may not fit: KV head by KV head
-            if h_sel % self.kv_heads:
-                raise ValueError(
-                    f"selection has {h_sel} heads, not a multiple of this layer's "
-                    f"{self.kv_heads} KV heads, and more blocks than its {self.cache.slots} slots"
-                )
-            blocks = selection.reshape(b, self.kv_heads, -1)
-        complete = self.length // self.config.block_size_k
-        blocks = torch.where(blocks < complete, blocks, -1).reshape(self.cache.rows, -1)
+        if selection.device != self.device:
+            raise ValueError(f"selection must be on {self.device}, got {selection.device}")
+        h_sel, width = selection.shape[1], selection[0].numel()
+        per_head = width > self.cache.slots // 2 and h_sel % self.kv_heads == 0
+        if not per_head and width > self.cache.slots:
+            raise ValueError(
+                f"selection has {h_sel} heads, not a multiple of this layer's {self.kv_heads} "
+                f"KV heads, and more blocks ({width}) than its {self.cache.slots} slots"
+            )
+        if self.device.type == "cuda" and self.gather_kind != "cuda-kernel":
+            return
         self._resident = None  # its slots may change: the next attend looks them up again
-        n_blocks = self.length // self.config.block_size_k + 1
-        self.cache.reserve(n_blocks)  # on this stream, not the prefetch's (see reserve)
         if self.device.type != "cuda":
-            self.cache.ensure(blocks, n_blocks, self._gather, prefetch=True)
+            self._ensure_ahead(selection, per_head)
             return
         if self._prefetches is None:
             self._prefetches = torch.cuda.Stream(self.device)
-        self._prefetches.wait_stream(torch.cuda.current_stream(self.device))
+        if ready is None:
+            self._prefetches.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            self._prefetches.wait_event(ready)
         with torch.cuda.stream(self._prefetches):
-            self.cache.ensure(blocks, n_blocks, self._gather, prefetch=True)
-        blocks.record_stream(self._prefetches)  # made on the current stream, read on this one
+            self._ensure_ahead(selection, per_head)
+        selection.record_stream(self._prefetches)  # not freed before the prefetch read it
         self._prefetched = torch.cuda.Event()
         self._prefetched.record(self._prefetches)
 
+    def _ensure_ahead(self, selection: torch.Tensor, per_head: bool) -> None:
+        b = self.batch
+        if per_head:
+            blocks = selection.reshape(b, self.kv_heads, -1)
+        else:
+            blocks = selection.reshape(b, 1, -1).expand(b, self.kv_heads, -1)
+        complete = self.length // self.config.block_size_k
+        blocks = torch.where(blocks < complete, blocks, -1).reshape(self.cache.rows, -1)
+        self.cache.ensure(blocks, complete + 1, self._gather, prefetch=True)
+
     def _wait_prefetch(self) -> None:
-        """Order what follows on the current stream after the last prefetch."""
+        """Order what follows on the current stream after the last prefetch (a device-side
+        wait; an event already passed costs nothing)."""
         if self._prefetched is not None:
             torch.cuda.current_stream(self.device).wait_event(self._prefetched)
-            self._prefetched = None
 
     def _summaries(self) -> torch.Tensor:
         if self.tree is None:  # no block after the sinks yet: nothing to select from
@@ -350,6 +377,7 @@ class OffloadedKV:
         """Make ``blocks`` (``[B, H_sel, ...]`` key blocks, ``-1`` for none) resident, their
         values too unless ``values`` is false; hits count where ``count_hits`` (shaped as
         ``blocks``) says so (default: all)."""
+        self._wait_prefetch()
         # selection head h serves KV head h * Hkv // H_sel: a row's selections are contiguous
         rows = self.batch * self.kv_heads
         counted = None if count_hits is None else count_hits.reshape(rows, -1)
@@ -431,3 +459,12 @@ class OffloadedKV:
             "device_bytes": self.device_bytes,
             "host_bytes": self.host_bytes,
         }
+
+
+def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded on ``device``'s current stream (``None`` off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
