@@ -74,9 +74,10 @@ class HiPOffloadCache(Cache):
     Args:
         model_config: the model's transformers config (its layer types decide each layer).
         config: the HiP configuration (``dense_layers`` stay on the device).
-        prefetch: on a decode step that refreshes, each offloaded layer starts bringing its
-            new selection into the next offloaded layer's block cache
-            (:meth:`OffloadedKV.prefetch`), ahead of that layer's own search.
+        prefetch: when a decode step (or a prompt's last chunk of at most ``block_size_q``
+            tokens) re-estimates an offloaded layer's selection, the layer starts bringing it
+            into the next offloaded layer's block cache (:meth:`OffloadedKV.prefetch`), ahead
+            of that layer's own search.
         **options: :class:`OffloadedKV` options: ``cache_blocks``, ``max_chunk``,
             ``host_chunk_tokens``, ``gather``.
     """

@@ -185,12 +185,12 @@ class BlockCache:
             fills, keys_only = fill.sum(), torch.zeros_like(misses)
         else:
             value_slot, fills, keys_only = torch.full_like(new_slot, -1), misses * 0, misses
-        hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
         moved = torch.stack([misses, misses - keys_only + fills])
         if prefetch:
             self._counters[2] += evicted.sum()
             self._counters[7] += moved.sum()
         else:
+            hits = (hit if count_hits is None else hit & count_hits.gather(1, by_block)).sum()
             self._counters[:5] += torch.stack([hits, misses, evicted.sum(), keys_only, fills])
             if same_step:
                 self._counters[5:7] += moved

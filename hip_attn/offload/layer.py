@@ -12,6 +12,8 @@ follow for the selected blocks only.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +40,8 @@ from hip_attn.offload.gather import GATHER_METHODS, gather_kind, make_gather
 from hip_attn.offload.host import HostKV
 from hip_attn.reference import hip_attention_reference
 from hip_attn.validation import check_config, check_scale
+
+logger = logging.getLogger("hip_attn")
 
 #: The ``offload_options`` of ``hip_attn.patch``: the keyword options of :class:`OffloadedKV`,
 #: and ``prefetch`` (:class:`~hip_attn.patches.offload.HiPOffloadCache`'s).
@@ -131,7 +135,8 @@ class OffloadedKV:
         options = {"cache_blocks": cache_blocks, "max_chunk": max_chunk,
                    "host_chunk_tokens": host_chunk_tokens, "gather": gather}  # fmt: skip
         check_offload_options(config, options)
-        self.device = torch.device(device)
+        # with its index ("cuda" -> "cuda:0"), as the tensors made here and compared with it
+        self.device = torch.empty(0, device=device).device
         self.batch, self.kv_heads, self.head_dim, self.dtype = batch, kv_heads, head_dim, dtype
         self.max_chunk = max_chunk
         bk = config.block_size_k
@@ -223,10 +228,11 @@ class OffloadedKV:
         the same result as :func:`hip_attn.hip_attention` on the full K/V with
         ``dense_threshold=0``.
 
-        ``prefetch_into``: the layer that runs next; a call with ``state`` of at most
-        ``block_size_q`` queries (a decode step, or a prompt's short last chunk) that
+        ``prefetch_into``: the layer that runs next (not this one); a call with ``state`` of
+        at most ``block_size_q`` queries (a decode step, or a prompt's short last chunk) that
         re-estimates this layer's selection then starts bringing it into that layer's block
-        cache (:meth:`prefetch`), unless that layer is on another device."""
+        cache (:meth:`prefetch`), unless that layer is on another device or does not
+        :attr:`take prefetches <takes_prefetches>`."""
         b, hq, tq, d = q.shape
         if b != self.batch or d != self.head_dim or hq % self.kv_heads:
             raise ValueError(
@@ -249,20 +255,24 @@ class OffloadedKV:
         q = q.to(self.device)
         tk, config = self.length, self.config
         self._stepped, self._unsearched = False, None
+        if prefetch_into is self:
+            raise ValueError("prefetch_into must be another layer (this one's attention reads "
+                             "its block cache while the prefetch would write it)")  # fmt: skip
+        refreshes = state.refreshes if state is not None else 0
         indices = select_blocks(q, lambda: self._search(q, scale), tk, config, state,
                                 self.kv_heads)  # fmt: skip
         self._fetched = self._resident is None or self._resident[0] is not indices
         if self._resident is None or self._resident[0] is not indices:
             rows = self._fetch(indices)
             self._resident = indices, self.cache.slots_of(indices, rows)
-        # a call of at most block_size_q queries whose state just re-estimated its selection
-        refreshed = (
-            state is not None and tq <= config.block_size_q and state.tokens_since_refresh == tq
-        )
-        ahead = prefetch_into if refreshed and prefetch_into is not None else None
-        if ahead is not None and ahead.device != self.device:
-            ahead = None  # a layer on another GPU: the selection is here
-        ready = _recorded_event(self.device) if ahead is not None else None
+        # a decode-sized call whose state re-estimated its selection (not a lookup again)
+        refreshed = state is not None and state.refreshes > refreshes
+        ahead = prefetch_into if refreshed else None
+        if ahead is not None and (ahead.device != self.device or not ahead.takes_prefetches):
+            ahead = None  # a layer on another GPU (the selection is here), or one that can't
+        ready = None
+        if ahead is not None and self.device.type == "cuda":
+            ready = torch.cuda.current_stream(self.device).record_event()
         if not uses_triton(self.device):  # the reference reads the host copy of everything
             k, v = self.host.read()
             out = hip_attention_reference(q, k.to(q.device), v.to(q.device), config,
@@ -273,37 +283,50 @@ class OffloadedKV:
             ahead.prefetch(indices, ready=ready)
         return out
 
+    @property
+    def takes_prefetches(self) -> bool:
+        """Whether :meth:`prefetch` brings blocks in: off CUDA, or with the ``csrc/`` gather
+        (the PyTorch gather reads its lists on the host, which would wait for the selection)."""
+        return self.device.type != "cuda" or self.gather_kind == "cuda-kernel"
+
     def prefetch(self, selection: torch.Tensor, *, ready: torch.cuda.Event | None = None) -> None:
-        """Start bringing the blocks of ``selection`` (another layer's decode selection,
-        ``[B, H_sel, n_qb, G]`` block indices of the same batch on this layer's device, ``-1``
-        padded) into this layer's block cache, keys and values: a guess at what this layer's
-        next refresh selects (layers' selections overlap: README, "KV offload"). Every KV head
-        gets the union of the selection's blocks over its heads while that union takes at most
-        half the slots; beyond, the blocks of the selection heads that share its index (more
-        than a KV head's own selection only displaces what the cache holds for it). Blocks
-        this layer has not completed are left out.
+        """Start bringing the blocks of ``selection`` (another layer's selection for one query
+        block, ``[B, H_sel, 1, G]`` block indices of the same batch on this layer's device,
+        ``-1`` padded) into this layer's block cache, keys and values: a guess at what this
+        layer's next refresh selects (layers' selections overlap: README, "KV offload"). Every
+        KV head gets the union of the selection's blocks over its heads while its ``H_sel * G``
+        entries take at most half the slots; beyond, the blocks of the selection heads that
+        share its index (more than a KV head's own selection only displaces what the cache
+        holds for it). Blocks this layer has not completed are left out.
 
         On CUDA it runs on a stream of its own, after ``ready`` (an event recorded once
         ``selection`` was written; default: after all the current stream's work so far), so
         it overlaps what runs until this layer next touches its block cache, which waits for
-        it on the device. Nothing is read back with the ``csrc/`` gather; with the PyTorch
-        gather on CUDA (its lists are read on the host, which would stall until the selection
-        is ready) nothing is prefetched. Its copies count as ``prefetched_bytes`` in
-        :meth:`stats`."""
-        if selection.dim() != 4 or selection.shape[0] != self.batch:
+        it on the device; nothing may use this layer's block cache between ``ready`` and this
+        call. Nothing is read back. Without :attr:`takes_prefetches` (the PyTorch gather on
+        CUDA) nothing is prefetched. Its copies count as ``prefetched_bytes`` in
+        :meth:`stats`.
+
+        Raises:
+            ValueError: ``selection`` of another shape or device, or more entries per KV head
+                than there are slots.
+        """
+        if selection.dim() != 4 or selection.shape[0] != self.batch or selection.shape[2] != 1:
             raise ValueError(
-                f"selection must be [{self.batch}, H_sel, n_qb, G], got {tuple(selection.shape)}"
+                f"selection must be [{self.batch}, H_sel, 1, G], got {tuple(selection.shape)}"
             )
         if selection.device != self.device:
             raise ValueError(f"selection must be on {self.device}, got {selection.device}")
         h_sel, width = selection.shape[1], selection[0].numel()
-        per_head = width > self.cache.slots // 2 and h_sel % self.kv_heads == 0
-        if not per_head and width > self.cache.slots:
+        per_head = width > self.cache.slots // 2
+        if per_head and (h_sel % self.kv_heads or width // self.kv_heads > self.cache.slots):
             raise ValueError(
-                f"selection has {h_sel} heads, not a multiple of this layer's {self.kv_heads} "
-                f"KV heads, and more blocks ({width}) than its {self.cache.slots} slots"
+                f"selection has {h_sel} heads of {selection.shape[-1]} blocks: more than half "
+                f"this layer's {self.cache.slots} slots, and not {self.kv_heads} KV heads' "
+                "worth that fit them"
             )
-        if self.device.type == "cuda" and self.gather_kind != "cuda-kernel":
+        if not self.takes_prefetches:
+            _say_no_prefetch()
             return
         self._resident = None  # its slots may change: the next attend looks them up again
         if self.device.type != "cuda":
@@ -318,8 +341,7 @@ class OffloadedKV:
         with torch.cuda.stream(self._prefetches):
             self._ensure_ahead(selection, per_head)
         selection.record_stream(self._prefetches)  # not freed before the prefetch read it
-        self._prefetched = torch.cuda.Event()
-        self._prefetched.record(self._prefetches)
+        self._prefetched = self._prefetches.record_event()
 
     def _ensure_ahead(self, selection: torch.Tensor, per_head: bool) -> None:
         b = self.batch
@@ -461,10 +483,7 @@ class OffloadedKV:
         }
 
 
-def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
-    """An event recorded on ``device``'s current stream (``None`` off CUDA)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
+@functools.cache
+def _say_no_prefetch() -> None:
+    logger.warning("hip_attn: offload prefetch needs the CUDA block gather on CUDA; it is off "
+                   "(the PyTorch gather reads its lists on the host)")  # fmt: skip
