@@ -114,7 +114,7 @@ def gather_cuda(
 
 def gather_kind(gather: Any) -> str:
     """Which copy a gather from :func:`make_gather` makes: ``cuda-kernel`` (``csrc/``, nothing
-    read back) or ``torch`` (the lists read on the host)."""
+    read back) or ``torch`` (the lists read on the host); ``unknown`` for another callable."""
     name = getattr(getattr(gather, "func", None), "__name__", "")
     return {"gather_cuda": "cuda-kernel", "gather_torch": "torch"}.get(name, "unknown")
 
